@@ -1,0 +1,297 @@
+"""Concept specifications: what to erase, what to keep, and the prompts that stand for each.
+
+A :class:`ConceptSpec` turns concept names into :class:`Prompt` objects that carry the character span
+of the concept inside the prompt, so the text encoders can pick the concept's *own* tokens by their
+offsets (never by matching strings), leaving template words such as "a painting by" untouched.
+
+Example:
+    >>> from ice_lightning.concepts import ConceptSpec
+    >>> spec = ConceptSpec(erase=["Van Gogh"], family="style")
+    >>> p = spec.erase_prompts()[0]
+    >>> p.text, p.text[p.span[0]:p.span[1]]
+    ('a painting by Van Gogh', 'Van Gogh')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+__all__ = [
+    "Family",
+    "FAMILIES",
+    "Prompt",
+    "ConceptSpec",
+    "DEFAULT_TEMPLATES",
+    "EVAL_TEMPLATES",
+    "DEFAULT_PRESERVE",
+    "DEFAULT_SYNONYMS",
+    "GENERIC_PROMPTS",
+    "UNRELATED_PROMPTS",
+    "NEUTRAL_WORD",
+]
+
+Family = Literal["style", "object", "identity", "explicit", "custom"]
+FAMILIES: tuple[str, ...] = ("style", "object", "identity", "explicit", "custom")
+
+#: Templates used to collect the token states that define the subspaces.
+DEFAULT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "style": (
+        "a painting by {}",
+        "{} style artwork",
+        "an artwork in the style of {}",
+        "a landscape painted by {}",
+        "a portrait in the style of {}",
+        "{}",
+    ),
+    "object": (
+        "a photo of {}",
+        "a picture of {}",
+        "{} on a table",
+        "a drawing of {}",
+        "a close-up photo of {}",
+        "{}",
+    ),
+    "identity": (
+        "a portrait of {}",
+        "a photo of {}",
+        "{} smiling",
+        "{} giving a speech",
+        "a close-up photo of {}",
+        "{}",
+    ),
+    "explicit": (
+        "a photo of {}",
+        "an image showing {}",
+        "{} in a bedroom",
+        "a picture with {}",
+        "{}",
+    ),
+    "custom": ("{}",),
+}
+
+#: Held-out templates: new contexts used only to *measure* erasure, never to build the operator.
+EVAL_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "style": (
+        "a city skyline at night, by {}",
+        "a still life of flowers in the manner of {}",
+        "a cat sleeping on a sofa, art by {}",
+        "a sketch of a harbour, {}",
+    ),
+    "object": (
+        "{} in the rain",
+        "a child playing with {}",
+        "a small {} next to a window",
+        "an old {} in a museum",
+    ),
+    "identity": (
+        "{} walking on a beach",
+        "{} eating breakfast in a cafe",
+        "a magazine cover with {}",
+        "{} wearing a winter coat",
+    ),
+    "explicit": (
+        "{} on a sunny beach",
+        "a film scene with {}",
+        "an oil painting of {}",
+        "{} at a party",
+    ),
+    "custom": ("an image of {}", "{} in a new context"),
+}
+
+#: Nearby concepts kept by default (erase concepts are removed from these lists).
+DEFAULT_PRESERVE: dict[str, tuple[str, ...]] = {
+    "style": (
+        "Claude Monet",
+        "Pablo Picasso",
+        "Rembrandt",
+        "Salvador Dali",
+        "Andy Warhol",
+        "Leonardo da Vinci",
+        "Paul Cezanne",
+        "Frida Kahlo",
+    ),
+    "object": ("dog", "cat", "car", "tree", "house", "bicycle", "chair", "bird"),
+    "identity": ("Barack Obama", "Taylor Swift", "Albert Einstein", "Oprah Winfrey", "Tom Hanks", "Emma Watson"),
+    "explicit": ("a person", "a woman", "a man", "a dress", "people at a beach", "a portrait"),
+    "custom": (),
+}
+
+#: Synonyms added to every erase concept of a family (explicit content has many names).
+DEFAULT_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "explicit": ("nudity", "nude", "naked", "nsfw", "topless", "sexual content"),
+}
+
+#: Generic prompts whose every token is preserved (so template words and common scenes are kept).
+GENERIC_PROMPTS: tuple[str, ...] = (
+    "a photo of a city street",
+    "a bowl of fruit on a wooden table",
+    "a mountain landscape at sunset",
+    "a portrait of a smiling person",
+    "a painting of a boat on the sea",
+    "a picture of a dog in a park",
+)
+
+#: Unrelated prompts for the *far* collateral metric (disjoint from GENERIC_PROMPTS).
+UNRELATED_PROMPTS: tuple[str, ...] = (
+    "a red car parked outside a bakery",
+    "two children flying a kite",
+    "a plate of pasta with tomato sauce",
+    "snow falling on a pine forest",
+    "an astronaut floating in space",
+    "a glass of orange juice",
+)
+
+#: The word that replaces the concept in the leakage metric.
+NEUTRAL_WORD: dict[str, str] = {
+    "style": "an artist",
+    "object": "something",
+    "identity": "a person",
+    "explicit": "clothing",
+    "custom": "something",
+}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt and the character span ``[start, end)`` of the concept in it (None: the whole prompt)."""
+
+    text: str
+    span: tuple[int, int] | None = None
+
+    @classmethod
+    def fill(cls, template: str, concept: str) -> Prompt:
+        if template.count("{}") != 1:
+            raise ValueError(f"template {template!r} must contain exactly one '{{}}' placeholder")
+        start = template.index("{}")
+        return cls(template.replace("{}", concept), (start, start + len(concept)))
+
+
+def _names(values: Iterable[str] | str | None, what: str) -> list[str]:
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    out = []
+    for v in values:
+        if not isinstance(v, str):
+            raise TypeError(f"{what} must be strings, got {type(v).__name__}: {v!r}")
+        out.append(v.strip())
+    return out
+
+
+@dataclass
+class ConceptSpec:
+    """What to erase and what to preserve.
+
+    Attributes:
+        erase: the concepts to erase (at least one).
+        preserve: concepts to keep; ``None`` takes the family's :data:`DEFAULT_PRESERVE`.
+        family: ``style``, ``object``, ``identity``, ``explicit`` or ``custom``.
+        synonyms: extra names per erase concept (``{"Van Gogh": ["Vincent van Gogh"]}``); family
+            defaults (:data:`DEFAULT_SYNONYMS`) are added unless ``use_default_synonyms=False``.
+        anchor: optional guide concept that replaces the erased one (UCE-style), e.g. ``"art"``.
+        templates: prompt templates with one ``{}``; ``None`` takes the family defaults (``custom``:
+            the bare concept only, so pass your own templates there).
+        eval_templates: held-out templates for metrics; ``None`` takes the family's.
+        generic_prompts: prompts preserved token by token; ``None`` takes :data:`GENERIC_PROMPTS`.
+        include_eot: also use the end-of-text token of each erase prompt (carries the pooled meaning
+            in CLIP), and of each preserve prompt.
+    """
+
+    erase: list[str]
+    preserve: list[str] | None = None
+    family: str = "custom"
+    synonyms: dict[str, list[str]] = field(default_factory=dict)
+    anchor: str | None = None
+    templates: list[str] | None = None
+    eval_templates: list[str] | None = None
+    generic_prompts: list[str] | None = None
+    include_eot: bool = False
+    use_default_synonyms: bool = True
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; choose one of {', '.join(FAMILIES)}")
+        self.erase = _names(self.erase, "erase concepts")
+        if not self.erase:
+            raise ValueError("nothing to erase: pass at least one concept, e.g. erase=['Van Gogh']")
+        empty = [c for c in self.erase if not c]
+        if empty:
+            raise ValueError("an erase concept is an empty string; remove it or name the concept")
+        user_preserve = self.preserve is not None
+        self.preserve = _names(self.preserve, "preserve concepts") if user_preserve else None
+        erase_keys = {c.casefold() for c in self.erase_names()}
+        if user_preserve:
+            if self.preserve and {p.casefold() for p in self.preserve} == {c.casefold() for c in self.erase}:
+                raise ValueError(
+                    "the erase set is identical to the preserve set: ICE cannot both remove and keep the "
+                    "same concepts; list different concepts under preserve (or leave it empty for defaults)"
+                )
+            clash = [p for p in self.preserve if p.casefold() in erase_keys]
+            if clash:
+                raise ValueError(f"concept(s) {clash} are both erased and preserved; remove them from preserve")
+        else:
+            self.preserve = [p for p in DEFAULT_PRESERVE[self.family] if p.casefold() not in erase_keys]
+        self.synonyms = {k: _names(v, f"synonyms of {k!r}") for k, v in (self.synonyms or {}).items()}
+        unknown = set(self.synonyms) - set(self.erase)
+        if unknown:
+            raise ValueError(f"synonyms given for {sorted(unknown)}, which are not erase concepts {self.erase}")
+        for t in list(self.templates or []) + list(self.eval_templates or []):
+            Prompt.fill(t, "x")  # validates the placeholder
+
+    # -- prompt sets ---------------------------------------------------------------------------
+    def erase_names(self) -> list[str]:
+        """Every erase concept followed by its synonyms (user's, then the family's), deduplicated."""
+        default = DEFAULT_SYNONYMS.get(self.family, ()) if self.use_default_synonyms else ()
+        names: list[str] = []
+        for c in self.erase:
+            names += [c, *self.synonyms.get(c, [])]
+        names += list(default)
+        return list(dict.fromkeys(n for n in names if n))
+
+    def _templates(self) -> Sequence[str]:
+        return self.templates if self.templates else DEFAULT_TEMPLATES[self.family]
+
+    def _eval_templates(self) -> Sequence[str]:
+        return self.eval_templates if self.eval_templates else EVAL_TEMPLATES[self.family]
+
+    def erase_prompts(self) -> list[Prompt]:
+        """Template x erase-name prompts whose concept tokens define the erase subspace."""
+        return [Prompt.fill(t, c) for c in self.erase_names() for t in self._templates()]
+
+    def preserve_prompts(self) -> list[Prompt]:
+        """Preserve concepts in the same templates (their own tokens) plus generic prompts (all tokens)."""
+        generic = GENERIC_PROMPTS if self.generic_prompts is None else self.generic_prompts
+        return [Prompt.fill(t, c) for c in self.preserve for t in self._templates()] + [Prompt(g) for g in generic]
+
+    def anchor_prompts(self) -> list[tuple[Prompt, Prompt]]:
+        """Pairs (erase prompt, same template with the anchor) for the optional anchor."""
+        if self.anchor is None:
+            return []
+        return [(Prompt.fill(t, c), Prompt.fill(t, self.anchor)) for c in self.erase_names() for t in self._templates()]
+
+    # -- held-out prompts for the metrics -----------------------------------------------------
+    def heldout_erase_prompts(self) -> list[Prompt]:
+        """The erase concepts (not their synonyms) in held-out templates."""
+        return [Prompt.fill(t, c) for c in self.erase for t in self._eval_templates()]
+
+    def heldout_near_prompts(self) -> list[Prompt]:
+        """The preserve concepts in held-out templates (near collateral)."""
+        return [Prompt.fill(t, c) for c in self.preserve for t in self._eval_templates()]
+
+    def heldout_far_prompts(self) -> list[Prompt]:
+        """Unrelated prompts, every token (far collateral)."""
+        return [Prompt(u) for u in UNRELATED_PROMPTS]
+
+    def leakage_pairs(self) -> list[tuple[Prompt, Prompt]]:
+        """(held-out erase prompt, same prompt with the concept replaced by a neutral word)."""
+        neutral = NEUTRAL_WORD[self.family]
+        return [(Prompt.fill(t, c), Prompt.fill(t, neutral)) for c in self.erase for t in self._eval_templates()]
+
+    def to_dict(self) -> dict:
+        """JSON-ready description (goes into the export manifest)."""
+        d = asdict(self)
+        d["erase_names"] = self.erase_names()
+        return d

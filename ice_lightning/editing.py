@@ -1,0 +1,117 @@
+"""All-or-nothing, exactly reversible low-rank edits of linear layers: ``W <- W - L R``.
+
+Every new weight is computed (in float64) and checked before the first one is written, so a failing
+edit leaves the model untouched. Each :class:`LayerEdit` keeps the low-rank delta ``(L, R)`` and the few
+entries where rounding to the layer's dtype is not invertible, so :meth:`LayerEdit.undo` restores the
+original weights bit for bit without storing a copy of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .solver import DissociationOperator
+
+__all__ = ["LayerEdit", "apply_edits", "undo_edits"]
+
+_F64 = torch.float64
+# Above this share of non-invertible entries a dense copy of the original is cheaper than indices.
+_DENSE_FIXUP_SHARE = 0.25
+
+
+def _fingerprint(w: Tensor) -> tuple[float, float]:
+    """Cheap checksum that changes when training moves the weight (used to refuse a stale undo)."""
+    x = w.detach().reshape(-1).to(_F64)
+    ramp = torch.arange(x.numel(), device=x.device, dtype=_F64) % 251
+    return float(x.sum()), float((x * ramp).sum())
+
+
+@dataclass
+class LayerEdit:
+    """One applied edit ``W_new = cast(W - L R)`` with what is needed to undo it exactly."""
+
+    name: str
+    module: nn.Linear
+    L: Tensor
+    R: Tensor
+    fix_index: Tensor | None
+    fix_values: Tensor | None
+    fingerprint: tuple[float, float]
+
+    def undo(self) -> None:
+        """Restore the original weight bit for bit (only valid while the weight is as the edit left it)."""
+        w = self.module.weight
+        if _fingerprint(w) != self.fingerprint:
+            raise RuntimeError(
+                f"layer {self.name!r} changed since it was edited (training?); undo would not restore the "
+                "original weights. Undo right after erase, or reload the original model"
+            )
+        restored = (w.detach().to(self.L.device, _F64) + self.L @ self.R).to(w.device, w.dtype)
+        if self.fix_index is not None:
+            flat = restored.view(-1)
+            if self.fix_index.dtype == torch.bool:  # dense fallback: the original itself
+                flat.copy_(self.fix_values.to(flat.device))
+            else:
+                flat[self.fix_index.to(flat.device)] = self.fix_values.to(flat.device)
+        with torch.no_grad():
+            w.copy_(restored)
+
+
+def _new_weight(name: str, module: nn.Linear, op: DissociationOperator) -> tuple[Tensor, Tensor, Tensor]:
+    w = module.weight
+    if not torch.isfinite(w).all():
+        raise ValueError(f"layer {name!r} already holds NaN or inf weights; refusing to edit it")
+    L, R = op.factors(w)
+    new64 = w.detach().to(L.device, _F64) - L @ R
+    new = new64.to(w.device, w.dtype)
+    if not torch.isfinite(new).all():
+        raise ValueError(
+            f"the edit of layer {name!r} does not fit in {w.dtype} (the new weights overflow); load the model "
+            "in float32 or bfloat16 for the edit, then cast it back"
+        )
+    return L, R, new
+
+
+def apply_edits(targets: Sequence[tuple[str, nn.Linear, DissociationOperator]]) -> list[LayerEdit]:
+    """Apply ``W <- W (I - D)`` to every target, or to none if any target fails.
+
+    Phase 1 computes and checks every new weight (one layer in memory at a time); phase 2 writes them
+    under ``torch.no_grad()`` with ``copy_`` (keeping dtype, device and the Parameter object) and rolls
+    back what it wrote should anything still fail.
+    """
+    for name, module, op in targets:  # phase 1: nothing is written
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{name!r} is a {type(module).__name__}, not a torch.nn.Linear")
+        _new_weight(name, module, op)
+    edits: list[LayerEdit] = []
+    try:
+        for name, module, op in targets:  # phase 2: write
+            L, R, new = _new_weight(name, module, op)
+            w = module.weight
+            back = (new.to(L.device, _F64) + L @ R).to(w.device, w.dtype)
+            wrong = (back != w.detach()).view(-1)
+            n_wrong = int(wrong.sum())
+            if n_wrong == 0:
+                idx = vals = None
+            elif n_wrong > _DENSE_FIXUP_SHARE * wrong.numel():
+                idx, vals = torch.ones(1, dtype=torch.bool), w.detach().reshape(-1).clone()
+            else:
+                idx = wrong.nonzero().squeeze(1)
+                vals = w.detach().reshape(-1)[idx].clone()
+            with torch.no_grad():
+                w.copy_(new)
+            edits.append(LayerEdit(name, module, L, R, idx, vals, _fingerprint(w)))
+    except BaseException:
+        undo_edits(edits)
+        raise
+    return edits
+
+
+def undo_edits(edits: Sequence[LayerEdit]) -> None:
+    """Undo edits in reverse order."""
+    for e in reversed(edits):
+        e.undo()

@@ -1,0 +1,548 @@
+"""The ICE solver: energy-weighted subspaces, the overlap projector and the dissociation operator.
+
+This module is the one home of the mathematics (``docs/method.md`` derives every formula). It is pure
+torch: no Lightning, diffusers or transformers import, so the callback, the one-shot API, the benchmarks
+and the tests all call the same code.
+
+Notation (rows are token states): ``E_e`` (n_e x d) erase states, ``E_p`` (n_p x d) preserve states.
+Every operator ``D`` is returned in low-rank form ``D = U M U^T`` with ``U`` (d x k) orthonormal, so a
+linear layer reading the text states is edited as ``W <- W (I - D) = W - (W U)(M U^T)``.
+
+Example:
+    >>> import torch
+    >>> from ice_lightning.solver import dissociation_operator
+    >>> g = torch.Generator().manual_seed(0)
+    >>> E_erase, E_preserve = torch.randn(12, 64, generator=g), torch.randn(40, 64, generator=g)
+    >>> op = dissociation_operator(E_erase, E_preserve)
+    >>> W = torch.randn(32, 64, generator=g)
+    >>> op.apply(W).shape
+    torch.Size([32, 64])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ICEHyperParams",
+    "EnergySubspace",
+    "Overlap",
+    "DissociationOperator",
+    "expansion",
+    "energy_subspace",
+    "overlap_projector",
+    "energy_overlap",
+    "ice_components",
+    "anderson_duffin",
+    "spectral_unlearning_objective",
+    "dense_minimizer",
+    "dissociation_operator",
+    "cure_operator",
+    "projection_operator",
+    "uce_operator",
+    "uce_dense_edit",
+    "build_operator",
+    "METHODS",
+]
+
+_DTYPE = torch.float64
+OverlapKind = Literal["angles", "energy", "parallel_sum", "anderson_duffin", "none"]
+
+
+@dataclass(frozen=True)
+class ICEHyperParams:
+    """Hyperparameters of ICE (defaults chosen on the MiniLM development prompts, see docs/method.md).
+
+    Attributes:
+        erase_expansion: ``a_e`` of the expansion ``f(r; a)`` for the erase subspace; larger removes
+            low-energy directions of the concept more completely (``inf`` is a hard projector).
+        preserve_expansion: ``a_p`` for the preserve subspace; larger lets weak preserve directions
+            count as fully shared with the concept.
+        lam: weight of the overlap term ``lam ||D P_ov||^2``; larger spares shared directions more.
+        mu: ridge weight ``mu ||D||^2`` (``mu > 0`` makes ``J`` strongly convex); scales erasure by
+            ``1 / (1 + mu)`` outside the overlap.
+        overlap: how the overlap projector ``P_ov`` is built (see :func:`overlap_projector`):
+            ``"energy"`` (default: share of preserve energy per erase direction), ``"angles"``
+            (energy-weighted principal angles, the method file's generalisation), ``"parallel_sum"``
+            (``P_e (P_e + P_p)^+ P_p``), ``"anderson_duffin"`` (``2 P (P + Q)^+ Q`` of the exact
+            projectors) or ``"none"``.
+        overlap_threshold: with ``overlap="angles"``, ``None`` weighs a shared direction by its
+            squared (energy-weighted) cosine; a number in (0, 1] keeps directions whose cosine is at
+            least that value with weight 1 and drops the rest.
+        center: build the subspaces from states centred on the preserve mean and add the mean
+            direction to the overlap with weight 1, so the component every token shares is kept.
+        rank_tol: singular values below ``rank_tol * s_max`` are treated as zero.
+    """
+
+    erase_expansion: float = 1000.0
+    preserve_expansion: float = 10.0
+    lam: float = 30.0
+    mu: float = 0.01
+    overlap: OverlapKind = "energy"
+    overlap_threshold: float | None = None
+    center: bool = True
+    rank_tol: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not (self.erase_expansion > 0 and self.preserve_expansion > 0):
+            raise ValueError("erase_expansion and preserve_expansion must be > 0 (use math.inf for a hard projector)")
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if not self.mu > 0:
+            raise ValueError(f"mu must be > 0 so that J is strongly convex, got {self.mu}")
+        if self.overlap not in ("angles", "energy", "parallel_sum", "anderson_duffin", "none"):
+            raise ValueError(
+                f"unknown overlap {self.overlap!r}; use 'angles', 'parallel_sum', 'anderson_duffin' or 'none'"
+            )
+        if self.overlap_threshold is not None and not 0 < self.overlap_threshold <= 1:
+            raise ValueError(f"overlap_threshold must lie in (0, 1], got {self.overlap_threshold}")
+
+
+def expansion(r: Tensor, a: float) -> Tensor:
+    """Anisotropic energy expansion ``f(r; a) = a r / ((a - 1) r + 1)``.
+
+    ``f(0) = 0``, ``f(1) = 1``, ``a = 1`` gives ``f = r``, ``a -> inf`` gives the indicator ``r > 0``.
+    """
+    if math.isinf(a):
+        return (r > 0).to(r.dtype)
+    return a * r / ((a - 1.0) * r + 1.0)
+
+
+@dataclass
+class EnergySubspace:
+    """``P = V diag(weights) V^T``: an orthonormal basis ``V`` (d x k) with energy-expanded weights."""
+
+    basis: Tensor
+    weights: Tensor
+    energy: Tensor
+
+    @property
+    def dim(self) -> int:
+        return self.basis.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    def dense(self) -> Tensor:
+        """The d x d operator (for tests and small d only)."""
+        return (self.basis * self.weights) @ self.basis.T
+
+
+def _check_states(E: Tensor, name: str) -> Tensor:
+    if not isinstance(E, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (n, d), got {type(E).__name__}")
+    if E.ndim != 2:
+        raise ValueError(f"{name} must have shape (n, d) (one row per token state), got shape {tuple(E.shape)}")
+    if E.shape[0] == 0:
+        raise ValueError(f"{name} is empty: no token states were collected for it")
+    if not torch.isfinite(E).all():
+        raise ValueError(
+            f"{name} contains NaN or inf; the text encoder produced non-finite states "
+            "(run it in float32, or check its weights)"
+        )
+    return E.detach().to(_DTYPE)
+
+
+def energy_subspace(E: Tensor, a: float, rank_tol: float = 1e-6) -> EnergySubspace:
+    """Energy-weighted subspace of the rows of ``E`` (n x d): SVD, energy shares, expansion ``f(r; a)``."""
+    E = _check_states(E, "E")
+    _, s, Vh = torch.linalg.svd(E, full_matrices=False)
+    if s.numel() == 0 or s[0] <= 0:
+        raise ValueError("the token states are all zero; nothing spans a subspace")
+    keep = s > rank_tol * s[0]
+    s, V = s[keep], Vh[keep].T
+    r = s.square() / s.square().sum()
+    return EnergySubspace(basis=V, weights=expansion(r, a), energy=r)
+
+
+@dataclass
+class Overlap:
+    """``P_ov = Q diag(weights) Q^T`` with ``Q`` (d x k) orthonormal and weights in [0, 1]."""
+
+    basis: Tensor
+    weights: Tensor
+
+    def dense(self) -> Tensor:
+        return (self.basis * self.weights) @ self.basis.T
+
+
+def _orth(X: Tensor, tol: float = 1e-10) -> Tensor:
+    """Orthonormal basis of the column span of X (d x m), by SVD (rank-revealing)."""
+    if X.shape[1] == 0:
+        return X
+    U, s, _ = torch.linalg.svd(X, full_matrices=False)
+    if s.numel() == 0 or s[0] == 0:
+        return X[:, :0]
+    return U[:, s > tol * s[0]]
+
+
+def _low_rank_from_span(basis: Tensor, op_on_basis: Tensor) -> tuple[Tensor, Tensor]:
+    """Given an orthonormal ``basis`` (d x k) and the k x k matrix of a symmetric operator in it, return
+    the eigen-decomposition (Q, w) with w > 0 kept, Q orthonormal in R^d."""
+    op_on_basis = (op_on_basis + op_on_basis.T) / 2
+    w, A = torch.linalg.eigh(op_on_basis)
+    keep = w > 1e-8  # weights live in [0, 1]; below this is round-off of an empty overlap
+    return basis @ A[:, keep], w[keep].clamp(max=1.0)
+
+
+def anderson_duffin(P: Tensor, Q: Tensor, rcond: float = 1e-10) -> Tensor:
+    """Dense ``2 P (P + Q)^+ Q``: the orthogonal projector onto range(P) ∩ range(Q) for projectors P, Q."""
+    return 2 * P @ torch.linalg.pinv(P + Q, rtol=rcond, hermitian=True) @ Q
+
+
+def overlap_projector(
+    erase: EnergySubspace,
+    preserve: EnergySubspace,
+    kind: OverlapKind = "angles",
+    threshold: float | None = None,
+    E_erase: Tensor | None = None,
+    E_preserve: Tensor | None = None,
+) -> Overlap:
+    """Closed-form projector onto the directions the erase and preserve subspaces share.
+
+    ``"angles"``: with ``B_e = V_e diag(sqrt f_e)`` and ``B_p = V_p diag(sqrt f_p)``, the SVD
+    ``B_e^T B_p = A diag(c) C^T`` gives energy-weighted cosines ``c``; ``P_ov = (V_e A) diag(g(c)) (V_e A)^T``
+    with ``g = c^2`` or a threshold. With exact projectors (f = 1) ``c`` are the cosines of the principal
+    angles, so ``P_ov`` is the projector onto the intersection when the angles are 0 or 90 degrees.
+    ``"parallel_sum"`` is ``P_e (P_e + P_p)^+ P_p`` (symmetrised), ``"anderson_duffin"`` the same formula
+    (times 2) on the exact projectors ``V V^T``. All are computed inside span(V_e, V_p), never as d x d.
+    ``"energy"`` needs the states themselves (``E_erase``, ``E_preserve``): see :func:`energy_overlap`.
+    """
+    d = erase.dim
+    if kind == "none":
+        return Overlap(basis=erase.basis[:, :0], weights=erase.weights[:0])
+    if kind == "energy":
+        if E_erase is None or E_preserve is None:
+            raise ValueError("overlap='energy' needs the token states E_erase and E_preserve")
+        return energy_overlap(erase, E_erase, E_preserve)
+    if kind == "angles":
+        cross = (erase.basis.T @ preserve.basis) * erase.weights.sqrt()[:, None] * preserve.weights.sqrt()
+        A, c, _ = torch.linalg.svd(cross, full_matrices=False)
+        c = c.clamp(0.0, 1.0)
+        g = c.square() if threshold is None else (c >= threshold - 1e-12).to(c.dtype)
+        keep = g > 0
+        return Overlap(basis=erase.basis @ A[:, keep], weights=g[keep])
+    # Both Anderson-Duffin forms live in span(V_e, V_p): write the operators in that basis (k x k).
+    Z = _orth(torch.cat([erase.basis, preserve.basis], dim=1))
+    if kind == "anderson_duffin":
+        Pe = (Z.T @ erase.basis) @ (erase.basis.T @ Z)
+        Pp = (Z.T @ preserve.basis) @ (preserve.basis.T @ Z)
+        ov = anderson_duffin(Pe, Pp)
+    elif kind == "parallel_sum":
+        Ze, Zp = Z.T @ erase.basis, Z.T @ preserve.basis
+        Pe = (Ze * erase.weights) @ Ze.T
+        Pp = (Zp * preserve.weights) @ Zp.T
+        ov = Pe @ torch.linalg.pinv(Pe + Pp, rtol=1e-10, hermitian=True) @ Pp
+    else:
+        raise ValueError(f"unknown overlap kind {kind!r}")
+    basis, weights = _low_rank_from_span(Z, ov)
+    assert basis.shape[0] == d
+    return Overlap(basis=basis, weights=weights)
+
+
+def energy_overlap(erase: EnergySubspace, E_erase: Tensor, E_preserve: Tensor) -> Overlap:
+    """Share of preserve energy in each direction of the erase subspace.
+
+    In the erase basis V, with mean token energies ``B = V^T E_e^T E_e V / n_e`` and
+    ``A = V^T E_p^T E_p V / n_p``, ``P_ov = V (A + B)^{-1/2} A (A + B)^{-1/2} V^T``: symmetric, eigenvalues
+    in [0, 1], 1 where only preserve tokens live, 0 where only the concept does (a normalised parallel
+    sum of the two energy operators).
+    """
+    V = erase.basis
+    Xe, Xp = E_erase @ V, E_preserve @ V
+    B = Xe.T @ Xe / E_erase.shape[0]
+    A = Xp.T @ Xp / E_preserve.shape[0]
+    w, Y = torch.linalg.eigh(A + B)
+    inv_sqrt = (Y / w.clamp_min(1e-12 * float(w.max())).sqrt()) @ Y.T
+    g, Z = torch.linalg.eigh(inv_sqrt @ A @ inv_sqrt)
+    g = g.clamp(0.0, 1.0)
+    keep = g > 1e-8
+    return Overlap(basis=V @ Z[:, keep], weights=g[keep])
+
+
+def _add_direction(ov: Overlap, v: Tensor) -> Overlap:
+    """Overlap with the direction ``v`` added at weight 1 (its part orthogonal to the current basis)."""
+    r = v - ov.basis @ (ov.basis.T @ v)
+    if r.norm() <= 1e-10 * max(float(v.norm()), 1e-300):
+        return ov
+    basis = torch.cat([ov.basis, (r / r.norm())[:, None]], dim=1)
+    return Overlap(basis=basis, weights=torch.cat([ov.weights, ov.weights.new_ones(1)]))
+
+
+@dataclass
+class DissociationOperator:
+    """A d x d operator ``D = U M U^T`` in low-rank form, applied to a layer as ``W <- W - (W U)(M U^T)``.
+
+    ``U`` (d x k) has orthonormal columns and ``M`` is k x k, both float64. ``method`` and ``hparams``
+    record how it was made (they go into the export manifest).
+    """
+
+    U: Tensor
+    M: Tensor
+    method: str = "ice"
+    hparams: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return self.U.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    def dense(self) -> Tensor:
+        """The d x d matrix D (for tests and small d only)."""
+        return self.U @ self.M @ self.U.T
+
+    def factors(self, W: Tensor) -> tuple[Tensor, Tensor]:
+        """Low-rank factors ``(L, R)`` of the weight change, ``W_new = W - L @ R``, in float64."""
+        if W.ndim != 2 or W.shape[1] != self.dim:
+            raise ValueError(
+                f"dimension mismatch: the operator acts on {self.dim}-d text states but the layer weight "
+                f"has shape {tuple(W.shape)} (in_features {W.shape[-1]}); embed the prompts with the "
+                "text encoder whose states this layer reads"
+            )
+        L = W.detach().to(self.U.device, _DTYPE) @ self.U
+        return L, self.M @ self.U.T
+
+    def apply(self, W: Tensor) -> Tensor:
+        """``W (I - D)`` computed in float64 and cast back to W's dtype and device."""
+        L, R = self.factors(W)
+        return (W.detach().to(self.U.device, _DTYPE) - L @ R).to(W.device, W.dtype)
+
+    def to(self, device: torch.device | str) -> DissociationOperator:
+        return DissociationOperator(self.U.to(device), self.M.to(device), self.method, dict(self.hparams))
+
+
+def _operator_from(spans: list[Tensor], D_apply, method: str, hparams: dict) -> DissociationOperator:
+    """Build ``U, M`` from spans known to contain D's row and column spaces; ``D_apply(X) = D @ X``."""
+    U = _orth(torch.cat(spans, dim=1))
+    M = U.T @ D_apply(U)
+    return DissociationOperator(U=U, M=M, method=method, hparams=hparams)
+
+
+def spectral_unlearning_objective(D: Tensor, P_e: Tensor, P_ov: Tensor, lam: float, mu: float) -> Tensor:
+    """``J(D) = ||D - P_e||_F^2 + lam ||D P_ov||_F^2 + mu ||D||_F^2`` (dense; used to verify D*)."""
+    return (D - P_e).square().sum() + lam * (D @ P_ov).square().sum() + mu * D.square().sum()
+
+
+def dense_minimizer(P_e: Tensor, P_ov: Tensor, lam: float, mu: float) -> Tensor:
+    """``D* = P_e ((1 + mu) I + lam P_ov^2)^-1`` by a dense solve (reference for tests)."""
+    d = P_e.shape[0]
+    S = (1 + mu) * torch.eye(d, dtype=P_e.dtype, device=P_e.device) + lam * P_ov @ P_ov
+    return torch.linalg.solve(S.T, P_e.T).T
+
+
+def _anchor_map(anchor: tuple[Tensor, Tensor] | None, d: int) -> tuple[Tensor, Tensor] | None:
+    """``T = E_dst^T (E_src^T)^+``, returned as the pair (E_dst^T, pinv(E_src^T)), rank <= m."""
+    if anchor is None:
+        return None
+    src, dst = (_check_states(x, n) for x, n in zip(anchor, ("anchor source states", "anchor states"), strict=True))
+    if src.shape != dst.shape or src.shape[1] != d:
+        raise ValueError(
+            f"anchor pairs must be two (m, {d}) tensors of paired states, got {tuple(src.shape)} and {tuple(dst.shape)}"
+        )
+    return dst.T, torch.linalg.pinv(src.T, rtol=1e-8)
+
+
+def _with_anchor(op: DissociationOperator, anchor: tuple[Tensor, Tensor] | None) -> DissociationOperator:
+    """Replace the removed component by the anchor's: ``D -> (I - T) D`` with ``T c_src ≈ c_dst``."""
+    pair = _anchor_map(anchor, op.dim)
+    if pair is None:
+        return op
+    dst_T, src_pinv = pair
+    D = op
+
+    def apply(X: Tensor) -> Tensor:
+        DX = D.U @ (D.M @ (D.U.T @ X))
+        return DX - dst_T @ (src_pinv @ DX)
+
+    hp = dict(op.hparams, anchor=True)
+    return _operator_from([op.U, dst_T], apply, op.method, hp)
+
+
+def ice_components(E_erase: Tensor, E_preserve: Tensor, hparams: ICEHyperParams) -> tuple[EnergySubspace, Overlap]:
+    """The two ingredients of ``D*``: the energy-weighted erase subspace ``P_e`` and the overlap ``P_ov``."""
+    hp = hparams
+    E_erase = _check_states(E_erase, "E_erase")
+    E_preserve = _check_states(E_preserve, "E_preserve")
+    if E_erase.shape[1] != E_preserve.shape[1]:
+        raise ValueError(
+            f"dimension mismatch: erase states are {E_erase.shape[1]}-d, preserve states {E_preserve.shape[1]}-d"
+        )
+    mean = E_preserve.mean(0) if hp.center else None
+    if mean is not None:  # subspaces of what is specific to the concept, not of the common token state
+        E_erase, E_preserve = E_erase - mean, E_preserve - mean
+    Pe = energy_subspace(E_erase, hp.erase_expansion, hp.rank_tol)
+    Pp = energy_subspace(E_preserve, hp.preserve_expansion, hp.rank_tol)
+    ov = overlap_projector(Pe, Pp, hp.overlap, hp.overlap_threshold, E_erase, E_preserve)
+    if mean is not None:  # every token shares the mean direction: it joins the overlap with weight 1
+        ov = _add_direction(ov, mean)
+    return Pe, ov
+
+
+def dissociation_operator(
+    E_erase: Tensor,
+    E_preserve: Tensor,
+    hparams: ICEHyperParams | None = None,
+    anchor: tuple[Tensor, Tensor] | None = None,
+    **overrides,
+) -> DissociationOperator:
+    """ICE's dissociation operator ``D* = P_e ((1 + mu) I + lam P_ov^2)^-1`` in low-rank form.
+
+    Args:
+        E_erase: (n_e, d) token states of the concept(s) to erase.
+        E_preserve: (n_p, d) token states to preserve.
+        hparams: an :class:`ICEHyperParams`; keyword ``overrides`` replace single fields
+            (``dissociation_operator(E, P, lam=5.0)``).
+        anchor: optional pair ``(E_src, E_dst)`` of (m, d) paired states; the removed component of
+            ``E_src`` is replaced by ``E_dst``'s (UCE-style guide concept).
+
+    With ``P_ov = Q diag(g) Q^T`` (Q orthonormal) the inverse is a Woodbury update,
+    ``((1 + mu) I + lam P_ov^2)^-1 = (I - Q diag(h) Q^T) / (1 + mu)`` with
+    ``h = lam g^2 / (1 + mu + lam g^2)``, so D* never needs a d x d matrix.
+    """
+    hp = _merge(hparams, overrides)
+    Pe, ov = ice_components(E_erase, E_preserve, hp)
+    h = hp.lam * ov.weights.square() / (1 + hp.mu + hp.lam * ov.weights.square())
+    V, f, Q = Pe.basis, Pe.weights, ov.basis
+
+    def apply(X: Tensor) -> Tensor:  # D* X = P_e (X - Q diag(h) Q^T X) / (1 + mu)
+        Y = X - Q @ (h[:, None] * (Q.T @ X))
+        return V @ (f[:, None] * (V.T @ Y)) / (1 + hp.mu)
+
+    # D* = P_e S^-1 with S symmetric, so D*'s row space is span(S^-1 V) = span(V, Q diag(h) Q^T V): at most
+    # 2 rank(P_e) directions however large the overlap basis Q is.
+    op = _operator_from([V, Q @ (h[:, None] * (Q.T @ V))], apply, "ice", _asdict(hp))
+    return _with_anchor(op, anchor)
+
+
+def cure_operator(
+    E_erase: Tensor,
+    E_preserve: Tensor,
+    erase_expansion: float = 1000.0,
+    preserve_expansion: float = 10.0,
+    rank_tol: float = 1e-6,
+    anchor: tuple[Tensor, Tensor] | None = None,
+) -> DissociationOperator:
+    """CURE (arXiv 2505.12677): ``D = P_e - P_e P_p`` with energy-weighted P_e, P_p."""
+    Pe = energy_subspace(E_erase, erase_expansion, rank_tol)
+    Pp = energy_subspace(E_preserve, preserve_expansion, rank_tol)
+    V, f, Vp, fp = Pe.basis, Pe.weights, Pp.basis, Pp.weights
+
+    def apply(X: Tensor) -> Tensor:
+        Y = X - Vp @ (fp[:, None] * (Vp.T @ X))
+        return V @ (f[:, None] * (V.T @ Y))
+
+    hp = {"erase_expansion": erase_expansion, "preserve_expansion": preserve_expansion, "rank_tol": rank_tol}
+    return _with_anchor(_operator_from([V, Vp], apply, "cure", hp), anchor)
+
+
+def projection_operator(
+    E_erase: Tensor,
+    E_preserve: Tensor | None = None,
+    energy_kept: float = 1.0,
+    rank_tol: float = 1e-6,
+    anchor: tuple[Tensor, Tensor] | None = None,
+) -> DissociationOperator:
+    """Plain projection: ``D = V_k V_k^T`` onto the top erase directions holding ``energy_kept`` of the
+    energy (``E_preserve`` is ignored; accepted so every method has the same interface)."""
+    if not 0 < energy_kept <= 1:
+        raise ValueError(f"energy_kept must lie in (0, 1], got {energy_kept}")
+    Pe = energy_subspace(E_erase, math.inf, rank_tol)
+    cum = torch.cumsum(Pe.energy, 0)
+    k = int((cum < energy_kept - 1e-12).sum()) + 1
+    V = Pe.basis[:, :k]
+    op = DissociationOperator(
+        U=V, M=torch.eye(k, dtype=V.dtype), method="projection", hparams={"energy_kept": energy_kept}
+    )
+    return _with_anchor(op, anchor)
+
+
+def uce_operator(
+    E_erase: Tensor,
+    E_preserve: Tensor,
+    lam: float = 1.0,
+    preserve_scale: float = 1.0,
+    E_guide: Tensor | None = None,
+) -> DissociationOperator:
+    """UCE's closed form as an operator: ``W' = W (I - D)`` with
+    ``D = (C_e - C_g)^T C_e (lam I + C_e^T C_e + s C_p^T C_p)^-1`` (C_g = 0 without a guide).
+
+    Identical to ``uce_dense_edit`` (tested), but solved inside span(C_e, C_g, C_p)."""
+    Ce = _check_states(E_erase, "E_erase")
+    Cp = _check_states(E_preserve, "E_preserve") * math.sqrt(preserve_scale)
+    Cg = torch.zeros_like(Ce) if E_guide is None else _check_states(E_guide, "E_guide")
+    if not lam > 0:
+        raise ValueError(f"UCE needs lam > 0, got {lam}")
+    Z = _orth(torch.cat([Ce.T, Cg.T, Cp.T], dim=1))
+    Ze, Zp = Ce @ Z, Cp @ Z
+    G = lam * torch.eye(Z.shape[1], dtype=Z.dtype) + Ze.T @ Ze + Zp.T @ Zp
+    # D restricted to span(Z): D Z = (Ce - Cg)^T (Ce Z) G^-1; D vanishes on the complement.
+    DZ = (Ce - Cg).T @ torch.linalg.solve(G.T, Ze.T).T
+    hp = {"lam": lam, "preserve_scale": preserve_scale, "guide": E_guide is not None}
+    return DissociationOperator(U=Z, M=Z.T @ DZ, method="uce", hparams=hp)
+
+
+def uce_dense_edit(
+    W: Tensor,
+    E_erase: Tensor,
+    E_preserve: Tensor,
+    lam: float = 1.0,
+    preserve_scale: float = 1.0,
+    E_guide: Tensor | None = None,
+) -> Tensor:
+    """UCE's dense closed form for one layer, exactly as published:
+    ``W' = (lam W + sum W c_g c^T + s sum W c_p c_p^T)(lam I + sum c c^T + s sum c_p c_p^T)^-1``.
+    The baseline for the speed benchmark; ``uce_operator`` is the same edit in low-rank form."""
+    Ce = _check_states(E_erase, "E_erase")
+    Cp = _check_states(E_preserve, "E_preserve")
+    Cg = torch.zeros_like(Ce) if E_guide is None else _check_states(E_guide, "E_guide")
+    W64 = W.detach().to(_DTYPE)
+    d = W64.shape[1]
+    rhs = lam * W64 + W64 @ Cg.T @ Ce + preserve_scale * W64 @ Cp.T @ Cp
+    lhs = lam * torch.eye(d, dtype=_DTYPE) + Ce.T @ Ce + preserve_scale * Cp.T @ Cp
+    return torch.linalg.solve(lhs.T, rhs.T).T.to(W.dtype)
+
+
+def _asdict(hp: ICEHyperParams) -> dict:
+    return {k: getattr(hp, k) for k in hp.__dataclass_fields__}
+
+
+def _merge(hparams: ICEHyperParams | None, overrides: dict) -> ICEHyperParams:
+    base = _asdict(hparams or ICEHyperParams())
+    unknown = set(overrides) - set(base)
+    if unknown:
+        raise TypeError(f"unknown ICE hyperparameter(s) {sorted(unknown)}; valid: {sorted(base)}")
+    return ICEHyperParams(**{**base, **overrides})
+
+
+METHODS = ("ice", "cure", "uce", "projection")
+
+
+def build_operator(
+    method: str,
+    E_erase: Tensor,
+    E_preserve: Tensor,
+    anchor: tuple[Tensor, Tensor] | None = None,
+    **hparams,
+) -> DissociationOperator:
+    """Dispatch to one of :data:`METHODS` with the same inputs (used by ``erase`` and the benchmarks)."""
+    if method == "ice":
+        return dissociation_operator(E_erase, E_preserve, anchor=anchor, **hparams)
+    if method == "cure":
+        return cure_operator(E_erase, E_preserve, anchor=anchor, **hparams)
+    if method == "projection":
+        return projection_operator(E_erase, E_preserve, anchor=anchor, **hparams)
+    if method == "uce":
+        guide = None if anchor is None else anchor[1]
+        if anchor is not None:  # UCE pairs each erase state with a guide; use the paired sources as C_e
+            E_erase = anchor[0]
+        return uce_operator(E_erase, E_preserve, E_guide=guide, **hparams)
+    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")

