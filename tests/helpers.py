@@ -20,4 +20,13 @@ def changed(before: dict, pipe) -> set:
 
 
 def _equal(a, b) -> bool:
-    return a.shape == b.shape and bool(torch.equal(a, b))
+    if a.shape != b.shape:
+        return False
+    if a.is_floating_point():  # bit for bit, with NaN equal to NaN
+        return bool(
+            torch.equal(
+                a.view(torch.uint8) if a.dim() else a.reshape(1).view(torch.uint8),
+                b.view(torch.uint8) if b.dim() else b.reshape(1).view(torch.uint8),
+            )
+        )
+    return bool(torch.equal(a, b))

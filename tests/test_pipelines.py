@@ -56,7 +56,9 @@ def test_erase_undo_export_roundtrip(kind, load_pipeline, tmp_path):
     found = ice_lightning.find_text_conditioning(pipe)
     assert {f"{c}.{n}" for c, f in found.items() for n in f.layers} == expected
     if kind in ("text2video", "animatediff"):  # temporal attention also has modules named attn2: not text
-        temporal = [n for n, _ in pipe.unet.named_modules() if n.endswith("attn2.to_k") and not _SPATIAL_ATTN2.search(n)]
+        temporal = [
+            n for n, _ in pipe.unet.named_modules() if n.endswith("attn2.to_k") and not _SPATIAL_ATTN2.search(n)
+        ]
         assert temporal, "the video UNet has temporal attn2 layers, which read frames, not text"
         assert not set(temporal) & set(found["unet"].layers)
 

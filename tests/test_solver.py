@@ -53,8 +53,9 @@ def test_closed_form_matches_lbfgs_minimiser(overlap, center):
     hp = ICEHyperParams(overlap=overlap, center=center, lam=5.0, mu=0.1, erase_expansion=20.0)
     P_e, P_ov = _dense_parts(E_e, E_p, hp)
     D = torch.zeros_like(P_e, requires_grad=True)
-    opt = torch.optim.LBFGS([D], lr=1, max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [D], lr=1, max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
