@@ -143,12 +143,13 @@ def _text_length(model: nn.Module) -> int:
 
 def _reads(inp: Tensor, ref: Tensor) -> bool:
     """True if every row of ``inp`` equals some row of ``ref`` (up to the model dtype's rounding)."""
-    x = inp.detach().reshape(-1, inp.shape[-1]).float()
-    r = ref.detach().reshape(-1, ref.shape[-1]).float()
+    x = inp.detach().reshape(-1, inp.shape[-1]).double()
+    r = ref.detach().reshape(-1, ref.shape[-1]).double()
     if x.shape[-1] != r.shape[-1] or x.shape[0] == 0:
         return False
     tol = 1e-3 * float(r.norm(dim=1).max())
-    return bool((torch.cdist(x, r).min(dim=1).values <= tol).all())
+    dist = torch.cdist(x, r, compute_mode="donot_use_mm_for_euclid_dist")  # exact, not |a|^2+|b|^2-2ab
+    return bool((dist.min(dim=1).values <= tol).all())
 
 
 @dataclass

@@ -96,3 +96,38 @@ def test_sdxl_space_is_both_encoders_penultimate_states_concatenated(load_pipeli
         h2 = pipe.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2]
     want = torch.cat([h1, h2], -1)[0, 4:6].double()  # <s> a painting by [van gogh]
     assert torch.allclose(got, want, atol=1e-6)
+
+
+ALL_KINDS = ["sd", "sdxl", "sd3", "flux", "pixart", "text2video", "animatediff", "cogvideox", "wan"]
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_states_are_what_the_pipeline_feeds_its_denoiser(kind, load_pipeline):
+    """Every collected row must be a row of the pipeline's own ``encode_prompt`` output."""
+    import inspect
+
+    pipe = load_pipeline(kind)
+    prompt = Prompt.fill("a painting by {}", "Van Gogh")
+    wanted = {
+        "prompt": prompt.text,
+        "prompt_2": None,
+        "prompt_3": None,
+        "device": "cpu",
+        "num_images_per_prompt": 1,
+        "num_videos_per_prompt": 1,
+        "do_classifier_free_guidance": False,
+    }
+    params = inspect.signature(pipe.encode_prompt).parameters
+    out = pipe.encode_prompt(**{k: v for k, v in wanted.items() if k in params})
+    embeds = {"text": out[0]}
+    if kind == "flux":
+        embeds["pooled"] = out[1]
+    if kind == "sd3":
+        embeds["pooled"] = out[2]
+    spaces = pipeline_spaces(pipe)
+    assert set(spaces) == set(embeds)
+    for name, space in spaces.items():
+        rows = space.token_states([prompt])
+        ref = embeds[name].detach().reshape(-1, embeds[name].shape[-1]).double()
+        dist = torch.cdist(rows, ref, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+        assert rows.shape[0] >= 1 and torch.all(dist <= 1e-4 * ref.norm(dim=1).max()), (name, dist)
