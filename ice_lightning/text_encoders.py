@@ -286,9 +286,9 @@ def embedding_spaces(pipeline, denoiser: torch.nn.Module) -> dict[str, Embedding
             )
         }
     tok, enc = _require(pipeline, "tokenizer", "text_encoder")
-    if kind in ("PixArtTransformer2DModel", "WanTransformer3DModel", "LTXVideoTransformer3DModel"):
+    if kind in ("PixArtTransformer2DModel", "WanTransformer3DModel"):
         source = SequenceSource(tok, enc, _call_default(pipeline, "max_sequence_length", 120), pass_mask=True)
-    elif kind == "CogVideoXTransformer3DModel":  # CogVideoX feeds T5 without a mask
+    elif kind in ("CogVideoXTransformer3DModel", "LTXVideoTransformer3DModel"):  # these feed T5 without a mask
         source = SequenceSource(tok, enc, _call_default(pipeline, "max_sequence_length", 226))
     else:  # SD 1.x/2.x, TextToVideoSD, AnimateDiff and any encoder they are built around
         mask = bool(getattr(enc.config, "use_attention_mask", False))

@@ -98,7 +98,7 @@ def test_sdxl_space_is_both_encoders_penultimate_states_concatenated(load_pipeli
     assert torch.allclose(got, want, atol=1e-6)
 
 
-ALL_KINDS = ["sd", "sdxl", "sd3", "flux", "pixart", "text2video", "animatediff", "cogvideox", "wan"]
+ALL_KINDS = ["sd", "sdxl", "sd3", "flux", "pixart", "text2video", "animatediff", "cogvideox", "wan", "ltx"]
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)

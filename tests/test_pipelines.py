@@ -25,6 +25,7 @@ EXPECTED = {
     "pixart": ("transformer", {"caption_projection.linear_1"}),
     "cogvideox": ("transformer", {"patch_embed.text_proj"}),
     "wan": ("transformer", {"condition_embedder.text_embedder.linear_1"}),
+    "ltx": ("transformer", {"caption_projection.linear_1"}),
 }
 PIPELINE_CLASS = {
     "sd": "StableDiffusionPipeline",
@@ -36,6 +37,7 @@ PIPELINE_CLASS = {
     "pixart": "PixArtAlphaPipeline",
     "cogvideox": "CogVideoXPipeline",
     "wan": "WanPipeline",
+    "ltx": "LTXPipeline",
 }
 
 
