@@ -107,16 +107,19 @@ def find_text_conditioning(
     return found
 
 
+_ENCODER_PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3")
+
+
 def pipeline_spaces(pipeline) -> dict[str, EmbeddingSpace]:
-    """Embedding spaces of ``pipeline``, built once and cached on it (the text encoder is frozen)."""
+    """Embedding spaces of ``pipeline``, built once and cached on it (the text encoders are frozen).
+
+    The cache is keyed by the identity of the tokenizers and text encoders, so swapping one rebuilds it."""
+    key = tuple(id(getattr(pipeline, n, None)) for n in _ENCODER_PARTS)
     cached = getattr(pipeline, "_ice_spaces", None)
-    if cached is None:
-        cached = embedding_spaces(pipeline, next(iter(_denoisers(pipeline).values())))
-        try:
-            pipeline._ice_spaces = cached
-        except AttributeError:  # pragma: no cover - exotic pipeline objects
-            pass
-    return cached
+    if cached is None or cached[0] != key:
+        cached = (key, embedding_spaces(pipeline, next(iter(_denoisers(pipeline).values()))))
+        pipeline._ice_spaces = cached
+    return cached[1]
 
 
 def _collect(space: EmbeddingSpace, prompts: list[Prompt], include_eot: bool, what: str) -> Tensor:

@@ -74,7 +74,6 @@ def test_embedding_width_that_does_not_match_the_layers(load_pipeline):
 
     pipe = load_pipeline("sd")
     pipe.text_encoder = _clip(pipe.tokenizer, hidden=64)  # the UNet reads 96-d states
-    pipe._ice_spaces = None
     before = snapshot(pipe)
     with pytest.raises(ValueError, match="dimension mismatch.*96.*64"):
         ice_lightning.erase(pipe, erase=["Van Gogh"], verify=False)
