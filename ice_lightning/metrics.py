@@ -82,14 +82,17 @@ def _outputs(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
 
 
 class TextSpaceProbe:
-    """Computes the four metrics for the current weights of ``layers`` against ``reference`` weights.
+    """The four metrics of the current weights of ``layers`` against the outputs of reference weights.
+
+    The reference *outputs* on the held-out prompts are computed once at construction (a few thousand
+    vectors, far smaller than the weights), so the probe keeps measuring against the original model while
+    the layers are edited and fine-tuned, and travels in a checkpoint (``state_dict``).
 
     Args:
         layers: ``{name: (linear module, space name)}``.
         spaces: the pipeline's embedding spaces (``ice_lightning.erase.pipeline_spaces``).
         spec: the concept spec whose held-out prompts are measured.
-        reference: ``{name: (weight, bias)}`` of the model before erasure; default: the current weights
-            (a snapshot, so later edits and training are measured against today's model).
+        reference: ``{name: (weight, bias)}`` of the model before erasure; default: the current weights.
     """
 
     def __init__(
@@ -100,15 +103,21 @@ class TextSpaceProbe:
         reference: dict[str, tuple[Tensor, Tensor | None]] | None = None,
     ) -> None:
         self.layers, self.spaces, self.spec = layers, spaces, spec
-        if reference is None:
-            reference = {
-                n: (m.weight.detach().cpu().clone(), None if m.bias is None else m.bias.detach().cpu().clone())
-                for n, (m, _) in layers.items()
-            }
-        self.reference = reference
+        pairs = spec.leakage_pairs()
+        self.groups: dict[str, tuple[list[Prompt], bool]] = {  # name -> (prompts, mean-pool per prompt)
+            "erasure": (spec.heldout_erase_prompts(), False),
+            "collateral_near": (spec.heldout_near_prompts(), False),
+            "collateral_far": (spec.heldout_far_prompts(), False),
+            "leak_concept": ([Prompt(p.text) for p, _ in pairs], True),
+            "leak_neutral": ([Prompt(q.text) for _, q in pairs], True),
+        }
+        weights = reference or {n: (m.weight, m.bias) for n, (m, _) in layers.items()}
+        self.reference = {
+            g: {n: _outputs(*weights[n], self._states(g, s)) for n, (_, s) in layers.items()} for g in self.groups
+        }
 
     @classmethod
-    def from_result(cls, result: ErasureResult) -> TextSpaceProbe:
+    def from_result(cls, result: ErasureResult, spec: ConceptSpec | None = None) -> TextSpaceProbe:
         """Probe of an erasure against the weights it started from (``W + L R``, no copy kept)."""
         mods = result.modules()
         layers = {n: (mods[n], s) for n, s in result.layer_spaces.items()}
@@ -116,48 +125,54 @@ class TextSpaceProbe:
         for name, (module, _) in layers.items():
             L, R = result.weight_delta(name)
             reference[name] = (module.weight.detach().to(L.device, torch.float64) + L @ R, module.bias)
-        return cls(layers, result.spaces, result.spec, reference)
+        return cls(layers, result.spaces, spec or result.spec, reference)
+
+    def _states(self, group: str, space: str) -> Tensor:
+        prompts, pooled = self.groups[group]
+        if pooled:
+            return torch.stack([x.mean(0) for x in self.spaces[space].per_prompt(prompts)])
+        return self.spaces[space].token_states(prompts)
+
+    def _current(self, group: str) -> dict[str, Tensor]:
+        return {n: _outputs(m.weight, m.bias, self._states(group, s)) for n, (m, s) in self.layers.items()}
 
     @torch.no_grad()
-    def update_change(self, metric: RelativeOutputChange, prompts: Sequence[Prompt]) -> RelativeOutputChange:
-        for name, (module, space) in self.layers.items():
-            x = self.spaces[space].token_states(prompts)
-            if x.shape[0]:
-                w_ref, b_ref = self.reference[name]
-                metric.update(_outputs(w_ref, b_ref, x), _outputs(module.weight, module.bias, x))
-        return metric
-
-    @torch.no_grad()
-    def update_leakage(self, metric: LeakageRate, pairs: Sequence[tuple[Prompt, Prompt]]) -> LeakageRate:
-        concept = [Prompt(p.text) for p, _ in pairs]
-        neutral = [Prompt(q.text) for _, q in pairs]
-        for name, (module, space) in self.layers.items():
-            sp, (w_ref, b_ref) = self.spaces[space], self.reference[name]
-            xc = torch.stack([x.mean(0) for x in sp.per_prompt(concept)])
-            xn = torch.stack([x.mean(0) for x in sp.per_prompt(neutral)])
-            # outputs are affine in x, so the mean of the outputs is the output of the mean state
-            metric.update(
-                _outputs(module.weight, module.bias, xc), _outputs(w_ref, b_ref, xc), _outputs(w_ref, b_ref, xn)
-            )
-        return metric
-
-    def relative_change(self, prompts: Sequence[Prompt]) -> float:
-        return float(self.update_change(RelativeOutputChange(), prompts).compute()) if prompts else float("nan")
-
     def compute(self) -> dict[str, float]:
         """``erasure``, ``collateral_near``, ``collateral_far`` and ``leakage`` on the spec's held-out prompts."""
-        spec = self.spec
-        return {
-            "erasure": self.relative_change(spec.heldout_erase_prompts()),
-            "collateral_near": self.relative_change(spec.heldout_near_prompts()),
-            "collateral_far": self.relative_change(spec.heldout_far_prompts()),
-            "leakage": float(self.update_leakage(LeakageRate(), spec.leakage_pairs()).compute()),
-        }
+        out = {}
+        for group in ("erasure", "collateral_near", "collateral_far"):
+            metric, now = RelativeOutputChange(), self._current(group)
+            for name, ref in self.reference[group].items():
+                if ref.shape[0]:
+                    metric.update(ref, now[name])
+            out[group] = float(metric.compute()) if metric.count else float("nan")
+        leak, now = LeakageRate(), self._current("leak_concept")
+        for name in self.layers:
+            leak.update(now[name], self.reference["leak_concept"][name], self.reference["leak_neutral"][name])
+        out["leakage"] = float(leak.compute())
+        return out
+
+    def state_dict(self) -> dict:
+        return {"reference": {g: {n: t.cpu() for n, t in d.items()} for g, d in self.reference.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reference = state["reference"]
 
 
+@torch.no_grad()
 def relative_change(result: ErasureResult, prompts: Sequence[Prompt]) -> float:
-    """Mean relative change of the edited layers' outputs over the chosen tokens of ``prompts``."""
-    return TextSpaceProbe.from_result(result).relative_change(prompts)
+    """Mean relative change that ``result`` made to the edited layers' outputs over the chosen tokens of
+    ``prompts`` (any prompts, not only the spec's held-out ones)."""
+    if not prompts:
+        return float("nan")
+    metric, mods = RelativeOutputChange(), result.modules()
+    for name, space in result.layer_spaces.items():
+        x = result.spaces[space].token_states(prompts)
+        if x.shape[0]:
+            module, (L, R) = mods[name], result.weight_delta(name)
+            after = _outputs(module.weight, module.bias, x)
+            metric.update(after + (x.to(L.device) @ R.T) @ L.T, after)
+    return float(metric.compute())
 
 
 def erasure_metrics(result: ErasureResult) -> dict[str, float]:
