@@ -1,8 +1,10 @@
 """The ``ice-lightning`` command line.
 
-``ice-lightning erase --pipeline DIR --erase "Van Gogh" --family style --out DIR`` loads a diffusers
-pipeline with ``from_pretrained``, erases the concepts, exports the erased model with its manifest and
-prints a before/after table of the text-space metrics.
+- ``ice-lightning erase --pipeline DIR --erase "Van Gogh" --family style --out DIR`` (or ``--config
+  erase.yaml``) loads a diffusers pipeline with ``from_pretrained``, erases the concepts, exports the
+  erased model with its manifest and prints a before/after table of the text-space metrics.
+- ``ice-lightning fit|validate|test --config train.yaml`` is a ``LightningCLI`` over :class:`ICEModule` and
+  :class:`CaptionFolderDataModule`; add :class:`ICECallback` under ``trainer.callbacks``.
 """
 
 from __future__ import annotations
@@ -10,18 +12,29 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch.cli import LightningCLI
 
 from .concepts import FAMILIES
 from .solver import METHODS, ICEHyperParams
 
-__all__ = ["main", "build_parser", "format_table"]
+__all__ = ["main", "build_erase_parser", "format_table", "ICELightningCLI"]
+
+_USAGE = """usage: ice-lightning {erase,fit,validate,test} ...
+
+  erase      one-shot erase and export of a diffusers pipeline (ice-lightning erase --help)
+  fit        fine-tune with LightningCLI (ice-lightning fit --config configs/tiny_t2i.yaml)
+  validate   run the validation loop (metrics of ICE_METHOD.md section 5)
+  test       run the test loop
+"""
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="ice-lightning", description="Instant Concept Erasure for diffusion models")
-    sub = parser.add_subcommands(required=True, dest="command")
-    er = ArgumentParser(description="Erase concepts from a saved diffusers pipeline and export it.")
+def build_erase_parser() -> ArgumentParser:
+    """Parser of ``ice-lightning erase`` (flags or ``--config`` YAML; ``--print_config`` prints it)."""
+    er = ArgumentParser(
+        prog="ice-lightning erase", description="Erase concepts from a diffusers pipeline and export it."
+    )
+    er.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
     er.add_argument("--pipeline", required=True, help="local diffusers folder or hub id (from_pretrained)")
     er.add_argument("--erase", action="append", required=True, help="a concept to erase (repeat for more)")
     er.add_argument("--preserve", action="append", default=None, help="a concept to keep (repeat for more)")
@@ -38,8 +51,7 @@ def build_parser() -> ArgumentParser:
     er.add_argument("--overlap", default=defaults.overlap)
     er.add_argument("--device", default="cpu", help="device to run the text encoder and the edit on")
     er.add_argument("--out", required=True, help="output folder for the erased pipeline")
-    sub.add_subcommand("erase", er, help="one-shot erase and export")
-    return parser
+    return er
 
 
 def format_table(metrics: dict[str, float]) -> str:
@@ -95,14 +107,30 @@ def _run_erase(cfg) -> int:
     return 0
 
 
+class ICELightningCLI(LightningCLI):
+    """``LightningCLI`` over :class:`ICEModule` and :class:`CaptionFolderDataModule` (``fit|validate|test``)."""
+
+    def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
+        from .data import CaptionFolderDataModule
+        from .module import ICEModule
+
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(ICEModule, CaptionFolderDataModule, args=args, **kwargs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ice-lightning`` console script."""
-    parser = build_parser()
-    cfg = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if cfg.command == "erase":
-        return _run_erase(cfg.erase)
-    parser.error(f"unknown command {cfg.command}")  # pragma: no cover
-    return 2
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_USAGE)
+        return 0 if args else 2
+    if args[0] == "erase":
+        return _run_erase(build_erase_parser().parse_args(args[1:]))
+    if args[0] not in ("fit", "validate", "test", "predict"):
+        print(f"ice-lightning: unknown command {args[0]!r}\n\n{_USAGE}", file=sys.stderr)
+        return 2
+    ICELightningCLI(args=args)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

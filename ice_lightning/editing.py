@@ -61,11 +61,14 @@ class LayerEdit:
             w.copy_(restored)
 
 
-def _new_weight(name: str, module: nn.Linear, op: DissociationOperator) -> tuple[Tensor, Tensor, Tensor]:
+def _new_weight(
+    name: str, module: nn.Linear, op: DissociationOperator, base: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
     w = module.weight
     if not torch.isfinite(w).all():
         raise ValueError(f"layer {name!r} already holds NaN or inf weights; refusing to edit it")
-    L, R = op.factors(w)
+    # Without a base the whole weight is edited; with one, only what changed since (W - base).
+    L, R = op.factors(w if base is None else w.detach() - base.to(w.device, w.dtype))
     new64 = w.detach().to(L.device, _F64) - L @ R
     new = new64.to(w.device, w.dtype)
     if not torch.isfinite(new).all():
@@ -76,21 +79,28 @@ def _new_weight(name: str, module: nn.Linear, op: DissociationOperator) -> tuple
     return L, R, new
 
 
-def apply_edits(targets: Sequence[tuple[str, nn.Linear, DissociationOperator]]) -> list[LayerEdit]:
+def apply_edits(
+    targets: Sequence[tuple[str, nn.Linear, DissociationOperator]], bases: dict[str, Tensor] | None = None
+) -> list[LayerEdit]:
     """Apply ``W <- W (I - D)`` to every target, or to none if any target fails.
+
+    With ``bases`` (``{name: weight at the last edit}``) only the change since then is edited:
+    ``W <- W - (W - base) D``. Re-applying then never compounds: with no change it is an exact no-op,
+    and after fine-tuning it removes what the update added along the erased directions.
 
     Phase 1 computes and checks every new weight (one layer in memory at a time); phase 2 writes them
     under ``torch.no_grad()`` with ``copy_`` (keeping dtype, device and the Parameter object) and rolls
     back what it wrote should anything still fail.
     """
+    bases = bases or {}
     for name, module, op in targets:  # phase 1: nothing is written
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{name!r} is a {type(module).__name__}, not a torch.nn.Linear")
-        _new_weight(name, module, op)
+        _new_weight(name, module, op, bases.get(name))
     edits: list[LayerEdit] = []
     try:
         for name, module, op in targets:  # phase 2: write
-            L, R, new = _new_weight(name, module, op)
+            L, R, new = _new_weight(name, module, op, bases.get(name))
             w = module.weight
             back = (new.to(L.device, _F64) + L @ R).to(w.device, w.dtype)
             wrong = (back != w.detach()).view(-1)

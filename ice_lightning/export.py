@@ -60,11 +60,13 @@ def save_erased(
     out_dir: str | os.PathLike,
     results: Sequence[ErasureResult] | None = None,
     safe_serialization: bool = True,
+    extra: dict | None = None,
 ) -> Path:
     """Save ``pipeline`` with ``save_pretrained`` and write the ICE manifest and model card.
 
     Args:
         results: the erasures to record; default: every live erasure applied to ``pipeline``.
+        extra: more JSON-ready entries for the manifest (the callback records its applications here).
 
     Returns:
         the output directory.
@@ -85,6 +87,7 @@ def save_erased(
         "erased_concepts": list(dict.fromkeys(c for r in results for c in r.spec.erase)),
         "versions": _versions(),
         "edited_tensors": {f"{n}.weight": tensor_sha256(_weight(pipeline, n)) for n in layers},
+        **(extra or {}),
     }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     _write_card(out, manifest)

@@ -210,12 +210,11 @@ class TextConditioningLayers:
                     f"({', '.join(sorted(TEXT_CONDITIONING_RULES))}); pass layers=[...] with the names of the "
                     "linear layers that read the text-encoder states"
                 )
-            layers = {
-                n: (m, r.space)
-                for n, m in model.named_modules()
-                for r in rules
-                if isinstance(m, nn.Linear) and r.matches(n)
-            }
+            layers = {}
+            for n, m in model.named_modules():
+                for r in rules:
+                    if r.matches(n) and (isinstance(m, nn.Linear) or _is_lora(m)):
+                        layers.update(_expand_lora(n, m, r.space))
         bad = [n for n, (m, _) in layers.items() if not isinstance(m, nn.Linear)]
         if bad:
             raise NoTextConditioningLayerError(f"modules {bad} are not torch.nn.Linear; ICE edits linear layers")
@@ -241,6 +240,8 @@ class TextConditioningLayers:
             states["pooled"] = states["pooled"][:, 0]
         seen: dict[str, list[Tensor]] = {n: [] for n in self.layers}
         hooks = [lin.register_forward_pre_hook(_recorder(seen[n])) for n, (lin, _) in self.layers.items()]
+        was_training = self.model.training
+        self.model.eval()  # dropout (LoRA's included) would hide that a layer reads the states
         try:
             with torch.no_grad():
                 self.model(**_example_inputs(self.model, states))
@@ -250,6 +251,7 @@ class TextConditioningLayers:
                 "if you are sure the found layers read the text states"
             ) from err
         finally:
+            self.model.train(was_training)
             for h in hooks:
                 h.remove()
         ok = {n: v for n, v in self.layers.items() if seen[n] and all(_reads(x, states[v[1]]) for x in seen[n])}
@@ -259,6 +261,24 @@ class TextConditioningLayers:
                 f"layers {list(self.layers)[:4]}... receives the text-encoder states in a forward pass"
             )
         return TextConditioningLayers(self.model, ok)
+
+
+def _is_lora(module: nn.Module) -> bool:
+    """A PEFT LoRA wrapper (``base_layer`` + ``lora_A``) around a linear layer."""
+    return isinstance(getattr(module, "base_layer", None), nn.Linear) and hasattr(module, "lora_A")
+
+
+def _expand_lora(name: str, module: nn.Module, space: str) -> dict[str, tuple[nn.Linear, str]]:
+    """A plain linear layer maps to itself. A LoRA-wrapped one ``W x + B A x`` maps to its base layer and
+    every ``lora_A`` (both read the text states): editing ``W <- W (I - D)`` and ``A <- A (I - D)`` edits
+    the adapted layer ``W + B A`` exactly, with the adapters left unmerged."""
+    if not _is_lora(module):
+        return {name: (module, space)}
+    out = {f"{name}.base_layer": (module.base_layer, space)}
+    for adapter, lin in module.lora_A.items():
+        if isinstance(lin, nn.Linear):
+            out[f"{name}.lora_A.{adapter}"] = (lin, space)
+    return out
 
 
 def _recorder(store: list[Tensor]) -> Callable:

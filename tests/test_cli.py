@@ -81,6 +81,8 @@ def test_cli_rejects_missing_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["erase", "--erase", "Van Gogh", "--out", "x"])
     assert "pipeline" in capsys.readouterr().err
+    assert main(["bogus"]) == 2 and "unknown command" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "erase" in capsys.readouterr().out
 
 
 def test_table_format():

@@ -154,3 +154,28 @@ def test_anchor_and_eot_options(load_pipeline):
     anchored = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style", anchor="painter")
     assert anchored.operators["text"].hparams["anchor"] is True
     assert anchored.to_manifest()["concepts"]["anchor"] == "painter"
+
+
+def test_lora_adapted_layers_are_edited_exactly(load_pipeline):
+    from peft import LoraConfig
+
+    pipe = load_pipeline("sd")
+    pipe.unet.add_adapter(LoraConfig(r=4, target_modules=["to_k", "to_v"], init_lora_weights="gaussian"))
+    pipe.unet.eval()
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    layer = pipe.unet.get_submodule(name)
+    x = torch.randn(5, layer.base_layer.in_features)
+    with torch.no_grad():
+        before = layer(x)
+    result = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style")
+    assert f"unet.{name}.base_layer" in result.layers and f"unet.{name}.lora_A.default" in result.layers
+    D = result.operators["text"].dense().float()
+    with torch.no_grad():
+        after = layer(x)
+    result.undo()
+    with torch.no_grad():
+        assert torch.equal(layer(x), before)  # exact undo of base layer and adapters
+        expected = layer(x - x @ D.T)  # the original adapted layer W + s B A, applied to (I - D) x
+    # so the edited adapted layer is (W + s B A)(I - D), with the adapters left unmerged
+    assert torch.allclose(after, expected, atol=1e-5)
+    assert not torch.allclose(after, before, atol=1e-3)

@@ -1,0 +1,160 @@
+"""Caption + image folders and caption + video-frame folders as a ``LightningDataModule``.
+
+Layouts::
+
+    images/                      videos/
+      cat.png   cat.txt            clip_000/ caption.txt 000.png 001.png ...
+      dog.jpg   dog.txt            clip_001/ caption.txt 000.png ...
+
+Each item is ``{"pixel_values": Tensor, "captions": str}`` with pixels in [-1, 1]: (3, H, W) for images,
+(F, 3, H, W) for videos (``num_frames`` frames sampled evenly).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, random_split
+
+__all__ = ["CaptionedImageFolder", "CaptionedVideoFolder", "CaptionFolderDataModule", "collate"]
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def _to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the short side to ``resolution``, centre-crop, scale to [-1, 1], (3, H, W)."""
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = resolution / min(w, h)
+    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class CaptionedImageFolder(Dataset):
+    """Images with a same-name ``.txt`` caption beside each."""
+
+    def __init__(self, root: str | Path, resolution: int = 512) -> None:
+        self.root, self.resolution = Path(root), resolution
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        self.items = [
+            (p, p.with_suffix(".txt")) for p in sorted(self.root.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES
+        ]
+        missing = [str(c) for _, c in self.items if not c.exists()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} image(s) have no caption file, e.g. {missing[0]}")
+        if not self.items:
+            raise ValueError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {self.root}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        image, caption = self.items[i]
+        return {"pixel_values": _to_tensor(Image.open(image), self.resolution), "captions": caption.read_text().strip()}
+
+
+class CaptionedVideoFolder(Dataset):
+    """One sub-folder per clip: frame images (sorted by name) and ``caption.txt``."""
+
+    def __init__(self, root: str | Path, resolution: int = 256, num_frames: int = 8) -> None:
+        self.root, self.resolution, self.num_frames = Path(root), resolution, num_frames
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"video folder {self.root} does not exist")
+        self.clips = [d for d in sorted(self.root.iterdir()) if d.is_dir()]
+        if not self.clips:
+            raise ValueError(f"no clip folders in {self.root}")
+        for d in self.clips:
+            if not (d / "caption.txt").exists():
+                raise FileNotFoundError(f"clip {d} has no caption.txt")
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> dict:
+        clip = self.clips[i]
+        frames = sorted(p for p in clip.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        if len(frames) < self.num_frames:
+            raise ValueError(f"clip {clip} has {len(frames)} frames, fewer than num_frames={self.num_frames}")
+        idx = np.linspace(0, len(frames) - 1, self.num_frames).round().astype(int)
+        pixels = torch.stack([_to_tensor(Image.open(frames[k]), self.resolution) for k in idx])
+        return {"pixel_values": pixels, "captions": (clip / "caption.txt").read_text().strip()}
+
+
+def collate(items: list[dict]) -> dict:
+    return {"pixel_values": torch.stack([x["pixel_values"] for x in items]), "captions": [x["captions"] for x in items]}
+
+
+class CaptionFolderDataModule(LightningDataModule):
+    """Train (and optionally validation) data from caption folders, images or videos.
+
+    Args:
+        train_dir: the training folder.
+        val_dir: a validation folder; ``None`` splits ``val_fraction`` off the training folder.
+        video: clips of frames instead of images.
+        resolution, num_frames: output size.
+        val_fraction: share of ``train_dir`` held out when there is no ``val_dir``.
+        shuffle: shuffle the training set each epoch.
+    """
+
+    def __init__(
+        self,
+        train_dir: str,
+        val_dir: str | None = None,
+        video: bool = False,
+        resolution: int = 512,
+        num_frames: int = 8,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        val_fraction: float = 0.25,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _folder(self, root: str) -> Dataset:
+        h = self.hparams
+        if h.video:
+            return CaptionedVideoFolder(root, h.resolution, h.num_frames)
+        return CaptionedImageFolder(root, h.resolution)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        data = self._folder(self.hparams.train_dir)
+        if self.hparams.val_dir is not None:
+            self.train_set, self.val_set = data, self._folder(self.hparams.val_dir)
+        else:
+            n_val = max(1, round(len(data) * self.hparams.val_fraction)) if len(data) > 1 else 0
+            g = torch.Generator().manual_seed(self.hparams.seed)
+            self.train_set, self.val_set = random_split(data, [len(data) - n_val, n_val], generator=g)
+
+    def _loader(self, data: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            data,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=self.hparams.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)

@@ -1,0 +1,244 @@
+"""ICECallback, ICEModule and the data module inside real Trainer.fit runs (CPU)."""
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from ice_lightning import ICECallback, ICEModule
+from ice_lightning.concepts import ConceptSpec
+from ice_lightning.data import CaptionFolderDataModule
+from ice_lightning.erase import find_text_conditioning, pipeline_spaces
+from ice_lightning.export import MANIFEST_NAME, load_manifest, verify_export
+from ice_lightning.metrics import TextSpaceProbe
+from ice_lightning.testing import build_tiny_pipeline
+
+DATA = Path(__file__).parents[1] / "examples" / "data"
+STYLE = {"erase": ["Van Gogh"], "family": "style"}
+
+
+class EpochLoss(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.losses.append(float(trainer.callback_metrics["train/loss_epoch"]))
+
+
+def _trainer(tmp_path, callbacks, epochs=3, **kw):
+    kw.setdefault("logger", False)
+    kw.setdefault("enable_checkpointing", False)
+    return Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        **kw,
+    )
+
+
+def _data(video: bool, batch_size: int = 4) -> CaptionFolderDataModule:
+    if video:
+        return CaptionFolderDataModule(
+            str(DATA / "tiny_videos"), video=True, resolution=16, num_frames=4, batch_size=2, shuffle=False
+        )
+    return CaptionFolderDataModule(str(DATA / "tiny_images"), resolution=16, batch_size=batch_size, shuffle=False)
+
+
+def _still_erased(folder, kind: str) -> float:
+    """Erasure of the exported model against a fresh (identical, seeded) original pipeline."""
+    shipped = DiffusionPipeline.from_pretrained(folder)
+    original = build_tiny_pipeline(kind)
+    found = find_text_conditioning(shipped, verify=False)
+    layers = {f"{c}.{n}": p for c, f in found.items() for n, p in f.layers.items()}
+    ref = {n: (original.unet.get_submodule(n.split(".", 1)[1]).weight, None) for n in layers}
+    layers = {n: (m, s) for n, (m, s) in layers.items()}
+    for n, (m, _) in layers.items():
+        ref[n] = (ref[n][0], m.bias)
+    return TextSpaceProbe(layers, pipeline_spaces(shipped), ConceptSpec(**STYLE), ref).compute()["erasure"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "video"), [("sd-minilm", False), ("text2video-minilm", True)])
+def test_fit_keeps_the_concept_erased_and_ships_it(kind, video, tmp_path):
+    seed_everything(0)
+    module = ICEModule(f"tiny:{kind}", learning_rate=3e-4, cfg_dropout=0.0, validation_concepts=STYLE)
+    ice = ICECallback(**STYLE, every_n_epochs=1, export_dir=str(tmp_path / "erased"))
+    losses = EpochLoss()
+    _trainer(tmp_path, [ice, losses], epochs=4).fit(module, datamodule=_data(video))
+
+    reasons = [a["reason"] for a in ice.applications]
+    assert reasons == ["setup", "epoch_end", "epoch_end", "epoch_end", "epoch_end", "fit_end"]
+    erasure = [a["metrics"]["erasure"] for a in ice.applications]
+    assert min(erasure) > 0.7, erasure  # stays high after every epoch
+    assert losses.losses[-1] < losses.losses[0], losses.losses  # while the model trains
+    out = tmp_path / "erased"
+    manifest = load_manifest(out)
+    assert [a["reason"] for a in manifest["ice_callback"]["applications"]] == reasons
+    assert all(verify_export(out).values())
+    assert _still_erased(out, kind) > 0.7
+
+
+def test_reapplication_never_compounds(tmp_path):
+    module = ICEModule("tiny:sd-minilm", validation_concepts=STYLE)
+    ice = ICECallback(**STYLE, at_fit_end=False)
+    trainer = _trainer(tmp_path, [ice], epochs=1, limit_train_batches=0, limit_val_batches=0)
+    trainer.fit(module, datamodule=_data(False))
+    weights = {n: m.weight.detach().clone() for n, m in ice._modules(module.pipeline).items()}
+    once = ice._probe.compute()
+    ice.apply(trainer, module, "manual")
+    for n, m in ice._modules(module.pipeline).items():
+        assert (m.weight - weights[n]).norm() <= 1e-6 * weights[n].norm()
+    for _ in range(10):
+        ice.apply(trainer, module, "manual")
+    assert ice._probe.compute() == pytest.approx(once, abs=1e-9)
+    # and the operator is computed once: every application reuses the same objects
+    assert len({id(op) for op in ice._operators.values()}) == len(ice._operators)
+
+
+def test_optimizer_state_of_edited_weights_is_reset(tmp_path):
+    module = ICEModule("tiny:sd", validation_concepts=None)
+    ice = ICECallback(**STYLE, every_n_epochs=1)
+    trainer = _trainer(tmp_path, [ice], epochs=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=_data(False, batch_size=8))
+    opt = trainer.optimizers[0]
+    edited = {id(m.weight) for m in ice._modules(module.pipeline).values()}
+    assert edited and not any(id(p) in edited for p in opt.state)  # Adam moments dropped at the last edit
+    assert any(id(p) not in edited for p in opt.state)  # the rest of the UNet keeps its moments
+
+
+class UserModule(LightningModule):
+    """A user's own module: a diffusers UNet, a tokenizer and a text encoder, no ice_lightning class."""
+
+    def __init__(self):
+        super().__init__()
+        pipe = build_tiny_pipeline("sd-minilm")
+        self.unet, self.text_encoder, self.tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
+        self.text_encoder.requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        ids = self.tokenizer(
+            batch["captions"], padding="max_length", max_length=16, truncation=True, return_tensors="pt"
+        ).input_ids
+        with torch.no_grad():
+            states = self.text_encoder(ids)[0]
+        x = torch.randn(len(ids), 4, 8, 8)
+        return torch.nn.functional.mse_loss(self.unet(x, 10, encoder_hidden_states=states).sample, x)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.unet.parameters(), lr=1e-3)
+
+
+def test_callback_in_a_users_own_module(tmp_path):
+    seed_everything(0)
+    module = UserModule()
+    ice = ICECallback(**STYLE, every_n_epochs=1)
+    dm = _data(False)
+    _trainer(tmp_path, [ice], epochs=2, limit_val_batches=0).fit(module, datamodule=dm)
+    assert [a["reason"] for a in ice.applications] == ["setup", "epoch_end", "epoch_end", "fit_end"]
+    assert all(a["metrics"]["erasure"] > 0.75 for a in ice.applications)
+    assert all(n.startswith("unet.") for n in ice._layer_spaces)
+
+
+def test_resume_never_repeats_or_loses_an_application(tmp_path):
+    def run(root, epochs, ckpt=None):
+        seed_everything(0)
+        module = ICEModule("tiny:sd", learning_rate=1e-3, cfg_dropout=0.0, validation_concepts=STYLE)
+        ice = ICECallback(**STYLE, every_n_epochs=1)
+        ckpts = ModelCheckpoint(dirpath=root / "ckpt", every_n_epochs=1, save_top_k=-1)
+        trainer = _trainer(root, [ice, ckpts], epochs=epochs, enable_checkpointing=True, limit_val_batches=0)
+        seen = {}
+
+        class Probe(Callback):
+            def on_fit_start(self, trainer, pl_module):  # after restore and after ICECallback.on_fit_start
+                seen.update({n: m.weight.detach().clone() for n, m in ice._modules(pl_module.pipeline).items()})
+
+        trainer.callbacks.append(Probe())
+        trainer.fit(module, datamodule=_data(False, batch_size=8), ckpt_path=ckpt)
+        return ice, module, seen
+
+    full, full_module, _ = run(tmp_path / "a", 4)
+    ckpt = sorted((tmp_path / "a" / "ckpt").glob("epoch=1-*.ckpt"))[0]
+    resumed, resumed_module, at_start = run(tmp_path / "b", 4, ckpt=str(ckpt))
+    # counting: the resumed run carries the first run's history and adds exactly the missing applications
+    assert [(a["reason"], a["epoch"]) for a in resumed.applications] == [
+        (a["reason"], a["epoch"]) for a in full.applications
+    ]
+    # weights: nothing was re-applied on resume (the checkpoint's weights, bit for bit)...
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    for name, w in at_start.items():
+        assert torch.equal(w, state[name + ".weight"]), name
+    # ...and the resumed run ends where the uninterrupted one does
+    for (n, a), b in zip(
+        full._modules(full_module.pipeline).items(), resumed._modules(resumed_module.pipeline).values(), strict=True
+    ):
+        assert torch.allclose(a.weight, b.weight, atol=1e-6), n
+    assert [a["weights_sha256"] for a in resumed.applications] == [a["weights_sha256"] for a in full.applications]
+
+
+def test_resume_catches_up_an_application_the_checkpoint_missed(tmp_path):
+    module = ICEModule("tiny:sd", validation_concepts=None)
+    ice = ICECallback(**STYLE, every_n_epochs=1)
+    trainer = _trainer(tmp_path, [ice], epochs=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=_data(False, batch_size=8))
+    state = ice.state_dict()
+    state["last_epoch_applied"] = -1  # as if saved before the epoch-0 application
+    again = ICECallback(**STYLE, every_n_epochs=1)
+    again.load_state_dict(state)
+    fake = types.SimpleNamespace(current_epoch=1, global_step=2, loggers=[], optimizers=[], world_size=1)
+    again.on_fit_start(fake, module)
+    assert again.applications[-1]["reason"] == "resume catch-up (epoch 0)"
+
+
+def test_clear_errors_before_training(tmp_path):
+    ice = ICECallback(**STYLE)
+    for name in ("FSDPStrategy", "DeepSpeedStrategy"):
+        strategy = type(name, (), {})()
+        with pytest.raises(RuntimeError, match=f"does not support {name} yet"):
+            ice.setup(types.SimpleNamespace(strategy=strategy, callbacks=[]), None, "fit")
+
+    class NoPipeline(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+    with pytest.raises(AttributeError, match="cannot find a diffusers pipeline.*override get_pipeline"):
+        ice.on_fit_start(types.SimpleNamespace(current_epoch=0), NoPipeline())
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    bad = ICECallback(**STYLE, export_dir=str(blocker / "erased"))
+    trainer = _trainer(tmp_path, [bad], epochs=1)
+    with pytest.raises(PermissionError, match="export_dir .* cannot be created"):
+        trainer.fit(ICEModule("tiny:sd"), datamodule=_data(False))
+    assert trainer.global_step == 0  # refused before the first step
+
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        ICECallback(**STYLE, every_n_epochs=0)
+    with pytest.raises(ValueError, match="nothing to erase"):
+        ICECallback(erase=[])
+
+
+def test_weight_averaging_runs_before_the_final_erasure(tmp_path):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    ice = ICECallback(**STYLE)
+    ema = EMAWeightAveraging()
+    trainer = _trainer(tmp_path, [ice, ema], epochs=1)
+    ice._after_weight_averaging(trainer)
+    assert trainer.callbacks.index(ice) > trainer.callbacks.index(ema)
+
+
+def test_manifest_records_the_callback(tmp_path):
+    module = ICEModule("tiny:sd")
+    ice = ICECallback(**STYLE, every_n_epochs=1, export_dir=str(tmp_path / "out"))
+    _trainer(tmp_path, [ice], epochs=1, limit_val_batches=0).fit(module, datamodule=_data(False, batch_size=8))
+    manifest = (tmp_path / "out" / MANIFEST_NAME).read_text()
+    assert '"reason": "fit_end"' in manifest and '"weights_sha256"' in manifest
