@@ -199,7 +199,7 @@ class ICECallback(Callback):
         if epoch is not None:
             self._last_epoch_applied = max(self._last_epoch_applied, epoch)
         if self.log_metrics and self._probe is not None:
-            metrics = self._probe.compute()
+            metrics = self._probe.compute(self._operators)
             record["metrics"] = metrics
             for logger in trainer.loggers:
                 logger.log_metrics({f"ice/{k}": v for k, v in metrics.items()}, step=trainer.global_step)

@@ -7,7 +7,10 @@ erasure), on held-out prompts:
 - ``collateral_near`` / ``collateral_far``: the same over preserve-concept tokens / unrelated prompts
   (0.0 = untouched);
 - ``leakage``: share of (prompt, layer) pairs whose token-averaged output is still closer to the original
-  prompt's than to the same prompt with the concept replaced by a neutral word.
+  prompt's than to the same prompt with the concept replaced by a neutral word;
+- ``concept_residual`` (given the operators): how strongly the *current* layers respond along the erased
+  directions, ``||W D c|| / ||W c + b||``; insensitive to fine-tuning drift elsewhere, so it shows whether
+  training re-learned the concept.
 
 Each quantity is a torchmetrics ``Metric`` (:class:`RelativeOutputChange`, :class:`LeakageRate`) with
 summed states, so it reduces correctly across ranks; :class:`TextSpaceProbe` feeds them from a model.
@@ -30,6 +33,7 @@ from torchmetrics import Metric
 
 from .concepts import ConceptSpec, Prompt
 from .erase import ErasureResult
+from .solver import DissociationOperator
 from .text_encoders import EmbeddingSpace
 
 __all__ = ["RelativeOutputChange", "LeakageRate", "TextSpaceProbe", "relative_change", "erasure_metrics"]
@@ -137,8 +141,26 @@ class TextSpaceProbe:
         return {n: _outputs(m.weight, m.bias, self._states(group, s)) for n, (m, s) in self.layers.items()}
 
     @torch.no_grad()
-    def compute(self) -> dict[str, float]:
-        """``erasure``, ``collateral_near``, ``collateral_far`` and ``leakage`` on the spec's held-out prompts."""
+    def concept_residual(self, operators: dict[str, DissociationOperator]) -> float:
+        """Mean ``||K(D c) - b|| / ||K(c)||`` over held-out concept tokens: how much the *current* layers still
+        respond along the erased directions. Unlike ``erasure`` it ignores unrelated weight drift, so it
+        tells whether fine-tuning re-learned the concept (about ``erasure`` before the edit, ~0 after)."""
+        metric = RelativeOutputChange()
+        for module, space in self.layers.values():
+            op = operators[space]
+            x = self._states("erasure", space)
+            if not x.shape[0]:
+                continue
+            xd = ((x.to(op.U.device) @ op.U) @ op.M.T) @ op.U.T  # rows of (D x)^T
+            full = _outputs(module.weight, module.bias, x)
+            along = _outputs(module.weight, None, xd)
+            metric.update(full, full + along)  # ||along|| / ||full||
+        return float(metric.compute())
+
+    @torch.no_grad()
+    def compute(self, operators: dict[str, DissociationOperator] | None = None) -> dict[str, float]:
+        """``erasure``, ``collateral_near``, ``collateral_far`` and ``leakage`` on the spec's held-out prompts,
+        and ``concept_residual`` when the ``operators`` are given."""
         out = {}
         for group in ("erasure", "collateral_near", "collateral_far"):
             metric, now = RelativeOutputChange(), self._current(group)
@@ -150,6 +172,8 @@ class TextSpaceProbe:
         for name in self.layers:
             leak.update(now[name], self.reference["leak_concept"][name], self.reference["leak_neutral"][name])
         out["leakage"] = float(leak.compute())
+        if operators is not None:
+            out["concept_residual"] = self.concept_residual(operators)
         return out
 
     def state_dict(self) -> dict:

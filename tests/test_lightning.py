@@ -78,12 +78,31 @@ def test_fit_keeps_the_concept_erased_and_ships_it(kind, video, tmp_path):
     assert reasons == ["setup", "epoch_end", "epoch_end", "epoch_end", "epoch_end", "fit_end"]
     erasure = [a["metrics"]["erasure"] for a in ice.applications]
     assert min(erasure) > 0.7, erasure  # stays high after every epoch
+    residual = [a["metrics"]["concept_residual"] for a in ice.applications]
+    assert max(residual) < 0.15, residual  # and the concept is not re-learned
     assert losses.losses[-1] < losses.losses[0], losses.losses  # while the model trains
     out = tmp_path / "erased"
     manifest = load_manifest(out)
     assert [a["reason"] for a in manifest["ice_callback"]["applications"]] == reasons
     assert all(verify_export(out).values())
     assert _still_erased(out, kind) > 0.7
+
+
+@pytest.mark.slow
+def test_fine_tuning_relearns_the_concept_unless_the_callback_reapplies(tmp_path):
+    """Training data captioned with the concept: the response along the erased directions grows back when
+    the edit is applied once at setup, and stays down when it is re-applied every epoch."""
+    final = {}
+    for every in (1, None):
+        seed_everything(0)
+        module = ICEModule("tiny:sd-minilm", learning_rate=3e-3, cfg_dropout=0.0)
+        ice = ICECallback(**STYLE, every_n_epochs=every, at_fit_end=every is not None)
+        _trainer(tmp_path, [ice], epochs=3, limit_val_batches=0).fit(module, datamodule=_data(False))
+        start = ice.applications[0]["metrics"]["concept_residual"]
+        final[every] = ice._probe.compute(ice._operators)["concept_residual"]
+    assert start < 0.15  # right after the edit the layers barely respond along the erased directions
+    assert final[None] > 1.5 * start  # fine-tuning alone re-learns part of the concept...
+    assert final[1] <= start and final[1] < 0.5 * final[None]  # ...which the callback keeps removing
 
 
 def test_reapplication_never_compounds(tmp_path):
