@@ -45,7 +45,7 @@ class ICECallback(Callback):
         at_setup: erase when fitting starts (at ``setup`` if the model is built, else ``on_fit_start``).
         every_n_epochs: re-apply after every N training epochs (``None``: never).
         reapply_at: ``"train_epoch_end"`` or ``"validation_start"`` (that epoch's validation then sees the
-            erased model).
+            erased model; needs a validation loop, and applies once per epoch).
         at_fit_end: apply once more at the end of fitting (after weight-averaging callbacks) and export.
         export_dir: where to save the erased pipeline (diffusers folder + ``ice_manifest.json``).
         layers: explicit qualified layer names instead of the layer table.
@@ -151,8 +151,9 @@ class ICECallback(Callback):
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.reapply_at != "validation_start":
             return
-        if self._due(trainer.current_epoch):
-            self.apply(trainer, pl_module, "validation_start", epoch=trainer.current_epoch)
+        epoch = trainer.current_epoch
+        if self._due(epoch) and epoch > self._last_epoch_applied:  # once per epoch, however often it validates
+            self.apply(trainer, pl_module, "validation_start", epoch=epoch)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.at_fit_end:

@@ -261,3 +261,49 @@ def test_manifest_records_the_callback(tmp_path):
     _trainer(tmp_path, [ice], epochs=1, limit_val_batches=0).fit(module, datamodule=_data(False, batch_size=8))
     manifest = (tmp_path / "out" / MANIFEST_NAME).read_text()
     assert '"reason": "fit_end"' in manifest and '"weights_sha256"' in manifest
+
+
+def test_reapply_at_validation_start(tmp_path):
+    module = ICEModule("tiny:sd", validation_concepts=STYLE)
+    ice = ICECallback(**STYLE, every_n_epochs=1, reapply_at="validation_start", at_fit_end=False)
+    seen = []
+
+    class Val(Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            seen.append(ice.applications[-1]["reason"])
+
+    _trainer(tmp_path, [ice, Val()], epochs=2, val_check_interval=0.5).fit(module, datamodule=_data(False, 2))
+    assert [a["reason"] for a in ice.applications] == ["setup", "validation_start", "validation_start"]
+    assert seen[-1] == "validation_start"  # that epoch's validation saw the re-erased model
+
+
+@pytest.mark.parametrize("objective", ["epsilon", "v_prediction", "sample", "flow_matching"])
+def test_training_objectives(objective):
+    from diffusers import DDPMScheduler
+
+    module = ICEModule("tiny:sd", cfg_dropout=0.5)
+    if objective == "flow_matching":
+        module.objective = "flow_matching"
+    else:
+        module.noise_scheduler = DDPMScheduler(prediction_type=objective)
+        module.objective = objective
+    data = _data(False)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    g = torch.Generator().manual_seed(0)
+    loss = module.diffusion_loss(batch, generator=g)
+    loss.backward()
+    assert torch.isfinite(loss) and module.unet.conv_in.weight.grad.abs().sum() > 0
+    again = module.diffusion_loss(batch, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loss.detach(), again.detach())  # seeded noise: reproducible
+
+
+def test_sdxl_trains_one_step(tmp_path):
+    module = ICEModule("tiny:sdxl")
+    _trainer(tmp_path, [ICECallback(**STYLE)], epochs=1, fast_dev_run=1).fit(module, datamodule=_data(False, 2))
+    assert module.unet.config.addition_embed_type == "text_time"
+
+
+def test_transformer_pipelines_are_refused_with_a_clear_error():
+    with pytest.raises(NotImplementedError, match="FluxTransformer2DModel training is not implemented"):
+        ICEModule("tiny:flux")
