@@ -17,9 +17,8 @@ from diffusers import DiffusionPipeline
 from lightning.pytorch import Trainer, seed_everything
 
 from ice_lightning import CaptionFolderDataModule, ConceptSpec, ICECallback, ICEModule, verify_export
-from ice_lightning.erase import find_text_conditioning, pipeline_spaces
 from ice_lightning.export import load_manifest
-from ice_lightning.metrics import TextSpaceProbe
+from ice_lightning.metrics import compare_pipelines
 from ice_lightning.module import load_pipeline
 
 CONCEPT = {"erase": ["Van Gogh"], "family": "style"}
@@ -29,14 +28,11 @@ def verify_shipped(folder: Path, original_id: str) -> dict:
     """Reload the shipped model, check hashes, and measure erasure against the original model."""
     checks = verify_export(folder)
     shipped, original = DiffusionPipeline.from_pretrained(folder), load_pipeline(original_id)
-    found = find_text_conditioning(shipped, verify=False)
-    layers = {f"{c}.{n}": pair for c, f in found.items() for n, pair in f.layers.items()}
-    reference = {}
-    for name, (module, _) in layers.items():
-        comp, sub = name.split(".", 1)
-        reference[name] = (getattr(original, comp).get_submodule(sub).weight, module.bias)
-    metrics = TextSpaceProbe(layers, pipeline_spaces(shipped), ConceptSpec(**CONCEPT), reference).compute()
-    return {"hashes_ok": all(checks.values()), "tensors": len(checks), **metrics}
+    return {
+        "hashes_ok": all(checks.values()),
+        "tensors": len(checks),
+        **compare_pipelines(shipped, original, ConceptSpec(**CONCEPT)),
+    }
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .concepts import ConceptSpec
 from .editing import apply_edits
-from .erase import DENOISER_COMPONENTS, erase
+from .erase import DENOISER_COMPONENTS, erase, resolve_layer
 from .metrics import TextSpaceProbe
 from .solver import DissociationOperator
 
@@ -213,11 +213,7 @@ class ICECallback(Callback):
         apply_edits(targets, bases=bases)
 
     def _modules(self, pipe: Any) -> dict[str, torch.nn.Linear]:
-        out = {}
-        for name in self._layer_spaces:
-            comp, sub = name.split(".", 1)
-            out[name] = getattr(pipe, comp).get_submodule(sub)
-        return out
+        return {name: resolve_layer(pipe, name) for name in self._layer_spaces}
 
     def _bind(self, pipe: Any) -> None:
         """After a resume, rebuild what is not in the state dict (module handles, the probe's states)."""

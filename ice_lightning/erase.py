@@ -22,7 +22,15 @@ from .layers import NoTextConditioningLayerError, TextConditioningLayers
 from .solver import METHODS, DissociationOperator, build_operator
 from .text_encoders import EmbeddingSpace, embedding_spaces
 
-__all__ = ["ErasureResult", "erase", "find_text_conditioning", "pipeline_spaces", "DENOISER_COMPONENTS"]
+__all__ = [
+    "ErasureResult",
+    "erase",
+    "find_text_conditioning",
+    "pipeline_spaces",
+    "resolve_layer",
+    "text_conditioning_layers",
+    "DENOISER_COMPONENTS",
+]
 
 #: Pipeline components that may hold a denoiser (Wan 2.2 has two experts).
 DENOISER_COMPONENTS = ("unet", "transformer", "transformer_2")
@@ -86,6 +94,12 @@ def _denoisers(pipeline) -> dict[str, nn.Module]:
     return found
 
 
+def resolve_layer(pipeline, qualified: str) -> nn.Module:
+    """The module named ``"component.path.in.component"`` (e.g. ``"unet.mid_block...attn2.to_k"``)."""
+    comp, sub = qualified.split(".", 1)
+    return getattr(pipeline, comp).get_submodule(sub)
+
+
 def find_text_conditioning(
     pipeline, verify: bool = True, layers: Iterable[str] | None = None
 ) -> dict[str, TextConditioningLayers]:
@@ -108,6 +122,15 @@ def find_text_conditioning(
 
 
 _ENCODER_PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3")
+
+
+def text_conditioning_layers(pipeline, verify: bool = True) -> dict[str, tuple[nn.Linear, str]]:
+    """``{qualified name: (layer, space)}`` over every denoiser of ``pipeline``."""
+    return {
+        f"{comp}.{name}": pair
+        for comp, found in find_text_conditioning(pipeline, verify=verify).items()
+        for name, pair in found.layers.items()
+    }
 
 
 def pipeline_spaces(pipeline) -> dict[str, EmbeddingSpace]:
@@ -236,10 +259,7 @@ def erase(
             raise ValueError(f"{s!r} space: {err}") from err
     t3 = time.perf_counter()
 
-    plan = [
-        (name, targets[name.split(".", 1)[0]].layers[name.split(".", 1)[1]][0], operators[space])
-        for name, space in layer_spaces.items()
-    ]
+    plan = [(name, resolve_layer(pipeline, name), operators[space]) for name, space in layer_spaces.items()]
     edits = apply_edits(plan)
     t4 = time.perf_counter()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .erase import ErasureResult
+from .erase import ErasureResult, resolve_layer
 
 __all__ = ["MANIFEST_NAME", "save_erased", "verify_export", "tensor_sha256", "load_manifest"]
 
@@ -45,8 +45,7 @@ def _versions() -> dict[str, str]:
 
 
 def _weight(pipeline, qualified: str) -> Tensor:
-    comp, name = qualified.split(".", 1)
-    return getattr(pipeline, comp).get_submodule(name).weight
+    return resolve_layer(pipeline, qualified).weight
 
 
 def _check_writable(out_dir: Path) -> None:

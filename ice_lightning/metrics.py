@@ -32,11 +32,18 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from .concepts import ConceptSpec, Prompt
-from .erase import ErasureResult
+from .erase import ErasureResult, pipeline_spaces, resolve_layer, text_conditioning_layers
 from .solver import DissociationOperator
 from .text_encoders import EmbeddingSpace
 
-__all__ = ["RelativeOutputChange", "LeakageRate", "TextSpaceProbe", "relative_change", "erasure_metrics"]
+__all__ = [
+    "RelativeOutputChange",
+    "LeakageRate",
+    "TextSpaceProbe",
+    "relative_change",
+    "erasure_metrics",
+    "compare_pipelines",
+]
 
 
 class RelativeOutputChange(Metric):
@@ -202,3 +209,11 @@ def relative_change(result: ErasureResult, prompts: Sequence[Prompt]) -> float:
 def erasure_metrics(result: ErasureResult) -> dict[str, float]:
     """All four metrics of an erasure on its spec's held-out prompts."""
     return TextSpaceProbe.from_result(result).compute()
+
+
+def compare_pipelines(edited, original, spec: ConceptSpec) -> dict[str, float]:
+    """The four metrics of ``edited`` (say, a shipped model reloaded from disk) against ``original``:
+    same architecture, same text encoder; layers are found on ``edited``."""
+    layers = text_conditioning_layers(edited, verify=False)
+    reference = {n: (resolve_layer(original, n).weight, resolve_layer(original, n).bias) for n in layers}
+    return TextSpaceProbe(layers, pipeline_spaces(edited), spec, reference).compute()

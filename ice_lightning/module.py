@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 
 from .concepts import ConceptSpec
-from .erase import find_text_conditioning, pipeline_spaces
+from .erase import pipeline_spaces, text_conditioning_layers
 from .metrics import TextSpaceProbe
 
 __all__ = ["ICEModule", "load_pipeline"]
@@ -110,11 +110,7 @@ class ICEModule(LightningModule):
         self.probe = self._make_probe() if self.spec is not None else None
 
     def _make_probe(self) -> TextSpaceProbe:
-        layers = {
-            f"{comp}.{name}": pair for comp, found in find_text_conditioning(self.pipeline).items()
-            for name, pair in found.layers.items()
-        }  # fmt: skip
-        return TextSpaceProbe(layers, pipeline_spaces(self.pipeline), self.spec)
+        return TextSpaceProbe(text_conditioning_layers(self.pipeline), pipeline_spaces(self.pipeline), self.spec)
 
     # -- conditioning and latents ------------------------------------------------------------------
     @torch.no_grad()

@@ -12,9 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from ice_lightning import ICECallback, ICEModule
 from ice_lightning.concepts import ConceptSpec
 from ice_lightning.data import CaptionFolderDataModule
-from ice_lightning.erase import find_text_conditioning, pipeline_spaces
 from ice_lightning.export import MANIFEST_NAME, load_manifest, verify_export
-from ice_lightning.metrics import TextSpaceProbe
+from ice_lightning.metrics import compare_pipelines
 from ice_lightning.testing import build_tiny_pipeline
 
 DATA = Path(__file__).parents[1] / "examples" / "data"
@@ -55,14 +54,7 @@ def _data(video: bool, batch_size: int = 4) -> CaptionFolderDataModule:
 def _still_erased(folder, kind: str) -> float:
     """Erasure of the exported model against a fresh (identical, seeded) original pipeline."""
     shipped = DiffusionPipeline.from_pretrained(folder)
-    original = build_tiny_pipeline(kind)
-    found = find_text_conditioning(shipped, verify=False)
-    layers = {f"{c}.{n}": p for c, f in found.items() for n, p in f.layers.items()}
-    ref = {n: (original.unet.get_submodule(n.split(".", 1)[1]).weight, None) for n in layers}
-    layers = {n: (m, s) for n, (m, s) in layers.items()}
-    for n, (m, _) in layers.items():
-        ref[n] = (ref[n][0], m.bias)
-    return TextSpaceProbe(layers, pipeline_spaces(shipped), ConceptSpec(**STYLE), ref).compute()["erasure"]
+    return compare_pipelines(shipped, build_tiny_pipeline(kind), ConceptSpec(**STYLE))["erasure"]
 
 
 @pytest.mark.slow
