@@ -299,3 +299,19 @@ def test_sdxl_trains_one_step(tmp_path):
 def test_transformer_pipelines_are_refused_with_a_clear_error():
     with pytest.raises(NotImplementedError, match="FluxTransformer2DModel training is not implemented"):
         ICEModule("tiny:flux")
+
+
+@pytest.mark.parametrize("kind", ["sd", "text2video"])
+def test_validation_logs_generated_samples(kind, tmp_path):
+    module = ICEModule(f"tiny:{kind}", validation_concepts=STYLE, num_samples=1, sample_steps=2)
+    trainer = _trainer(tmp_path, [], epochs=1, limit_train_batches=1, limit_val_batches=1)
+    trainer.fit(module, datamodule=_data(kind == "text2video", 2))
+    grids = list((tmp_path / "samples").glob("epoch*.png"))
+    assert len(grids) == 1
+    from PIL import Image
+
+    w, h = Image.open(grids[0]).size
+    side = module.unet.config.sample_size * module.pipeline.vae_scale_factor  # the pipeline's default size
+    assert h == len(ConceptSpec(**STYLE).heldout_erase_prompts()) * side  # one row per erase prompt
+    frames = 16 if kind == "text2video" else 1  # TextToVideoSD's default num_frames, laid side by side
+    assert w == side * frames
