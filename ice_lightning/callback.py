@@ -126,9 +126,10 @@ class ICECallback(Callback):
             )
         self._check_export_dir()
         self._after_weight_averaging(trainer)
-        if self.export_dir is not None and not hasattr(self._pipeline_or_none(pl_module), "save_pretrained"):
+        pipe = self._pipeline_or_none(pl_module)
+        if self.export_dir is not None and not hasattr(pipe, "save_pretrained"):
             raise ValueError("export_dir needs a diffusers pipeline (with save_pretrained) on the module")
-        if self.at_setup and trainer.ckpt_path is None and self._pipeline_or_none(pl_module) is not None:
+        if self.at_setup and trainer.ckpt_path is None and pipe is not None:
             self.apply(trainer, pl_module, "setup")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
