@@ -254,7 +254,7 @@ def erase(
     operators = {}
     for s, (E_e, E_p, pairs) in states.items():
         try:
-            operators[s] = build_operator(method, E_e, E_p, anchor=pairs, **hparams)
+            operators[s] = build_operator(method, E_e, E_p, anchor=pairs, concepts=len(spec.erase), **hparams)
         except ValueError as err:
             raise ValueError(f"{s!r} space: {err}") from err
     t3 = time.perf_counter()

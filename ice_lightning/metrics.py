@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from .concepts import ConceptSpec, Prompt
+from .devset import DevConcept
 from .erase import ErasureResult, pipeline_spaces, resolve_layer, text_conditioning_layers
 from .solver import DissociationOperator
 from .text_encoders import EmbeddingSpace
@@ -43,6 +44,7 @@ __all__ = [
     "relative_change",
     "erasure_metrics",
     "compare_pipelines",
+    "dev_concept_metrics",
 ]
 
 
@@ -217,3 +219,19 @@ def compare_pipelines(edited, original, spec: ConceptSpec) -> dict[str, float]:
     layers = text_conditioning_layers(edited, verify=False)
     reference = {n: (resolve_layer(original, n).weight, resolve_layer(original, n).bias) for n in layers}
     return TextSpaceProbe(layers, pipeline_spaces(edited), spec, reference).compute()
+
+
+def dev_concept_metrics(result: ErasureResult, concept: DevConcept) -> dict[str, float]:
+    """Metrics of an erasure on a development concept's held-out prompts (``benchmarks/tradeoff.py``):
+    ``erasure`` (name in new contexts), ``paraphrase``, ``collateral_near`` (held-out nearby concepts, never
+    in the preserve set), ``collateral_near_preserved`` (the preserve set's concepts in new contexts),
+    ``collateral_far`` (unrelated prompts) and ``leakage``."""
+    spec_metrics = erasure_metrics(result)
+    return {
+        "erasure": relative_change(result, concept.heldout_prompts()),
+        "paraphrase": relative_change(result, concept.paraphrase_prompts()),
+        "collateral_near": relative_change(result, concept.nearby_prompts()),
+        "collateral_near_preserved": spec_metrics["collateral_near"],
+        "collateral_far": relative_change(result, concept.unrelated_prompts()),
+        "leakage": spec_metrics["leakage"],
+    }

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 
+from .attacks import RedTeam
 from .concepts import ConceptSpec
 from .erase import pipeline_spaces, text_conditioning_layers
 from .metrics import TextSpaceProbe
@@ -54,6 +55,9 @@ class ICEModule(LightningModule):
         torch_dtype: dtype the pipeline is loaded in.
         validation_concepts: keyword arguments of a ``ConceptSpec`` whose text-space metrics are logged at
             every validation (``{"erase": ["Van Gogh"], "family": "style"}``).
+        red_team: keyword arguments of :class:`~ice_lightning.attacks.RedTeam` (``{"paraphrases": [...]}``,
+            ``{}`` for the defaults): the text-space attacks' success rates are logged at every validation
+            as ``val/attack_<name>`` (needs ``validation_concepts``).
         num_samples: generated samples per erased concept logged at each validation (0: none).
         sample_steps, guidance_scale: sampling settings.
         seed: draw the training noise from ``seed`` and the global step, so a run resumed from a
@@ -70,6 +74,7 @@ class ICEModule(LightningModule):
         gradient_checkpointing: bool = False,
         torch_dtype: str = "float32",
         validation_concepts: dict[str, Any] | None = None,
+        red_team: dict[str, Any] | None = None,
         num_samples: int = 0,
         sample_steps: int = 10,
         guidance_scale: float = 4.0,
@@ -108,6 +113,11 @@ class ICEModule(LightningModule):
         self.spec = ConceptSpec(**validation_concepts) if validation_concepts else None
         # Reference outputs of the text-conditioning layers as loaded, before any erasure or training.
         self.probe = self._make_probe() if self.spec is not None else None
+        if red_team is not None and self.spec is None:
+            raise ValueError("red_team needs validation_concepts: the attacks target the erased concept(s)")
+        self.red_team = (
+            RedTeam(self.probe.layers, self.probe.spaces, self.spec, **red_team) if red_team is not None else None
+        )
 
     def _make_probe(self) -> TextSpaceProbe:
         return TextSpaceProbe(text_conditioning_layers(self.pipeline), pipeline_spaces(self.pipeline), self.spec)
@@ -190,6 +200,9 @@ class ICEModule(LightningModule):
         if self.probe is not None:
             for k, v in self.probe.compute().items():
                 self.log(f"val/{k}", v, sync_dist=False, rank_zero_only=True)
+        if self.red_team is not None:
+            for k, v in self.red_team.compute(original=False).items():
+                self.log(f"val/attack_{k}", v, sync_dist=False, rank_zero_only=True)
         if self.hparams.num_samples > 0 and not self.trainer.sanity_checking and self.trainer.is_global_zero:
             self.log_samples()
 

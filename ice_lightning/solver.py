@@ -52,6 +52,7 @@ __all__ = [
 
 _DTYPE = torch.float64
 OverlapKind = Literal["angles", "energy", "parallel_sum", "anderson_duffin", "none"]
+Objective = Literal["weighted", "frobenius"]
 
 
 @dataclass(frozen=True)
@@ -59,14 +60,23 @@ class ICEHyperParams:
     """Hyperparameters of ICE (defaults chosen on the MiniLM development prompts, see docs/method.md).
 
     Attributes:
+        objective: ``"weighted"`` (default) measures the erasure fidelity in the erase energy metric and
+            the preservation in the preserve energy metric,
+            ``J = ||(D - P_e) P_e^1/2||^2 + lam ||D P_p^1/2||^2 + mu ||D||^2``, minimiser
+            ``D* = P_e^2 (P_e + lam P_p + mu I)^-1`` (the overlap enters as the parallel-sum interaction of
+            ``P_e`` and ``lam P_p``); ``"frobenius"`` is the method file's
+            ``J = ||D - P_e||^2 + lam ||D P_ov||^2 + mu ||D||^2`` with an explicit overlap projector
+            (``overlap``), minimiser ``D* = P_e ((1 + mu) I + lam P_ov^2)^-1``. ``docs/benchmarks.md`` shows
+            why the weighted form is the default.
         erase_expansion: ``a_e`` of the expansion ``f(r; a)`` for the erase subspace; larger removes
-            low-energy directions of the concept more completely (``inf`` is a hard projector).
+            low-energy directions of the concept more completely (``inf`` is a hard projector). The main
+            knob of the erasure/collateral trade-off.
         preserve_expansion: ``a_p`` for the preserve subspace; larger lets weak preserve directions
-            count as fully shared with the concept.
-        lam: weight of the overlap term ``lam ||D P_ov||^2``; larger spares shared directions more.
-        mu: ridge weight ``mu ||D||^2`` (``mu > 0`` makes ``J`` strongly convex); scales erasure by
-            ``1 / (1 + mu)`` outside the overlap.
-        overlap: how the overlap projector ``P_ov`` is built (see :func:`overlap_projector`):
+            count as fully preserved.
+        lam: weight of the preservation term; larger spares preserved (shared) directions more.
+        mu: ridge weight ``mu ||D||^2`` (``mu > 0`` makes ``J`` strongly convex).
+        overlap: with ``objective="frobenius"``, how the overlap projector ``P_ov`` is built (see
+            :func:`overlap_projector`):
             ``"energy"`` (default: share of preserve energy per erase direction), ``"angles"``
             (energy-weighted principal angles, the method file's generalisation), ``"parallel_sum"``
             (``P_e (P_e + P_p)^+ P_p``), ``"anderson_duffin"`` (``2 P (P + Q)^+ Q`` of the exact
@@ -75,20 +85,24 @@ class ICEHyperParams:
             squared (energy-weighted) cosine; a number in (0, 1] keeps directions whose cosine is at
             least that value with weight 1 and drops the rest.
         center: build the subspaces from states centred on the preserve mean and add the mean
-            direction to the overlap with weight 1, so the component every token shares is kept.
+            direction to the overlap (``frobenius``) or the preserve operator (``weighted``) with weight 1,
+            so the component every token shares is kept (and so is that part of the concept's tokens).
         rank_tol: singular values below ``rank_tol * s_max`` are treated as zero.
     """
 
-    erase_expansion: float = 1000.0
-    preserve_expansion: float = 10.0
+    objective: Objective = "weighted"
+    erase_expansion: float = 20.0
+    preserve_expansion: float = 1.0
     lam: float = 30.0
     mu: float = 0.01
     overlap: OverlapKind = "energy"
     overlap_threshold: float | None = None
-    center: bool = True
+    center: bool = False
     rank_tol: float = 1e-6
 
     def __post_init__(self) -> None:
+        if self.objective not in ("weighted", "frobenius"):
+            raise ValueError(f"unknown objective {self.objective!r}; use 'weighted' or 'frobenius'")
         if not (self.erase_expansion > 0 and self.preserve_expansion > 0):
             raise ValueError("erase_expansion and preserve_expansion must be > 0 (use math.inf for a hard projector)")
         if self.lam < 0:
@@ -327,16 +341,30 @@ def _operator_from(spans: list[Tensor], D_apply, method: str, hparams: dict) -> 
     return DissociationOperator(U=U, M=M, method=method, hparams=hparams)
 
 
-def spectral_unlearning_objective(D: Tensor, P_e: Tensor, P_ov: Tensor, lam: float, mu: float) -> Tensor:
-    """``J(D) = ||D - P_e||_F^2 + lam ||D P_ov||_F^2 + mu ||D||_F^2`` (dense; used to verify D*)."""
-    return (D - P_e).square().sum() + lam * (D @ P_ov).square().sum() + mu * D.square().sum()
+def spectral_unlearning_objective(
+    D: Tensor, P_e: Tensor, P_2: Tensor, lam: float, mu: float, objective: Objective = "frobenius"
+) -> Tensor:
+    """The spectral unlearning objective (dense; used to verify D*).
+
+    ``frobenius``: ``||D - P_e||_F^2 + lam ||D P_ov||_F^2 + mu ||D||_F^2`` with ``P_2 = P_ov``;
+    ``weighted``: ``tr((D - P_e) P_e (D - P_e)^T) + lam tr(D P_p D^T) + mu ||D||_F^2`` with ``P_2 = P_p``.
+    """
+    if objective == "weighted":
+        R = D - P_e
+        return (R @ P_e * R).sum() + lam * (D @ P_2 * D).sum() + mu * D.square().sum()
+    return (D - P_e).square().sum() + lam * (D @ P_2).square().sum() + mu * D.square().sum()
 
 
-def dense_minimizer(P_e: Tensor, P_ov: Tensor, lam: float, mu: float) -> Tensor:
-    """``D* = P_e ((1 + mu) I + lam P_ov^2)^-1`` by a dense solve (reference for tests)."""
+def dense_minimizer(P_e: Tensor, P_2: Tensor, lam: float, mu: float, objective: Objective = "frobenius") -> Tensor:
+    """The unique minimiser by a dense solve (reference for tests): ``frobenius``:
+    ``P_e ((1 + mu) I + lam P_ov^2)^-1``; ``weighted``: ``P_e^2 (P_e + lam P_p + mu I)^-1``."""
     d = P_e.shape[0]
-    S = (1 + mu) * torch.eye(d, dtype=P_e.dtype, device=P_e.device) + lam * P_ov @ P_ov
-    return torch.linalg.solve(S.T, P_e.T).T
+    eye = torch.eye(d, dtype=P_e.dtype, device=P_e.device)
+    if objective == "weighted":
+        S, rhs = P_e + lam * P_2 + mu * eye, P_e @ P_e
+    else:
+        S, rhs = (1 + mu) * eye + lam * P_2 @ P_2, P_e
+    return torch.linalg.solve(S.T, rhs.T).T
 
 
 def _anchor_map(anchor: tuple[Tensor, Tensor] | None, d: int) -> tuple[Tensor, Tensor] | None:
@@ -368,7 +396,9 @@ def _with_anchor(op: DissociationOperator, anchor: tuple[Tensor, Tensor] | None)
 
 
 def ice_components(E_erase: Tensor, E_preserve: Tensor, hparams: ICEHyperParams) -> tuple[EnergySubspace, Overlap]:
-    """The two ingredients of ``D*``: the energy-weighted erase subspace ``P_e`` and the overlap ``P_ov``."""
+    """The two ingredients of ``D*``: the energy-weighted erase subspace ``P_e`` and, by objective, the
+    overlap projector ``P_ov`` (``frobenius``) or the energy-weighted preserve operator ``P_p`` (``weighted``),
+    both as ``Q diag(w) Q^T``."""
     hp = hparams
     E_erase = _check_states(E_erase, "E_erase")
     E_preserve = _check_states(E_preserve, "E_preserve")
@@ -381,10 +411,13 @@ def ice_components(E_erase: Tensor, E_preserve: Tensor, hparams: ICEHyperParams)
         E_erase, E_preserve = E_erase - mean, E_preserve - mean
     Pe = energy_subspace(E_erase, hp.erase_expansion, hp.rank_tol)
     Pp = energy_subspace(E_preserve, hp.preserve_expansion, hp.rank_tol)
-    ov = overlap_projector(Pe, Pp, hp.overlap, hp.overlap_threshold, E_erase, E_preserve)
-    if mean is not None:  # every token shares the mean direction: it joins the overlap with weight 1
-        ov = _add_direction(ov, mean)
-    return Pe, ov
+    if hp.objective == "weighted":
+        second = Overlap(basis=Pp.basis, weights=Pp.weights)
+    else:
+        second = overlap_projector(Pe, Pp, hp.overlap, hp.overlap_threshold, E_erase, E_preserve)
+    if mean is not None:  # every token shares the mean direction: it is kept with weight 1
+        second = _add_direction(second, mean)
+    return Pe, second
 
 
 def dissociation_operator(
@@ -392,9 +425,10 @@ def dissociation_operator(
     E_preserve: Tensor,
     hparams: ICEHyperParams | None = None,
     anchor: tuple[Tensor, Tensor] | None = None,
+    concepts: int = 1,
     **overrides,
 ) -> DissociationOperator:
-    """ICE's dissociation operator ``D* = P_e ((1 + mu) I + lam P_ov^2)^-1`` in low-rank form.
+    """ICE's dissociation operator, the unique minimiser of the spectral unlearning objective, in low-rank form.
 
     Args:
         E_erase: (n_e, d) token states of the concept(s) to erase.
@@ -403,23 +437,45 @@ def dissociation_operator(
             (``dissociation_operator(E, P, lam=5.0)``).
         anchor: optional pair ``(E_src, E_dst)`` of (m, d) paired states; the removed component of
             ``E_src`` is replaced by ``E_dst``'s (UCE-style guide concept).
+        concepts: how many concepts ``E_erase`` holds. Energy shares are taken over all erase tokens, so
+            with k concepts each one's directions carry about 1/k of the energy; ``erase_expansion`` is
+            meant per concept and is applied as ``k * erase_expansion``.
 
-    With ``P_ov = Q diag(g) Q^T`` (Q orthonormal) the inverse is a Woodbury update,
-    ``((1 + mu) I + lam P_ov^2)^-1 = (I - Q diag(h) Q^T) / (1 + mu)`` with
-    ``h = lam g^2 / (1 + mu + lam g^2)``, so D* never needs a d x d matrix.
+    ``weighted`` (default): ``D* = P_e^2 S^-1`` with ``S = P_e + lam P_p + mu I``. Both operators live in
+    ``Z = span(V_e, V_p)`` and ``S`` is ``mu I`` on its complement, so ``S^-1`` is a k x k solve there
+    (k <= rank P_e + rank P_p) and ``P_e^2`` removes the rest: no d x d matrix.
+    ``frobenius``: ``D* = P_e ((1 + mu) I + lam P_ov^2)^-1`` with ``P_ov = Q diag(g) Q^T``; the inverse is a
+    Woodbury update ``(I - Q diag(h) Q^T) / (1 + mu)``, ``h = lam g^2 / (1 + mu + lam g^2)``.
+    In both, ``D*``'s row space is ``span(S^-1 V_e)`` (S symmetric): at most 2 rank(P_e) directions.
     """
+    if not (isinstance(concepts, int) and concepts >= 1):
+        raise ValueError(f"concepts must be a positive integer, got {concepts!r}")
     hp = _merge(hparams, overrides)
-    Pe, ov = ice_components(E_erase, E_preserve, hp)
-    h = hp.lam * ov.weights.square() / (1 + hp.mu + hp.lam * ov.weights.square())
-    V, f, Q = Pe.basis, Pe.weights, ov.basis
+    if concepts > 1:
+        hp = _merge(hp, {"erase_expansion": hp.erase_expansion * concepts})
+    Pe, second = ice_components(E_erase, E_preserve, hp)
+    V, f, Q, w = Pe.basis, Pe.weights, second.basis, second.weights
 
-    def apply(X: Tensor) -> Tensor:  # D* X = P_e (X - Q diag(h) Q^T X) / (1 + mu)
-        Y = X - Q @ (h[:, None] * (Q.T @ X))
-        return V @ (f[:, None] * (V.T @ Y)) / (1 + hp.mu)
+    if hp.objective == "weighted":
+        Z = _orth(torch.cat([V, Q], dim=1))
+        Vz, Qz = Z.T @ V, Z.T @ Q
+        S_z = (Vz * f) @ Vz.T + hp.lam * (Qz * w) @ Qz.T + hp.mu * torch.eye(Z.shape[1], dtype=Z.dtype)
+        S_z = (S_z + S_z.T) / 2
 
-    # D* = P_e S^-1 with S symmetric, so D*'s row space is span(S^-1 V) = span(V, Q diag(h) Q^T V): at most
-    # 2 rank(P_e) directions however large the overlap basis Q is.
-    op = _operator_from([V, Q @ (h[:, None] * (Q.T @ V))], apply, "ice", _asdict(hp))
+        def apply(X: Tensor) -> Tensor:  # D* X = V f^2 V^T Z S_z^-1 Z^T X (the Z-complement part is killed)
+            Y = Z @ torch.linalg.solve(S_z, Z.T @ X)
+            return V @ (f.square()[:, None] * (V.T @ Y))
+
+        row_space = Z @ torch.linalg.solve(S_z, Vz)
+    else:
+        h = hp.lam * w.square() / (1 + hp.mu + hp.lam * w.square())
+
+        def apply(X: Tensor) -> Tensor:  # D* X = P_e (X - Q diag(h) Q^T X) / (1 + mu)
+            Y = X - Q @ (h[:, None] * (Q.T @ X))
+            return V @ (f[:, None] * (V.T @ Y)) / (1 + hp.mu)
+
+        row_space = Q @ (h[:, None] * (Q.T @ V))
+    op = _operator_from([V, row_space], apply, "ice", {**_asdict(hp), "concepts": concepts})
     return _with_anchor(op, anchor)
 
 
@@ -531,11 +587,13 @@ def build_operator(
     E_erase: Tensor,
     E_preserve: Tensor,
     anchor: tuple[Tensor, Tensor] | None = None,
+    concepts: int = 1,
     **hparams,
 ) -> DissociationOperator:
-    """Dispatch to one of :data:`METHODS` with the same inputs (used by ``erase`` and the benchmarks)."""
+    """Dispatch to one of :data:`METHODS` with the same inputs (used by ``erase`` and the benchmarks);
+    ``concepts`` (the number of erased concepts) is used by ICE only."""
     if method == "ice":
-        return dissociation_operator(E_erase, E_preserve, anchor=anchor, **hparams)
+        return dissociation_operator(E_erase, E_preserve, anchor=anchor, concepts=concepts, **hparams)
     if method == "cure":
         return cure_operator(E_erase, E_preserve, anchor=anchor, **hparams)
     if method == "projection":

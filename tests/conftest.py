@@ -39,3 +39,13 @@ def load_pipeline(saved_pipeline):
         return pipe
 
     return load
+
+
+@pytest.fixture(scope="session")
+def minilm_pipe(saved_pipeline):
+    """One tiny SD pipeline around the real MiniLM encoder, shared by tests that undo what they erase."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(saved_pipeline("sd-minilm"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

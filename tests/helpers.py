@@ -1,6 +1,21 @@
 """Helpers shared by the tests."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+
+ROOT = Path(__file__).parents[1]
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    """``python *args`` from the repo root; fails the test with the script's stderr."""
+    run = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
 
 
 def snapshot(pipe) -> dict:

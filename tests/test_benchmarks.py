@@ -1,0 +1,71 @@
+"""The benchmark scripts run from the README's set-up (tiny variants) and write what docs/benchmarks.md cites."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, run_script
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from tradeoff import frontier  # noqa: E402
+
+
+def test_frontier_is_the_upper_envelope_through_the_origin():
+    pts = [(0.2, 0.8), (0.4, 0.9), (0.3, 0.5)]  # (0.3, 0.5) is dominated
+    assert frontier(pts, 0.1) == pytest.approx(0.4)  # on the segment from the no-edit point (0, 0)
+    assert frontier(pts, 0.3) == pytest.approx(0.85)
+    assert frontier(pts, 0.9) == pytest.approx(0.9)  # flat beyond the last point
+    assert frontier([], 0.5) == 0.0
+
+
+def _load(out: Path, name: str) -> dict:
+    data = json.loads((out / f"{name}.json").read_text())
+    assert (out / f"{name}.md").read_text().startswith("# ")
+    assert data["environment"]["torch"]
+    return data
+
+
+@pytest.mark.slow
+def test_tradeoff_tiny(tmp_path):
+    run_script("benchmarks/tradeoff.py", "--tiny", "--out", str(tmp_path))
+    data = _load(tmp_path, "tradeoff_tiny")
+    families = {r["family"] for r in data["rows"]}
+    assert families == {"style", "object", "identity", "explicit"}
+    assert {r["method"] for r in data["rows"]} == {"ice", "cure", "uce", "projection"}
+    for r in data["rows"]:
+        assert 0 < r["erasure"] <= 1.2 and 0 <= r["collateral_near"] < 1 and 0 <= r["leakage"] <= 1
+    assert {(c["family"], c["versus"]) for c in data["checks"]} == {
+        (f, m) for f in families for m in ("cure", "uce", "projection")
+    }
+    assert [r["concepts"] for r in data["many_concepts"]] == [3] * 4
+    assert (tmp_path / "tradeoff_tiny.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_speed_tiny(tmp_path):
+    run_script("benchmarks/speed.py", "--tiny", "--repeats", "1", "--out", str(tmp_path))
+    results = {r["case"]: r for r in _load(tmp_path, "speed_tiny")["results"]}
+    assert set(results) == {"sd15", "sdxl", "wan"}
+    sd = results["sd15"]
+    assert sd["overhead"]["parameters_before"] == sd["overhead"]["parameters_after"]
+    assert sd["overhead"]["hooks_left"] == 0
+    assert sd["layers"] == 32  # SD 1.5's 16 cross-attention blocks, to_k and to_v
+    assert results["sdxl"]["layers"] == 22  # toy SDXL blocks, one transformer each: (4 down + 1 mid + 6 up) x k,v
+    for r in results.values():
+        assert [row["concepts"] for row in r["rows"]] == [1, 3]
+        for row in r["rows"]:
+            assert row["solve_s"] > 0 and row["apply_s"] > 0 and row["uce_dense_edit_s"] > 0
+            assert math.isnan(row["encode_s"]) == (r["case"] == "wan")
+
+
+@pytest.mark.slow
+def test_red_team_tiny(tmp_path):
+    run_script("benchmarks/red_team.py", "--tiny", "--out", str(tmp_path))
+    data = _load(tmp_path, "red_team_tiny")
+    attacks = {r["attack"] for r in data["rows"]}
+    assert attacks == {"paraphrase", "ring_a_bell", "whitebox@1.0"}
+    for r in data["rows"]:
+        assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "CURE", "UCE", "projection"))
+    assert len(data["per_concept"]) == 4  # one concept per family
