@@ -29,9 +29,23 @@ from .erase import DENOISER_COMPONENTS, erase, resolve_layer
 from .metrics import TextSpaceProbe
 from .solver import DissociationOperator
 
-__all__ = ["ICECallback"]
+__all__ = ["ICECallback", "SavePipeline"]
 
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+
+
+def find_pipeline(pl_module: LightningModule) -> Any:
+    """The module's ``pipeline`` attribute, or the module itself when it holds a denoiser and a text encoder."""
+    pipe = getattr(pl_module, "pipeline", None)
+    if pipe is not None:
+        return pipe
+    if any(getattr(pl_module, n, None) is not None for n in DENOISER_COMPONENTS) and hasattr(pl_module, "text_encoder"):
+        return pl_module
+    raise AttributeError(
+        f"ICECallback cannot find a diffusers pipeline on {type(pl_module).__name__}: expose it as "
+        "`self.pipeline`, or hold `unet` (or `transformer`), `tokenizer` and `text_encoder` attributes, "
+        "or subclass ICECallback and override get_pipeline()"
+    )
 
 
 class ICECallback(Callback):
@@ -101,18 +115,7 @@ class ICECallback(Callback):
     # -- the protocol ---------------------------------------------------------------------------
     def get_pipeline(self, pl_module: LightningModule) -> Any:
         """The diffusers pipeline (or an object with its components) that ``pl_module`` trains."""
-        pipe = getattr(pl_module, "pipeline", None)
-        if pipe is not None:
-            return pipe
-        if any(getattr(pl_module, n, None) is not None for n in DENOISER_COMPONENTS) and hasattr(
-            pl_module, "text_encoder"
-        ):
-            return pl_module
-        raise AttributeError(
-            f"ICECallback cannot find a diffusers pipeline on {type(pl_module).__name__}: expose it as "
-            "`self.pipeline`, or hold `unet` (or `transformer`), `tokenizer` and `text_encoder` attributes, "
-            "or subclass ICECallback and override get_pipeline()"
-        )
+        return find_pipeline(pl_module)
 
     # -- hooks -------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -333,3 +336,23 @@ class ICECallback(Callback):
         ops = state_dict["operators"]
         self._operators = None if ops is None else {s: DissociationOperator(**o) for s, o in ops.items()}
         self._probe_state, self._probe, self._last = state_dict["probe"], None, {}
+
+
+class SavePipeline(Callback):
+    """Save the module's diffusers pipeline with ``save_pretrained`` at the end of ``fit`` (rank zero), so a
+    model trained through ``ice-lightning fit`` comes out as a folder ``from_pretrained`` loads.
+
+    Example (in a config's ``trainer.callbacks``)::
+
+        - class_path: ice_lightning.callback.SavePipeline
+          init_args: {dirpath: models/shapes-image}
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            pipe = find_pipeline(pl_module)
+            pipe.save_pretrained(self.dirpath)
+            rank_zero_info(f"SavePipeline: saved {type(pipe).__name__} to {self.dirpath}")

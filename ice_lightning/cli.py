@@ -69,13 +69,12 @@ def format_table(metrics: dict[str, float]) -> str:
 
 
 def _run_erase(cfg) -> int:
-    from diffusers import DiffusionPipeline
-
     from .erase import erase
     from .export import save_erased
     from .metrics import erasure_metrics
+    from .pixel_pipeline import load_pipeline_folder
 
-    pipe = DiffusionPipeline.from_pretrained(cfg.pipeline).to(cfg.device)
+    pipe = load_pipeline_folder(cfg.pipeline).to(cfg.device)
     hparams = {}
     if cfg.method == "ice":
         hparams = {
@@ -108,14 +107,17 @@ def _run_erase(cfg) -> int:
 
 
 class ICELightningCLI(LightningCLI):
-    """``LightningCLI`` over :class:`ICEModule` and :class:`CaptionFolderDataModule` (``fit|validate|test``)."""
+    """``LightningCLI`` over :class:`ICEModule` and any ``LightningDataModule`` (``fit|validate|test``), given
+    by ``class_path`` in the ``data`` section: :class:`~ice_lightning.CaptionFolderDataModule` (caption
+    folders) or :class:`~ice_lightning.shapes.ShapesDataModule` (the shapes world)."""
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
-        from .data import CaptionFolderDataModule
+        from lightning.pytorch import LightningDataModule
+
         from .module import ICEModule
 
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(ICEModule, CaptionFolderDataModule, args=args, **kwargs)
+        super().__init__(ICEModule, LightningDataModule, args=args, subclass_mode_data=True, **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

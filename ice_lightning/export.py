@@ -126,14 +126,14 @@ def load_manifest(path: str | os.PathLike) -> dict:
 def verify_export(path: str | os.PathLike, pipeline=None) -> dict[str, bool]:
     """Check the edited tensors of an exported model against the manifest hashes.
 
-    Loads the pipeline from ``path`` with ``DiffusionPipeline.from_pretrained`` unless one is given.
+    Loads the pipeline from ``path`` with ``from_pretrained`` unless one is given.
     Returns ``{tensor: matches}``; raises ``ValueError`` if any hash differs.
     """
     manifest = load_manifest(path)
     if pipeline is None:
-        from diffusers import DiffusionPipeline
+        from .pixel_pipeline import load_pipeline_folder
 
-        pipeline = DiffusionPipeline.from_pretrained(path)
+        pipeline = load_pipeline_folder(path)
     checks = {
         key: tensor_sha256(_weight(pipeline, key.removesuffix(".weight"))) == digest
         for key, digest in manifest["edited_tensors"].items()

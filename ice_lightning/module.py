@@ -34,14 +34,20 @@ _TRAINABLE = ("UNet2DConditionModel", "UNet3DConditionModel")
 
 
 def load_pipeline(pipeline: str, torch_dtype: str = "float32"):
-    """``from_pretrained(pipeline)`` (local folder or hub id); ``"tiny:KIND"`` builds a tiny test pipeline."""
+    """``from_pretrained(pipeline)`` (local folder or hub id); ``"tiny:KIND"`` builds a tiny test pipeline,
+    ``"new:KIND"`` an untrained shapes-world pipeline (``shapes-image``, ``shapes-video``) to train."""
+    dtype = getattr(torch, torch_dtype)
     if pipeline.startswith("tiny:"):
         from .testing import build_tiny_pipeline
 
-        return build_tiny_pipeline(pipeline.split(":", 1)[1]).to(dtype=getattr(torch, torch_dtype))
-    from diffusers import DiffusionPipeline
+        return build_tiny_pipeline(pipeline.split(":", 1)[1]).to(dtype=dtype)
+    if pipeline.startswith("new:"):
+        from .shapes import new_pipeline
 
-    return DiffusionPipeline.from_pretrained(pipeline, torch_dtype=getattr(torch, torch_dtype))
+        return new_pipeline(pipeline.split(":", 1)[1]).to(dtype=dtype)
+    from .pixel_pipeline import load_pipeline_folder
+
+    return load_pipeline_folder(pipeline, torch_dtype=dtype)
 
 
 class ICEModule(LightningModule):
@@ -92,7 +98,7 @@ class ICEModule(LightningModule):
                 "not implemented yet. ICECallback and ice_lightning.erase work with it from your own module"
             )
         self.unet = pipe.unet
-        self.vae = pipe.vae
+        self.vae = getattr(pipe, "vae", None)  # None: a pixel-space model (PixelDiffusionPipeline)
         self.text_encoder = pipe.text_encoder
         for frozen in (self.vae, self.text_encoder, getattr(pipe, "text_encoder_2", None)):
             if frozen is not None:
@@ -142,6 +148,8 @@ class ICEModule(LightningModule):
     def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """VAE latents, scaled; videos (B, F, 3, H, W) become (B, C, F, h, w) as UNet3D expects."""
         b = pixels.shape[0]
+        if self.vae is None:  # pixel space: the model denoises the pixels themselves
+            return pixels.permute(0, 2, 1, 3, 4) if self.video else pixels
         flat = pixels.flatten(0, 1) if self.video else pixels
         dist = self.vae.encode(flat.to(self.vae.dtype)).latent_dist
         lat = dist.sample(generator) if generator is not None else dist.sample()
