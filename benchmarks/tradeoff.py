@@ -80,15 +80,20 @@ def label(method: str, kw: dict) -> str:
     )
 
 
-def frontier(points: list[tuple[float, float]], x: float) -> float:
-    """Best erasure a method reaches at collateral ``x``: the upper envelope of its points, linearly
-    interpolated, with the no-edit point (0, 0) that every method reaches; flat beyond its last point."""
-    pts = sorted({(0.0, 0.0), *points})
+def _envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Pareto points: erasure strictly increasing with collateral."""
     best, env = -1.0, []
-    for c, e in pts:  # Pareto points: erasure strictly increasing with collateral
+    for c, e in sorted(points):
         if e > best:
             env.append((c, e))
             best = e
+    return env
+
+
+def frontier(points: list[tuple[float, float]], x: float) -> float:
+    """Best erasure a method reaches at collateral ``x``: the upper envelope of its points, linearly
+    interpolated, with the no-edit point (0, 0) that every method reaches; flat beyond its last point."""
+    env = _envelope([(0.0, 0.0), *points])
     if x >= env[-1][0]:
         return env[-1][1]
     for (c0, e0), (c1, e1) in zip(env, env[1:], strict=False):
@@ -223,10 +228,18 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.8), squeeze=False)
     colours = {"ice": "tab:red", "cure": "tab:blue", "uce": "tab:green", "projection": "tab:gray"}
     for ax, family in zip(axes[0], families, strict=True):
+        fam = [r for r in rows if r["family"] == family]
         for method, colour in colours.items():
-            pts = sorted((r[COLLATERAL], r["erasure"]) for r in rows if r["family"] == family and r["method"] == method)
-            if pts:
-                ax.plot(*zip(*pts, strict=True), "o-", color=colour, label=method.upper(), ms=4, lw=1, alpha=0.8)
+            mine = [r for r in fam if r["method"] == method and "frobenius" not in r["config"]]
+            pts = [(r[COLLATERAL], r["erasure"]) for r in mine]
+            if not pts:
+                continue
+            ax.plot(*zip(*pts, strict=True), ".", color=colour, alpha=0.35)
+            env = _envelope(pts)
+            ax.plot(*zip(*env, strict=True), "-", color=colour, lw=1.2, label=f"{method.upper()} (envelope)")
+        frob = [r for r in fam if "frobenius" in r["config"]]
+        ax.plot([r[COLLATERAL] for r in frob], [r["erasure"] for r in frob], "x", color="tab:red", ms=8,
+                label="ICE, method file's objective")  # fmt: skip
         ice = next(r for r in rows if r["family"] == family and r["config"] == "ICE default")
         ax.plot(ice[COLLATERAL], ice["erasure"], "*", color="tab:red", ms=16, mec="k", label="ICE default")
         ax.set_title(family)

@@ -1,9 +1,10 @@
 """All-or-nothing, exactly reversible low-rank edits of linear layers: ``W <- W - L R``.
 
-Every new weight is computed (in float64) and checked before the first one is written, so a failing
-edit leaves the model untouched. Each :class:`LayerEdit` keeps the low-rank delta ``(L, R)`` and the few
-entries where rounding to the layer's dtype is not invertible, so :meth:`LayerEdit.undo` restores the
-original weights bit for bit without storing a copy of them.
+The low-rank factors of every edit are computed and checked before the first weight is written, and a
+layer that fails while being written (its new weights overflow the layer's dtype) rolls back the ones
+written before it, so a failing edit leaves the model untouched. Each :class:`LayerEdit` keeps the
+low-rank delta ``(L, R)`` and the few entries where rounding to the layer's dtype is not invertible, so
+:meth:`LayerEdit.undo` restores the original weights bit for bit without storing a copy of them.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ _DENSE_FIXUP_SHARE = 0.25
 
 def _fingerprint(w: Tensor) -> tuple[float, float]:
     """Cheap checksum that changes when training moves the weight (used to refuse a stale undo)."""
-    x = w.detach().reshape(-1).to(_F64)
-    ramp = torch.arange(x.numel(), device=x.device, dtype=_F64) % 251
-    return float(x.sum()), float((x * ramp).sum())
+    x = w.detach().reshape(-1)  # accumulated in float64 without a float64 copy of the weight
+    return float(torch.sum(x, dtype=_F64)), float(torch.linalg.vector_norm(x, dtype=_F64))
 
 
 @dataclass
@@ -41,6 +41,7 @@ class LayerEdit:
     fix_index: Tensor | None
     fix_values: Tensor | None
     fingerprint: tuple[float, float]
+    fused: bool = False
 
     def undo(self) -> None:
         """Restore the original weight bit for bit (only valid while the weight is as the edit left it)."""
@@ -50,7 +51,7 @@ class LayerEdit:
                 f"layer {self.name!r} changed since it was edited (training?); undo would not restore the "
                 "original weights. Undo right after erase, or reload the original model"
             )
-        restored = (w.detach().to(self.L.device, _F64) + self.L @ self.R).to(w.device, w.dtype)
+        restored = _plus_delta(w.detach(), self.L, self.R, self.fused)
         if self.fix_index is not None:
             flat = restored.view(-1)
             if self.fix_index.dtype == torch.bool:  # dense fallback: the original itself
@@ -61,22 +62,40 @@ class LayerEdit:
             w.copy_(restored)
 
 
-def _new_weight(
-    name: str, module: nn.Linear, op: DissociationOperator, base: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
+def _factors(name: str, module: nn.Linear, op: DissociationOperator, base: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Phase 1 of an edit: the low-rank factors ``(L, R)`` of ``W_new = W - L R``, checked; nothing written."""
     w = module.weight
     if not torch.isfinite(w).all():
         raise ValueError(f"layer {name!r} already holds NaN or inf weights; refusing to edit it")
     # Without a base the whole weight is edited; with one, only what changed since (W - base).
     L, R = op.factors(w if base is None else w.detach() - base.to(w.device, w.dtype))
-    new64 = w.detach().to(L.device, _F64) - L @ R
-    new = new64.to(w.device, w.dtype)
+    if not (torch.isfinite(L).all() and torch.isfinite(R).all()):
+        raise ValueError(f"the edit of layer {name!r} is not finite; check the operator and the weights")
+    return L, R
+
+
+def _fused(w: Tensor) -> bool:
+    """float32 layers take the rank-k update in one fused float32 ``addmm`` (a single pass over the weight,
+    where a float64 round trip makes several: the edit is memory-bound); half-precision layers keep the
+    float64 path, whose single rounding matters at their precision."""
+    return w.dtype == torch.float32
+
+
+def _plus_delta(w: Tensor, L: Tensor, R: Tensor, fused: bool, sign: float = 1.0) -> Tensor:
+    """``cast(w + sign * L R)``; the same arithmetic on apply and undo, so undo can be made bit-exact."""
+    if fused:
+        return torch.addmm(w, L.to(w.device, w.dtype), R.to(w.device, w.dtype), alpha=sign)
+    return (w.to(L.device, _F64) + sign * (L @ R)).to(w.device, w.dtype)
+
+
+def _new_weight(name: str, w: Tensor, L: Tensor, R: Tensor, fused: bool) -> Tensor:
+    new = _plus_delta(w.detach(), L, R, fused, sign=-1.0)
     if not torch.isfinite(new).all():
         raise ValueError(
             f"the edit of layer {name!r} does not fit in {w.dtype} (the new weights overflow); load the model "
             "in float32 or bfloat16 for the edit, then cast it back"
         )
-    return L, R, new
+    return new
 
 
 def apply_edits(
@@ -88,22 +107,24 @@ def apply_edits(
     ``W <- W - (W - base) D``. Re-applying then never compounds: with no change it is an exact no-op,
     and after fine-tuning it removes what the update added along the erased directions.
 
-    Phase 1 computes and checks every new weight (one layer in memory at a time); phase 2 writes them
-    under ``torch.no_grad()`` with ``copy_`` (keeping dtype, device and the Parameter object) and rolls
-    back what it wrote should anything still fail.
+    Phase 1 computes and checks the low-rank factors of every edit (small: ``out x k`` and ``k x d``, float64)
+    before anything is written; phase 2 forms each new weight once (see :func:`_fused`), checks it,
+    writes it under ``torch.no_grad()`` with ``copy_`` (keeping dtype, device and the Parameter object), and
+    rolls back every layer already written should a later one fail (overflow in the layer's dtype).
     """
     bases = bases or {}
+    factors = []
     for name, module, op in targets:  # phase 1: nothing is written
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{name!r} is a {type(module).__name__}, not a torch.nn.Linear")
-        _new_weight(name, module, op, bases.get(name))
+        factors.append(_factors(name, module, op, bases.get(name)))
     edits: list[LayerEdit] = []
     try:
-        for name, module, op in targets:  # phase 2: write
-            L, R, new = _new_weight(name, module, op, bases.get(name))
+        for (name, module, _), (L, R) in zip(targets, factors, strict=True):  # phase 2: write
             w = module.weight
-            back = (new.to(L.device, _F64) + L @ R).to(w.device, w.dtype)
-            wrong = (back != w.detach()).view(-1)
+            fused = _fused(w)
+            new = _new_weight(name, w, L, R, fused)
+            wrong = (_plus_delta(new, L, R, fused) != w.detach()).view(-1)
             n_wrong = int(wrong.sum())
             if n_wrong == 0:
                 idx = vals = None
@@ -114,7 +135,7 @@ def apply_edits(
                 vals = w.detach().reshape(-1)[idx].clone()
             with torch.no_grad():
                 w.copy_(new)
-            edits.append(LayerEdit(name, module, L, R, idx, vals, _fingerprint(w)))
+            edits.append(LayerEdit(name, module, L, R, idx, vals, _fingerprint(w), fused))
     except BaseException:
         undo_edits(edits)
         raise

