@@ -17,7 +17,7 @@ colour or no shape is *garbled*: the two are counted apart from "a clean image o
 Example:
     >>> from ice_lightning.shapes import ShapeSpec, render, detect
     >>> img = render(ShapeSpec("red", "circle", 12, 12, 5))
-    >>> img.shape, detect(img)
+    >>> tuple(img.shape), detect(img)
     ((3, 24, 24), Detection(colour='red', shape='circle', direction=None, status='ok'))
 """
 
