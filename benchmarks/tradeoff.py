@@ -132,19 +132,12 @@ def _points(rows: list[dict], method: str) -> list[tuple[float, float]]:
 
 
 def ice_margins(rows: list[dict]) -> list[dict]:
-    """For every ICE configuration: per family, its erasure minus the best other method's curve at its
-    collateral (the default is chosen as the configuration whose worst family margin is largest)."""
+    """For every ICE configuration: per family, its worst margin over the other methods' curves (``check``)."""
     out = []
-    families = list(dict.fromkeys(r["family"] for r in rows))
     for config in dict.fromkeys(r["config"] for r in rows if r["method"] == "ice"):
-        margins = {}
-        for family in families:
-            fam = [r for r in rows if r["family"] == family]
-            ice = next(r for r in fam if r["config"] == config)
-            others = {r["method"] for r in fam} - {"ice"}
-            margins[family] = min(
-                ice["erasure"] - frontier(_points(fam, m), ice[COLLATERAL]) for m in others
-            )
+        margins: dict[str, float] = {}
+        for c in check(rows, config):
+            margins[c["family"]] = min(margins.get(c["family"], math.inf), c["margin"])
         erasure = statistics.fmean(r["erasure"] for r in rows if r["config"] == config)
         out.append({"config": config, **margins, "worst": min(margins.values()), "mean_erasure": erasure})
     return out
@@ -157,12 +150,12 @@ def recommend(margins: list[dict]) -> dict:
     return max(strong, key=lambda m: m["worst"])
 
 
-def check(rows: list[dict]) -> list[dict]:
-    """ICE default against every other method's curve at ICE's collateral, per family."""
+def check(rows: list[dict], config: str = "ICE default") -> list[dict]:
+    """An ICE configuration against every other method's curve at its own collateral, per family."""
     out = []
     for family in dict.fromkeys(r["family"] for r in rows):
         fam = [r for r in rows if r["family"] == family]
-        ice = next(r for r in fam if r["config"] == "ICE default")
+        ice = next(r for r in fam if r["config"] == config)
         for method in dict.fromkeys(r["method"] for r in fam):
             if method == "ice":
                 continue

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from .concepts import ConceptSpec, Prompt
 from .erase import ErasureResult
 from .metrics import LeakageRate
+from .metrics import _outputs as _out
 from .text_encoders import EmbeddingSpace, FeatureConcatSource, SequenceSource
 
 __all__ = ["RingABellConfig", "RedTeam", "ATTACKS", "whitebox_inputs", "ring_a_bell_prompts"]
@@ -71,11 +72,6 @@ def _pooled(space: EmbeddingSpace, prompts: Sequence[Prompt]) -> Tensor:
     return torch.stack([x.mean(0) for x in space.per_prompt([Prompt(p.text) for p in prompts])])
 
 
-def _out(W: Tensor, b: Tensor | None, x: Tensor) -> Tensor:
-    y = x @ W.to(x.device, torch.float64).T
-    return y if b is None else y + b.to(x.device, torch.float64)
-
-
 def _tokenizer_of(space: EmbeddingSpace):
     src = space.sources[0]
     if isinstance(src, SequenceSource):
@@ -90,7 +86,7 @@ def _word_pool(tokenizer, exclude: set[str], size: int, seed: int) -> list[str]:
     words = set()
     for tok in tokenizer.get_vocab():
         w = tok.removesuffix("</w>").lstrip("Ġ▁")
-        if w.isalpha() and w.isascii() and len(w) >= 3 and w == tok.removesuffix("</w>").lstrip("Ġ▁").lower():
+        if w.isalpha() and w.isascii() and len(w) >= 3 and w == w.lower():
             words.add(w)
     words -= exclude
     ordered = sorted(words)
@@ -218,11 +214,7 @@ class RedTeam:
         """Attacks on an erasure, against the weights it started from (``W + L R``)."""
         mods = result.modules()
         layers = {n: (mods[n], s) for n, s in result.layer_spaces.items()}
-        reference = {}
-        for name in layers:
-            L, R = result.weight_delta(name)
-            reference[name] = (mods[name].weight.detach().to(L.device, torch.float64) + L @ R, mods[name].bias)
-        return cls(layers, result.spaces, result.spec, reference, **kwargs)
+        return cls(layers, result.spaces, result.spec, result.reference_weights(), **kwargs)
 
     # -- scoring ---------------------------------------------------------------------------------
     def _targets(self, space: str) -> tuple[Tensor, Tensor]:
@@ -233,8 +225,9 @@ class RedTeam:
     def _score(self, weights: Weights, pooled_inputs: dict[str, Tensor]) -> float:
         """``pooled_inputs[space]`` (n_pairs, d) -> success rate over (pair, layer)."""
         rate = LeakageRate()
+        targets = {s: self._targets(s) for s in self._used()}
         for name, (_, space) in self.layers.items():
-            concept, neutral = self._targets(space)
+            concept, neutral = targets[space]
             W0, b0 = self.reference[name]
             W, b = weights[name]
             rate.update(_out(W, b, pooled_inputs[space]), _out(W0, b0, concept), _out(W0, b0, neutral))

@@ -72,6 +72,15 @@ class ErasureResult:
     def modules(self) -> dict[str, nn.Linear]:
         return {e.name: e.module for e in self.edits}
 
+    def reference_weights(self) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """``{name: (weight, bias)}`` of every edited layer as it was before this erasure (``W + L R``, float64;
+        no copy of the original is kept, so it is rebuilt from the current weight)."""
+        out = {}
+        for e in self.edits:
+            w = e.module.weight.detach().to(e.L.device, torch.float64)
+            out[e.name] = (w + e.L @ e.R, e.module.bias)
+        return out
+
     def to_manifest(self) -> dict:
         """JSON-ready record of this erasure (export manifest)."""
         return {

@@ -134,11 +134,7 @@ class TextSpaceProbe:
         """Probe of an erasure against the weights it started from (``W + L R``, no copy kept)."""
         mods = result.modules()
         layers = {n: (mods[n], s) for n, s in result.layer_spaces.items()}
-        reference = {}
-        for name, (module, _) in layers.items():
-            L, R = result.weight_delta(name)
-            reference[name] = (module.weight.detach().to(L.device, torch.float64) + L @ R, module.bias)
-        return cls(layers, result.spaces, spec or result.spec, reference)
+        return cls(layers, result.spaces, spec or result.spec, result.reference_weights())
 
     def _states(self, group: str, space: str) -> Tensor:
         prompts, pooled = self.groups[group]
@@ -226,12 +222,12 @@ def dev_concept_metrics(result: ErasureResult, concept: DevConcept) -> dict[str,
     ``erasure`` (name in new contexts), ``paraphrase``, ``collateral_near`` (held-out nearby concepts, never
     in the preserve set), ``collateral_near_preserved`` (the preserve set's concepts in new contexts),
     ``collateral_far`` (unrelated prompts) and ``leakage``."""
-    spec_metrics = erasure_metrics(result)
+    spec_metrics = erasure_metrics(result)  # the spec's held-out erase and far prompts are the concept's
     return {
-        "erasure": relative_change(result, concept.heldout_prompts()),
+        "erasure": spec_metrics["erasure"],
         "paraphrase": relative_change(result, concept.paraphrase_prompts()),
         "collateral_near": relative_change(result, concept.nearby_prompts()),
         "collateral_near_preserved": spec_metrics["collateral_near"],
-        "collateral_far": relative_change(result, concept.unrelated_prompts()),
+        "collateral_far": spec_metrics["collateral_far"],
         "leakage": spec_metrics["leakage"],
     }

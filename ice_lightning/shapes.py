@@ -305,15 +305,32 @@ class ShapesDataModule(LightningDataModule):
 
 
 # -- metrics -------------------------------------------------------------------------------------------
-def _attribute(d: Detection, attribute: str) -> str | None:
-    return getattr(d, attribute)
+class _DetectedRate(Metric):
+    """Share of samples for which ``_hit`` holds on the detection (summed states, so ranks reduce)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("hits", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def _hit(self, d: Detection, target: str | None) -> bool:
+        raise NotImplementedError
+
+    def _count(self, samples: Tensor, targets) -> None:
+        for s, t in zip(samples, targets, strict=True):
+            self.hits += int(self._hit(detect(s), t))
+            self.total += 1
+
+    def compute(self) -> Tensor:
+        return self.hits.double() / self.total.clamp_min(1)
 
 
-class ConceptPresenceRate(Metric):
+class ConceptPresenceRate(_DetectedRate):
     """Share of samples in which the detector finds ``value`` (a colour, shape or direction), out of all
     samples (blank and garbled ones count as absent; :class:`FailureRate` reports them)."""
 
-    full_state_update = False
     higher_is_better = None
 
     def __init__(self, attribute: str, value: str, **kwargs) -> None:
@@ -321,44 +338,34 @@ class ConceptPresenceRate(Metric):
         if attribute not in ("colour", "shape", "direction"):
             raise ValueError(f"attribute must be colour, shape or direction, got {attribute!r}")
         self.attribute, self.value = attribute, value
-        self.add_state("hits", default=torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def _hit(self, d: Detection, target: str | None) -> bool:
+        return getattr(d, self.attribute) == self.value
 
     def update(self, samples: Tensor) -> None:
-        for s in samples:
-            self.hits += int(_attribute(detect(s), self.attribute) == self.value)
-            self.total += 1
-
-    def compute(self) -> Tensor:
-        return self.hits.double() / self.total.clamp_min(1)
+        self._count(samples, [None] * len(samples))
 
 
-class AttributeAccuracy(Metric):
+class AttributeAccuracy(_DetectedRate):
     """Share of samples whose detected ``attribute`` equals the one their prompt asked for."""
 
-    full_state_update = False
     higher_is_better = True
 
     def __init__(self, attribute: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.attribute = attribute
-        self.add_state("hits", default=torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def _hit(self, d: Detection, target: str | None) -> bool:
+        return getattr(d, self.attribute) == target
 
     def update(self, samples: Tensor, targets: list[str]) -> None:
-        for s, t in zip(samples, targets, strict=True):
-            self.hits += int(_attribute(detect(s), self.attribute) == t)
-            self.total += 1
-
-    def compute(self) -> Tensor:
-        return self.hits.double() / self.total.clamp_min(1)
+        self._count(samples, targets)
 
 
-class FailureRate(Metric):
+class FailureRate(_DetectedRate):
     """Share of samples the detector calls ``blank`` (or ``garbled``): erasure into nothing, not into
     something else."""
 
-    full_state_update = False
     higher_is_better = False
 
     def __init__(self, status: str = "blank", **kwargs) -> None:
@@ -366,17 +373,12 @@ class FailureRate(Metric):
         if status not in ("blank", "garbled"):
             raise ValueError(f"status must be 'blank' or 'garbled', got {status!r}")
         self.status = status
-        self.add_state("hits", default=torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def _hit(self, d: Detection, target: str | None) -> bool:
+        return d.status == self.status
 
     def update(self, samples: Tensor) -> None:
-        for s in samples:
-            self.hits += int(detect(s).status == self.status)
-            self.total += 1
-
-    def compute(self) -> Tensor:
-        return self.hits.double() / self.total.clamp_min(1)
-
+        self._count(samples, [None] * len(samples))
 
 
 # -- untrained models of the shapes world ------------------------------------------------------------
@@ -384,18 +386,26 @@ class FailureRate(Metric):
 PROMPT_LENGTH = 16
 
 
-def new_pipeline(kind: str = "shapes-image", seed: int = 0):
-    """An untrained pixel-space pipeline of the shapes world around the real (frozen) MiniLM encoder:
-    ``shapes-image`` (UNet2D, 24x24) or ``shapes-video`` (UNet3D, 16x16 clips)."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel, UNet3DConditionModel
+def _minilm_text_encoder():
+    """The real MiniLM tokenizer (prompts of PROMPT_LENGTH tokens) and encoder, told to take the mask."""
     from transformers import AutoModel, AutoTokenizer
 
-    from .pixel_pipeline import PixelDiffusionPipeline
     from .testing import minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path(), model_max_length=PROMPT_LENGTH)
     text_encoder = AutoModel.from_pretrained(minilm_path())
     text_encoder.config.use_attention_mask = True  # saved with the model: every encoder call passes the mask
+    return tokenizer, text_encoder
+
+
+def new_pipeline(kind: str = "shapes-image", seed: int = 0):
+    """An untrained pixel-space pipeline of the shapes world around the real (frozen) MiniLM encoder:
+    ``shapes-image`` (UNet2D, 24x24) or ``shapes-video`` (UNet3D, 16x16 clips)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel, UNet3DConditionModel
+
+    from .pixel_pipeline import PixelDiffusionPipeline
+
+    tokenizer, text_encoder = _minilm_text_encoder()
     torch.manual_seed(seed)
     if kind == "shapes-image":
         unet = UNet2DConditionModel(
@@ -441,10 +451,8 @@ def load_shapes_pipeline(kind: str = "shapes-image", root: Path | None = None):
     """The trained shapes pipeline shipped with the package (``shapes-image`` or ``shapes-video``), in float32,
     around the real MiniLM encoder."""
     from diffusers import DDIMScheduler, UNet2DConditionModel, UNet3DConditionModel
-    from transformers import AutoModel, AutoTokenizer
 
     from .pixel_pipeline import PixelDiffusionPipeline
-    from .testing import minilm_path
 
     folder = Path(root or MODELS_DIR) / kind
     if not (folder / "unet").is_dir():
@@ -454,9 +462,7 @@ def load_shapes_pipeline(kind: str = "shapes-image", root: Path | None = None):
         )
     unet_cls = UNet3DConditionModel if kind == "shapes-video" else UNet2DConditionModel
     unet = unet_cls.from_pretrained(folder / "unet", torch_dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), model_max_length=PROMPT_LENGTH)
-    text_encoder = AutoModel.from_pretrained(minilm_path())
-    text_encoder.config.use_attention_mask = True
+    tokenizer, text_encoder = _minilm_text_encoder()
     scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
     pipe = PixelDiffusionPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
