@@ -36,3 +36,10 @@ if __name__ == "__main__":
     trainer.fit(module, datamodule=data)
     records = [{"reason": a["reason"], "epoch": a["epoch"], "sha": a["weights_sha256"]} for a in ice.applications]
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(records))
+    # Shut the gloo group down before interpreter exit: tearing it down implicitly at exit can abort the
+    # process ("terminate called without an active exception") after all the work is done.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
