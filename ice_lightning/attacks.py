@@ -21,6 +21,11 @@ the original model's output for the concept prompt than to its output for the ne
 Each rate is also reported on the unedited model (``*_original``): how often the attack input already lands
 near the concept before any erasure, the attack's ceiling.
 
+Beyond text space, :func:`embedding_attack` is the image-level continuous attack (in the spirit of the
+concept-inversion attack of Pham et al., ICLR 2024, and P4D): it optimises the prompt embedding fed to the
+edited denoiser so that the denoiser's own diffusion loss on images of the erased concept is small, then
+one samples from the optimised embedding and runs a detector.
+
 Example:
     >>> import ice_lightning
     >>> from ice_lightning.attacks import RedTeam
@@ -44,7 +49,7 @@ from .metrics import LeakageRate
 from .metrics import _outputs as _out
 from .text_encoders import EmbeddingSpace, FeatureConcatSource, SequenceSource
 
-__all__ = ["RingABellConfig", "RedTeam", "ATTACKS", "whitebox_inputs", "ring_a_bell_prompts"]
+__all__ = ["RingABellConfig", "RedTeam", "ATTACKS", "whitebox_inputs", "ring_a_bell_prompts", "embedding_attack"]
 
 ATTACKS = ("paraphrase", "ring_a_bell", "whitebox")
 Weights = dict[str, tuple[Tensor, Tensor | None]]
@@ -296,3 +301,49 @@ class RedTeam:
             if "whitebox" in self.attacks:
                 out["whitebox" + suffix] = self._whitebox(weights)
         return out
+
+
+def embedding_attack(unet: nn.Module, scheduler, prompt_embeds: Tensor, targets: Tensor, steps: int = 60,
+                     lr: float = 0.02, batch_size: int = 32, budget: float | None = None,
+                     seed: int = 0) -> Tensor:  # fmt: skip
+    """Optimise ``prompt_embeds`` (1, L, d) so that ``unet`` denoises ``targets`` (images of the erased
+    concept, in the denoiser's input space, e.g. pixels in [-1, 1] or latents) well: Adam on an additive
+    perturbation under the scheduler's own training objective, the denoiser frozen. ``budget`` bounds each
+    token's perturbation to ``budget`` times that token's norm (``None``: unbounded). Returns the attacked
+    embedding (1, L, d), detached."""
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+    objective = noise_scheduler.config.prediction_type
+    g = torch.Generator().manual_seed(seed)
+    base = prompt_embeds.detach().float()
+    delta = torch.zeros_like(base, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
+    was_training = unet.training
+    unet.eval()
+    requires = [p.requires_grad for p in unet.parameters()]
+    unet.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            idx = torch.randint(0, len(targets), (batch_size,), generator=g)
+            x0 = targets[idx].float()
+            noise = torch.randn(x0.shape, generator=g)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+            noisy = noise_scheduler.add_noise(x0, noise, t)
+            target = {"epsilon": noise, "sample": x0}.get(objective)
+            if target is None:
+                target = noise_scheduler.get_velocity(x0, noise, t)
+            cond = (base + delta).expand(batch_size, -1, -1)
+            loss = nn.functional.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample.float(), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if budget is not None:
+                with torch.no_grad():
+                    limit = budget * base.norm(dim=-1, keepdim=True)
+                    delta.mul_((limit / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
+    finally:
+        for p, r in zip(unet.parameters(), requires, strict=True):
+            p.requires_grad_(r)
+        unet.train(was_training)
+    return (base + delta).detach().to(prompt_embeds.dtype)

@@ -35,7 +35,9 @@ def build_erase_parser() -> ArgumentParser:
         prog="ice-lightning erase", description="Erase concepts from a diffusers pipeline and export it."
     )
     er.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
-    er.add_argument("--pipeline", required=True, help="local diffusers folder or hub id (from_pretrained)")
+    er.add_argument("--pipeline", default="shapes-image",
+                    help="local diffusers folder or hub id (from_pretrained), or a shipped shapes-world model: "
+                    "shapes-image (the default) or shapes-video")  # fmt: skip
     er.add_argument("--erase", action="append", required=True, help="a concept to erase (repeat for more)")
     er.add_argument("--preserve", action="append", default=None, help="a concept to keep (repeat for more)")
     er.add_argument("--family", default="custom", choices=list(FAMILIES), help="concept family")
@@ -51,6 +53,11 @@ def build_erase_parser() -> ArgumentParser:
     er.add_argument("--overlap", default=defaults.overlap)
     er.add_argument("--device", default="cpu", help="device to run the text encoder and the edit on")
     er.add_argument("--out", required=True, help="output folder for the erased pipeline")
+    er.add_argument("--samples", type=int, default=8,
+                    help="shapes world: samples per prompt for the before/after detection rates")  # fmt: skip
+    er.add_argument("--seed", type=int, default=0, help="shapes world: seed of the samples")
+    er.add_argument("--grid", default=None,
+                    help="shapes world: before/after image grid (PNG); default OUT/before_after.png")  # fmt: skip
     return er
 
 
@@ -72,9 +79,10 @@ def _run_erase(cfg) -> int:
     from .erase import erase
     from .export import save_erased
     from .metrics import erasure_metrics
-    from .pixel_pipeline import load_pipeline_folder
+    from .module import load_pipeline
+    from .pixel_pipeline import PixelDiffusionPipeline
 
-    pipe = load_pipeline_folder(cfg.pipeline).to(cfg.device)
+    pipe = load_pipeline(cfg.pipeline).to(cfg.device)
     hparams = {}
     if cfg.method == "ice":
         hparams = {
@@ -84,6 +92,8 @@ def _run_erase(cfg) -> int:
             "preserve_expansion": cfg.preserve_expansion,
             "overlap": cfg.overlap,
         }
+    if isinstance(pipe, PixelDiffusionPipeline):
+        return _run_shapes_erase(cfg, pipe, hparams)
     result = erase(
         pipe,
         erase=cfg.erase,
@@ -103,6 +113,39 @@ def _run_erase(cfg) -> int:
     )
     print(format_table(erasure_metrics(result)))
     print(f"saved to {out}")
+    return 0
+
+
+def _run_shapes_erase(cfg, pipe, hparams: dict) -> int:
+    """The shapes world: erase with the world's concept spec, print before/after detection rates of generated
+    samples (seen prompts and paraphrases) and write a before/after image grid."""
+    from pathlib import Path
+
+    from .erase import erase
+    from .export import save_erased
+    from .shapes_eval import concept_spec, format_report, grid_rows, sample_splits, save_grid, score
+
+    if len(cfg.erase) != 1:
+        raise ValueError(f"the shapes world report erases one concept at a time, got {cfg.erase}")
+    concept = cfg.erase[0]
+    spec = concept_spec(concept, video=pipe.video)
+    if cfg.preserve or cfg.template or cfg.anchor:
+        spec = type(spec)(erase=[concept], preserve=cfg.preserve or spec.preserve, anchor=cfg.anchor,
+                          templates=cfg.template or spec.templates, synonyms=spec.synonyms)  # fmt: skip
+    opts = {"samples": cfg.samples, "seed": cfg.seed}
+    before = sample_splits(pipe, **opts)
+    result = erase(pipe, spec=spec, method=cfg.method, **hparams)
+    after = sample_splits(pipe, **opts)
+    print(
+        f"erased {concept!r} ({cfg.method}) from {len(result.layers)} layers in {result.timings['total_s']:.2f} s; "
+        f"detection on {cfg.samples} samples per prompt (seed {cfg.seed})"
+    )
+    scores = [{k: score(x, prompts, concept) for k, (prompts, x) in d.items()} for d in (before, after)]
+    print(format_report(concept, *scores))
+    out = save_erased(pipe, cfg.out)
+    prompts, x0 = before["seen"]
+    grid = save_grid(grid_rows(prompts, x0, after["seen"][1], concept), cfg.grid or Path(out) / "before_after.png")
+    print(f"saved to {out}; before/after grid: {grid}")
     return 0
 
 

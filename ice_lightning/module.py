@@ -34,9 +34,16 @@ _TRAINABLE = ("UNet2DConditionModel", "UNet3DConditionModel")
 
 
 def load_pipeline(pipeline: str, torch_dtype: str = "float32"):
-    """``from_pretrained(pipeline)`` (local folder or hub id); ``"tiny:KIND"`` builds a tiny test pipeline,
+    """``from_pretrained(pipeline)`` (local folder or hub id); ``"shapes-image"``/``"shapes-video"`` the
+    trained shapes-world models shipped with the package; ``"tiny:KIND"`` builds a tiny test pipeline,
     ``"new:KIND"`` an untrained shapes-world pipeline (``shapes-image``, ``shapes-video``) to train."""
+    from pathlib import Path
+
+    from .shapes import SHIPPED_MODELS, load_shapes_pipeline
+
     dtype = getattr(torch, torch_dtype)
+    if pipeline in SHIPPED_MODELS and not Path(pipeline).exists():
+        return load_shapes_pipeline(pipeline).to(dtype=dtype)
     if pipeline.startswith("tiny:"):
         from .testing import build_tiny_pipeline
 

@@ -410,9 +410,9 @@ def new_pipeline(kind: str = "shapes-image", seed: int = 0):
     if kind == "shapes-image":
         unet = UNet2DConditionModel(
             sample_size=24, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(32, 64, 64),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=8, norm_num_groups=16,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=2, norm_num_groups=16,
         )  # fmt: skip
     elif kind == "shapes-video":
         unet = UNet3DConditionModel(
@@ -436,6 +436,8 @@ MODELS_DIR = Path(__file__).parent / "models"
 
 
 _CONFIGS = {"shapes-image": "shapes_t2i.yaml", "shapes-video": "shapes_t2v.yaml"}
+#: Names of the shipped models (``load_pipeline``, ``ice-lightning erase --pipeline``, ``ICEModule``).
+SHIPPED_MODELS = tuple(_CONFIGS)
 
 
 def save_shapes_model(pipe, kind: str = "shapes-image", root: Path | None = None) -> Path:

@@ -1,0 +1,146 @@
+"""End-to-end erasure in the shapes world: ICE, CURE and UCE on the shipped shapes models, judged by exact
+detectors on generated samples (seen prompts and paraphrases), plus the image-level embedding attack.
+
+For each concept (a colour and a shape on the image model, a motion direction on the video model) and each
+method: erase with the world's concept spec (ice_lightning.shapes_eval.concept_spec), sample every prompt
+with the same noise as before the edit, and report the erased concept's presence on its prompts (with how
+the rest failed: blank, garbled, or a clean sample of something else) and every other concept's accuracy
+kept (after / before). Then attack: for each prompt that asks for the concept, optimise its prompt
+embedding against the erased denoiser on exact renders of what it asks for (ice_lightning.attacks.
+embedding_attack) and measure the concept's presence in samples from the attacked embedding.
+
+    python benchmarks/shapes.py            # about 15 minutes on 2 CPU cores
+    python benchmarks/shapes.py --tiny     # the suite's smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from _common import RESULTS, table, write_report
+
+from ice_lightning import erase
+from ice_lightning.attacks import embedding_attack
+from ice_lightning.shapes import MODELS_DIR, load_shapes_pipeline
+from ice_lightning.shapes_eval import (
+    SPLITS,
+    concept_spec,
+    eval_prompts,
+    generate,
+    renders,
+    retention,
+    sample_splits,
+    score,
+)
+
+METHODS = ("ice", "cure", "uce")
+CONCEPTS = {"shapes-image": ("red", "circle"), "shapes-video": ("left",)}
+TARGET_PRESENCE, TARGET_RETENTION = 0.05, 0.90
+
+
+def attack(pipe, concept: str, samples: int, seed: int, steps: int, sample_steps: int, budget: float | None) -> float:
+    """Presence of ``concept`` in samples from attacked embeddings of the seen prompts that ask for it."""
+    frames = 6 if pipe.video else 0
+    prompts = [p for p in eval_prompts(video=pipe.video, seed=seed) if p.asks_for(concept)]
+    hits = []
+    for i, p in enumerate(prompts):
+        embeds = pipe.encode_prompt([p.text])[0]
+        targets = renders(p, 64, pipe.unet.config.sample_size, frames, seed=seed + i)
+        attacked = embedding_attack(pipe.unet, pipe.scheduler, embeds, targets, steps=steps, budget=budget,
+                                    seed=seed + i)  # fmt: skip
+        x = generate(pipe, samples=samples, seed=seed, steps=sample_steps, prompt_embeds=attacked)
+        hits.append(score(x, [p], concept)["presence"])
+    return statistics.fmean(hits)
+
+
+def run_model(kind: str, args) -> list[dict]:
+    pipe = load_shapes_pipeline(kind, args.models)
+    opts = {"samples": args.samples, "seed": args.seed, "steps": args.sample_steps}
+    t = time.perf_counter()
+    before_samples = sample_splits(pipe, **opts)
+    print(f"[{kind}] sampled the unedited model in {time.perf_counter() - t:.0f} s", flush=True)
+    rows = []
+    for concept in CONCEPTS[kind][: 1 if args.tiny else None]:
+        before = {k: score(x, prompts, concept) for k, (prompts, x) in before_samples.items()}
+        for method in METHODS:
+            t = time.perf_counter()
+            result = erase(pipe, spec=concept_spec(concept, video=pipe.video), method=method)
+            after_samples = sample_splits(pipe, **opts)
+            after = {k: score(x, prompts, concept) for k, (prompts, x) in after_samples.items()}
+            attacked = {
+                str(b): attack(pipe, concept, args.samples, args.seed, args.attack_steps, args.sample_steps, b)
+                for b in args.budgets
+            }
+            result.undo()
+            for split in SPLITS:
+                kept = retention(before[split], after[split])
+                rows.append({
+                    "model": kind, "concept": concept, "method": method, "split": split,
+                    "presence_before": before[split]["presence"], "presence_after": after[split]["presence"],
+                    "erased_blank": after[split]["erased_blank"], "erased_garbled": after[split]["erased_garbled"],
+                    "erased_replaced": after[split]["erased_replaced"],
+                    "min_retention": min(kept.values()), "worst_kept": min(kept, key=kept.get),
+                    "accuracy_before": before[split]["accuracy"], "accuracy_after": after[split]["accuracy"],
+                    "other_blank": after[split]["blank"], "other_garbled": after[split]["garbled"],
+                    "attack_presence": attacked, "seconds": time.perf_counter() - t,
+                })  # fmt: skip
+            r = rows[-2]
+            print(f"[{kind}] {concept} {method}: presence {r['presence_before']:.2f} -> {r['presence_after']:.2f}, "
+                  f"min retention {r['min_retention']:.2f}, attack {attacked} ({time.perf_counter() - t:.0f} s)",
+                  flush=True)  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="one concept, 1 sample per prompt, short attack (tests)")
+    ap.add_argument("--samples", type=int, default=16, help="samples per prompt")
+    ap.add_argument("--sample-steps", type=int, default=20, help="DDIM steps")
+    ap.add_argument("--attack-steps", type=int, default=60)
+    ap.add_argument("--budgets", type=float, nargs="*", default=[0.5], help="attack budgets (0 = unbounded)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--models", type=Path, default=MODELS_DIR, help="folder of the shipped shapes models")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.samples, args.sample_steps, args.attack_steps, args.budgets = 1, 4, 2, [0.5]
+    args.budgets = [b or None for b in args.budgets]
+    t0 = time.perf_counter()
+    kinds = [k for k in CONCEPTS if (args.models / k / "unet").is_dir()][: 1 if args.tiny else None]
+    rows = [r for kind in kinds for r in run_model(kind, args)]
+    for r in rows:
+        r["meets_targets"] = r["presence_after"] <= TARGET_PRESENCE and r["min_retention"] >= TARGET_RETENTION
+    name = "shapes_tiny" if args.tiny else "shapes"
+    md = [f"# Shapes world: end-to-end erasure ({'tiny' if args.tiny else 'full'})", "",
+          f"{args.samples} samples per prompt, DDIM {args.sample_steps} steps, guidance 4, seed {args.seed}; "
+          f"ICE targets: presence <= {TARGET_PRESENCE:.0%}, every other concept keeps >= {TARGET_RETENTION:.0%} of "
+          "its accuracy.", ""]  # fmt: skip
+    md += table(
+        ["model", "concept", "method", "prompts", "presence before", "presence after", "blank / garbled / else",
+         "min accuracy kept (concept)", "other blank / garbled", "targets met"],
+        [[r["model"], r["concept"], r["method"], r["split"], r["presence_before"], r["presence_after"],
+          f"{r['erased_blank']:.2f} / {r['erased_garbled']:.2f} / {r['erased_replaced']:.2f}",
+          f"{r['min_retention']:.3f} ({r['worst_kept']})", f"{r['other_blank']:.2f} / {r['other_garbled']:.2f}",
+          "yes" if r["meets_targets"] else "no"] for r in rows],
+    )  # fmt: skip
+    budgets = [str(b) for b in args.budgets]
+    md += ["", "## Image-level attack: presence of the erased concept in samples from optimised prompt embeddings",
+           "", f"Adam on the prompt embedding, {args.attack_steps} steps, per-token budget "
+           f"{', '.join(budgets)} x the token's norm (None: unbounded); the original model's presence on the "
+           "same prompts is the ceiling.", ""]  # fmt: skip
+    seen = [r for r in rows if r["split"] == "seen"]
+    md += table(["model", "concept", "method", "presence (original)", "presence (erased)",
+                 *(f"attack success, budget {b}" for b in budgets)],
+                [[r["model"], r["concept"], r["method"], r["presence_before"], r["presence_after"],
+                  *(r["attack_presence"][b] for b in budgets)] for r in seen])  # fmt: skip
+    md += ["", f"Total {time.perf_counter() - t0:.0f} s."]
+    write_report(args.out, name, {"samples": args.samples, "sample_steps": args.sample_steps, "seed": args.seed,
+                                  "attack_steps": args.attack_steps, "rows": rows}, md)  # fmt: skip
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()
