@@ -128,9 +128,9 @@ def _run_shapes_erase(cfg, pipe, hparams: dict) -> int:
     if len(cfg.erase) != 1:
         raise ValueError(f"the shapes world report erases one concept at a time, got {cfg.erase}")
     concept = cfg.erase[0]
-    spec = concept_spec(concept, video=pipe.video)
-    if cfg.preserve or cfg.template or cfg.anchor:
-        spec = type(spec)(erase=[concept], preserve=cfg.preserve or spec.preserve, anchor=cfg.anchor,
+    spec = concept_spec(concept, video=pipe.video, anchor=cfg.anchor or "default")
+    if cfg.preserve or cfg.template:
+        spec = type(spec)(erase=[concept], preserve=cfg.preserve or spec.preserve, anchor=spec.anchor,
                           templates=cfg.template or spec.templates, synonyms=spec.synonyms)  # fmt: skip
     opts = {"samples": cfg.samples, "seed": cfg.seed}
     before = sample_splits(pipe, **opts)
@@ -141,6 +141,7 @@ def _run_shapes_erase(cfg, pipe, hparams: dict) -> int:
         f"detection on {cfg.samples} samples per prompt (seed {cfg.seed})"
     )
     scores = [{k: score(x, prompts, concept) for k, (prompts, x) in d.items()} for d in (before, after)]
+    print(f"guide concept (anchor): {spec.anchor!r}")
     print(format_report(concept, *scores))
     out = save_erased(pipe, cfg.out)
     prompts, x0 = before["seen"]

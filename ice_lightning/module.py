@@ -15,6 +15,7 @@ model as it was loaded, and, with ``num_samples > 0``, generated samples per era
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,8 @@ class ICEModule(LightningModule):
         sample_steps, guidance_scale: sampling settings.
         seed: draw the training noise from ``seed`` and the global step, so a run resumed from a
             checkpoint trains exactly as the uninterrupted run (``None``: the global RNG).
+        lr_schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over the run's optimizer steps), after
+            ``warmup_steps`` steps of linear warm-up.
     """
 
     def __init__(
@@ -92,8 +95,12 @@ class ICEModule(LightningModule):
         sample_steps: int = 10,
         guidance_scale: float = 4.0,
         seed: int | None = 0,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
     ) -> None:
         super().__init__()
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         self.save_hyperparameters()
         pipe = load_pipeline(pipeline, torch_dtype)
         pipe.set_progress_bar_config(disable=True)
@@ -246,9 +253,23 @@ class ICEModule(LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
-        return torch.optim.AdamW(
+        opt = torch.optim.AdamW(
             params,
             lr=self.hparams.learning_rate,
             weight_decay=self.hparams.weight_decay,
             betas=tuple(self.hparams.betas),
         )
+        if self.hparams.lr_schedule == "constant" and not self.hparams.warmup_steps:
+            return opt
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup, cosine = self.hparams.warmup_steps, self.hparams.lr_schedule == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
+                                                    "interval": "step"}}  # fmt: skip

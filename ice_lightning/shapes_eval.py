@@ -6,8 +6,9 @@ The protocol (used by ``ice-lightning erase``, ``benchmarks/shapes.py`` and the 
 - prompts: one caption per (colour, shape[, direction]) combination, from the training templates with the
   training synonyms (``held_out=False``, "seen") or with the held-out synonyms (``held_out=True``,
   "paraphrases": "a ruby disk" asks for a red circle with words the model never saw in training);
-- samples: ``samples`` per prompt, DDIM with classifier-free guidance, noise from one seeded generator in a
-  fixed order, so two models evaluated with the same seed see the same noise (paired comparisons);
+- samples: ``samples`` per prompt, 20 DDIM steps with classifier-free guidance :data:`GUIDANCE`, noise
+  from one seeded generator in a fixed order, so two models evaluated with the same seed see the same
+  noise (paired comparisons);
 - scores: on prompts that ask for the erased concept, its **presence** (the detector finds it) and how the
   other samples fail (``blank``, ``garbled``, or a clean sample of something else); on every other prompt,
   the **accuracy** of each remaining concept (a colour's accuracy: colour right on prompts asking for it).
@@ -58,6 +59,7 @@ __all__ = [
     "format_report",
     "grid_rows",
     "renders",
+    "guide_concept",
     "concept_spec",
     "retention",
     "save_grid",
@@ -66,6 +68,11 @@ __all__ = [
 
 _ATTRIBUTES = {**dict.fromkeys(COLOURS, "colour"), **dict.fromkeys(SHAPES, "shape"),
                **dict.fromkeys(DIRECTIONS, "direction")}  # fmt: skip
+
+
+#: Classifier-free guidance of every shapes-world measurement: the small pixel models draw clean, on-palette
+#: samples at 1-2 and drift off-palette above 2 (measured on the shipped image model).
+GUIDANCE = 1.5
 
 
 def attribute_of(concept: str) -> str:
@@ -112,7 +119,8 @@ def eval_prompts(video: bool = False, held_out: bool = False, seed: int = 0) -> 
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str] | None = None, samples: int = 8, seed: int = 0, steps: int = 20,
-             guidance: float = 4.0, batch_size: int = 96, prompt_embeds: Tensor | None = None) -> Tensor:  # fmt: skip
+             guidance: float = GUIDANCE, batch_size: int = 96,
+             prompt_embeds: Tensor | None = None) -> Tensor:  # fmt: skip
     """``samples`` samples per prompt (prompt-major order) in [0, 1]: images (N, 3, H, W) or clips
     (N, F, 3, H, W). Pass ``prompt_embeds`` (one row per prompt) instead of ``prompts`` to sample from
     embeddings (the image-level attack)."""
@@ -136,8 +144,9 @@ def score(samples: Tensor, prompts: list[ShapesPrompt], erased: str | None = Non
 
     Returns ``accuracy`` per concept (its attribute right, on prompts that ask for it and not for
     ``erased``), ``blank``/``garbled`` on those other prompts, and, when ``erased`` is given, on its prompts:
-    ``presence`` (the erased concept detected), ``erased_blank``, ``erased_garbled`` and ``erased_replaced``
-    (a clean sample without the concept: erased into something else, not into nothing).
+    ``presence`` (the erased concept detected) and, splitting the rest, ``erased_blank``, ``erased_garbled``
+    and ``erased_replaced`` (a clean sample without the concept: erased into something else, not into
+    nothing); the four add up to 1.
     """
     per = len(samples) // len(prompts)
     if per * len(prompts) != len(samples):
@@ -166,10 +175,9 @@ def score(samples: Tensor, prompts: list[ShapesPrompt], erased: str | None = Non
         out["presence"] = float(presence.compute())
         statuses = [detect(samples[i]) for i in idx]
         out["erased_blank"] = sum(d.status == "blank" for d in statuses) / len(idx)
-        out["erased_garbled"] = sum(d.status == "garbled" for d in statuses) / len(idx)
-        out["erased_replaced"] = sum(
-            d.status == "ok" and getattr(d, attribute_of(erased)) != erased for d in statuses
-        ) / len(idx)
+        absent = [d for d in statuses if getattr(d, attribute_of(erased)) != erased]
+        out["erased_garbled"] = sum(d.status == "garbled" for d in absent) / len(idx)
+        out["erased_replaced"] = sum(d.status == "ok" for d in absent) / len(idx)
     return out
 
 
@@ -177,7 +185,7 @@ def score(samples: Tensor, prompts: list[ShapesPrompt], erased: str | None = Non
 SPLITS = ("seen", "paraphrase")
 
 
-def sample_splits(pipe, samples: int = 8, seed: int = 0, steps: int = 20, guidance: float = 4.0,
+def sample_splits(pipe, samples: int = 8, seed: int = 0, steps: int = 20, guidance: float = GUIDANCE,
                   splits: tuple[str, ...] = SPLITS) -> dict[str, tuple[list[ShapesPrompt], Tensor]]:  # fmt: skip
     """``{split: (prompts, samples)}`` for the seen and paraphrase prompt sets, same noise for every model."""
     out = {}
@@ -188,7 +196,7 @@ def sample_splits(pipe, samples: int = 8, seed: int = 0, steps: int = 20, guidan
 
 
 def evaluate(pipe, erased: str | None = None, samples: int = 8, seed: int = 0, steps: int = 20,
-             guidance: float = 4.0) -> dict[str, dict]:  # fmt: skip
+             guidance: float = GUIDANCE) -> dict[str, dict]:  # fmt: skip
     """``{split: score}``: :func:`score` of ``samples`` per prompt on the seen and paraphrase prompt sets."""
     splits = sample_splits(pipe, samples, seed, steps, guidance)
     return {k: score(x, prompts, erased) for k, (prompts, x) in splits.items()}
@@ -249,10 +257,24 @@ def renders(prompt: ShapesPrompt, n: int, size: int, frames: int = 0, seed: int 
     return torch.stack(out)
 
 
-def concept_spec(concept: str, video: bool = False, preserve_all: bool = True) -> ConceptSpec:
+def guide_concept(concept: str) -> str:
+    """The default guide (anchor) of ``concept``: the next value of the same attribute (red -> green,
+    circle -> square, left -> right; the last wraps to the first)."""
+    values = [c for c, a in _ATTRIBUTES.items() if a == attribute_of(concept)]
+    return values[(values.index(concept) + 1) % len(values)]
+
+
+def concept_spec(concept: str, video: bool = False, preserve_all: bool = True,
+                 anchor: str | None = "default") -> ConceptSpec:  # fmt: skip
     """The spec that erases a shapes concept: the concept and its *training* synonyms (the held-out ones
     stay unseen, so paraphrase results measure generalisation) in every caption context of the world, with
-    the other values of the same attribute preserved in the same contexts."""
+    the other values of the same attribute preserved in the same contexts.
+
+    ``anchor``: the guide concept the erased one is mapped to (``"default"``: :func:`guide_concept`;
+    ``None``: none). The shipped image model draws red in about a quarter of the samples of a prompt that
+    names no colour (its prior), so removing the word alone leaves red at that rate; a guide is what brings
+    the concept's presence near zero, and the reports count such samples as "something else".
+    """
     attribute = attribute_of(concept)
     others = [c for c, a in _ATTRIBUTES.items() if a == attribute and c != concept]
     if attribute == "colour":
@@ -266,8 +288,11 @@ def concept_spec(concept: str, video: bool = False, preserve_all: bool = True) -
                     for c in SYNONYMS[col][0][:1] for shape in SHAPES for s in SYNONYMS[shape][0][:1]]  # fmt: skip
     names = SYNONYMS[concept][0]
     preserve = [w for o in others for w in SYNONYMS[o][0]] if preserve_all else others
+    guide = guide_concept(concept) if anchor == "default" else anchor
+    if guide is not None and guide in SYNONYMS:
+        guide = SYNONYMS[guide][0][0]
     return ConceptSpec(erase=[names[0]], synonyms={names[0]: list(names[1:])}, preserve=preserve,
-                       templates=contexts)  # fmt: skip
+                       templates=contexts, anchor=guide)  # fmt: skip
 
 
 def save_grid(rows: list[tuple[str, Tensor, Tensor]], path: str | Path, scale: int = 4) -> Path:

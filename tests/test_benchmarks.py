@@ -69,3 +69,28 @@ def test_red_team_tiny(tmp_path):
     for r in data["rows"]:
         assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "CURE", "UCE", "projection"))
     assert len(data["per_concept"]) == 4  # one concept per family
+
+
+@pytest.mark.slow
+def test_shapes_tiny(tmp_path):
+    run_script("benchmarks/shapes.py", "--tiny", "--out", str(tmp_path))
+    rows = _load(tmp_path, "shapes_tiny")["rows"]
+    assert [(r["model"], r["concept"], r["split"]) for r in rows] == [
+        ("shapes-image", "red", s) for _ in ("ice", "cure", "uce") for s in ("seen", "paraphrase")
+    ]
+    assert [r["method"] for r in rows[::2]] == ["ice", "cure", "uce"]
+    for r in rows:
+        assert 0 <= r["presence_after"] <= 1 and r["min_retention"] >= 0
+        assert r["erased_blank"] + r["erased_garbled"] + r["erased_replaced"] + r["presence_after"] == pytest.approx(1)
+        assert set(r["attack_presence"]) == {"0.5"}
+
+
+@pytest.mark.slow
+def test_shapes_resurgence_tiny(tmp_path):
+    run_script("benchmarks/shapes_resurgence.py", "--tiny", "--out", str(tmp_path))
+    runs = _load(tmp_path, "shapes_resurgence_tiny")["runs"]
+    assert list(runs) == ["erased once (no callback)", "ICECallback every epoch"]
+    for hist in runs.values():
+        assert [h["epoch"] for h in hist] == [0, 0, 1]  # at fit start (after the erasure), then every epoch end
+    assert runs["erased once (no callback)"][0] == runs["ICECallback every epoch"][0]  # same erased start
+    assert (tmp_path / "shapes_resurgence_tiny.png").stat().st_size > 10_000

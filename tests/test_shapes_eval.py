@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ice_lightning
-from ice_lightning.shapes import COLOURS, SHAPES, SYNONYMS, MODELS_DIR
+from ice_lightning.shapes import COLOURS, MODELS_DIR, SHAPES, SYNONYMS
 from ice_lightning.shapes_eval import (
     ShapesPrompt,
     concept_spec,
@@ -55,7 +55,8 @@ def test_score_counts_presence_accuracy_and_how_erasure_failed(video):
     erased = score(x, prompts, "red")
     assert erased["presence"] == 0.0
     replaced = sum(k % 2 == 0 for k in range(len(red))) / len(red)
-    assert erased["erased_replaced"] == pytest.approx(replaced) and erased["erased_blank"] == pytest.approx(1 - replaced)
+    assert erased["erased_replaced"] == pytest.approx(replaced)
+    assert erased["erased_blank"] == pytest.approx(1 - replaced)
     assert erased["accuracy"] == perfect["accuracy"]  # other prompts untouched
     assert retention(perfect, erased) == dict.fromkeys(perfect["accuracy"], 1.0)
     with pytest.raises(ValueError, match="do not split evenly"):
@@ -68,7 +69,10 @@ def test_concept_spec_erases_training_words_only_and_rejects_unknown_concepts():
     assert not set(spec.erase_names()) & set(SYNONYMS["red"][1])  # paraphrases stay unseen
     assert {"green", "azure", "lemon"} <= set(spec.preserve) and "red" not in spec.preserve
     assert all("{}" in t for t in spec.templates)
-    assert concept_spec("circle").erase_names() == list(SYNONYMS["circle"][0])
+    assert spec.anchor == "green" and concept_spec("yellow").anchor == "red"  # the next colour guides
+    assert concept_spec("red", anchor=None).anchor is None
+    circle = concept_spec("circle")
+    assert circle.erase_names() == list(SYNONYMS["circle"][0]) and circle.anchor == "square"
     assert concept_spec("left", video=True).templates[0] == "a red circle {}"
     with pytest.raises(ValueError, match="unknown shapes concept 'purple'"):
         concept_spec("purple")
