@@ -16,6 +16,7 @@ embedding_attack) and measure the concept's presence in samples from the attacke
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from ice_lightning.shapes_eval import (
 METHODS = ("ice", "cure", "uce")
 CONCEPTS = {"shapes-image": ("red", "circle"), "shapes-video": ("left",)}
 TARGET_PRESENCE, TARGET_RETENTION = 0.05, 0.90
+MIN_BASE_ACCURACY = 0.5
 
 
 def attack(pipe, concept: str, samples: int, seed: int, steps: int, sample_steps: int, budget: float | None) -> float:
@@ -54,6 +56,19 @@ def attack(pipe, concept: str, samples: int, seed: int, steps: int, sample_steps
         x = generate(pipe, samples=samples, seed=seed, steps=sample_steps, prompt_embeds=attacked)
         hits.append(score(x, [p], concept)["presence"])
     return statistics.fmean(hits)
+
+
+def summarise(row: dict) -> dict:
+    """Accuracy kept by the other concepts, over those the unedited model draws right at least half the
+    time on these prompts (a concept it never drew from a paraphrase has no accuracy to keep), and whether
+    the ICE targets hold."""
+    before = {"accuracy": {c: a for c, a in row["accuracy_before"].items() if a >= MIN_BASE_ACCURACY}}
+    kept = retention(before, {"accuracy": row["accuracy_after"]})
+    row["retention"] = kept
+    row["min_retention"] = min(kept.values()) if kept else float("nan")
+    row["worst_kept"] = min(kept, key=kept.get) if kept else "-"
+    row["meets_targets"] = row["presence_after"] <= TARGET_PRESENCE and row["min_retention"] >= TARGET_RETENTION
+    return row
 
 
 def run_model(kind: str, args) -> list[dict]:
@@ -76,17 +91,16 @@ def run_model(kind: str, args) -> list[dict]:
             }
             result.undo()
             for split in SPLITS:
-                kept = retention(before[split], after[split])
                 rows.append({
                     "model": kind, "concept": concept, "method": method, "split": split,
                     "presence_before": before[split]["presence"], "presence_after": after[split]["presence"],
                     "erased_blank": after[split]["erased_blank"], "erased_garbled": after[split]["erased_garbled"],
                     "erased_replaced": after[split]["erased_replaced"],
-                    "min_retention": min(kept.values()), "worst_kept": min(kept, key=kept.get),
                     "accuracy_before": before[split]["accuracy"], "accuracy_after": after[split]["accuracy"],
                     "other_blank": after[split]["blank"], "other_garbled": after[split]["garbled"],
                     "attack_presence": attacked, "seconds": time.perf_counter() - t,
                 })  # fmt: skip
+                summarise(rows[-1])
             r = rows[-2]
             print(f"[{kind}] {concept} {method}: presence {r['presence_before']:.2f} -> {r['presence_after']:.2f}, "
                   f"min retention {r['min_retention']:.2f}, attack {attacked} ({time.perf_counter() - t:.0f} s)",
@@ -104,26 +118,34 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--models", type=Path, default=MODELS_DIR, help="folder of the shipped shapes models")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from the saved JSON")
     args = ap.parse_args(argv)
     if args.tiny:
         args.samples, args.sample_steps, args.attack_steps, args.budgets = 1, 4, 2, [0.5]
     args.budgets = [b or None for b in args.budgets]
     t0 = time.perf_counter()
-    kinds = [k for k in CONCEPTS if (args.models / k / "unet").is_dir()][: 1 if args.tiny else None]
-    rows = [r for kind in kinds for r in run_model(kind, args)]
-    for r in rows:
-        r["meets_targets"] = r["presence_after"] <= TARGET_PRESENCE and r["min_retention"] >= TARGET_RETENTION
     name = "shapes_tiny" if args.tiny else "shapes"
+    if args.report_only:
+        saved = json.loads((args.out / f"{name}.json").read_text())
+        rows = [summarise(r) for r in saved["rows"]]
+        for k in ("samples", "sample_steps", "seed", "attack_steps"):
+            setattr(args, k, saved[k])
+    else:
+        kinds = [k for k in CONCEPTS if (args.models / k / "unet").is_dir()][: 1 if args.tiny else None]
+        rows = [r for kind in kinds for r in run_model(kind, args)]
     md = [f"# Shapes world: end-to-end erasure ({'tiny' if args.tiny else 'full'})", "",
           f"{args.samples} samples per prompt, DDIM {args.sample_steps} steps, guidance 4, seed {args.seed}; "
           f"ICE targets: presence <= {TARGET_PRESENCE:.0%}, every other concept keeps >= {TARGET_RETENTION:.0%} of "
-          "its accuracy.", ""]  # fmt: skip
+          f"its accuracy (counted over the concepts the unedited model draws right >= {MIN_BASE_ACCURACY:.0%} of the "
+          "time on those prompts). Erased-prompt samples split into presence + blank + garbled + something else = 1.",
+          ""]  # fmt: skip
     md += table(
         ["model", "concept", "method", "prompts", "presence before", "presence after", "blank / garbled / else",
-         "min accuracy kept (concept)", "other blank / garbled", "targets met"],
+         "min accuracy kept (concept, concepts counted)", "other blank / garbled", "targets met"],
         [[r["model"], r["concept"], r["method"], r["split"], r["presence_before"], r["presence_after"],
           f"{r['erased_blank']:.2f} / {r['erased_garbled']:.2f} / {r['erased_replaced']:.2f}",
-          f"{r['min_retention']:.3f} ({r['worst_kept']})", f"{r['other_blank']:.2f} / {r['other_garbled']:.2f}",
+          f"{r['min_retention']:.3f} ({r['worst_kept']}, {len(r['retention'])} of {len(r['accuracy_before'])})",
+          f"{r['other_blank']:.2f} / {r['other_garbled']:.2f}",
           "yes" if r["meets_targets"] else "no"] for r in rows],
     )  # fmt: skip
     budgets = [str(b) for b in args.budgets]

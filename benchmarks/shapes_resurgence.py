@@ -32,6 +32,7 @@ def fine_tune(concept: str, every_n_epochs: int | None, args) -> list[dict]:
     module = ICEModule(pipeline=str(args.pipeline), learning_rate=args.lr, weight_decay=0.0, seed=args.seed)
     spec = concept_spec(concept)
     ice = ICECallback(erase=spec.erase, preserve=spec.preserve, synonyms=spec.synonyms, templates=spec.templates,
+                      anchor=spec.anchor,
                       every_n_epochs=every_n_epochs, at_fit_end=False, log_metrics=False)  # fmt: skip
     probe = ShapesProbe(concept, samples=args.samples, seed=args.seed, steps=args.sample_steps)
     data = ShapesDataModule(size=module.unet.config.sample_size, train_size=args.train_size, val_size=64,
