@@ -9,7 +9,7 @@ kept (after / before). Then attack: for each prompt that asks for the concept, o
 embedding against the erased denoiser on exact renders of what it asks for (ice_lightning.attacks.
 embedding_attack) and measure the concept's presence in samples from the attacked embedding.
 
-    python benchmarks/shapes.py            # about 15 minutes on 2 CPU cores
+    python benchmarks/shapes.py            # about 9 minutes on 2 CPU cores
     python benchmarks/shapes.py --tiny     # the suite's smoke run
 """
 
@@ -111,7 +111,7 @@ def run_model(kind: str, args) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="one concept, 1 sample per prompt, short attack (tests)")
-    ap.add_argument("--samples", type=int, default=16, help="samples per prompt")
+    ap.add_argument("--samples", type=int, default=8, help="samples per prompt")
     ap.add_argument("--sample-steps", type=int, default=20, help="DDIM steps")
     ap.add_argument("--attack-steps", type=int, default=60)
     ap.add_argument("--budgets", type=float, nargs="*", default=[0.5], help="attack budgets (0 = unbounded)")

@@ -77,10 +77,14 @@ def test_cli_in_process_with_options(saved_pipeline, tmp_path, capsys):
     assert manifest["erasures"][0]["concepts"]["preserve"] == ["Rembrandt"]
 
 
-def test_cli_rejects_missing_arguments(capsys):
+def test_cli_rejects_missing_arguments(capsys, tmp_path):
     with pytest.raises(SystemExit):
-        main(["erase", "--erase", "Van Gogh", "--out", "x"])
-    assert "pipeline" in capsys.readouterr().err
+        main(["erase", "--out", "x"])
+    assert "erase" in capsys.readouterr().err
+    # with no --pipeline the shipped shapes model is used: a concept that world lacks is refused before any edit
+    with pytest.raises(ValueError, match="unknown shapes concept 'Van Gogh'"):
+        main(["erase", "--erase", "Van Gogh", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
     assert main(["bogus"]) == 2 and "unknown command" in capsys.readouterr().err
     assert main(["--help"]) == 0 and "erase" in capsys.readouterr().out
 
