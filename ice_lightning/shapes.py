@@ -417,9 +417,9 @@ def new_pipeline(kind: str = "shapes-image", seed: int = 0):
     elif kind == "shapes-video":
         unet = UNet3DConditionModel(
             sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-            cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=8, norm_num_groups=16,
+            down_block_types=("DownBlock3D", "CrossAttnDownBlock3D"),
+            up_block_types=("CrossAttnUpBlock3D", "UpBlock3D"),
+            cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=2, norm_num_groups=16,
         )  # fmt: skip
     else:
         raise ValueError(f"unknown shapes pipeline {kind!r}; choose 'shapes-image' or 'shapes-video'")
