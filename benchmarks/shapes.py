@@ -27,6 +27,7 @@ from ice_lightning import erase
 from ice_lightning.attacks import embedding_attack
 from ice_lightning.shapes import MODELS_DIR, load_shapes_pipeline
 from ice_lightning.shapes_eval import (
+    GUIDANCE,
     SPLITS,
     concept_spec,
     eval_prompts,
@@ -45,7 +46,7 @@ MIN_BASE_ACCURACY = 0.5
 
 def attack(pipe, concept: str, samples: int, seed: int, steps: int, sample_steps: int, budget: float | None) -> float:
     """Presence of ``concept`` in samples from attacked embeddings of the seen prompts that ask for it."""
-    frames = 6 if pipe.video else 0
+    frames = pipe.default_num_frames if pipe.video else 0
     prompts = [p for p in eval_prompts(video=pipe.video, seed=seed) if p.asks_for(concept)]
     hits = []
     for i, p in enumerate(prompts):
@@ -73,7 +74,8 @@ def summarise(row: dict) -> dict:
 
 def run_model(kind: str, args) -> list[dict]:
     pipe = load_shapes_pipeline(kind, args.models)
-    opts = {"samples": args.samples, "seed": args.seed, "steps": args.sample_steps}
+    samples = args.video_samples if pipe.video else args.samples
+    opts = {"samples": samples, "seed": args.seed, "steps": args.sample_steps}
     t = time.perf_counter()
     before_samples = sample_splits(pipe, **opts)
     print(f"[{kind}] sampled the unedited model in {time.perf_counter() - t:.0f} s", flush=True)
@@ -86,7 +88,7 @@ def run_model(kind: str, args) -> list[dict]:
             after_samples = sample_splits(pipe, **opts)
             after = {k: score(x, prompts, concept) for k, (prompts, x) in after_samples.items()}
             attacked = {
-                str(b): attack(pipe, concept, args.samples, args.seed, args.attack_steps, args.sample_steps, b)
+                str(b): attack(pipe, concept, samples, args.seed, args.attack_steps, args.sample_steps, b)
                 for b in args.budgets
             }
             result.undo()
@@ -111,10 +113,12 @@ def run_model(kind: str, args) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="one concept, 1 sample per prompt, short attack (tests)")
-    ap.add_argument("--samples", type=int, default=8, help="samples per prompt")
+    ap.add_argument("--samples", type=int, default=8, help="samples per prompt (images)")
+    ap.add_argument("--video-samples", type=int, default=2, help="samples per prompt (clips; 48 prompts per set)")
     ap.add_argument("--sample-steps", type=int, default=20, help="DDIM steps")
     ap.add_argument("--attack-steps", type=int, default=60)
-    ap.add_argument("--budgets", type=float, nargs="*", default=[0.5], help="attack budgets (0 = unbounded)")
+    ap.add_argument("--budgets", type=float, nargs="*", default=[0.1, 0.25, 0.5],
+                    help="attack budgets, x the token's norm (0 = unbounded)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--models", type=Path, default=MODELS_DIR, help="folder of the shipped shapes models")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -128,13 +132,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report_only:
         saved = json.loads((args.out / f"{name}.json").read_text())
         rows = [summarise(r) for r in saved["rows"]]
-        for k in ("samples", "sample_steps", "seed", "attack_steps"):
-            setattr(args, k, saved[k])
+        for k in ("samples", "video_samples", "sample_steps", "seed", "attack_steps"):
+            setattr(args, k, saved.get(k, getattr(args, k)))
     else:
         kinds = [k for k in CONCEPTS if (args.models / k / "unet").is_dir()][: 1 if args.tiny else None]
         rows = [r for kind in kinds for r in run_model(kind, args)]
     md = [f"# Shapes world: end-to-end erasure ({'tiny' if args.tiny else 'full'})", "",
-          f"{args.samples} samples per prompt, DDIM {args.sample_steps} steps, guidance 4, seed {args.seed}; "
+          f"{args.samples} samples per image prompt and {args.video_samples} per clip prompt, DDIM "
+          f"{args.sample_steps} steps, guidance {GUIDANCE}, seed {args.seed}; "
           f"ICE targets: presence <= {TARGET_PRESENCE:.0%}, every other concept keeps >= {TARGET_RETENTION:.0%} of "
           f"its accuracy (counted over the concepts the unedited model draws right >= {MIN_BASE_ACCURACY:.0%} of the "
           "time on those prompts). Erased-prompt samples split into presence + blank + garbled + something else = 1.",
@@ -159,8 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
                 [[r["model"], r["concept"], r["method"], r["presence_before"], r["presence_after"],
                   *(r["attack_presence"][b] for b in budgets)] for r in seen])  # fmt: skip
     md += ["", f"Total {time.perf_counter() - t0:.0f} s."]
-    write_report(args.out, name, {"samples": args.samples, "sample_steps": args.sample_steps, "seed": args.seed,
-                                  "attack_steps": args.attack_steps, "rows": rows}, md)  # fmt: skip
+    saved = {k: getattr(args, k) for k in ("samples", "video_samples", "sample_steps", "seed", "attack_steps")}
+    write_report(args.out, name, {**saved, "rows": rows}, md)
     return {"rows": rows}
 
 

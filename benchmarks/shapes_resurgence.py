@@ -1,12 +1,13 @@
 """Concept resurgence in the shapes world: erase "red" from the shipped image model, then fine-tune on a data
 set that contains red shapes, with and without ICECallback re-applying the edit after every epoch.
 
-Both runs erase at setup through ICECallback (ICE defaults, the world's concept spec); the first never
-re-applies (a customer fine-tunes the erased model as shipped), the second re-applies every epoch. A
-ShapesProbe after the callback samples every seen prompt after every epoch and records red's presence on
-its prompts and the mean accuracy of the other concepts.
+Every run erases at setup through ICECallback (ICE defaults, the world's concept spec). The first never
+re-applies (a customer fine-tunes the erased model as shipped); the second re-applies every epoch; the third
+re-applies every epoch and also drops from each batch the samples whose caption names red or a synonym
+(``drop_concept_samples=True``). A ShapesProbe after the callback samples every seen prompt after every
+epoch and records red's presence on its prompts and the mean accuracy of the other concepts.
 
-    python benchmarks/shapes_resurgence.py          # about 6 minutes on 2 CPU cores
+    python benchmarks/shapes_resurgence.py          # about 8 minutes on 2 CPU cores
     python benchmarks/shapes_resurgence.py --tiny   # the suite's smoke run
 """
 
@@ -25,15 +26,17 @@ from ice_lightning.shapes import ShapesDataModule
 from ice_lightning.shapes_eval import ShapesProbe, concept_spec
 
 TARGET_PRESENCE = 0.05
+GUARDED = "ICECallback every epoch + drop_concept_samples"
 
 
-def fine_tune(concept: str, every_n_epochs: int | None, args) -> list[dict]:
+def fine_tune(concept: str, every_n_epochs: int | None, args, drop: bool = False) -> list[dict]:
     seed_everything(args.seed, verbose=False)
     module = ICEModule(pipeline=str(args.pipeline), learning_rate=args.lr, weight_decay=0.0, seed=args.seed)
     spec = concept_spec(concept)
     ice = ICECallback(erase=spec.erase, preserve=spec.preserve, synonyms=spec.synonyms, templates=spec.templates,
                       anchor=spec.anchor,
-                      every_n_epochs=every_n_epochs, at_fit_end=False, log_metrics=False)  # fmt: skip
+                      every_n_epochs=every_n_epochs, at_fit_end=False, log_metrics=False,
+                      drop_concept_samples=drop)  # fmt: skip
     probe = ShapesProbe(concept, samples=args.samples, seed=args.seed, steps=args.sample_steps)
     data = ShapesDataModule(size=module.unet.config.sample_size, train_size=args.train_size, val_size=64,
                             batch_size=64, seed=args.seed + 100)  # fmt: skip
@@ -51,7 +54,7 @@ def plot(runs: dict[str, list[dict]], path: Path, concept: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for (label, hist), colour in zip(runs.items(), ("tab:red", "tab:blue"), strict=True):
+    for (label, hist), colour in zip(runs.items(), ("tab:red", "tab:blue", "tab:green"), strict=True):
         epochs = list(range(len(hist)))
         ax.plot(epochs, [h["presence"] for h in hist], "o-", color=colour, label=f"{concept} presence, {label}")
         ax.plot(epochs, [h["accuracy_others"] for h in hist], "s--", color=colour, alpha=0.6,
@@ -84,11 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore")
     t0 = time.perf_counter()
     runs = {"erased once (no callback)": fine_tune(args.concept, None, args),
-            "ICECallback every epoch": fine_tune(args.concept, 1, args)}  # fmt: skip
+            "ICECallback every epoch": fine_tune(args.concept, 1, args),
+            GUARDED: fine_tune(args.concept, 1, args, drop=True)}  # fmt: skip
     name = "shapes_resurgence_tiny" if args.tiny else "shapes_resurgence"
     args.out.mkdir(parents=True, exist_ok=True)
     plot(runs, args.out / f"{name}.png", args.concept)
-    held = max(h["presence"] for h in runs["ICECallback every epoch"])
+    held = {label: max(h["presence"] for h in runs[label]) for label in list(runs)[1:]}
     md = [f"# Shapes world: resurgence of {args.concept!r} during fine-tuning ({'tiny' if args.tiny else 'full'})",
           "", f"{args.epochs} epochs of {args.train_size} samples (all colours, so a quarter {args.concept}), lr "
           f"{args.lr}, batch 64; {args.samples} samples per seen prompt per measurement. Epoch 0 is right after "
@@ -103,8 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
     for label in runs:
         header += [f"{args.concept} presence, {label}", f"others' accuracy, {label}"]
     md += table(header, rows)
-    md += ["", f"Highest {args.concept} presence with the callback: {held:.3f} (target <= {TARGET_PRESENCE}).",
-           f"![resurgence]({name}.png)", "", f"Total {time.perf_counter() - t0:.0f} s."]  # fmt: skip
+    md += [""] + [f"Highest {args.concept} presence, {label}: {v:.3f} (target <= {TARGET_PRESENCE})."
+                  for label, v in held.items()]  # fmt: skip
+    md += ["", f"![resurgence]({name}.png)", "", f"Total {time.perf_counter() - t0:.0f} s."]
     write_report(args.out, name, {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, md)
     return {"runs": runs}
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,14 @@ class ICECallback(Callback):
         layers: explicit qualified layer names instead of the layer table.
         verify: confirm the layers with a forward hook.
         log_metrics: log the text-space metrics after every application.
+        drop_concept_samples: remove from every training batch the samples whose caption names an erased
+            concept or one of its synonyms (whole words, any case), so the fine-tune never sees them.
+            Re-applying the edit alone does not stop a fine-tune on data that shows the concept under its
+            own name: the denoiser learns it back from what the edit leaves of the prompt (measured in
+            ``benchmarks/shapes_resurgence.py``). The batch must be a dict; rows of every tensor and list
+            of the batch's length are dropped, and a batch left empty reaches ``training_step`` empty
+            (``ICEModule`` then skips the step).
+        caption_key: the batch key that holds the captions (for ``drop_concept_samples``).
 
     The operator is computed once per embedding space (the text encoder is frozen) and reused. A
     re-application edits only what changed since the last one, ``W <- W - (W - W_last) D``: with no
@@ -90,6 +100,8 @@ class ICECallback(Callback):
         layers: list[str] | None = None,
         verify: bool = True,
         log_metrics: bool = True,
+        drop_concept_samples: bool = False,
+        caption_key: str = "captions",
     ) -> None:
         super().__init__()
         self.spec = ConceptSpec(
@@ -111,6 +123,10 @@ class ICECallback(Callback):
         self._probe: TextSpaceProbe | None = None
         self._probe_state: dict | None = None
         self._last_epoch_applied = -1
+        self.drop_concept_samples, self.caption_key = drop_concept_samples, caption_key
+        self.dropped_samples = 0
+        names = sorted(self.spec.erase_names(), key=len, reverse=True)  # longest first: "round dot" before "dot"
+        self._names_concept = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, names)) + r")(?!\w)", re.IGNORECASE)
 
     # -- the protocol ---------------------------------------------------------------------------
     def get_pipeline(self, pl_module: LightningModule) -> Any:
@@ -152,6 +168,10 @@ class ICECallback(Callback):
         if self.reapply_at == "train_epoch_end" and self._due(trainer.current_epoch):
             self.apply(trainer, pl_module, "epoch_end", epoch=trainer.current_epoch)
 
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.drop_concept_samples:
+            self.dropped_samples += self.drop_concept_rows(batch)
+
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.reapply_at != "validation_start":
             return
@@ -169,6 +189,32 @@ class ICECallback(Callback):
                 save_erased(self.get_pipeline(pl_module), self.export_dir, extra={"ice_callback": self.summary()})
                 rank_zero_info(f"ICECallback: exported the erased model to {self.export_dir}")
             trainer.strategy.barrier("ice_export")
+
+    # -- the data guard --------------------------------------------------------------------------
+    def names_concept(self, caption: str) -> bool:
+        """Whether ``caption`` names an erased concept or one of its synonyms (a whole word, any case)."""
+        return self._names_concept.search(caption) is not None
+
+    def drop_concept_rows(self, batch: Any) -> int:
+        """Remove, in place, the rows of ``batch`` whose caption names an erased concept; returns how many."""
+        if not isinstance(batch, MutableMapping) or self.caption_key not in batch:
+            raise TypeError(
+                f"drop_concept_samples needs dict batches with the captions under {self.caption_key!r}; got "
+                f"{type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, MutableMapping) else "")
+                + ": set caption_key to your captions' key"
+            )  # fmt: skip
+        captions = list(batch[self.caption_key])
+        keep = [not self.names_concept(c) for c in captions]
+        n = len(captions)
+        if all(keep):
+            return 0
+        mask = torch.tensor(keep)
+        for k, v in list(batch.items()):
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
+                batch[k] = v[mask.to(v.device)]
+            elif isinstance(v, (list, tuple)) and len(v) == n:
+                batch[k] = type(v)(x for x, kept in zip(v, keep, strict=True) if kept)
+        return n - sum(keep)
 
     # -- applying ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -312,6 +358,8 @@ class ICECallback(Callback):
             "applications": self.applications,
             "every_n_epochs": self.every_n_epochs,
             "reapply_at": self.reapply_at,
+            "drop_concept_samples": self.drop_concept_samples,
+            "dropped_samples": self.dropped_samples,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -327,11 +375,13 @@ class ICECallback(Callback):
             "operators": ops,
             "layer_spaces": self._layer_spaces,
             "probe": None if self._probe is None else self._probe.state_dict(),
+            "dropped_samples": self.dropped_samples,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.applications = list(state_dict["applications"])
         self._last_epoch_applied = state_dict["last_epoch_applied"]
+        self.dropped_samples = state_dict.get("dropped_samples", 0)
         self._layer_spaces = dict(state_dict["layer_spaces"])
         ops = state_dict["operators"]
         self._operators = None if ops is None else {s: DissociationOperator(**o) for s, o in ops.items()}

@@ -16,7 +16,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LayerRule", "TEXT_CONDITIONING_RULES", "TextConditioningLayers", "NoTextConditioningLayerError"]
+__all__ = [
+    "LayerRule",
+    "TEXT_CONDITIONING_RULES",
+    "TextConditioningLayers",
+    "NoTextConditioningLayerError",
+    "VIDEO_UNETS",
+    "text_per_frame",
+]
+
+#: UNets that denoise clips laid out (batch, channels, frames, height, width).
+VIDEO_UNETS = ("UNet3DConditionModel", "UNetMotionModel")
+
+
+def text_per_frame(denoiser: nn.Module, states: Tensor, num_frames: int) -> Tensor:
+    """The text states a video UNet takes for (B, ...) prompts: ``UNetMotionModel`` (AnimateDiff) wants them
+    repeated per frame (B * F, ...), as its pipeline does; UNet3D repeats them itself."""
+    if type(denoiser).__name__ == "UNetMotionModel":
+        return states.repeat_interleave(num_frames, dim=0)
+    return states
 
 
 class NoTextConditioningLayerError(ValueError):
@@ -70,8 +88,7 @@ def _example_inputs(model: nn.Module, states: dict[str, Tensor]) -> dict:
     if kind in ("UNet2DConditionModel", "UNet3DConditionModel", "UNetMotionModel"):
         s = max(4, 2 ** (len(cfg.block_out_channels) - 1))
         shape = (1, cfg.in_channels, s, s) if kind == "UNet2DConditionModel" else (1, cfg.in_channels, 2, s, s)
-        if kind == "UNetMotionModel":  # the AnimateDiff pipeline repeats the text per frame itself
-            ehs = ehs.repeat_interleave(shape[2], dim=0)
+        ehs = text_per_frame(model, ehs, shape[2]) if kind != "UNet2DConditionModel" else ehs
         kw = {"sample": rnd(*shape), "timestep": t, "encoder_hidden_states": ehs}
         if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL
             n_text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim

@@ -27,11 +27,12 @@ from lightning.pytorch import LightningModule
 from .attacks import RedTeam
 from .concepts import ConceptSpec
 from .erase import pipeline_spaces, text_conditioning_layers
+from .layers import VIDEO_UNETS, text_per_frame
 from .metrics import TextSpaceProbe
 
 __all__ = ["ICEModule", "load_pipeline"]
 
-_TRAINABLE = ("UNet2DConditionModel", "UNet3DConditionModel")
+_TRAINABLE = ("UNet2DConditionModel", *VIDEO_UNETS)
 
 
 def load_pipeline(pipeline: str, torch_dtype: str = "float32"):
@@ -119,7 +120,7 @@ class ICEModule(LightningModule):
                 frozen.requires_grad_(False).eval()
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self.video = type(self.unet).__name__ == "UNet3DConditionModel"
+        self.video = type(self.unet).__name__ in VIDEO_UNETS
         sched = pipe.scheduler
         if "FlowMatch" in type(sched).__name__:
             self.objective = "flow_matching"
@@ -194,11 +195,16 @@ class ICEModule(LightningModule):
             target = {"epsilon": noise, "sample": x0}.get(self.objective)
             if target is None:
                 target = self.noise_scheduler.get_velocity(x0, noise, t)
-        pred = self.unet(noisy, t, **self.encode_text(captions)).sample
+        cond = self.encode_text(captions)
+        if self.video:
+            cond["encoder_hidden_states"] = text_per_frame(self.unet, cond["encoder_hidden_states"], x0.shape[2])
+        pred = self.unet(noisy, t, **cond).sample
         return F.mse_loss(pred.float(), target.float())
 
     # -- Lightning hooks -----------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if len(batch["captions"]) == 0:  # every sample dropped (ICECallback(drop_concept_samples=True)): skip
+            return None
         g = None
         if self.hparams.seed is not None:
             g = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 1_000_003 + self.global_step)

@@ -1,6 +1,7 @@
 """A text-conditioned pixel-space diffusion pipeline (no VAE) for small worlds such as the shapes world.
 
-``PixelDiffusionPipeline`` holds a ``UNet2DConditionModel`` (images) or ``UNet3DConditionModel`` (clips)
+``PixelDiffusionPipeline`` holds a ``UNet2DConditionModel`` (images) or a ``UNet3DConditionModel`` or
+``UNetMotionModel`` (clips)
 that denoises pixels directly, a ``transformers`` text encoder with its tokenizer, and a scheduler. It
 follows the Stable Diffusion pipeline's conventions (``encode_prompt``, classifier-free guidance, the text
 encoder gets the attention mask when its config says ``use_attention_mask``), so ICE finds its
@@ -22,6 +23,8 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from .layers import VIDEO_UNETS, text_per_frame
+
 __all__ = ["PixelDiffusionPipeline", "PixelPipelineOutput", "load_pipeline_folder"]
 
 
@@ -34,9 +37,11 @@ class PixelPipelineOutput(BaseOutput):
 
 
 class PixelDiffusionPipeline(DiffusionPipeline):
-    """Pixel-space text-to-image (UNet2D) or text-to-video (UNet3D) diffusion."""
+    """Pixel-space text-to-image (UNet2D) or text-to-video (UNet3D, UNetMotion) diffusion."""
 
     model_cpu_offload_seq = "text_encoder->unet"
+    #: Frames of a clip when ``num_frames`` is not given (the shapes video model is trained on 6).
+    default_num_frames = 6
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler) -> None:
         super().__init__()
@@ -45,7 +50,7 @@ class PixelDiffusionPipeline(DiffusionPipeline):
 
     @property
     def video(self) -> bool:
-        return type(self.unet).__name__ == "UNet3DConditionModel"
+        return type(self.unet).__name__ in VIDEO_UNETS
 
     @torch.no_grad()
     def _encode(self, texts: list[str], device) -> torch.Tensor:
@@ -84,11 +89,13 @@ class PixelDiffusionPipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         h, w = height or size, width or size
         c = self.unet.config.in_channels
-        shape = (n, c, num_frames or 6, h, w) if self.video else (n, c, h, w)
+        shape = (n, c, num_frames or self.default_num_frames, h, w) if self.video else (n, c, h, w)
         x = torch.randn(shape, generator=generator, device="cpu", dtype=prompt_embeds.dtype).to(device)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         x = x * self.scheduler.init_noise_sigma
         cond = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
+        if self.video:
+            cond = text_per_frame(self.unet, cond, shape[2])
         for t in self.progress_bar(self.scheduler.timesteps):
             inp = torch.cat([x, x]) if cfg else x
             inp = self.scheduler.scale_model_input(inp, t)

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -400,8 +401,8 @@ def _minilm_text_encoder():
 
 def new_pipeline(kind: str = "shapes-image", seed: int = 0):
     """An untrained pixel-space pipeline of the shapes world around the real (frozen) MiniLM encoder:
-    ``shapes-image`` (UNet2D, 24x24) or ``shapes-video`` (UNet3D, 16x16 clips)."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel, UNet3DConditionModel
+    ``shapes-image`` (UNet2D, 24x24) or ``shapes-video`` (AnimateDiff's UNetMotion, 16x16 clips)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel, UNetMotionModel
 
     from .pixel_pipeline import PixelDiffusionPipeline
 
@@ -415,11 +416,15 @@ def new_pipeline(kind: str = "shapes-image", seed: int = 0):
             cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=2, norm_num_groups=16,
         )  # fmt: skip
     elif kind == "shapes-video":
-        unet = UNet3DConditionModel(
+        # AnimateDiff's UNet: its motion modules add sinusoidal frame positions. UNet3D's temporal attention has
+        # none, and a UNet3D trained here learned each clip's axis of motion but not its sign (left vs right
+        # at chance).
+        unet = UNetMotionModel(
             sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("DownBlock3D", "CrossAttnDownBlock3D"),
-            up_block_types=("CrossAttnUpBlock3D", "UpBlock3D"),
-            cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=2, norm_num_groups=16,
+            down_block_types=("DownBlockMotion", "CrossAttnDownBlockMotion"),
+            up_block_types=("CrossAttnUpBlockMotion", "UpBlockMotion"),
+            cross_attention_dim=text_encoder.config.hidden_size, num_attention_heads=2, norm_num_groups=16,
+            motion_num_attention_heads=2, motion_max_seq_length=8,
         )  # fmt: skip
     else:
         raise ValueError(f"unknown shapes pipeline {kind!r}; choose 'shapes-image' or 'shapes-video'")
@@ -453,7 +458,8 @@ def save_shapes_model(pipe, kind: str = "shapes-image", root: Path | None = None
 def load_shapes_pipeline(kind: str = "shapes-image", root: Path | None = None):
     """The trained shapes pipeline shipped with the package (``shapes-image`` or ``shapes-video``), in float32,
     around the real MiniLM encoder."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel, UNet3DConditionModel
+    import diffusers
+    from diffusers import DDIMScheduler
 
     from .pixel_pipeline import PixelDiffusionPipeline
 
@@ -463,7 +469,7 @@ def load_shapes_pipeline(kind: str = "shapes-image", root: Path | None = None):
             f"no shipped {kind!r} model at {folder}; train one with "
             f"`ice-lightning fit --config configs/{_CONFIGS[kind]}` and `save_shapes_model`"
         )
-    unet_cls = UNet3DConditionModel if kind == "shapes-video" else UNet2DConditionModel
+    unet_cls = getattr(diffusers, json.loads((folder / "unet" / "config.json").read_text())["_class_name"])
     unet = unet_cls.from_pretrained(folder / "unet", torch_dtype=torch.float32)
     tokenizer, text_encoder = _minilm_text_encoder()
     scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")

@@ -315,3 +315,56 @@ def test_validation_logs_generated_samples(kind, tmp_path):
     assert h == len(ConceptSpec(**STYLE).heldout_erase_prompts()) * side  # one row per erase prompt
     frames = 16 if kind == "text2video" else 1  # TextToVideoSD's default num_frames, laid side by side
     assert w == side * frames
+
+
+def test_drop_concept_samples_matches_names_and_synonyms_as_whole_words():
+    ice = ICECallback(erase=["red"], synonyms={"red": ["crimson", "round dot"]}, drop_concept_samples=True)
+    assert ice.names_concept("a Red circle") and ice.names_concept("one crimson box")
+    assert ice.names_concept("a green round dot") and ice.names_concept("red")
+    assert not ice.names_concept("a tired green circle") and not ice.names_concept("a reddish dot")
+    batch = {
+        "captions": ["a red circle", "a green circle", "a CRIMSON box", "a blue box"],
+        "pixel_values": torch.arange(4.0).view(4, 1),
+        "colour": ("red", "green", "red", "blue"),
+        "scale": torch.tensor(2.0),  # not per-sample: left alone
+        "meta": ["x", "y"],  # another length: left alone
+    }
+    assert ice.drop_concept_rows(batch) == 2
+    assert batch["captions"] == ["a green circle", "a blue box"]
+    assert batch["pixel_values"].flatten().tolist() == [1.0, 3.0]
+    assert batch["colour"] == ("green", "blue") and batch["meta"] == ["x", "y"] and float(batch["scale"]) == 2.0
+    assert ice.drop_concept_rows(batch) == 0
+    with pytest.raises(TypeError, match="caption_key"):
+        ice.drop_concept_rows({"text": ["a red circle"]})
+    with pytest.raises(TypeError, match="dict batches"):
+        ice.drop_concept_rows([torch.zeros(1)])
+
+
+class CaptionRecorder(Callback):
+    """Records, after ICECallback's hook has run, the captions each training step receives."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(list(batch["captions"]))
+
+
+def test_fine_tune_never_sees_the_concepts_samples(tmp_path):
+    """The tiny data set names Van Gogh in half its captions; with the guard no training step sees one, a
+    batch left empty skips its step, and the count lands in the state dict and the manifest's summary."""
+    seed_everything(0)
+    module = ICEModule("tiny:sd-minilm", cfg_dropout=0.0)
+    ice = ICECallback(**STYLE, every_n_epochs=1, drop_concept_samples=True, log_metrics=False)
+    given, recorder = CaptionRecorder(), CaptionRecorder()
+    data = CaptionFolderDataModule(str(DATA / "tiny_images"), resolution=16, batch_size=2, shuffle=False)
+    trainer = _trainer(tmp_path, [given, ice, recorder], epochs=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    captions = [c for batch in given.seen for c in batch]  # what the loader gave, before the guard
+    named = sum("Van Gogh" in c for c in captions)
+    assert 0 < named < len(captions)
+    seen = [c for batch in recorder.seen for c in batch]
+    assert sorted(seen) == sorted(c for c in captions if "Van Gogh" not in c)
+    assert ice.dropped_samples == named and ice.state_dict()["dropped_samples"] == named
+    assert [] in recorder.seen  # a pair of Van Gogh captions left an empty batch, whose step was skipped
+    assert ice.summary()["dropped_samples"] == named
