@@ -46,6 +46,7 @@ __all__ = [
     "Detection",
     "render",
     "render_clip",
+    "place",
     "caption",
     "detect",
     "ShapesDataset",
@@ -216,6 +217,25 @@ def detect(sample: Tensor) -> Detection:
 
 
 # -- data ----------------------------------------------------------------------------------------------
+def place(colour: str, shape: str, size: int, frames: int, rng: random.Random,
+          direction: str | None = None) -> tuple[ShapeSpec, str | None]:  # fmt: skip
+    """A random size, position and background for one shape (and, for clips, a direction drawn by ``rng``
+    unless given), leaving room for the motion: a moving shape starts so that its path is centred."""
+    r = rng.uniform(0.2, 0.3) * size
+    if frames and direction is None:
+        direction = rng.choice(DIRECTIONS)
+    travel = 1.5 * (frames - 1) if frames else 0.0
+    lo, hi = r + 1 + travel, size - r - 1 - travel
+    if lo > hi:  # too little room to move: keep the shape centred
+        lo = hi = size / 2
+    cx, cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
+    if direction in ("left", "right"):
+        cx = size / 2 - (travel / 2 if direction == "right" else -travel / 2)
+    if direction in ("up", "down"):
+        cy = size / 2 - (travel / 2 if direction == "down" else -travel / 2)
+    return ShapeSpec(colour, shape, cx, cy, r, rng.uniform(0.85, 1.0)), direction
+
+
 class ShapesDataset(Dataset):
     """``length`` seeded samples: ``{"pixel_values": [-1, 1] image (3, H, W) or clip (F, 3, H, W),
     "captions": str, "colour", "shape", "direction"}``; sample ``i`` is the same on every call."""
@@ -230,19 +250,8 @@ class ShapesDataset(Dataset):
     def spec(self, i: int) -> tuple[ShapeSpec, str | None, random.Random]:
         rng = random.Random(self.seed * 1_000_003 + i)
         colour, shape = rng.choice(COLOURS), rng.choice(SHAPES)
-        size = self.size
-        r = rng.uniform(0.2, 0.3) * size
-        direction = rng.choice(DIRECTIONS) if self.frames else None
-        travel = 1.5 * (self.frames - 1) if self.frames else 0.0
-        lo, hi = r + 1 + travel, size - r - 1 - travel
-        if lo > hi:  # too little room to move: keep the shape centred
-            lo = hi = size / 2
-        cx, cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
-        if direction in ("left", "right"):
-            cx = size / 2 - (travel / 2 if direction == "right" else -travel / 2)
-        if direction in ("up", "down"):
-            cy = size / 2 - (travel / 2 if direction == "down" else -travel / 2)
-        return ShapeSpec(colour, shape, cx, cy, r, rng.uniform(0.85, 1.0)), direction, rng
+        spec, direction = place(colour, shape, self.size, self.frames, rng)
+        return spec, direction, rng
 
     def __getitem__(self, i: int) -> dict:
         spec, direction, rng = self.spec(i)

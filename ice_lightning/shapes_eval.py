@@ -42,8 +42,8 @@ from .shapes import (
     AttributeAccuracy,
     ConceptPresenceRate,
     FailureRate,
-    ShapeSpec,
     detect,
+    place,
     render,
     render_clip,
 )
@@ -247,11 +247,7 @@ def renders(prompt: ShapesPrompt, n: int, size: int, frames: int = 0, seed: int 
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        r = rng.uniform(0.2, 0.3) * size
-        travel = 1.5 * (frames - 1) if frames else 0.0
-        lo, hi = r + 1 + travel, size - r - 1 - travel
-        lo, hi = (lo, hi) if lo <= hi else (size / 2, size / 2)
-        spec = ShapeSpec(prompt.colour, prompt.shape, rng.uniform(lo, hi), rng.uniform(lo, hi), r, rng.uniform(0.85, 1))
+        spec, _ = place(prompt.colour, prompt.shape, size, frames, rng, prompt.direction)
         x = render_clip(spec, prompt.direction, frames, size).transpose(0, 1) if frames else render(spec, size)
         out.append(x * 2 - 1)
     return torch.stack(out)
