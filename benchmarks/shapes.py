@@ -1,7 +1,8 @@
 """End-to-end erasure in the shapes world: ICE, CURE and UCE on the shipped shapes models, judged by exact
 detectors on generated samples (seen prompts and paraphrases), plus the image-level embedding attack.
 
-For each concept (a colour and a shape on the image model, a motion direction on the video model) and each
+For each concept (a colour and a shape on the image model, a motion direction and a colour on the video
+model) and each
 method: erase with the world's concept spec (ice_lightning.shapes_eval.concept_spec), sample every prompt
 with the same noise as before the edit, and report the erased concept's presence on its prompts (with how
 the rest failed: blank, garbled, or a clean sample of something else) and every other concept's accuracy
@@ -39,7 +40,7 @@ from ice_lightning.shapes_eval import (
 )
 
 METHODS = ("ice", "cure", "uce")
-CONCEPTS = {"shapes-image": ("red", "circle"), "shapes-video": ("left",)}
+CONCEPTS = {"shapes-image": ("red", "circle"), "shapes-video": ("left", "red")}
 TARGET_PRESENCE, TARGET_RETENTION = 0.05, 0.90
 MIN_BASE_ACCURACY = 0.5
 
