@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", type=Path, default=MODELS_DIR, help="folder of the shipped shapes models")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the saved JSON")
+    ap.add_argument("--kinds", nargs="*", default=list(CONCEPTS), choices=list(CONCEPTS),
+                    help="shipped models to measure (the video rows take over an hour on 2 cores)")
     args = ap.parse_args(argv)
     if args.tiny:
         args.samples, args.sample_steps, args.attack_steps, args.budgets = 1, 4, 2, [0.5]
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         for k in ("samples", "video_samples", "sample_steps", "seed", "attack_steps"):
             setattr(args, k, saved.get(k, getattr(args, k)))
     else:
-        kinds = [k for k in CONCEPTS if (args.models / k / "unet").is_dir()][: 1 if args.tiny else None]
+        kinds = [k for k in args.kinds if (args.models / k / "unet").is_dir()][: 1 if args.tiny else None]
         rows = [r for kind in kinds for r in run_model(kind, args)]
     md = [f"# Shapes world: end-to-end erasure ({'tiny' if args.tiny else 'full'})", "",
           f"{args.samples} samples per image prompt and {args.video_samples} per clip prompt, DDIM "
