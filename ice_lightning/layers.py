@@ -88,7 +88,7 @@ def _example_inputs(model: nn.Module, states: dict[str, Tensor]) -> dict:
     if kind in ("UNet2DConditionModel", "UNet3DConditionModel", "UNetMotionModel"):
         s = max(4, 2 ** (len(cfg.block_out_channels) - 1))
         shape = (1, cfg.in_channels, s, s) if kind == "UNet2DConditionModel" else (1, cfg.in_channels, 2, s, s)
-        ehs = text_per_frame(model, ehs, shape[2]) if kind != "UNet2DConditionModel" else ehs
+        ehs = text_per_frame(model, ehs, shape[2])  # a no-op but for UNetMotionModel
         kw = {"sample": rnd(*shape), "timestep": t, "encoder_hidden_states": ehs}
         if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL
             n_text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim

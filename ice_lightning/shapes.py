@@ -425,9 +425,9 @@ def new_pipeline(kind: str = "shapes-image", seed: int = 0):
             cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=2, norm_num_groups=16,
         )  # fmt: skip
     elif kind == "shapes-video":
-        # AnimateDiff's UNet: its motion modules add sinusoidal frame positions. UNet3D's temporal attention has
-        # none, and a UNet3D trained here learned each clip's axis of motion but not its sign (left vs right
-        # at chance).
+        # AnimateDiff's UNet: its motion modules add sinusoidal frame positions (UNet3D's temporal attention has
+        # none) and it trains twice as fast here. Both, trained here, learn each clip's axis of motion but not
+        # its sign (left vs right at chance; docs/benchmarks.md section 4).
         unet = UNetMotionModel(
             sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("DownBlockMotion", "CrossAttnDownBlockMotion"),
