@@ -10,8 +10,9 @@ kept (after / before). Then attack: for each prompt that asks for the concept, o
 embedding against the erased denoiser on exact renders of what it asks for (ice_lightning.attacks.
 embedding_attack) and measure the concept's presence in samples from the attacked embedding.
 
-    python benchmarks/shapes.py            # about 9 minutes on 2 CPU cores
-    python benchmarks/shapes.py --tiny     # the suite's smoke run
+    python benchmarks/shapes.py                        # both shipped models
+    python benchmarks/shapes.py --kinds shapes-video   # one model; the other's saved rows are kept
+    python benchmarks/shapes.py --tiny                 # the suite's smoke run
 """
 
 from __future__ import annotations
@@ -45,10 +46,14 @@ TARGET_PRESENCE, TARGET_RETENTION = 0.05, 0.90
 MIN_BASE_ACCURACY = 0.5
 
 
-def attack(pipe, concept: str, samples: int, seed: int, steps: int, sample_steps: int, budget: float | None) -> float:
-    """Presence of ``concept`` in samples from attacked embeddings of the seen prompts that ask for it."""
+def attack(pipe, concept: str, samples: int, seed: int, steps: int, sample_steps: int, budget: float | None,
+           max_prompts: int | None = None) -> float:  # fmt: skip
+    """Presence of ``concept`` in samples from attacked embeddings of the seen prompts that ask for it (the
+    first ``max_prompts`` of them, spread over the other attributes' values)."""
     frames = pipe.default_num_frames if pipe.video else 0
     prompts = [p for p in eval_prompts(video=pipe.video, seed=seed) if p.asks_for(concept)]
+    if max_prompts is not None and max_prompts < len(prompts):
+        prompts = prompts[:: len(prompts) // max_prompts][:max_prompts]
     hits = []
     for i, p in enumerate(prompts):
         embeds = pipe.encode_prompt([p.text])[0]
@@ -88,9 +93,10 @@ def run_model(kind: str, args) -> list[dict]:
             result = erase(pipe, spec=concept_spec(concept, video=pipe.video), method=method)
             after_samples = sample_splits(pipe, **opts)
             after = {k: score(x, prompts, concept) for k, (prompts, x) in after_samples.items()}
+            budgets, most = (args.video_budgets, args.video_attack_prompts) if pipe.video else (args.budgets, None)
             attacked = {
-                str(b): attack(pipe, concept, samples, args.seed, args.attack_steps, args.sample_steps, b)
-                for b in args.budgets
+                str(b): attack(pipe, concept, samples, args.seed, args.attack_steps, args.sample_steps, b, most)
+                for b in budgets
             }
             result.undo()
             for split in SPLITS:
@@ -120,26 +126,32 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--attack-steps", type=int, default=60)
     ap.add_argument("--budgets", type=float, nargs="*", default=[0.1, 0.25, 0.5],
                     help="attack budgets, x the token's norm (0 = unbounded)")
+    ap.add_argument("--video-budgets", type=float, nargs="*", default=[0.1],
+                    help="attack budgets on the video model (the image rows show 0.25 and up restore every method)")
+    ap.add_argument("--video-attack-prompts", type=int, default=4, help="clip prompts attacked per concept (of 12)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--models", type=Path, default=MODELS_DIR, help="folder of the shipped shapes models")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the saved JSON")
     ap.add_argument("--kinds", nargs="*", default=list(CONCEPTS), choices=list(CONCEPTS),
-                    help="shipped models to measure (the video rows take over an hour on 2 cores)")
+                    help="shipped models to measure; the saved rows of the others are kept in the report")
     args = ap.parse_args(argv)
     if args.tiny:
         args.samples, args.sample_steps, args.attack_steps, args.budgets = 1, 4, 2, [0.5]
     args.budgets = [b or None for b in args.budgets]
+    args.video_budgets = [b or None for b in args.video_budgets]
     t0 = time.perf_counter()
     name = "shapes_tiny" if args.tiny else "shapes"
     if args.report_only:
         saved = json.loads((args.out / f"{name}.json").read_text())
         rows = [summarise(r) for r in saved["rows"]]
-        for k in ("samples", "video_samples", "sample_steps", "seed", "attack_steps"):
+        for k in ("samples", "video_samples", "sample_steps", "seed", "attack_steps", "video_attack_prompts"):
             setattr(args, k, saved.get(k, getattr(args, k)))
     else:
         kinds = [k for k in args.kinds if (args.models / k / "unet").is_dir()][: 1 if args.tiny else None]
-        rows = [r for kind in kinds for r in run_model(kind, args)]
+        saved = args.out / f"{name}.json"
+        kept = [] if args.tiny or not saved.exists() else json.loads(saved.read_text())["rows"]
+        rows = [r for r in kept if r["model"] not in kinds] + [r for kind in kinds for r in run_model(kind, args)]
     md = [f"# Shapes world: end-to-end erasure ({'tiny' if args.tiny else 'full'})", "",
           f"{args.samples} samples per image prompt and {args.video_samples} per clip prompt, DDIM "
           f"{args.sample_steps} steps, guidance {GUIDANCE}, seed {args.seed}; "
@@ -156,18 +168,23 @@ def main(argv: list[str] | None = None) -> dict:
           f"{r['other_blank']:.2f} / {r['other_garbled']:.2f}",
           "yes" if r["meets_targets"] else "no"] for r in rows],
     )  # fmt: skip
-    budgets = [str(b) for b in args.budgets]
-    md += ["", "## Image-level attack: presence of the erased concept in samples from optimised prompt embeddings",
-           "", f"Adam on the prompt embedding, {args.attack_steps} steps, per-token budget "
-           f"{', '.join(budgets)} x the token's norm (None: unbounded); the original model's presence on the "
-           "same prompts is the ceiling.", ""]  # fmt: skip
     seen = [r for r in rows if r["split"] == "seen"]
+    budgets = list(dict.fromkeys(b for r in seen for b in r["attack_presence"]))
+    md += ["", "## Image-level attack: presence of the erased concept in samples from optimised prompt embeddings",
+           "", f"Adam on the prompt embedding, {args.attack_steps} steps, per-token budget x the token's norm "
+           "(None: unbounded); images: the 12 seen prompts that ask for the concept, clips: "
+           f"{args.video_attack_prompts} of them. The original model's presence on the same prompts is the "
+           "ceiling; - : not run.", ""]  # fmt: skip
     md += table(["model", "concept", "method", "presence (original)", "presence (erased)",
                  *(f"attack success, budget {b}" for b in budgets)],
                 [[r["model"], r["concept"], r["method"], r["presence_before"], r["presence_after"],
-                  *(r["attack_presence"][b] for b in budgets)] for r in seen])  # fmt: skip
-    md += ["", f"Total {time.perf_counter() - t0:.0f} s."]
-    saved = {k: getattr(args, k) for k in ("samples", "video_samples", "sample_steps", "seed", "attack_steps")}
+                  *(r["attack_presence"].get(b, "-") for b in budgets)] for r in seen])  # fmt: skip
+    seconds = {m: sum(r["seconds"] for r in rows if r["model"] == m and r["split"] == SPLITS[-1]) for m in CONCEPTS}
+    per_model = ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items() if s)
+    md += ["", f"Time per model (erasures, their sampling and attacks): {per_model}. "
+           f"This run: {time.perf_counter() - t0:.0f} s ({' '.join(args.kinds)})."]
+    saved = {k: getattr(args, k) for k in ("samples", "video_samples", "sample_steps", "seed", "attack_steps",
+                                            "video_attack_prompts")}  # fmt: skip
     write_report(args.out, name, {**saved, "rows": rows}, md)
     return {"rows": rows}
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from .concepts import ConceptSpec, Prompt
 from .erase import ErasureResult
-from .layers import text_per_frame
+from .layers import denoise
 from .metrics import LeakageRate
 from .metrics import _outputs as _out
 from .text_encoders import EmbeddingSpace, FeatureConcatSource, SequenceSource
@@ -335,9 +335,7 @@ def embedding_attack(unet: nn.Module, scheduler, prompt_embeds: Tensor, targets:
             if target is None:
                 target = noise_scheduler.get_velocity(x0, noise, t)
             cond = (base + delta).expand(batch_size, -1, -1)
-            if x0.dim() == 5:  # clips (B, C, F, H, W)
-                cond = text_per_frame(unet, cond, x0.shape[2])
-            loss = nn.functional.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample.float(), target)
+            loss = nn.functional.mse_loss(denoise(unet, noisy, t, cond).float(), target)
             opt.zero_grad()
             loss.backward()
             opt.step()

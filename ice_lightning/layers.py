@@ -22,19 +22,31 @@ __all__ = [
     "TextConditioningLayers",
     "NoTextConditioningLayerError",
     "VIDEO_UNETS",
-    "text_per_frame",
+    "denoise",
 ]
 
-#: UNets that denoise clips laid out (batch, channels, frames, height, width).
-VIDEO_UNETS = ("UNet3DConditionModel", "UNetMotionModel")
+#: UNets that denoise clips. This package lays clips out (batch, channels, frames, height, width) everywhere and
+#: calls every UNet through :func:`denoise`, which adapts to each class's own layout and inputs.
+VIDEO_UNETS = ("UNet3DConditionModel", "UNetMotionModel", "UNetSpatioTemporalConditionModel")
 
 
-def text_per_frame(denoiser: nn.Module, states: Tensor, num_frames: int) -> Tensor:
-    """The text states a video UNet takes for (B, ...) prompts: ``UNetMotionModel`` (AnimateDiff) wants them
-    repeated per frame (B * F, ...), as its pipeline does; UNet3D repeats them itself."""
-    if type(denoiser).__name__ == "UNetMotionModel":
-        return states.repeat_interleave(num_frames, dim=0)
-    return states
+def denoise(denoiser: nn.Module, sample: Tensor, timestep: Tensor | int, encoder_hidden_states: Tensor,
+            **kwargs) -> Tensor:  # fmt: skip
+    """The prediction of a text-conditioned UNet for ``sample``, (B, C, H, W) images or (B, C, F, H, W) clips,
+    with the text states of the B prompts: ``UNetMotionModel`` (AnimateDiff) takes them repeated per frame, as
+    its pipeline does; ``UNetSpatioTemporalConditionModel`` (SVD's UNet) takes (B, F, C, H, W) clips and
+    ``added_time_ids`` (fps, motion bucket, noise augmentation), which a text-to-video model leaves at zero.
+    ``kwargs`` (SDXL's ``added_cond_kwargs``) go to the UNet as they are."""
+    kind = type(denoiser).__name__
+    if kind == "UNetMotionModel":
+        encoder_hidden_states = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
+    elif kind == "UNetSpatioTemporalConditionModel":
+        cfg = denoiser.config
+        n_ids = cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim
+        ids = sample.new_zeros(sample.shape[0], n_ids)
+        out = denoiser(sample.transpose(1, 2), timestep, encoder_hidden_states, added_time_ids=ids, **kwargs).sample
+        return out.transpose(1, 2)
+    return denoiser(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs).sample
 
 
 class NoTextConditioningLayerError(ValueError):
@@ -61,6 +73,8 @@ TEXT_CONDITIONING_RULES: dict[str, tuple[LayerRule, ...]] = {
     # Temporal transformers reuse the name attn2 for self-attention over frames: not text.
     "UNet3DConditionModel": (LayerRule("text", _ATTN2_KV, exclude=r"temp_attentions|transformer_in"),),
     "UNetMotionModel": (LayerRule("text", _ATTN2_KV, exclude=r"motion_modules"),),
+    # SVD's temporal blocks cross-attend to the text too (their attn2 reads the first frame's text states).
+    "UNetSpatioTemporalConditionModel": (LayerRule("text", _ATTN2_KV),),
     "SD3Transformer2DModel": (LayerRule("text", r"^context_embedder$"), _POOLED),
     "FluxTransformer2DModel": (LayerRule("text", r"^context_embedder$"), _POOLED),
     # caption_projection's output feeds attn2: edit its first layer only.
@@ -85,10 +99,9 @@ def _example_inputs(model: nn.Module, states: dict[str, Tensor]) -> dict:
         return torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dev, dt)
 
     ehs, t = states.get("text"), torch.tensor([1], device=dev)
-    if kind in ("UNet2DConditionModel", "UNet3DConditionModel", "UNetMotionModel"):
+    if kind in ("UNet2DConditionModel", *VIDEO_UNETS):  # called through denoise, which knows each layout
         s = max(4, 2 ** (len(cfg.block_out_channels) - 1))
         shape = (1, cfg.in_channels, s, s) if kind == "UNet2DConditionModel" else (1, cfg.in_channels, 2, s, s)
-        ehs = text_per_frame(model, ehs, shape[2])  # a no-op but for UNetMotionModel
         kw = {"sample": rnd(*shape), "timestep": t, "encoder_hidden_states": ehs}
         if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL
             n_text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
@@ -261,7 +274,8 @@ class TextConditioningLayers:
         self.model.eval()  # dropout (LoRA's included) would hide that a layer reads the states
         try:
             with torch.no_grad():
-                self.model(**_example_inputs(self.model, states))
+                kw = _example_inputs(self.model, states)
+                denoise(self.model, **kw) if "sample" in kw else self.model(**kw)
         except (NotImplementedError, RuntimeError, TypeError) as err:
             raise NoTextConditioningLayerError(
                 f"cannot run the check forward pass of {type(self.model).__name__} ({err}); pass verify=False "

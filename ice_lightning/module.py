@@ -27,7 +27,7 @@ from lightning.pytorch import LightningModule
 from .attacks import RedTeam
 from .concepts import ConceptSpec
 from .erase import pipeline_spaces, text_conditioning_layers
-from .layers import VIDEO_UNETS, text_per_frame
+from .layers import VIDEO_UNETS, denoise
 from .metrics import TextSpaceProbe
 
 __all__ = ["ICEModule", "load_pipeline"]
@@ -79,6 +79,11 @@ class ICEModule(LightningModule):
             checkpoint trains exactly as the uninterrupted run (``None``: the global RNG).
         lr_schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over the run's optimizer steps), after
             ``warmup_steps`` steps of linear warm-up.
+        timestep_bias, timestep_bias_portion, timestep_bias_multiplier: as in diffusers' training scripts,
+            draw the training timesteps of the ``"later"`` (noisiest) or ``"earlier"`` ``portion`` of the
+            schedule ``multiplier`` times as often (``"none"``: uniform). What is decided only at the noisiest
+            steps, such as which way a shape moves in a clip (at lower noise the noisy clip itself shows it),
+            is otherwise learned from the text far too slowly.
     """
 
     def __init__(
@@ -98,10 +103,18 @@ class ICEModule(LightningModule):
         seed: int | None = 0,
         lr_schedule: str = "constant",
         warmup_steps: int = 0,
+        timestep_bias: str = "none",
+        timestep_bias_portion: float = 0.25,
+        timestep_bias_multiplier: float = 1.0,
     ) -> None:
         super().__init__()
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if timestep_bias not in ("none", "later", "earlier"):
+            raise ValueError(f"timestep_bias must be 'none', 'later' or 'earlier', got {timestep_bias!r}")
+        if not (0 < timestep_bias_portion <= 1 and timestep_bias_multiplier > 0):
+            raise ValueError("timestep_bias_portion must be in (0, 1] and timestep_bias_multiplier > 0, got "
+                             f"{timestep_bias_portion} and {timestep_bias_multiplier}")  # fmt: skip
         self.save_hyperparameters()
         pipe = load_pipeline(pipeline, torch_dtype)
         pipe.set_progress_bar_config(disable=True)
@@ -174,6 +187,20 @@ class ICEModule(LightningModule):
             lat = lat.unflatten(0, (b, -1)).permute(0, 2, 1, 3, 4)
         return lat
 
+    def timestep_weights(self, n: int) -> torch.Tensor:
+        """Sampling weights of the ``n`` training timesteps under ``timestep_bias`` (diffusers' scheme)."""
+        w = torch.ones(n)
+        k = max(1, int(n * self.hparams.timestep_bias_portion))
+        biased = slice(n - k, n) if self.hparams.timestep_bias == "later" else slice(0, k)
+        if self.hparams.timestep_bias != "none":
+            w[biased] *= self.hparams.timestep_bias_multiplier
+        return w / w.sum()
+
+    def draw_timesteps(self, b: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``b`` training timesteps in ``[0, n)`` drawn with :meth:`timestep_weights`."""
+        w = self.timestep_weights(n).to(generator.device if generator is not None else self.device)
+        return torch.multinomial(w, b, replacement=True, generator=generator)
+
     def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """The scheduler's own objective on one batch (``generator`` fixes the noise, for validation)."""
         captions = list(batch["captions"])
@@ -186,19 +213,21 @@ class ICEModule(LightningModule):
         b = x0.shape[0]
         if self.objective == "flow_matching":
             sigma = torch.rand(b, generator=generator, device=x0.device, dtype=x0.dtype)
+            if self.hparams.timestep_bias != "none":  # the bin the bias draws, then uniform inside it
+                sigma = (self.draw_timesteps(b, 1000, generator).to(sigma) + sigma) / 1000
             s = sigma.view(-1, *([1] * (x0.dim() - 1)))
             noisy, target, t = (1 - s) * x0 + s * noise, noise - x0, sigma * 1000
         else:
             n = self.noise_scheduler.config.num_train_timesteps
-            t = torch.randint(0, n, (b,), generator=generator, device=x0.device)
+            if self.hparams.timestep_bias == "none":
+                t = torch.randint(0, n, (b,), generator=generator, device=x0.device)
+            else:
+                t = self.draw_timesteps(b, n, generator).to(x0.device)
             noisy = self.noise_scheduler.add_noise(x0, noise, t)
             target = {"epsilon": noise, "sample": x0}.get(self.objective)
             if target is None:
                 target = self.noise_scheduler.get_velocity(x0, noise, t)
-        cond = self.encode_text(captions)
-        if self.video:
-            cond["encoder_hidden_states"] = text_per_frame(self.unet, cond["encoder_hidden_states"], x0.shape[2])
-        pred = self.unet(noisy, t, **cond).sample
+        pred = denoise(self.unet, noisy, t, **self.encode_text(captions))
         return F.mse_loss(pred.float(), target.float())
 
     # -- Lightning hooks -----------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """A text-conditioned pixel-space diffusion pipeline (no VAE) for small worlds such as the shapes world.
 
-``PixelDiffusionPipeline`` holds a ``UNet2DConditionModel`` (images) or a ``UNet3DConditionModel`` or
-``UNetMotionModel`` (clips)
-that denoises pixels directly, a ``transformers`` text encoder with its tokenizer, and a scheduler. It
-follows the Stable Diffusion pipeline's conventions (``encode_prompt``, classifier-free guidance, the text
-encoder gets the attention mask when its config says ``use_attention_mask``), so ICE finds its
-``attn2.to_k/to_v`` layers and encodes concepts exactly as for SD, and ``ICEModule`` trains it.
+``PixelDiffusionPipeline`` holds a ``UNet2DConditionModel`` (images) or a video UNet (``UNet3DConditionModel``,
+``UNetMotionModel``, ``UNetSpatioTemporalConditionModel``: clips) that denoises pixels directly, a
+``transformers`` text encoder with its tokenizer, and a scheduler. It follows the Stable Diffusion
+pipeline's conventions (``encode_prompt``, classifier-free guidance, the text encoder gets the attention
+mask when its config says ``use_attention_mask``), so ICE finds its ``attn2.to_k/to_v`` layers and encodes
+concepts exactly as for SD, and ``ICEModule`` trains it.
 
 ``save_pretrained``/``from_pretrained`` work as for any diffusers pipeline; diffusers' generic
 ``DiffusionPipeline.from_pretrained`` does not know this class, so use :func:`load_pipeline_folder` (which
@@ -23,7 +23,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from .layers import VIDEO_UNETS, text_per_frame
+from .layers import VIDEO_UNETS, denoise
 
 __all__ = ["PixelDiffusionPipeline", "PixelPipelineOutput", "load_pipeline_folder"]
 
@@ -94,12 +94,10 @@ class PixelDiffusionPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         x = x * self.scheduler.init_noise_sigma
         cond = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
-        if self.video:
-            cond = text_per_frame(self.unet, cond, shape[2])
         for t in self.progress_bar(self.scheduler.timesteps):
             inp = torch.cat([x, x]) if cfg else x
             inp = self.scheduler.scale_model_input(inp, t)
-            out = self.unet(inp, t, encoder_hidden_states=cond).sample
+            out = denoise(self.unet, inp, t, cond)
             if cfg:
                 uncond, text = out.chunk(2)
                 out = uncond + guidance_scale * (text - uncond)

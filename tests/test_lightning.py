@@ -290,6 +290,33 @@ def test_training_objectives(objective):
     assert torch.equal(loss.detach(), again.detach())  # seeded noise: reproducible
 
 
+@pytest.mark.parametrize("bias", ["later", "earlier"])
+def test_timestep_bias_draws_the_biased_portion_as_often_as_asked(bias):
+    module = ICEModule("tiny:sd", timestep_bias=bias, timestep_bias_portion=0.1, timestep_bias_multiplier=9.0)
+    w = module.timestep_weights(1000)
+    hot = slice(900, 1000) if bias == "later" else slice(0, 100)
+    assert w.sum().item() == pytest.approx(1.0) and w[hot].sum().item() == pytest.approx(0.5)  # 100*9 / (900+900)
+    t = module.draw_timesteps(20_000, 1000, torch.Generator().manual_seed(0))
+    in_hot = ((t >= 900) if bias == "later" else (t < 100)).float().mean().item()
+    assert abs(in_hot - 0.5) < 0.02 and t.min() >= 0 and t.max() < 1000
+    # the loss draws its timesteps this way: with (almost) all the weight on the last step, the UNet sees t=999
+    module = ICEModule("tiny:sd", timestep_bias="later", timestep_bias_portion=0.001, timestep_bias_multiplier=1e12)
+    seen = []
+    module.unet.register_forward_pre_hook(lambda m, args: seen.append(args[1].clone()))
+    data = _data(False)
+    data.setup("fit")
+    module.diffusion_loss(next(iter(data.train_dataloader())), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seen[0], torch.full_like(seen[0], 999))
+    assert torch.equal(ICEModule("tiny:sd").timestep_weights(10), torch.full((10,), 0.1))  # "none": uniform
+
+
+def test_timestep_bias_rejects_bad_settings():
+    with pytest.raises(ValueError, match="timestep_bias must be 'none', 'later' or 'earlier'"):
+        ICEModule("tiny:sd", timestep_bias="late")
+    with pytest.raises(ValueError, match="timestep_bias_portion must be in"):
+        ICEModule("tiny:sd", timestep_bias="later", timestep_bias_portion=0.0)
+
+
 def test_sdxl_trains_one_step(tmp_path):
     module = ICEModule("tiny:sdxl")
     _trainer(tmp_path, [ICECallback(**STYLE)], epochs=1, fast_dev_run=1).fit(module, datamodule=_data(False, 2))

@@ -179,3 +179,27 @@ def test_lora_adapted_layers_are_edited_exactly(load_pipeline):
     # so the edited adapted layer is (W + s B A)(I - D), with the adapters left unmerged
     assert torch.allclose(after, expected, atol=1e-5)
     assert not torch.allclose(after, before, atol=1e-3)
+
+
+def test_svd_unet_is_called_in_its_own_layout_and_its_temporal_text_layers_are_found():
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from ice_lightning.layers import TextConditioningLayers, denoise
+
+    torch.manual_seed(0)
+    unet = UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 32), layers_per_block=1,
+        down_block_types=("DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"),
+        up_block_types=("CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"), cross_attention_dim=12,
+        num_attention_heads=(2, 2), addition_time_embed_dim=4, projection_class_embeddings_input_dim=12, num_frames=3,
+    ).eval()  # fmt: skip
+    x, ehs, t = torch.randn(2, 3, 3, 8, 8), torch.randn(2, 5, 12), torch.tensor([10, 500])  # x: (B, C, F, H, W)
+    with torch.no_grad():
+        out = denoise(unet, x, t, ehs)
+        ref = unet(x.transpose(1, 2), t, ehs, added_time_ids=torch.zeros(2, 3)).sample.transpose(1, 2)
+        swapped = denoise(unet, x.flip(2), t, ehs).flip(2)
+    assert out.shape == x.shape and torch.equal(out, ref)
+    assert not torch.allclose(out, swapped, atol=1e-4)  # it knows the frame order (its temporal position embedding)
+    found = TextConditioningLayers.find(unet)  # the check pass runs it through denoise
+    assert found.spaces == {"text": 12} and len(found.layers) == 16
+    assert sum("temporal_transformer_blocks" in n for n in found.layers) == 8  # they cross-attend to the text too
