@@ -86,7 +86,7 @@ def run_model(kind: str, args) -> list[dict]:
     before_samples = sample_splits(pipe, **opts)
     print(f"[{kind}] sampled the unedited model in {time.perf_counter() - t:.0f} s", flush=True)
     rows = []
-    for concept in CONCEPTS[kind][: 1 if args.tiny else None]:
+    for concept in [c for c in CONCEPTS[kind] if not args.concepts or c in args.concepts][: 1 if args.tiny else None]:
         before = {k: score(x, prompts, concept) for k, (prompts, x) in before_samples.items()}
         for method in METHODS:
             t = time.perf_counter()
@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--video-budgets", type=float, nargs="*", default=[0.1],
                     help="attack budgets on the video model (the image rows show 0.25 and up restore every method)")
     ap.add_argument("--video-attack-prompts", type=int, default=4, help="clip prompts attacked per concept (of 12)")
+    ap.add_argument("--concepts", nargs="*", default=None,
+                    help="only these concepts (of each model's); the saved rows of the others are kept")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--models", type=Path, default=MODELS_DIR, help="folder of the shipped shapes models")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -151,7 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
         kinds = [k for k in args.kinds if (args.models / k / "unet").is_dir()][: 1 if args.tiny else None]
         saved = args.out / f"{name}.json"
         kept = [] if args.tiny or not saved.exists() else json.loads(saved.read_text())["rows"]
-        rows = [r for r in kept if r["model"] not in kinds] + [r for kind in kinds for r in run_model(kind, args)]
+        redone = [(k, c) for k in kinds for c in CONCEPTS[k] if not args.concepts or c in args.concepts]
+        rows = [r for r in kept if (r["model"], r["concept"]) not in redone]
+        rows += [r for kind in kinds for r in run_model(kind, args)]
+        order = [(k, c) for k in CONCEPTS for c in CONCEPTS[k]]  # the report's row order, however run
+        rows.sort(key=lambda r: order.index((r["model"], r["concept"])))
     md = [f"# Shapes world: end-to-end erasure ({'tiny' if args.tiny else 'full'})", "",
           f"{args.samples} samples per image prompt and {args.video_samples} per clip prompt, DDIM "
           f"{args.sample_steps} steps, guidance {GUIDANCE}, seed {args.seed}; "

@@ -280,7 +280,7 @@ def concept_spec(concept: str, video: bool = False, preserve_all: bool = True,
     else:
         if not video:
             raise ValueError(f"{concept!r} is a motion direction: erase it from the video model (video=True)")
-        contexts = [t.format(c=c, s=s, d="{}") for t in VIDEO_TEMPLATES[:1] for col in COLOURS
+        contexts = [t.format(c=c, s=s, d="{}") for t in VIDEO_TEMPLATES[:2] for col in COLOURS
                     for c in SYNONYMS[col][0][:1] for shape in SHAPES for s in SYNONYMS[shape][0][:1]]  # fmt: skip
     names = SYNONYMS[concept][0]
     preserve = [w for o in others for w in SYNONYMS[o][0]] if preserve_all else others
