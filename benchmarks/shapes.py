@@ -85,6 +85,7 @@ def run_model(kind: str, args) -> list[dict]:
     t = time.perf_counter()
     before_samples = sample_splits(pipe, **opts)
     print(f"[{kind}] sampled the unedited model in {time.perf_counter() - t:.0f} s", flush=True)
+    budgets, most = (args.video_budgets, args.video_attack_prompts) if pipe.video else (args.budgets, None)
     rows = []
     for concept in [c for c in CONCEPTS[kind] if not args.concepts or c in args.concepts][: 1 if args.tiny else None]:
         before = {k: score(x, prompts, concept) for k, (prompts, x) in before_samples.items()}
@@ -93,7 +94,6 @@ def run_model(kind: str, args) -> list[dict]:
             result = erase(pipe, spec=concept_spec(concept, video=pipe.video), method=method)
             after_samples = sample_splits(pipe, **opts)
             after = {k: score(x, prompts, concept) for k, (prompts, x) in after_samples.items()}
-            budgets, most = (args.video_budgets, args.video_attack_prompts) if pipe.video else (args.budgets, None)
             attacked = {
                 str(b): attack(pipe, concept, samples, args.seed, args.attack_steps, args.sample_steps, b, most)
                 for b in budgets

@@ -275,7 +275,10 @@ class TextConditioningLayers:
         try:
             with torch.no_grad():
                 kw = _example_inputs(self.model, states)
-                denoise(self.model, **kw) if "sample" in kw else self.model(**kw)
+                if type(self.model).__name__ in ("UNet2DConditionModel", *VIDEO_UNETS):
+                    denoise(self.model, **kw)  # it knows each UNet's layout and extra inputs
+                else:
+                    self.model(**kw)
         except (NotImplementedError, RuntimeError, TypeError) as err:
             raise NoTextConditioningLayerError(
                 f"cannot run the check forward pass of {type(self.model).__name__} ({err}); pass verify=False "

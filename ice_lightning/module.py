@@ -190,10 +190,11 @@ class ICEModule(LightningModule):
     def timestep_weights(self, n: int) -> torch.Tensor:
         """Sampling weights of the ``n`` training timesteps under ``timestep_bias`` (diffusers' scheme)."""
         w = torch.ones(n)
-        k = max(1, int(n * self.hparams.timestep_bias_portion))
-        biased = slice(n - k, n) if self.hparams.timestep_bias == "later" else slice(0, k)
         if self.hparams.timestep_bias != "none":
-            w[biased] *= self.hparams.timestep_bias_multiplier
+            k = max(1, int(n * self.hparams.timestep_bias_portion))
+            w[slice(n - k, n) if self.hparams.timestep_bias == "later" else slice(0, k)] *= (
+                self.hparams.timestep_bias_multiplier
+            )
         return w / w.sum()
 
     def draw_timesteps(self, b: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
