@@ -16,8 +16,9 @@ import warnings
 from pathlib import Path
 
 import ice_lightning
-from ice_lightning.concepts import Prompt
-from ice_lightning.metrics import erasure_metrics, relative_change
+from ice_lightning.core.concepts import Prompt
+from ice_lightning.core.probe import erasure_metrics  # noqa: E402
+from ice_lightning.evaluation.metrics import relative_change
 from ice_lightning.testing import build_tiny_pipeline
 
 OUTSIDE_PRESERVE = ["Paul Gauguin", "Edvard Munch", "Georges Seurat"]

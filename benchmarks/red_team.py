@@ -1,7 +1,7 @@
 """Text-space red-teaming of ICE, CURE, UCE and projection on the development set (real MiniLM encoder).
 
 For every development concept, erase it with each method and run the package's attacks
-(``ice_lightning.attacks.RedTeam``): paraphrases, Ring-A-Bell (concept vector + discrete search) and the
+(``ice_lightning.evaluation.RedTeam``): paraphrases, Ring-A-Bell (concept vector + discrete search) and the
 white-box RECE-style closed form at several norm budgets. A success rate is the share of (held-out pair,
 layer) where the attacked output is closer to the original concept's than to the neutral prompt's; the
 ``original`` column is the same attack on the unedited model (its ceiling).
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, minilm_pipeline, table, write_report  # noqa: E402
 
 import ice_lightning  # noqa: E402
-from ice_lightning.attacks import RedTeam, RingABellConfig  # noqa: E402
-from ice_lightning.devset import DEV_SET, dev_concepts  # noqa: E402
+from ice_lightning.evaluation.attacks import RedTeam, RingABellConfig  # noqa: E402
+from ice_lightning.evaluation.devset import DEV_SET, dev_concepts  # noqa: E402
 
 #: Each method at a setting of similar collateral on held-out nearby concepts (benchmarks/tradeoff.py).
 METHODS = {

@@ -3,11 +3,11 @@ detectors on generated samples (seen prompts and paraphrases), plus the image-le
 
 For each concept (a colour and a shape on the image model, a motion direction and a colour on the video
 model) and each
-method: erase with the world's concept spec (ice_lightning.shapes_eval.concept_spec), sample every prompt
+method: erase with the world's concept spec (ice_lightning.shapes.evaluation.concept_spec), sample every prompt
 with the same noise as before the edit, and report the erased concept's presence on its prompts (with how
 the rest failed: blank, garbled, or a clean sample of something else) and every other concept's accuracy
 kept (after / before). Then attack: for each prompt that asks for the concept, optimise its prompt
-embedding against the erased denoiser on exact renders of what it asks for (ice_lightning.attacks.
+embedding against the erased denoiser on exact renders of what it asks for (ice_lightning.evaluation.attacks.
 embedding_attack) and measure the concept's presence in samples from the attacked embedding.
 
     python benchmarks/shapes.py                        # both shipped models
@@ -26,9 +26,9 @@ from pathlib import Path
 from _common import RESULTS, table, write_report
 
 from ice_lightning import erase
-from ice_lightning.attacks import embedding_attack
+from ice_lightning.evaluation.attacks import embedding_attack
 from ice_lightning.shapes import MODELS_DIR, load_shapes_pipeline
-from ice_lightning.shapes_eval import (
+from ice_lightning.shapes.evaluation import (
     GUIDANCE,
     SPLITS,
     concept_spec,

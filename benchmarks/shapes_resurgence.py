@@ -23,7 +23,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from ice_lightning import ICECallback, ICEModule
 from ice_lightning.shapes import ShapesDataModule
-from ice_lightning.shapes_eval import ShapesProbe, concept_spec
+from ice_lightning.shapes.evaluation import ShapesProbe, concept_spec
 
 TARGET_PRESENCE = 0.05
 GUARDED = "ICECallback every epoch + drop_concept_samples"

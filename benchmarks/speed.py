@@ -33,11 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, median_time, table, write_report  # noqa: E402
 
-from ice_lightning.concepts import ConceptSpec  # noqa: E402
-from ice_lightning.devset import MANY_ARTISTS, dev_concepts  # noqa: E402
-from ice_lightning.editing import apply_edits, undo_edits  # noqa: E402
-from ice_lightning.solver import build_operator, uce_dense_edit  # noqa: E402
-from ice_lightning.text_encoders import EmbeddingSpace, FeatureConcatSource, SequenceSource  # noqa: E402
+from ice_lightning.core.concepts import ConceptSpec  # noqa: E402
+from ice_lightning.core.editing import apply_edits, undo_edits  # noqa: E402
+from ice_lightning.core.encoders import EmbeddingSpace, FeatureConcatSource, SequenceSource  # noqa: E402
+from ice_lightning.core.solver import build_operator, uce_dense_edit  # noqa: E402
+from ice_lightning.evaluation.devset import MANY_ARTISTS, dev_concepts  # noqa: E402
 
 SD15_UNET = {
     "block_out_channels": [320, 640, 1280, 1280],
@@ -85,7 +85,7 @@ def _tokenizer(max_length: int = 77):
     return word_tokenizer(default_vocabulary([extra]), style="clip", max_length=max_length)
 
 
-def _clip(tok, size: dict, projection: bool = False, tiny: bool = False):
+def _clip_encoder(tok, size: dict, projection: bool = False, tiny: bool = False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if tiny:
@@ -210,11 +210,11 @@ def case_sd15(tiny: bool, counts: list[int], repeats: int) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     import ice_lightning
-    from ice_lightning.erase import pipeline_spaces, resolve_layer
-    from ice_lightning.testing import _vae
+    from ice_lightning.core.plan import pipeline_spaces, resolve_layer
+    from ice_lightning.testing import tiny_vae
 
     tok = _tokenizer()
-    text_encoder = _clip(tok, CLIP_L, tiny=tiny)
+    text_encoder = _clip_encoder(tok, CLIP_L, tiny=tiny)
     torch.manual_seed(0)
     t = time.perf_counter()
     unet_cfg = _tiny_unet(SD15_UNET) if tiny else SD15_UNET
@@ -223,7 +223,7 @@ def case_sd15(tiny: bool, counts: list[int], repeats: int) -> dict:
     unet = UNet2DConditionModel(**unet_cfg).eval()
     build_s = time.perf_counter() - t
     pipe = StableDiffusionPipeline(
-        vae=_vae(), text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=DDIMScheduler(),
+        vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=DDIMScheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
@@ -292,8 +292,8 @@ def case_sdxl(tiny: bool, counts: list[int], repeats: int) -> dict:
     unet_params = sum(p.numel() for p in meta.parameters())
     del meta
     tok = _tokenizer()
-    enc_l = _clip(tok, CLIP_L, tiny=tiny)
-    enc_g = _clip(tok, CLIP_BIGG, projection=True, tiny=tiny)
+    enc_l = _clip_encoder(tok, CLIP_L, tiny=tiny)
+    enc_g = _clip_encoder(tok, CLIP_BIGG, projection=True, tiny=tiny)
     width = enc_l.config.hidden_size + enc_g.config.hidden_size
     if tiny:  # the toy layers read the toy encoders' width
         targets = [(n, torch.nn.Linear(width, m.out_features)) for n, m in targets]

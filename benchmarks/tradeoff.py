@@ -1,6 +1,6 @@
 """Erasure/collateral trade-off of ICE, CURE, UCE and projection on the development set (real MiniLM encoder).
 
-For every family of ``ice_lightning.devset`` (5 concepts each) and every method swept over its main knob,
+For every family of ``ice_lightning.evaluation.devset`` (5 concepts each) and every method swept over its main knob,
 erase each concept from a pipeline whose text encoder is the pretrained all-MiniLM-L6-v2 and measure, on
 held-out prompts, erasure (the name in new contexts), paraphrase erasure, collateral on held-out nearby
 concepts and on unrelated prompts, and leakage. Averages per family give one curve per method; the check
@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, minilm_pipeline, table, write_report  # noqa: E402
 
 import ice_lightning  # noqa: E402
-from ice_lightning.concepts import EVAL_TEMPLATES, ConceptSpec, Prompt  # noqa: E402
-from ice_lightning.devset import DEV_SET, MANY_ARTISTS, dev_concepts  # noqa: E402
-from ice_lightning.erase import pipeline_spaces  # noqa: E402
-from ice_lightning.metrics import dev_concept_metrics, relative_change  # noqa: E402
+from ice_lightning.core.concepts import EVAL_TEMPLATES, UNRELATED_PROMPTS, ConceptSpec, Prompt  # noqa: E402
+from ice_lightning.core.plan import pipeline_spaces  # noqa: E402
+from ice_lightning.evaluation.devset import DEV_SET, MANY_ARTISTS, dev_concepts  # noqa: E402
+from ice_lightning.evaluation.metrics import dev_concept_metrics, relative_change  # noqa: E402
 
 METRICS = ("erasure", "paraphrase", "collateral_near", "collateral_near_preserved", "collateral_far", "leakage")
 #: The x axis of the trade-off: collateral on held-out nearby concepts (the hardest to spare).
@@ -184,7 +184,7 @@ def many_concepts(pipe, counts: list[int], grid: dict[str, dict]) -> list[dict]:
         spec = ConceptSpec(erase=names, family="style")
         erased = [Prompt.fill(t, a) for a in names for t in templates]
         near = [Prompt.fill(t, a) for a in nearby for t in templates]
-        far = [Prompt(u) for u in ice_lightning.concepts.UNRELATED_PROMPTS]
+        far = [Prompt(u) for u in UNRELATED_PROMPTS]
         space = pipeline_spaces(pipe)["text"]
         for group in (spec.erase_prompts(), spec.preserve_prompts(), erased, near, far):
             space.per_prompt(group)  # encode before timing: "seconds" is the solve and the edit

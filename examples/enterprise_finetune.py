@@ -17,9 +17,9 @@ from diffusers import DiffusionPipeline
 from lightning.pytorch import Trainer, seed_everything
 
 from ice_lightning import CaptionFolderDataModule, ConceptSpec, ICECallback, ICEModule, verify_export
-from ice_lightning.export import load_manifest
-from ice_lightning.metrics import compare_pipelines
-from ice_lightning.module import load_pipeline
+from ice_lightning.core.export import load_manifest
+from ice_lightning.core.pipelines import load_pipeline
+from ice_lightning.core.probe import compare_pipelines
 
 CONCEPT = {"erase": ["Van Gogh"], "family": "style"}
 

@@ -1,26 +1,41 @@
 """ice-lightning: ICE (Instant Concept Erasure) for diffusion models, as a Lightning plugin.
 
-The solver lives in :mod:`ice_lightning.solver` (pure torch); :func:`erase` applies it to a diffusers
-pipeline and :func:`save_erased` exports the result with a manifest.
+- :mod:`ice_lightning.core`: the method and the edit, no Lightning (:func:`erase`, :func:`save_erased`,
+  the solver in :mod:`ice_lightning.core.solver`, the denoiser family table);
+- :mod:`ice_lightning.lightning`: :class:`ICECallback`, :class:`ICEModule`, data, the ``ice-lightning`` CLI;
+- beside them, never imported by them: :mod:`ice_lightning.evaluation` (development set, attacks) and
+  :mod:`ice_lightning.shapes` (the shapes world). ``docs/architecture.md`` draws the layout.
 """
 
-from .callback import ICECallback
-from .concepts import ConceptSpec, Prompt
-from .data import CaptionFolderDataModule
-from .erase import ErasureResult, erase, find_text_conditioning
-from .export import save_erased, verify_export
-from .layers import NoTextConditioningLayerError, TextConditioningLayers
-from .module import ICEModule
-from .solver import DissociationOperator, ICEHyperParams, dissociation_operator
+from . import _moved
+from .core import (
+    ConceptSpec,
+    DissociationOperator,
+    ErasurePlan,
+    ErasureResult,
+    ICEHyperParams,
+    NoTextConditioningLayerError,
+    Prompt,
+    TextConditioningLayers,
+    dissociation_operator,
+    erase,
+    find_text_conditioning,
+    save_erased,
+    verify_export,
+)
+from .lightning import CaptionFilter, CaptionFolderDataModule, ICECallback, ICEModule, SavePipeline
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ICECallback",
     "ICEModule",
+    "CaptionFilter",
     "CaptionFolderDataModule",
+    "SavePipeline",
     "ConceptSpec",
     "Prompt",
+    "ErasurePlan",
     "ErasureResult",
     "erase",
     "find_text_conditioning",
@@ -32,3 +47,5 @@ __all__ = [
     "ICEHyperParams",
     "dissociation_operator",
 ]
+
+_moved.install()

@@ -17,13 +17,24 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from . import concepts
+from .core import concepts
 
 #: Width of the tiny text encoders: wide enough that the few dozen words of the default prompt sets do
 #: not fill the space, so a concept's tokens have directions of their own even with random weights.
 TEXT_DIM = 96
 
-__all__ = ["TEXT_DIM", "TINY_KINDS", "word_tokenizer", "default_vocabulary", "build_tiny_pipeline", "minilm_path"]
+__all__ = [
+    "TEXT_DIM",
+    "TINY_KINDS",
+    "word_tokenizer",
+    "default_vocabulary",
+    "tiny_clip",
+    "tiny_t5",
+    "tiny_vae",
+    "tiny_unet",
+    "build_tiny_pipeline",
+    "minilm_path",
+]
 
 _EXTRA_WORDS = (
     "van gogh vincent starry night sunflowers painter of the monkey dance squirrel eating burger "
@@ -82,7 +93,7 @@ def word_tokenizer(words: Iterable[str] | None = None, style: str = "clip", max_
     )
 
 
-def _clip(tokenizer, hidden: int = TEXT_DIM, projection: bool = False, seed: int = 0):
+def tiny_clip(tokenizer, hidden: int = TEXT_DIM, projection: bool = False, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(
@@ -102,7 +113,7 @@ def _clip(tokenizer, hidden: int = TEXT_DIM, projection: bool = False, seed: int
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
 
-def _t5(tokenizer, umt5: bool = False, seed: int = 0):
+def tiny_t5(tokenizer, umt5: bool = False, seed: int = 0):
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     kw = dict(
@@ -121,7 +132,7 @@ def _t5(tokenizer, umt5: bool = False, seed: int = 0):
     return UMT5EncoderModel(UMT5Config(**kw)) if umt5 else T5EncoderModel(T5Config(**kw))
 
 
-def _vae(latent_channels: int = 4):
+def tiny_vae(latent_channels: int = 4):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
@@ -137,7 +148,7 @@ def _vae(latent_channels: int = 4):
     )
 
 
-def _unet(cross_attention_dim: int, **kw):
+def tiny_unet(cross_attention_dim: int, **kw):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -161,12 +172,12 @@ def _sd(text_encoder=None, tokenizer=None):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     tokenizer = word_tokenizer() if tokenizer is None else tokenizer
-    text_encoder = _clip(tokenizer) if text_encoder is None else text_encoder
+    text_encoder = tiny_clip(tokenizer) if text_encoder is None else text_encoder
     return StableDiffusionPipeline(
-        vae=_vae(),
+        vae=tiny_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=_unet(text_encoder.config.hidden_size),
+        unet=tiny_unet(text_encoder.config.hidden_size),
         scheduler=DDIMScheduler(),
         safety_checker=None,
         feature_extractor=None,
@@ -178,7 +189,7 @@ def _sdxl():
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     tok = word_tokenizer()
-    unet = _unet(
+    unet = tiny_unet(
         2 * TEXT_DIM,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
@@ -187,9 +198,9 @@ def _sdxl():
         use_linear_projection=True,
     )
     return StableDiffusionXLPipeline(
-        vae=_vae(),
-        text_encoder=_clip(tok, seed=0),
-        text_encoder_2=_clip(tok, projection=True, seed=1),
+        vae=tiny_vae(),
+        text_encoder=tiny_clip(tok, seed=0),
+        text_encoder_2=tiny_clip(tok, projection=True, seed=1),
         tokenizer=tok,
         tokenizer_2=word_tokenizer(),
         unet=unet,
@@ -217,12 +228,12 @@ def _sd3():
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_vae(),
-        text_encoder=_clip(tok, projection=True, seed=0),
+        vae=tiny_vae(),
+        text_encoder=tiny_clip(tok, projection=True, seed=0),
         tokenizer=tok,
-        text_encoder_2=_clip(tok, projection=True, seed=1),
+        text_encoder_2=tiny_clip(tok, projection=True, seed=1),
         tokenizer_2=word_tokenizer(),
-        text_encoder_3=_t5(word_tokenizer(style="t5", max_length=256)),
+        text_encoder_3=tiny_t5(word_tokenizer(style="t5", max_length=256)),
         tokenizer_3=word_tokenizer(style="t5", max_length=256),
     )
 
@@ -246,10 +257,10 @@ def _flux():
     clip_tok = word_tokenizer()
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_vae(latent_channels=1),
-        text_encoder=_clip(clip_tok),
+        vae=tiny_vae(latent_channels=1),
+        text_encoder=tiny_clip(clip_tok),
         tokenizer=clip_tok,
-        text_encoder_2=_t5(t5_tok),
+        text_encoder_2=tiny_t5(t5_tok),
         tokenizer_2=t5_tok,
         transformer=transformer,
     )
@@ -278,7 +289,7 @@ def _pixart():
     )
     tok = word_tokenizer(style="t5", max_length=120)
     return PixArtAlphaPipeline(
-        tokenizer=tok, text_encoder=_t5(tok), vae=_vae(), transformer=transformer, scheduler=DDIMScheduler()
+        tokenizer=tok, text_encoder=tiny_t5(tok), vae=tiny_vae(), transformer=transformer, scheduler=DDIMScheduler()
     )
 
 
@@ -286,7 +297,7 @@ def _text2video(text_encoder=None, tokenizer=None):
     from diffusers import DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
 
     tok = word_tokenizer() if tokenizer is None else tokenizer
-    text_encoder = _clip(tok) if text_encoder is None else text_encoder
+    text_encoder = tiny_clip(tok) if text_encoder is None else text_encoder
     torch.manual_seed(0)
     unet = UNet3DConditionModel(
         block_out_channels=(16, 32),
@@ -301,7 +312,7 @@ def _text2video(text_encoder=None, tokenizer=None):
         norm_num_groups=4,
     )
     return TextToVideoSDPipeline(
-        vae=_vae(), text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=DDIMScheduler()
+        vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=DDIMScheduler()
     )
 
 
@@ -317,10 +328,10 @@ def _animatediff():
         motion_num_attention_heads=2,
     )
     return AnimateDiffPipeline(
-        vae=_vae(),
-        text_encoder=_clip(tok),
+        vae=tiny_vae(),
+        text_encoder=tiny_clip(tok),
         tokenizer=tok,
-        unet=_unet(TEXT_DIM, block_out_channels=(32, 64), attention_head_dim=8, norm_num_groups=2),
+        unet=tiny_unet(TEXT_DIM, block_out_channels=(32, 64), attention_head_dim=8, norm_num_groups=2),
         motion_adapter=adapter,
         scheduler=DDIMScheduler(),
         feature_extractor=None,
@@ -361,7 +372,7 @@ def _cogvideox():
     )
     tok = word_tokenizer(style="t5", max_length=226)
     return CogVideoXPipeline(
-        tokenizer=tok, text_encoder=_t5(tok), vae=vae, transformer=transformer, scheduler=DDIMScheduler()
+        tokenizer=tok, text_encoder=tiny_t5(tok), vae=vae, transformer=transformer, scheduler=DDIMScheduler()
     )
 
 
@@ -390,7 +401,7 @@ def _wan():
     tok = word_tokenizer(style="t5", max_length=512)
     return WanPipeline(
         tokenizer=tok,
-        text_encoder=_t5(tok, umt5=True),
+        text_encoder=tiny_t5(tok, umt5=True),
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
         transformer=transformer,
@@ -441,7 +452,7 @@ def _ltx():
     return LTXPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
-        text_encoder=_t5(tok),
+        text_encoder=tiny_t5(tok),
         tokenizer=tok,
         transformer=transformer,
     )

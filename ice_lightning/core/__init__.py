@@ -1,0 +1,49 @@
+"""The core of ice-lightning: pure torch + diffusers/transformers, no Lightning.
+
+- :mod:`.solver`: the mathematics (energy subspaces, overlap projector, ``D*`` in low-rank form, baselines);
+- :mod:`.concepts`: concept specs, templates, default preserve and synonym sets;
+- :mod:`.encoders`: text-encoder states per embedding space;
+- :mod:`.families`: the table of denoiser families (layer rules, check pass, spaces, training call);
+- :mod:`.layers`: finding and verifying the text-conditioning layers;
+- :mod:`.plan`: the erasure plan (plan, solve, apply) and :func:`erase`;
+- :mod:`.editing`: all-or-nothing, exactly reversible low-rank edits;
+- :mod:`.probe`: the text-space metrics of an edit;
+- :mod:`.export`: ``save_erased`` / ``verify_export``;
+- :mod:`.pipelines`: loading a pipeline by folder, hub id or registered name.
+"""
+
+from .concepts import ConceptSpec, Prompt
+from .export import load_manifest, save_erased, verify_export
+from .families import FAMILIES, DenoiserFamily, LayerRule, family_of, register_family
+from .layers import NoTextConditioningLayerError, TextConditioningLayers
+from .pipelines import load_pipeline, register_pipeline
+from .plan import ErasurePlan, ErasureResult, TargetLayer, edit_history, erase, find_text_conditioning
+from .probe import TextSpaceProbe
+from .solver import DissociationOperator, ICEHyperParams, dissociation_operator
+
+__all__ = [
+    "ConceptSpec",
+    "Prompt",
+    "load_manifest",
+    "save_erased",
+    "verify_export",
+    "FAMILIES",
+    "DenoiserFamily",
+    "LayerRule",
+    "family_of",
+    "register_family",
+    "NoTextConditioningLayerError",
+    "TextConditioningLayers",
+    "load_pipeline",
+    "register_pipeline",
+    "ErasurePlan",
+    "ErasureResult",
+    "TargetLayer",
+    "edit_history",
+    "erase",
+    "find_text_conditioning",
+    "TextSpaceProbe",
+    "DissociationOperator",
+    "ICEHyperParams",
+    "dissociation_operator",
+]

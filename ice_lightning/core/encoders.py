@@ -1,0 +1,273 @@
+"""Text-encoder states per embedding space, collected through each pipeline's own tokenizer and encoder.
+
+Each denoiser family reads one or two *embedding spaces* (``"text"``: per-token states; ``"pooled"``: one
+vector per prompt), built from the pipeline's own tokenizers and encoders by that family's entry in
+:mod:`ice_lightning.core.families` out of the sources defined here: :class:`SequenceSource` (one encoder's
+per-token states), :class:`FeatureConcatSource` (several encoders concatenated per token, as SDXL and SD3
+do) and :class:`PooledSource` (pooled prompt embeddings).
+
+States are collected without gradients, in batches, and cached per prompt. The concept's tokens are
+chosen by the tokenizer's character offsets against :attr:`Prompt.span`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .concepts import Prompt
+
+__all__ = [
+    "SequenceSource",
+    "FeatureConcatSource",
+    "PooledSource",
+    "EmbeddingSpace",
+    "call_default",
+    "model_max_length",
+    "require_components",
+    "select_tokens",
+]
+
+_BATCH = 32
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _padding_invariant(encoder: torch.nn.Module, pass_mask: bool) -> bool:
+    """Whether the states of real tokens do not depend on how much padding follows them: CLIP's text
+    transformer is causal, and an encoder given the attention mask never attends to padding."""
+    return pass_mask or type(encoder).__name__ in ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+
+def _longest(tokenizer, texts: Sequence[str], max_length: int) -> int:
+    n = max(len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"])
+    return min(n, max_length)
+
+
+def _tokenize(tokenizer, texts: Sequence[str], max_length: int) -> dict:
+    try:
+        return tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+            return_tensors="pt",
+        )
+    except NotImplementedError as err:  # slow (Python) tokenizers have no offsets
+        raise TypeError(
+            f"{type(tokenizer).__name__} gives no character offsets; ICE needs a fast tokenizer to find the "
+            "concept's own tokens (load the pipeline with its fast tokenizer, e.g. use_fast=True)"
+        ) from err
+
+
+def select_tokens(enc: dict, i: int, prompt: Prompt, include_eot: bool = False) -> list[int]:
+    """Positions of the tokens of ``prompt.span`` (all real tokens if ``span`` is None) in row ``i``.
+
+    A token belongs to the concept if its character offsets overlap the span; special and padding
+    tokens never do. With ``include_eot`` the last attended special token (CLIP's end-of-text, T5's
+    ``</s>``, BERT's ``[SEP]``) is added.
+    """
+    offsets = enc["offset_mapping"][i].tolist()
+    special = enc["special_tokens_mask"][i].tolist()
+    attended = enc["attention_mask"][i].tolist()
+    lo, hi = prompt.span if prompt.span is not None else (0, len(prompt.text))
+    chosen = [
+        t
+        for t, ((a, b), s, m) in enumerate(zip(offsets, special, attended, strict=True))
+        if m and not s and b > a and a < hi and b > lo
+    ]
+    if include_eot:
+        last = max((t for t, m in enumerate(attended) if m), default=None)
+        if last is not None and special[last] and last not in chosen:
+            chosen.append(last)
+    return chosen
+
+
+@dataclass
+class SequenceSource:
+    """One tokenizer + encoder giving per-token states (B, L, d).
+
+    Args:
+        hidden_state: ``None`` for the encoder's first output (last hidden state), or an index into
+            ``hidden_states`` (``-2``: SDXL/SD3 penultimate layer).
+        pass_mask: whether the pipeline passes the attention mask to the encoder.
+        width: pad (or cut) the feature dimension to this width, as SD3 does for its CLIP states.
+    """
+
+    tokenizer: object
+    encoder: torch.nn.Module
+    max_length: int
+    hidden_state: int | None = None
+    pass_mask: bool = False
+    width: int | None = None
+
+    @property
+    def dim(self) -> int:
+        if self.width is not None:
+            return self.width
+        cfg = self.encoder.config
+        return int(getattr(cfg, "hidden_size", None) or cfg.d_model)
+
+    @property
+    def padding_invariant(self) -> bool:
+        return _padding_invariant(self.encoder, self.pass_mask)
+
+    def length_for(self, texts: Sequence[str]) -> int:
+        """Padding length: the batch's longest prompt where padding cannot change the states (the same
+        states, several times faster than padding to 77 or 512), else the pipeline's own length."""
+        return _longest(self.tokenizer, texts, self.max_length) if self.padding_invariant else self.max_length
+
+    @torch.no_grad()
+    def rows(self, prompts: Sequence[Prompt], include_eot: bool) -> list[Tensor]:
+        texts = [p.text for p in prompts]
+        enc = _tokenize(self.tokenizer, texts, self.length_for(texts))
+        states = self._states(enc)
+        return [states[i, select_tokens(enc, i, p, include_eot)] for i, p in enumerate(prompts)]
+
+    def _states(self, enc: dict) -> Tensor:
+        dev = _device_of(self.encoder)
+        kwargs = {"output_hidden_states": True} if self.hidden_state is not None else {}
+        if self.pass_mask:
+            kwargs["attention_mask"] = enc["attention_mask"].to(dev)
+        out = self.encoder(enc["input_ids"].to(dev), **kwargs)
+        states = out.hidden_states[self.hidden_state] if self.hidden_state is not None else out[0]
+        states = states.to(torch.float64)
+        if self.width is not None and states.shape[-1] != self.width:
+            states = torch.nn.functional.pad(states, (0, self.width - states.shape[-1]))
+        return states
+
+
+@dataclass
+class FeatureConcatSource:
+    """Several encoders whose per-token states are concatenated along features (SDXL, SD3's CLIPs)."""
+
+    parts: list[SequenceSource]
+    width: int | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.width if self.width is not None else sum(p.dim for p in self.parts)
+
+    @torch.no_grad()
+    def rows(self, prompts: Sequence[Prompt], include_eot: bool) -> list[Tensor]:
+        texts = [q.text for q in prompts]
+        # States are concatenated position by position: every part must be padded to the same length.
+        length = max(p.length_for(texts) for p in self.parts)
+        if not all(p.padding_invariant for p in self.parts):
+            length = max(p.max_length for p in self.parts)
+        encs = [_tokenize(p.tokenizer, texts, min(length, p.max_length)) for p in self.parts]
+        states = torch.cat([p._states(e) for p, e in zip(self.parts, encs, strict=True)], dim=-1)
+        if self.width is not None and states.shape[-1] != self.width:
+            states = torch.nn.functional.pad(states, (0, self.width - states.shape[-1]))
+        out = []
+        for i, q in enumerate(prompts):
+            # States are concatenated position by position, so take the union of each tokenizer's picks.
+            picks = sorted(set().union(*(select_tokens(e, i, q, include_eot) for e in encs)))
+            out.append(states[i, picks])
+        return out
+
+
+@dataclass
+class PooledSource:
+    """Pooled prompt embeddings, one row per prompt (Flux: CLIP pooler output; SD3: CLIP-L+G text_embeds)."""
+
+    parts: list[tuple[object, torch.nn.Module, int]]
+
+    @property
+    def dim(self) -> int:
+        total = 0
+        for _, enc, _ in self.parts:
+            cfg = enc.config
+            total += int(getattr(cfg, "projection_dim", 0)) if hasattr(enc, "text_projection") else cfg.hidden_size
+        return total
+
+    @torch.no_grad()
+    def rows(self, prompts: Sequence[Prompt], include_eot: bool) -> list[Tensor]:
+        pooled = []
+        for tokenizer, encoder, max_length in self.parts:
+            enc = _tokenize(tokenizer, [p.text for p in prompts], max_length)
+            out = encoder(enc["input_ids"].to(_device_of(encoder)))
+            vec = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
+            pooled.append(vec.to(torch.float64))
+        states = torch.cat(pooled, dim=-1)
+        return [states[i : i + 1] for i in range(len(prompts))]
+
+
+@dataclass
+class EmbeddingSpace:
+    """One space of text states that a set of layers reads; ``token_states`` stacks the chosen rows."""
+
+    name: str
+    sources: list
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def dim(self) -> int:
+        dims = {s.dim for s in self.sources}
+        if len(dims) != 1:
+            raise ValueError(f"sources of space {self.name!r} disagree on width: {dims}")
+        return dims.pop()
+
+    @property
+    def pooled(self) -> bool:
+        return all(isinstance(s, PooledSource) for s in self.sources)
+
+    def token_states(self, prompts: Sequence[Prompt], include_eot: bool = False) -> Tensor:
+        """(n, d) float64 states of the concept tokens of every prompt (cached, no grad)."""
+        return torch.cat(self.per_prompt(prompts, include_eot), dim=0)
+
+    def per_prompt(self, prompts: Sequence[Prompt], include_eot: bool = False) -> list[Tensor]:
+        """The chosen rows of each prompt separately (cached, no grad)."""
+        todo = list(dict.fromkeys(p for p in prompts if (p, include_eot) not in self._cache))
+        for start in range(0, len(todo), _BATCH):
+            batch = todo[start : start + _BATCH]
+            per_source = [src.rows(batch, include_eot) for src in self.sources]
+            for j, p in enumerate(batch):
+                self._cache[(p, include_eot)] = torch.cat([rows[j] for rows in per_source], dim=0)
+        return [self._cache[(p, include_eot)] for p in prompts]
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+
+def call_default(pipeline, name: str, fallback: int) -> int:
+    # Look in the class's own MRO: ``getattr(cls, "__call__")`` would find the metaclass's ``type.__call__``
+    # for a plain holder object (say a SimpleNamespace) that has no pipeline ``__call__``.
+    call = next((k.__dict__["__call__"] for k in type(pipeline).__mro__ if "__call__" in k.__dict__), None)
+    if call is None:
+        return fallback
+    try:
+        param = inspect.signature(call).parameters.get(name)
+    except (TypeError, ValueError):
+        return fallback
+    if param is not None and isinstance(param.default, int):
+        return param.default
+    return fallback
+
+
+def model_max_length(tokenizer, encoder, cap: int = 512) -> int:
+    n = getattr(tokenizer, "model_max_length", None)
+    if not n or n > 10**6:  # "no limit" sentinel of tokenizers without a configured length
+        n = cap
+    pos = getattr(getattr(encoder, "config", None), "max_position_embeddings", None)
+    return int(min(n, pos) if pos else n)
+
+
+def require_components(pipeline, *names: str) -> list:
+    comps = [getattr(pipeline, n, None) for n in names]
+    missing = [n for n, c in zip(names, comps, strict=True) if c is None]
+    if missing:
+        raise ValueError(
+            f"{type(pipeline).__name__} has no {', '.join(missing)}; ICE encodes the concepts with the "
+            "pipeline's own tokenizer and text encoder, so load the pipeline with them"
+        )
+    return comps

@@ -1,0 +1,320 @@
+"""The table of denoiser families: everything this package knows about each denoiser class, in one entry.
+
+A :class:`DenoiserFamily` says, for one denoiser class:
+
+- ``rules``: which linear layers read the text-encoder states, and from which embedding space
+  (``"text"``: per-token states; ``"pooled"``: one vector per prompt);
+- ``check_pass``: one small forward pass with given text states, so a forward hook can confirm that each
+  found layer really receives them (:mod:`ice_lightning.core.layers`);
+- ``embedding_spaces``: how the pipeline's own tokenizers and encoders produce those spaces
+  (:mod:`ice_lightning.core.encoders`);
+- ``denoise``: the call used for training and sampling, for the families ``ICEModule`` can train
+  (``None``: erasable, not trainable by ``ICEModule``);
+- ``video``: whether it denoises clips, laid out (batch, channels, frames, height, width) in this package.
+
+:func:`family_of` finds the entry of a model by its class, or by the nearest base class in the table (a
+user's subclass of ``UNet2DConditionModel`` is a UNet2D). Adding a family is one
+:func:`register_family` call; ``docs/architecture.md`` shows one.
+
+Example:
+    >>> from ice_lightning.core.families import family_of, FAMILIES
+    >>> sorted(FAMILIES)[:3]
+    ['CogVideoXTransformer3DModel', 'FluxTransformer2DModel', 'LTXVideoTransformer3DModel']
+    >>> FAMILIES["UNet2DConditionModel"].trainable, FAMILIES["FluxTransformer2DModel"].trainable
+    (True, False)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .encoders import (
+    EmbeddingSpace,
+    FeatureConcatSource,
+    PooledSource,
+    SequenceSource,
+    call_default,
+    model_max_length,
+    require_components,
+)
+
+__all__ = [
+    "LayerRule",
+    "DenoiserFamily",
+    "FAMILIES",
+    "register_family",
+    "family_of",
+    "denoise",
+    "unet_denoise",
+    "NoTextConditioningLayerError",
+]
+
+
+class NoTextConditioningLayerError(ValueError):
+    """Raised when a model has no linear layer known to read the text-encoder states (no table entry, no
+    matching layer, or none confirmed by the check pass)."""
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Layers whose qualified name matches ``pattern`` (and not ``exclude``) read space ``space``."""
+
+    space: str
+    pattern: str
+    exclude: str | None = None
+
+    def matches(self, name: str) -> bool:
+        return re.search(self.pattern, name) is not None and not (self.exclude and re.search(self.exclude, name))
+
+
+SpacesBuilder = Callable[[object, nn.Module], dict[str, EmbeddingSpace]]
+
+
+@dataclass(frozen=True)
+class DenoiserFamily:
+    """One entry of the family table (see the module docstring for each field)."""
+
+    name: str
+    rules: tuple[LayerRule, ...]
+    check_pass: Callable[[nn.Module, dict[str, Tensor]], object]
+    embedding_spaces: SpacesBuilder
+    denoise: Callable[..., Tensor] | None = None
+    video: bool = False
+    text_length: int = 7
+
+    @property
+    def trainable(self) -> bool:
+        """Whether ``ICEModule`` can fine-tune this family (it has a training call)."""
+        return self.denoise is not None
+
+    def text_length_of(self, model: nn.Module) -> int:
+        """Length of the text sequence of the check pass (CogVideoX needs its configured length)."""
+        return int(getattr(model.config, "max_text_seq_length", None) or self.text_length)
+
+
+#: The table, keyed by denoiser class name. Use :func:`register_family` to add to it.
+FAMILIES: dict[str, DenoiserFamily] = {}
+
+
+def register_family(family: DenoiserFamily, replace: bool = False) -> DenoiserFamily:
+    """Add ``family`` to the table (``replace=True`` to override an entry of the same class name)."""
+    if family.name in FAMILIES and not replace:
+        raise ValueError(f"a denoiser family for {family.name!r} is already registered; pass replace=True")
+    FAMILIES[family.name] = family
+    return family
+
+
+def family_of(model: nn.Module) -> DenoiserFamily:
+    """The table entry of ``model``: its class, else the nearest base class with an entry."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in FAMILIES:
+            return FAMILIES[cls.__name__]
+    raise NoTextConditioningLayerError(
+        f"no text-conditioning layer found: {type(model).__name__} is not a supported denoiser "
+        f"({', '.join(sorted(FAMILIES))}); pass layers=[...] with the names of the linear layers that read "
+        "the text-encoder states, or add its family with ice_lightning.core.families.register_family"
+    )
+
+
+def denoise(model: nn.Module, sample: Tensor, timestep: Tensor | int, encoder_hidden_states: Tensor,
+            **kwargs) -> Tensor:  # fmt: skip
+    """The prediction of a trainable denoiser through its family's training call."""
+    fam = family_of(model)
+    if fam.denoise is None:
+        raise NotImplementedError(f"{type(model).__name__} has no training call in the family table")
+    return fam.denoise(model, sample, timestep, encoder_hidden_states, **kwargs)
+
+
+# -- helpers shared by the entries ----------------------------------------------------------------------
+def _rnd(model: nn.Module, *shape: int) -> Tensor:
+    p = next(model.parameters())
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(p.device, p.dtype)
+
+
+def _t(model: nn.Module, value: float = 1, dtype: torch.dtype | None = None) -> Tensor:
+    return torch.tensor([value], device=next(model.parameters()).device, dtype=dtype)
+
+
+def _only_text(pipeline, denoiser) -> dict[str, EmbeddingSpace]:
+    """SD 1.x/2.x, TextToVideoSD, AnimateDiff and any encoder they are built around (BERT, T5...)."""
+    tok, enc = require_components(pipeline, "tokenizer", "text_encoder")
+    mask = bool(getattr(enc.config, "use_attention_mask", False))
+    return {"text": EmbeddingSpace("text", [SequenceSource(tok, enc, model_max_length(tok, enc), pass_mask=mask)])}
+
+
+def _t5_text(default_length: int, pass_mask: bool) -> SpacesBuilder:
+    """PixArt, Wan (the mask goes to T5) and CogVideoX, LTX (T5 without a mask)."""
+
+    def build(pipeline, denoiser) -> dict[str, EmbeddingSpace]:
+        tok, enc = require_components(pipeline, "tokenizer", "text_encoder")
+        length = call_default(pipeline, "max_sequence_length", default_length)
+        return {"text": EmbeddingSpace("text", [SequenceSource(tok, enc, length, pass_mask=pass_mask)])}
+
+    return build
+
+
+# -- UNets --------------------------------------------------------------------------------------------
+def unet_denoise(unet: nn.Module, sample: Tensor, timestep, encoder_hidden_states: Tensor, **kwargs) -> Tensor:
+    """UNet2D and UNet3D: ``(B, C, H, W)`` images or ``(B, C, F, H, W)`` clips as they are; ``kwargs`` (SDXL's
+    ``added_cond_kwargs``) go to the UNet."""
+    return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs).sample
+
+
+def _motion_denoise(unet: nn.Module, sample: Tensor, timestep, encoder_hidden_states: Tensor, **kwargs) -> Tensor:
+    """AnimateDiff's ``UNetMotionModel`` takes the text states repeated per frame, as its pipeline does."""
+    states = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
+    return unet(sample, timestep, encoder_hidden_states=states, **kwargs).sample
+
+
+def _svd_denoise(unet: nn.Module, sample: Tensor, timestep, encoder_hidden_states: Tensor, **kwargs) -> Tensor:
+    """SVD's ``UNetSpatioTemporalConditionModel`` takes (B, F, C, H, W) clips and ``added_time_ids`` (fps, motion
+    bucket, noise augmentation), which a text-to-video model leaves at zero."""
+    cfg = unet.config
+    ids = sample.new_zeros(sample.shape[0], cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim)
+    out = unet(sample.transpose(1, 2), timestep, encoder_hidden_states, added_time_ids=ids, **kwargs).sample
+    return out.transpose(1, 2)
+
+
+def _unet_check(video: bool) -> Callable[[nn.Module, dict[str, Tensor]], object]:
+    def run(model: nn.Module, states: dict[str, Tensor]) -> object:
+        cfg = model.config
+        s = max(4, 2 ** (len(cfg.block_out_channels) - 1))
+        shape = (1, cfg.in_channels, 2, s, s) if video else (1, cfg.in_channels, s, s)
+        kw = {}
+        if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL
+            n_text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            kw["added_cond_kwargs"] = {"text_embeds": _rnd(model, 1, n_text), "time_ids": _rnd(model, 1, 6)}
+        elif getattr(cfg, "addition_embed_type", None) is not None or getattr(cfg, "class_embed_type", None):
+            raise NotImplementedError(f"{type(model).__name__} with addition_embed_type={cfg.addition_embed_type!r}")
+        return family_of(model).denoise(model, _rnd(model, *shape), _t(model), states["text"], **kw)
+
+    return run
+
+
+def _unet_spaces(pipeline, denoiser) -> dict[str, EmbeddingSpace]:
+    """SD 1.x/2.x; SDXL (a second encoder): both CLIPs' penultimate states, concatenated per token."""
+    if getattr(pipeline, "text_encoder_2", None) is None:
+        return _only_text(pipeline, denoiser)
+    tok, enc, tok2, enc2 = require_components(pipeline, "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    parts = [
+        SequenceSource(tok, enc, model_max_length(tok, enc), -2),
+        SequenceSource(tok2, enc2, model_max_length(tok2, enc2), -2),
+    ]
+    return {"text": EmbeddingSpace("text", [FeatureConcatSource(parts)])}
+
+
+_ATTN2_KV = r"(^|\.)attn2\.to_[kv]$"
+
+register_family(DenoiserFamily("UNet2DConditionModel", (LayerRule("text", _ATTN2_KV),), _unet_check(False),
+                               _unet_spaces, unet_denoise))  # fmt: skip
+# Temporal transformers reuse the name attn2 for self-attention over frames: not text.
+register_family(DenoiserFamily(
+    "UNet3DConditionModel", (LayerRule("text", _ATTN2_KV, exclude=r"temp_attentions|transformer_in"),),
+    _unet_check(True), _only_text, unet_denoise, video=True,
+))  # fmt: skip
+register_family(DenoiserFamily(
+    "UNetMotionModel", (LayerRule("text", _ATTN2_KV, exclude=r"motion_modules"),), _unet_check(True), _only_text,
+    _motion_denoise, video=True,
+))  # fmt: skip
+# SVD's temporal blocks cross-attend to the text too (their attn2 reads the text states).
+register_family(DenoiserFamily("UNetSpatioTemporalConditionModel", (LayerRule("text", _ATTN2_KV),),
+                               _unet_check(True), _only_text, _svd_denoise, video=True))  # fmt: skip
+
+
+# -- transformers -------------------------------------------------------------------------------------
+_POOLED = LayerRule("pooled", r"^time_text_embed\.text_embedder\.linear_1$")
+
+
+def _sd3_check(model: nn.Module, states: dict[str, Tensor]) -> object:
+    s = 2 * model.config.patch_size
+    return model(hidden_states=_rnd(model, 1, model.config.in_channels, s, s), encoder_hidden_states=states["text"],
+                 pooled_projections=states["pooled"], timestep=_t(model))  # fmt: skip
+
+
+def _sd3_spaces(pipeline, denoiser) -> dict[str, EmbeddingSpace]:
+    """CLIP-L+G penultimate states padded to the T5 width, then the T5 states (one sequence); pooled CLIP-L+G."""
+    names = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3")
+    tok, enc, tok2, enc2, tok3, enc3 = require_components(pipeline, *names)
+    clip_len = model_max_length(tok, enc)
+    clip_parts = [SequenceSource(tok, enc, clip_len, -2), SequenceSource(tok2, enc2, clip_len, -2)]
+    clips = FeatureConcatSource(clip_parts, width=int(enc3.config.d_model))
+    t5 = SequenceSource(tok3, enc3, call_default(pipeline, "max_sequence_length", 256))
+    return {
+        "text": EmbeddingSpace("text", [clips, t5]),
+        "pooled": EmbeddingSpace("pooled", [PooledSource([(tok, enc, clip_len), (tok2, enc2, clip_len)])]),
+    }
+
+
+def _flux_check(model: nn.Module, states: dict[str, Tensor]) -> object:
+    ehs, dev, dt = states["text"], next(model.parameters()).device, next(model.parameters()).dtype
+    kw = {"hidden_states": _rnd(model, 1, 4, model.config.in_channels), "encoder_hidden_states": ehs,
+          "pooled_projections": states["pooled"], "timestep": _t(model, 0.5, dt),
+          "img_ids": torch.zeros(4, 3, device=dev), "txt_ids": torch.zeros(ehs.shape[1], 3, device=dev)}  # fmt: skip
+    if model.config.guidance_embeds:
+        kw["guidance"] = _t(model, 3.5, dt)
+    return model(**kw)
+
+
+def _flux_spaces(pipeline, denoiser) -> dict[str, EmbeddingSpace]:
+    """T5 states; CLIP pooled output."""
+    tok, enc, tok2, enc2 = require_components(pipeline, "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    t5 = SequenceSource(tok2, enc2, call_default(pipeline, "max_sequence_length", 512))
+    return {
+        "text": EmbeddingSpace("text", [t5]),
+        "pooled": EmbeddingSpace("pooled", [PooledSource([(tok, enc, model_max_length(tok, enc))])]),
+    }
+
+
+def _pixart_check(model: nn.Module, states: dict[str, Tensor]) -> object:
+    s, dt = 2 * model.config.patch_size, next(model.parameters()).dtype
+    extra = {"resolution": None, "aspect_ratio": None}
+    if getattr(model, "use_additional_conditions", False):
+        extra = {"resolution": torch.tensor([[s, s]], device=next(model.parameters()).device, dtype=dt),
+                 "aspect_ratio": _rnd(model, 1, 1)}  # fmt: skip
+    return model(hidden_states=_rnd(model, 1, model.config.in_channels, s, s), encoder_hidden_states=states["text"],
+                 timestep=_t(model), added_cond_kwargs=extra)  # fmt: skip
+
+
+def _cogvideox_check(model: nn.Module, states: dict[str, Tensor]) -> object:
+    cfg = model.config
+    s, f = 2 * cfg.patch_size, cfg.patch_size_t or 1
+    kw = {"hidden_states": _rnd(model, 1, f, cfg.in_channels, s, s), "encoder_hidden_states": states["text"],
+          "timestep": _t(model)}  # fmt: skip
+    if getattr(cfg, "ofs_embed_dim", None):
+        kw["ofs"] = _t(model, 2.0, next(model.parameters()).dtype)
+    return model(**kw)
+
+
+def _wan_check(model: nn.Module, states: dict[str, Tensor]) -> object:
+    pt, ph, pw = model.config.patch_size
+    return model(hidden_states=_rnd(model, 1, model.config.in_channels, pt, 2 * ph, 2 * pw), timestep=_t(model),
+                 encoder_hidden_states=states["text"])  # fmt: skip
+
+
+def _ltx_check(model: nn.Module, states: dict[str, Tensor]) -> object:
+    ehs = states["text"]
+    return model(hidden_states=_rnd(model, 1, 4, model.config.in_channels), encoder_hidden_states=ehs,
+                 timestep=_t(model), encoder_attention_mask=torch.ones(1, ehs.shape[1], device=ehs.device),
+                 num_frames=1, height=2, width=2)  # fmt: skip
+
+
+register_family(DenoiserFamily("SD3Transformer2DModel", (LayerRule("text", r"^context_embedder$"), _POOLED),
+                               _sd3_check, _sd3_spaces))  # fmt: skip
+register_family(DenoiserFamily("FluxTransformer2DModel", (LayerRule("text", r"^context_embedder$"), _POOLED),
+                               _flux_check, _flux_spaces))  # fmt: skip
+# caption_projection's output feeds attn2: edit its first layer only.
+register_family(DenoiserFamily("PixArtTransformer2DModel", (LayerRule("text", r"^caption_projection\.linear_1$"),),
+                               _pixart_check, _t5_text(120, pass_mask=True)))  # fmt: skip
+register_family(DenoiserFamily("LTXVideoTransformer3DModel", (LayerRule("text", r"^caption_projection\.linear_1$"),),
+                               _ltx_check, _t5_text(226, pass_mask=False), video=True))  # fmt: skip
+register_family(DenoiserFamily(
+    "WanTransformer3DModel", (LayerRule("text", r"^condition_embedder\.text_embedder\.linear_1$"),), _wan_check,
+    _t5_text(120, pass_mask=True), video=True,
+))  # fmt: skip
+register_family(DenoiserFamily("CogVideoXTransformer3DModel", (LayerRule("text", r"^patch_embed\.text_proj$"),),
+                               _cogvideox_check, _t5_text(226, pass_mask=False), video=True))  # fmt: skip

@@ -1,0 +1,97 @@
+"""Loading a pipeline by name: a local diffusers folder, a hub id, or a name that a plugin registered.
+
+Everything that is not a plain ``from_pretrained`` comes from a registry, filled by Python entry points
+(so nothing is imported until it is asked for) or by :func:`register_pipeline` at run time:
+
+- group ``ice_lightning.pipelines``: named pipelines. ``NAME`` calls the factory with no argument,
+  ``NAME:ARG`` with ``ARG`` (this package registers ``shapes-image``, ``shapes-video``, ``new:KIND`` for an
+  untrained shapes-world pipeline and ``tiny:KIND`` for the tiny test pipelines);
+- group ``ice_lightning.pipeline_classes``: pipeline classes that diffusers does not know, by the class
+  name written in a saved folder's ``model_index.json`` (this package registers ``PixelDiffusionPipeline``);
+- group ``ice_lightning.erase_reports``: by pipeline class name, what ``ice-lightning erase`` prints for
+  such a pipeline instead of the text-space table (the shapes world samples images before and after).
+
+A local folder always wins over a registered name of the same spelling.
+
+Example:
+    >>> from ice_lightning.core.pipelines import registered_pipelines
+    >>> {"shapes-image", "tiny"} <= set(registered_pipelines())
+    True
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+__all__ = ["load_pipeline", "load_pipeline_folder", "register_pipeline", "registered_pipelines", "erase_report"]
+
+_NAMES_GROUP = "ice_lightning.pipelines"
+_CLASSES_GROUP = "ice_lightning.pipeline_classes"
+_REPORTS_GROUP = "ice_lightning.erase_reports"
+_REGISTERED: dict[str, Callable] = {}
+
+
+def register_pipeline(name: str, factory: Callable) -> None:
+    """Make ``load_pipeline(name)`` (or ``name:ARG``) call ``factory()`` (or ``factory(ARG)``)."""
+    if ":" in name or not name:
+        raise ValueError(f"a pipeline name is a non-empty word without ':', got {name!r}")
+    _REGISTERED[name] = factory
+
+
+def _entry_points(group: str) -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=group)}
+
+
+def registered_pipelines() -> list[str]:
+    """Names that :func:`load_pipeline` resolves besides folders and hub ids."""
+    return sorted({*_entry_points(_NAMES_GROUP), *_REGISTERED})
+
+
+def _factory(name: str) -> Callable | None:
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    ep = _entry_points(_NAMES_GROUP).get(name)
+    return ep.load() if ep is not None else None
+
+
+def load_pipeline(pipeline: str, torch_dtype: str | torch.dtype = "float32"):
+    """The pipeline named ``pipeline``, in ``torch_dtype``: a local folder, a registered name (``NAME`` or
+    ``NAME:ARG``), else a hub id through ``from_pretrained``."""
+    dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+    if not Path(pipeline).exists():
+        name, sep, arg = pipeline.partition(":")
+        factory = _factory(name)
+        if factory is not None:
+            pipe = factory(arg) if sep else factory()
+            return pipe.to(dtype=dtype)
+    return load_pipeline_folder(pipeline, torch_dtype=dtype)
+
+
+def load_pipeline_folder(path: str, **kwargs):
+    """``from_pretrained`` of a local folder or hub id, with the class its ``model_index.json`` names when a
+    plugin registered that class, and diffusers' ``DiffusionPipeline`` otherwise."""
+    from diffusers import DiffusionPipeline
+
+    index = Path(path) / "model_index.json"
+    if index.is_file():
+        ep = _entry_points(_CLASSES_GROUP).get(json.loads(index.read_text()).get("_class_name", ""))
+        if ep is not None:
+            return ep.load().from_pretrained(path, **kwargs)
+    return DiffusionPipeline.from_pretrained(path, **kwargs)
+
+
+def erase_report(pipeline) -> Callable | None:
+    """The erase report registered for ``pipeline``'s class (or a base class), or ``None``.
+
+    A report is called as ``report(pipeline, options, hparams)`` with the parsed ``ice-lightning erase``
+    options and the solver hyperparameters; it erases, prints, exports and returns the exit code."""
+    reports = _entry_points(_REPORTS_GROUP)
+    for cls in type(pipeline).__mro__:
+        if cls.__name__ in reports:
+            return reports[cls.__name__].load()
+    return None

@@ -1,0 +1,398 @@
+"""An erasure in three steps: plan (where to edit, from which states), solve (the operators), apply (the edit).
+
+:func:`erase` is those three calls on one :class:`ErasurePlan`::
+
+    plan = ErasurePlan(pipeline, spec)          # find and verify the layers; the embedding spaces
+    result = plan.apply(plan.solve())           # encode the concepts, solve D per space; W <- W (I - D)
+
+``ICECallback`` uses the same object: every rank plans, rank 0 solves, the operators are broadcast and
+every rank applies; a re-application is ``plan.apply(operators, bases=weights_at_last_application)``.
+
+Example:
+    >>> import ice_lightning
+    >>> result = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style")  # doctest: +SKIP
+    >>> result.layers[:1], result.timings["total_s"]  # doctest: +SKIP
+    >>> result.undo()  # exact original weights  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .concepts import ConceptSpec, Family, Prompt
+from .editing import LayerEdit, apply_edits, undo_edits
+from .encoders import EmbeddingSpace
+from .families import family_of
+from .layers import NoTextConditioningLayerError, TextConditioningLayers
+from .solver import METHODS, DissociationOperator, build_operator
+
+__all__ = [
+    "Method",
+    "TargetLayer",
+    "ConceptStates",
+    "ErasurePlan",
+    "ErasureResult",
+    "erase",
+    "edit_history",
+    "find_text_conditioning",
+    "text_conditioning_layers",
+    "pipeline_spaces",
+    "denoisers",
+    "resolve_layer",
+    "DENOISER_COMPONENTS",
+]
+
+Method = Literal["ice", "cure", "uce", "projection"]
+
+#: Pipeline components that may hold a denoiser (Wan 2.2 has two experts).
+DENOISER_COMPONENTS = ("unet", "transformer", "transformer_2")
+_ENCODER_PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3")
+
+# Kept beside the pipeline, never on it: keyed weakly by the pipeline's first denoiser, which nothing stored
+# here refers to (the values hold the edited linear layers and the encoders, not their parent), so a dropped
+# pipeline is freed with its entries.
+_HISTORY: weakref.WeakKeyDictionary[nn.Module, list[ErasureResult]] = weakref.WeakKeyDictionary()
+_SPACES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, EmbeddingSpace]]] = weakref.WeakKeyDictionary()
+
+
+class TargetLayer(NamedTuple):
+    """A text-conditioning layer to edit and the embedding space it reads."""
+
+    module: nn.Linear
+    space: str
+
+
+class ConceptStates(NamedTuple):
+    """Token states of one embedding space: erase rows, preserve rows, optional (concept, anchor) pairs."""
+
+    erase: Tensor
+    preserve: Tensor
+    anchor: tuple[Tensor, Tensor] | None
+
+
+def denoisers(pipeline) -> dict[str, nn.Module]:
+    """``{component: denoiser}`` of ``pipeline`` (``unet``, ``transformer``, ``transformer_2``)."""
+    found = {n: getattr(pipeline, n) for n in DENOISER_COMPONENTS if getattr(pipeline, n, None) is not None}
+    if not found:
+        raise NoTextConditioningLayerError(
+            f"{type(pipeline).__name__} has no denoiser component ({', '.join(DENOISER_COMPONENTS)}); "
+            "no text-conditioning layer found"
+        )
+    return found
+
+
+def resolve_layer(pipeline, qualified: str) -> nn.Module:
+    """The module named ``"component.path.in.component"`` (e.g. ``"unet.mid_block...attn2.to_k"``)."""
+    comp, sub = qualified.split(".", 1)
+    return getattr(pipeline, comp).get_submodule(sub)
+
+
+def find_text_conditioning(
+    pipeline, verify: bool = True, layers: Iterable[str] | None = None
+) -> dict[str, TextConditioningLayers]:
+    """The text-conditioning layers of every denoiser of ``pipeline``, keyed by component name.
+
+    ``layers`` overrides the table with explicit qualified names (``"unet.mid_block...to_k"``)."""
+    found = {}
+    names = list(layers) if layers is not None else None
+    for comp, model in denoisers(pipeline).items():
+        if names is not None:
+            own = [n.split(".", 1)[1] for n in names if n.split(".", 1)[0] == comp]
+            if own:
+                found[comp] = TextConditioningLayers.find(model, verify=verify, names=own)
+        else:
+            found[comp] = TextConditioningLayers.find(model, verify=verify)
+    if not found:
+        raise NoTextConditioningLayerError(f"none of the given layers {names} belongs to a denoiser component")
+    return found
+
+
+def text_conditioning_layers(
+    pipeline, verify: bool = True, layers: Iterable[str] | None = None
+) -> dict[str, TargetLayer]:
+    """``{qualified name: TargetLayer(module, space)}`` over every denoiser of ``pipeline``."""
+    return {
+        f"{comp}.{name}": TargetLayer(lin, space)
+        for comp, found in find_text_conditioning(pipeline, verify=verify, layers=layers).items()
+        for name, (lin, space) in found.layers.items()
+    }
+
+
+def pipeline_spaces(pipeline) -> dict[str, EmbeddingSpace]:
+    """Embedding spaces of ``pipeline``, built by its denoiser's family once and cached (the text encoders are
+    frozen). The cache is keyed by the identity of the tokenizers and text encoders: swapping one rebuilds it."""
+    denoiser = next(iter(denoisers(pipeline).values()))
+    key = tuple(id(getattr(pipeline, n, None)) for n in _ENCODER_PARTS)
+    cached = _SPACES.get(denoiser)
+    if cached is None or cached[0] != key:
+        cached = (key, family_of(denoiser).embedding_spaces(pipeline, denoiser))
+        _SPACES[denoiser] = cached
+    return cached[1]
+
+
+def edit_history(pipeline) -> list[ErasureResult]:
+    """The live (not undone) erasures applied to ``pipeline`` with :func:`erase`, oldest first."""
+    return list(_HISTORY.get(next(iter(denoisers(pipeline).values())), []))
+
+
+def _collect(space: EmbeddingSpace, prompts: list[Prompt], include_eot: bool, what: str) -> Tensor:
+    rows = space.per_prompt(prompts, include_eot)
+    if not space.pooled:
+        by_name: dict[str, int] = {}
+        for p, r in zip(prompts, rows, strict=True):
+            if p.span is not None:
+                name = p.text[p.span[0] : p.span[1]]
+                by_name[name] = by_name.get(name, 0) + r.shape[0]
+        empty = [n for n, k in by_name.items() if k == 0]
+        if empty:
+            raise ValueError(
+                f"{what} concept(s) {empty} tokenize to nothing with this pipeline's tokenizer; check the "
+                "spelling or use words the tokenizer knows"
+            )
+    E = torch.cat(rows, dim=0)
+    if E.shape[0] == 0:
+        raise ValueError(f"no {what} token states were collected; nothing defines the {what} subspace")
+    if not torch.isfinite(E).all():
+        raise ValueError(
+            f"the {what} embeddings contain NaN or inf: the text encoder is broken or overflowed "
+            "(run it in float32); the model was not changed"
+        )
+    return E
+
+
+def _anchor_pairs(space: EmbeddingSpace, spec: ConceptSpec) -> tuple[Tensor, Tensor] | None:
+    pairs = spec.anchor_prompts()
+    if not pairs:
+        return None
+    src = space.per_prompt([a for a, _ in pairs], spec.include_eot)
+    dst = space.per_prompt([b for _, b in pairs], spec.include_eot)
+    keep = [i for i in range(len(pairs)) if src[i].shape[0] and dst[i].shape[0]]
+    if not keep:
+        raise ValueError(f"the anchor {spec.anchor!r} tokenizes to nothing with this pipeline's tokenizer")
+    # Pair prompt by prompt: the mean state of the concept's tokens maps to the anchor's.
+    return torch.stack([src[i].mean(0) for i in keep]), torch.stack([dst[i].mean(0) for i in keep])
+
+
+class ErasurePlan:
+    """Where an erasure edits and from which states: step 1 of :func:`erase`, shared with ``ICECallback``.
+
+    Construction finds (and by default verifies) the text-conditioning layers of every denoiser and checks
+    them against the pipeline's embedding spaces; nothing is encoded and nothing is written. :meth:`states`
+    encodes the concept prompts (once), :meth:`solve` computes one operator per space, :meth:`apply` writes.
+
+    Args:
+        pipeline: a diffusers pipeline, or any object holding a denoiser (``unet``, ``transformer``) and the
+            tokenizers and text encoders its family reads.
+        spec: what to erase and keep.
+        method: ``"ice"`` or a baseline.
+        hparams: solver hyperparameters (``ICEHyperParams`` fields for ICE).
+        layers: explicit qualified layer names instead of the family table.
+        verify: confirm the layers with the family's check pass.
+    """
+
+    def __init__(self, pipeline, spec: ConceptSpec, method: Method = "ice", hparams: dict | None = None,
+                 layers: Iterable[str] | None = None, verify: bool = True) -> None:  # fmt: skip
+        t0 = time.perf_counter()
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        self.spec, self.method, self.hparams = spec, method, dict(hparams or {})
+        self.targets = text_conditioning_layers(pipeline, verify=verify, layers=layers)
+        self.spaces = pipeline_spaces(pipeline)
+        for name, (lin, space) in self.targets.items():
+            if space not in self.spaces:
+                raise ValueError(f"layer {name} reads the {space!r} space, which this pipeline lacks")
+            if lin.in_features != self.spaces[space].dim:
+                raise ValueError(
+                    f"dimension mismatch: layer {name} reads {lin.in_features}-d states but the pipeline's "
+                    f"{space!r} text states are {self.spaces[space].dim}-d; the denoiser and the text encoder "
+                    "do not belong together"
+                )
+        self._history_key = next(iter(denoisers(pipeline).values()))
+        self._states: dict[str, ConceptStates] | None = None
+        self.timings = {"find_layers_s": time.perf_counter() - t0}
+
+    @property
+    def layer_spaces(self) -> dict[str, str]:
+        """``{qualified layer name: embedding space}``."""
+        return {n: t.space for n, t in self.targets.items()}
+
+    def modules(self) -> dict[str, nn.Linear]:
+        """``{qualified layer name: linear module}``."""
+        return {n: t.module for n, t in self.targets.items()}
+
+    def states(self) -> dict[str, ConceptStates]:
+        """The concept token states of every space the targets read (encoded once, then kept)."""
+        if self._states is None:
+            t0 = time.perf_counter()
+            spec = self.spec
+            self._states = {
+                s: ConceptStates(
+                    _collect(self.spaces[s], spec.erase_prompts(), spec.include_eot, "erase"),
+                    _collect(self.spaces[s], spec.preserve_prompts(), spec.include_eot, "preserve"),
+                    _anchor_pairs(self.spaces[s], spec),
+                )
+                for s in sorted(set(self.layer_spaces.values()))
+            }
+            self.timings["encode_s"] = time.perf_counter() - t0
+        return self._states
+
+    def solve(self) -> dict[str, DissociationOperator]:
+        """One operator per embedding space, from :meth:`states`."""
+        states = self.states()
+        t0 = time.perf_counter()
+        operators = {}
+        for s, (E_e, E_p, pairs) in states.items():
+            try:
+                operators[s] = build_operator(self.method, E_e, E_p, anchor=pairs, concepts=len(self.spec.erase),
+                                              **self.hparams)  # fmt: skip
+            except ValueError as err:
+                raise ValueError(f"{s!r} space: {err}") from err
+        self.timings["solve_s"] = time.perf_counter() - t0
+        return operators
+
+    def apply(self, operators: dict[str, DissociationOperator], bases: dict[str, Tensor] | None = None,
+              record: bool = True) -> ErasureResult:  # fmt: skip
+        """Write ``W <- W (I - D)`` to every target layer, or to none.
+
+        With ``bases`` (``{name: weight after the last application}``) only what changed since is edited,
+        ``W <- W - (W - base) D``: with no change an exact no-op, so a re-application never compounds.
+        ``record`` adds the result to :func:`edit_history` (``save_erased`` exports what is recorded)."""
+        missing = sorted(set(self.layer_spaces.values()) - set(operators))
+        if missing:
+            raise ValueError(f"no operator for space(s) {missing}; solve the plan first")
+        t0 = time.perf_counter()
+        edits = apply_edits([(n, t.module, operators[t.space]) for n, t in self.targets.items()], bases=bases)
+        timings = {**self.timings, "apply_s": time.perf_counter() - t0}
+        timings["total_s"] = sum(v for k, v in timings.items() if k.endswith("_s") and k != "total_s")
+        result = ErasureResult(self, operators, edits, timings)
+        if record:
+            _HISTORY.setdefault(self._history_key, []).append(result)
+        return result
+
+
+@dataclass
+class ErasureResult:
+    """What one application wrote: the plan, the operators, the edits, timings; ``undo()`` reverts."""
+
+    plan: ErasurePlan = field(repr=False)
+    operators: dict[str, DissociationOperator]
+    edits: list[LayerEdit] = field(repr=False)
+    timings: dict[str, float]
+    undone: bool = False
+
+    @property
+    def spec(self) -> ConceptSpec:
+        return self.plan.spec
+
+    @property
+    def method(self) -> str:
+        return self.plan.method
+
+    @property
+    def hparams(self) -> dict:
+        """The hyperparameters the solver used (defaults filled in)."""
+        return next(iter(self.operators.values())).hparams
+
+    @property
+    def layers(self) -> list[str]:
+        """Qualified names of the edited layers."""
+        return list(self.plan.targets)
+
+    @property
+    def layer_map(self) -> dict[str, TargetLayer]:
+        """``{qualified name: TargetLayer(module, space)}``: what metrics, attacks and the callback measure."""
+        return dict(self.plan.targets)
+
+    @property
+    def layer_spaces(self) -> dict[str, str]:
+        return self.plan.layer_spaces
+
+    @property
+    def spaces(self) -> dict[str, EmbeddingSpace]:
+        return self.plan.spaces
+
+    def modules(self) -> dict[str, nn.Linear]:
+        return self.plan.modules()
+
+    def undo(self) -> None:
+        """Restore the exact original weights of every edited layer (undo later erasures first)."""
+        if self.undone:
+            raise RuntimeError("this erasure was already undone")
+        history = _HISTORY.get(self.plan._history_key, [])
+        if history and history[-1] is not self and self in history:
+            raise RuntimeError("undo the later erasures of this pipeline first (undo in reverse order)")
+        undo_edits(self.edits)
+        self.undone = True
+        if self in history:
+            history.remove(self)
+
+    def weight_delta(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(L, R)`` with ``W_before = W_after + L @ R`` (float64) for the qualified layer ``name``."""
+        e = next(e for e in self.edits if e.name == name)
+        return e.L, e.R
+
+    def reference_weights(self) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """``{name: (weight, bias)}`` of every edited layer as it was before this erasure (``W + L R``, float64;
+        no copy of the original is kept, so it is rebuilt from the current weight)."""
+        out = {}
+        for e in self.edits:
+            w = e.module.weight.detach().to(e.L.device, torch.float64)
+            out[e.name] = (w + e.L @ e.R, e.module.bias)
+        return out
+
+    def to_manifest(self) -> dict:
+        """JSON-ready record of this erasure (export manifest)."""
+        return {
+            "concepts": self.spec.to_dict(),
+            "method": self.method,
+            "hparams": self.hparams,
+            "layers": self.layers,
+            "operators": {s: {"dim": op.dim, "rank": op.rank} for s, op in self.operators.items()},
+            "timings": self.timings,
+        }
+
+
+def erase(
+    pipeline,
+    erase: list[str] | str | None = None,
+    preserve: list[str] | None = None,
+    family: Family = "custom",
+    *,
+    spec: ConceptSpec | None = None,
+    synonyms: dict[str, list[str]] | None = None,
+    anchor: str | None = None,
+    templates: list[str] | None = None,
+    include_eot: bool = False,
+    method: Method = "ice",
+    layers: Iterable[str] | None = None,
+    verify: bool = True,
+    **hparams,
+) -> ErasureResult:
+    """Erase concepts from ``pipeline`` in place with a closed-form edit of its text-conditioning layers.
+
+    Args:
+        pipeline: a diffusers pipeline (SD 1.x/2.x, SDXL, SD3, Flux, PixArt, TextToVideoSD, AnimateDiff,
+            CogVideoX, Wan, LTX) or any pipeline of those denoisers built around another text encoder.
+        erase, preserve, family, synonyms, anchor, templates, include_eot: the concept spec (see
+            :class:`~ice_lightning.core.concepts.ConceptSpec`); or pass a ready ``spec``.
+        method: ``"ice"`` (default) or a baseline: ``"cure"``, ``"uce"``, ``"projection"``.
+        layers: explicit qualified layer names instead of the family table.
+        verify: confirm the layers with a forward hook.
+        **hparams: solver hyperparameters (``ICEHyperParams`` fields for ICE).
+
+    Returns:
+        An :class:`ErasureResult`. On any error the pipeline is left exactly as it was.
+    """
+    if spec is None:
+        spec = ConceptSpec(erase=erase if erase is not None else [], preserve=preserve, family=family,
+                           synonyms=synonyms or {}, anchor=anchor, templates=templates,
+                           include_eot=include_eot)  # fmt: skip
+    plan = ErasurePlan(pipeline, spec, method=method, hparams=hparams, layers=layers, verify=verify)
+    return plan.apply(plan.solve())

@@ -1,0 +1,197 @@
+"""Text-space metrics of an edit, measured on the edited layers' outputs (``docs/method.md``, metrics).
+
+For a text-conditioning layer ``K(x) = W x + b``, compared with reference weights (the model before the
+erasure), on held-out prompts:
+
+- ``erasure``: mean ``||K(c) - K_ref(c)|| / ||K_ref(c)||`` over the erased concept's tokens (1.0 = removed);
+- ``collateral_near`` / ``collateral_far``: the same over preserve-concept tokens / unrelated prompts
+  (0.0 = untouched);
+- ``leakage``: share of (prompt, layer) pairs whose token-averaged output is still closer to the original
+  prompt's than to the same prompt with the concept replaced by a neutral word;
+- ``concept_residual`` (given the operators): how strongly the *current* layers respond along the erased
+  directions, ``||W D c|| / ||W c + b||``; insensitive to fine-tuning drift elsewhere, so it shows whether
+  training re-learned the concept.
+
+Each quantity is a torchmetrics ``Metric`` (:class:`RelativeOutputChange`, :class:`LeakageRate`) with
+summed states, so it reduces correctly across ranks; :class:`TextSpaceProbe` feeds them from a model.
+
+Example:
+    >>> import torch
+    >>> m = RelativeOutputChange()
+    >>> m.update(torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 0.0]]))
+    >>> float(m.compute())
+    1.0
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from .concepts import ConceptSpec, Prompt
+from .encoders import EmbeddingSpace
+from .plan import ErasureResult, pipeline_spaces, resolve_layer, text_conditioning_layers
+from .solver import DissociationOperator
+
+__all__ = [
+    "RelativeOutputChange",
+    "LeakageRate",
+    "TextSpaceProbe",
+    "layer_outputs",
+    "erasure_metrics",
+    "compare_pipelines",
+]
+
+
+class RelativeOutputChange(Metric):
+    """Mean over rows of ``||after - before|| / ||before||`` (erasure or collateral, by prompt set)."""
+
+    full_state_update = False
+    higher_is_better = None
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, before: Tensor, after: Tensor) -> None:
+        before, after = before.to(torch.float64), after.to(torch.float64)
+        rel = (after - before).norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-12)
+        self.total += rel.sum().to(self.total.device)
+        self.count += rel.numel()
+
+    def compute(self) -> Tensor:
+        return self.total / self.count.clamp_min(1)
+
+
+class LeakageRate(Metric):
+    """Share of rows whose edited output is closer to the original concept output than to the neutral one."""
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("hits", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, edited: Tensor, original: Tensor, neutral: Tensor) -> None:
+        closer = (edited - original).norm(dim=-1) < (edited - neutral).norm(dim=-1)
+        self.hits += int(closer.sum())
+        self.total += closer.numel()
+
+    def compute(self) -> Tensor:
+        return self.hits.to(torch.float64) / self.total.clamp_min(1)
+
+
+def layer_outputs(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    out = x @ weight.detach().to(x.device, torch.float64).T
+    return out if bias is None else out + bias.detach().to(x.device, torch.float64)
+
+
+class TextSpaceProbe:
+    """The four metrics of the current weights of ``layers`` against the outputs of reference weights.
+
+    The reference *outputs* on the held-out prompts are computed once at construction (a few thousand
+    vectors, far smaller than the weights), so the probe keeps measuring against the original model while
+    the layers are edited and fine-tuned, and travels in a checkpoint (``state_dict``).
+
+    Args:
+        layers: ``{name: (linear module, space name)}``.
+        spaces: the pipeline's embedding spaces (:func:`~ice_lightning.core.plan.pipeline_spaces`).
+        spec: the concept spec whose held-out prompts are measured.
+        reference: ``{name: (weight, bias)}`` of the model before erasure; default: the current weights.
+    """
+
+    def __init__(
+        self,
+        layers: dict[str, tuple[nn.Linear, str]],
+        spaces: dict[str, EmbeddingSpace],
+        spec: ConceptSpec,
+        reference: dict[str, tuple[Tensor, Tensor | None]] | None = None,
+    ) -> None:
+        self.layers, self.spaces, self.spec = layers, spaces, spec
+        pairs = spec.leakage_pairs()
+        self.groups: dict[str, tuple[list[Prompt], bool]] = {  # name -> (prompts, mean-pool per prompt)
+            "erasure": (spec.heldout_erase_prompts(), False),
+            "collateral_near": (spec.heldout_near_prompts(), False),
+            "collateral_far": (spec.heldout_far_prompts(), False),
+            "leak_concept": ([Prompt(p.text) for p, _ in pairs], True),
+            "leak_neutral": ([Prompt(q.text) for _, q in pairs], True),
+        }
+        weights = reference or {n: (m.weight, m.bias) for n, (m, _) in layers.items()}
+        self.reference = {
+            g: {n: layer_outputs(*weights[n], self._states(g, s)) for n, (_, s) in layers.items()} for g in self.groups
+        }
+
+    @classmethod
+    def from_result(cls, result: ErasureResult, spec: ConceptSpec | None = None) -> TextSpaceProbe:
+        """Probe of an erasure against the weights it started from (``W + L R``, no copy kept)."""
+        return cls(result.layer_map, result.spaces, spec or result.spec, result.reference_weights())
+
+    def _states(self, group: str, space: str) -> Tensor:
+        prompts, pooled = self.groups[group]
+        if pooled:
+            return torch.stack([x.mean(0) for x in self.spaces[space].per_prompt(prompts)])
+        return self.spaces[space].token_states(prompts)
+
+    def _current(self, group: str) -> dict[str, Tensor]:
+        return {n: layer_outputs(m.weight, m.bias, self._states(group, s)) for n, (m, s) in self.layers.items()}
+
+    @torch.no_grad()
+    def concept_residual(self, operators: dict[str, DissociationOperator]) -> float:
+        """Mean ``||K(D c) - b|| / ||K(c)||`` over held-out concept tokens: how much the *current* layers still
+        respond along the erased directions. Unlike ``erasure`` it ignores unrelated weight drift, so it
+        tells whether fine-tuning re-learned the concept (about ``erasure`` before the edit, ~0 after)."""
+        metric = RelativeOutputChange()
+        for module, space in self.layers.values():
+            op = operators[space]
+            x = self._states("erasure", space)
+            if not x.shape[0]:
+                continue
+            xd = ((x.to(op.U.device) @ op.U) @ op.M.T) @ op.U.T  # rows of (D x)^T
+            full = layer_outputs(module.weight, module.bias, x)
+            along = layer_outputs(module.weight, None, xd)
+            metric.update(full, full + along)  # ||along|| / ||full||
+        return float(metric.compute())
+
+    @torch.no_grad()
+    def compute(self, operators: dict[str, DissociationOperator] | None = None) -> dict[str, float]:
+        """``erasure``, ``collateral_near``, ``collateral_far`` and ``leakage`` on the spec's held-out prompts,
+        and ``concept_residual`` when the ``operators`` are given."""
+        out = {}
+        for group in ("erasure", "collateral_near", "collateral_far"):
+            metric, now = RelativeOutputChange(), self._current(group)
+            for name, ref in self.reference[group].items():
+                if ref.shape[0]:
+                    metric.update(ref, now[name])
+            out[group] = float(metric.compute()) if metric.count else float("nan")
+        leak, now = LeakageRate(), self._current("leak_concept")
+        for name in self.layers:
+            leak.update(now[name], self.reference["leak_concept"][name], self.reference["leak_neutral"][name])
+        out["leakage"] = float(leak.compute())
+        if operators is not None:
+            out["concept_residual"] = self.concept_residual(operators)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"reference": {g: {n: t.cpu() for n, t in d.items()} for g, d in self.reference.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reference = state["reference"]
+
+
+def erasure_metrics(result: ErasureResult) -> dict[str, float]:
+    """All four metrics of an erasure on its spec's held-out prompts."""
+    return TextSpaceProbe.from_result(result).compute()
+
+
+def compare_pipelines(edited, original, spec: ConceptSpec) -> dict[str, float]:
+    """The four metrics of ``edited`` (say, a shipped model reloaded from disk) against ``original``:
+    same architecture, same text encoder; layers are found on ``edited``."""
+    layers = text_conditioning_layers(edited, verify=False)
+    reference = {n: (resolve_layer(original, n).weight, resolve_layer(original, n).bias) for n in layers}
+    return TextSpaceProbe(layers, pipeline_spaces(edited), spec, reference).compute()
+
+

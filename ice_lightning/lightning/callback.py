@@ -1,0 +1,378 @@
+"""``ICECallback``: keep a concept erased while a diffusion model is fine-tuned with Lightning.
+
+Example:
+    >>> from lightning.pytorch import Trainer
+    >>> from ice_lightning import ICECallback
+    >>> ice = ICECallback(erase=["Van Gogh"], family="style", every_n_epochs=1, export_dir="erased-model")
+    >>> trainer = Trainer(callbacks=[ice], max_epochs=2, logger=False)  # then trainer.fit(module, data)
+    >>> ice.state_key
+    "ICECallback{'erase': ['Van Gogh'], 'family': 'style', 'method': 'ice'}"
+
+The callback finds the pipeline through :meth:`ICECallback.get_pipeline`: the module's ``pipeline``
+attribute, or the module itself when it holds the components (``unet`` or ``transformer``, ``tokenizer``,
+``text_encoder``). Subclass and override ``get_pipeline`` for anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, XLAStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from ..core.concepts import ConceptSpec, Family
+from ..core.export import save_erased, tensor_sha256
+from ..core.plan import DENOISER_COMPONENTS, ErasurePlan, Method
+from ..core.probe import TextSpaceProbe
+from ..core.solver import DissociationOperator
+from .filters import CaptionFilter, drop_rows
+
+__all__ = ["ICECallback", "ICEState", "find_pipeline"]
+
+_SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, XLAStrategy)
+ReapplyAt = Literal["train_epoch_end", "validation_start"]
+
+
+def find_pipeline(pl_module: LightningModule) -> Any:
+    """The module's ``pipeline`` attribute, or the module itself when it holds a denoiser and a text encoder."""
+    pipe = getattr(pl_module, "pipeline", None)
+    if pipe is not None:
+        return pipe
+    if any(getattr(pl_module, n, None) is not None for n in DENOISER_COMPONENTS) and hasattr(pl_module, "text_encoder"):
+        return pl_module
+    raise AttributeError(
+        f"ICECallback cannot find a diffusers pipeline on {type(pl_module).__name__}: expose it as "
+        "`self.pipeline`, or hold `unet` (or `transformer`), `tokenizer` and `text_encoder` attributes, "
+        "or subclass ICECallback and override get_pipeline()"
+    )
+
+
+@dataclass
+class ICEState:
+    """Everything an ``ICECallback`` must carry through a checkpoint.
+
+    Attributes:
+        applications: one record per application (reason, epoch, step, weights hash, metrics).
+        last_epoch_applied: the last epoch whose scheduled application ran (``-1``: none yet).
+        operators: the operator per embedding space, computed once (``None`` before the first application).
+        layer_spaces: ``{edited layer: embedding space}``.
+        probe: the metric references (the model's outputs before the first edit).
+        dropped_samples: training samples removed by the caption filter.
+        resumed: set when loaded from a checkpoint that holds an erasure: its weights are already erased, so
+            nothing is applied again; cleared once the fit has caught up. Not saved.
+    """
+
+    applications: list[dict[str, Any]] = field(default_factory=list)
+    last_epoch_applied: int = -1
+    operators: dict[str, DissociationOperator] | None = None
+    layer_spaces: dict[str, str] = field(default_factory=dict)
+    probe: dict | None = None
+    dropped_samples: int = 0
+    resumed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        ops = None
+        if self.operators is not None:
+            ops = {s: {"U": o.U.cpu(), "M": o.M.cpu(), "method": o.method, "hparams": o.hparams}
+                   for s, o in self.operators.items()}  # fmt: skip
+        return {"applications": self.applications, "last_epoch_applied": self.last_epoch_applied,
+                "operators": ops, "layer_spaces": self.layer_spaces, "probe": self.probe,
+                "dropped_samples": self.dropped_samples}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ICEState:
+        ops = d["operators"]
+        operators = None if ops is None else {s: DissociationOperator(**o) for s, o in ops.items()}
+        return cls(list(d["applications"]), d["last_epoch_applied"], operators, dict(d["layer_spaces"]), d["probe"],
+                   d.get("dropped_samples", 0), resumed=operators is not None)  # fmt: skip
+
+
+class ICECallback(Callback):
+    """Erase concepts at setup, again every ``every_n_epochs`` epochs, and at the end before export.
+
+    Args:
+        erase, preserve, family, synonyms, anchor, templates, include_eot: the concept spec, as in
+            :func:`ice_lightning.erase`.
+        spec: a ready :class:`~ice_lightning.core.concepts.ConceptSpec` instead of the keywords above.
+        method: ``"ice"`` or a baseline (``"cure"``, ``"uce"``, ``"projection"``).
+        hparams: solver hyperparameters (``ICEHyperParams`` fields for ICE).
+        at_setup: erase when fitting starts (at ``setup`` if the model is built, else ``on_fit_start``).
+        every_n_epochs: re-apply after every N training epochs (``None``: never); see :meth:`should_apply`.
+        reapply_at: ``"train_epoch_end"`` or ``"validation_start"`` (that epoch's validation then sees the
+            erased model; needs a validation loop, and applies once per epoch).
+        at_fit_end: apply once more at the end of fitting (after weight averaging has copied its average into
+            the model: ``on_fit_end`` runs after every callback's ``on_train_end``) and export.
+        export_dir: where to save the erased pipeline (diffusers folder + ``ice_manifest.json``).
+        layers: explicit qualified layer names instead of the family table.
+        verify: confirm the layers with a forward hook.
+        log_metrics: log the text-space metrics after every application.
+        drop_concept_samples: remove from every training batch the samples whose caption names an erased
+            concept or one of its synonyms (:class:`~ice_lightning.lightning.filters.CaptionFilter`), so the
+            fine-tune never sees them. Re-applying the edit alone does not stop a fine-tune on data that shows
+            the concept under its own name: the denoiser learns it back from what the edit leaves of the
+            prompt (measured in ``benchmarks/shapes_resurgence.py``). The batch must be a dict; rows of every
+            tensor and list of the batch's length are dropped, and a batch left empty reaches
+            ``training_step`` empty (``ICEModule`` then skips the step).
+        caption_key: the batch key that holds the captions (for ``drop_concept_samples``).
+
+    The operator is computed once per embedding space (the text encoder is frozen) and reused. A
+    re-application edits only what changed since the last one, ``W <- W - (W - W_last) D``: with no
+    training in between it is an exact no-op, so re-applying never compounds. Several callbacks with
+    different concepts can share one ``Trainer``: each keeps its state under its own :attr:`state_key`.
+    """
+
+    def __init__(
+        self,
+        erase: list[str] | None = None,
+        preserve: list[str] | None = None,
+        family: Family = "custom",
+        synonyms: dict[str, list[str]] | None = None,
+        anchor: str | None = None,
+        templates: list[str] | None = None,
+        include_eot: bool = False,
+        method: Method = "ice",
+        hparams: dict[str, Any] | None = None,
+        at_setup: bool = True,
+        every_n_epochs: int | None = None,
+        reapply_at: ReapplyAt = "train_epoch_end",
+        at_fit_end: bool = True,
+        export_dir: str | None = None,
+        layers: list[str] | None = None,
+        verify: bool = True,
+        log_metrics: bool = True,
+        drop_concept_samples: bool = False,
+        caption_key: str = "captions",
+        spec: ConceptSpec | None = None,
+    ) -> None:
+        super().__init__()
+        if spec is not None and erase is not None:
+            raise ValueError("pass either spec=ConceptSpec(...) or the concept keywords (erase=[...]), not both")
+        self.spec = spec if spec is not None else ConceptSpec(
+            erase=erase if erase is not None else [], preserve=preserve, family=family, synonyms=synonyms or {},
+            anchor=anchor, templates=templates, include_eot=include_eot,
+        )  # fmt: skip
+        if every_n_epochs is not None and (isinstance(every_n_epochs, bool) or every_n_epochs < 1):
+            raise ValueError(f"every_n_epochs must be >= 1 or None, got {every_n_epochs}")
+        if reapply_at not in ("train_epoch_end", "validation_start"):
+            raise ValueError(f"reapply_at must be 'train_epoch_end' or 'validation_start', got {reapply_at!r}")
+        self.method, self.hparams = method, dict(hparams or {})
+        self.at_setup, self.every_n_epochs, self.reapply_at = at_setup, every_n_epochs, reapply_at
+        self.at_fit_end, self.export_dir = at_fit_end, export_dir
+        self.layers, self.verify, self.log_metrics = layers, verify, log_metrics
+        self.drop_concept_samples = drop_concept_samples
+        self.caption_filter = CaptionFilter.from_spec(self.spec, caption_key) if drop_concept_samples else None
+        self.state = ICEState()
+        self._plan: ErasurePlan | None = None
+        self._probe: TextSpaceProbe | None = None
+        self._last: dict[str, torch.Tensor] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(erase=self.spec.erase, family=self.spec.family, method=self.method)
+
+    @property
+    def applications(self) -> list[dict[str, Any]]:
+        """One record per application so far (reason, epoch, global step, weights hash, metrics)."""
+        return self.state.applications
+
+    @property
+    def dropped_samples(self) -> int:
+        return self.state.dropped_samples
+
+    @property
+    def operators(self) -> dict[str, DissociationOperator] | None:
+        """The operator per embedding space (``None`` before the first application)."""
+        return self.state.operators
+
+    @property
+    def probe(self) -> TextSpaceProbe | None:
+        """The text-space metrics against the model before the first edit (``None`` without ``log_metrics``)."""
+        return self._probe
+
+    # -- the protocol and the schedule -----------------------------------------------------------------
+    def get_pipeline(self, pl_module: LightningModule) -> Any:
+        """The diffusers pipeline (or an object with its components) that ``pl_module`` trains."""
+        return find_pipeline(pl_module)
+
+    def should_apply(self, trainer: Trainer, epoch: int) -> bool:
+        """Whether a re-application is due after training epoch ``epoch`` (override for another schedule)."""
+        return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
+
+    def edited_modules(self) -> dict[str, torch.nn.Linear]:
+        """``{qualified name: linear layer}`` of the layers this callback edits (empty before it first applies)."""
+        return self._plan.modules() if self._plan is not None else {}
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if isinstance(trainer.strategy, _SHARDED_STRATEGIES):
+            raise RuntimeError(
+                f"ICECallback does not support {type(trainer.strategy).__name__} yet: the edit needs the full, "
+                "unsharded weights of the text-conditioning layers on every rank. Use a single device or DDP"
+            )
+        self._check_export_dir()
+        pipe = self._pipeline_or_none(pl_module)
+        if self.export_dir is not None and pipe is not None and not hasattr(pipe, "save_pretrained"):
+            raise ValueError("export_dir needs a diffusers pipeline (with save_pretrained) on the module")
+        if self.at_setup and trainer.ckpt_path is None and pipe is not None:
+            self.apply(trainer, pl_module, "setup")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pipe = self.get_pipeline(pl_module)  # raises the protocol error if the module exposes none
+        if self.state.resumed:  # the checkpoint's weights hold the erasure: bind to them, apply nothing again
+            self._bind(pipe)
+            self._last = self._snapshot()
+            self.state.resumed = False
+            completed = trainer.current_epoch - 1
+            due = max((e for e in range(completed + 1) if self.should_apply(trainer, e)), default=-1)
+            if due > self.state.last_epoch_applied:  # an application was due before the checkpoint: catch up
+                self.apply(trainer, pl_module, f"resume catch-up (epoch {due})", epoch=due)
+        elif self.at_setup and self.state.operators is None:
+            self.apply(trainer, pl_module, "fit_start")
+        elif self._plan is not None:  # weights may have been synced or moved since setup: measure from here
+            self._last = self._snapshot()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.reapply_at == "train_epoch_end" and self.should_apply(trainer, trainer.current_epoch):
+            self.apply(trainer, pl_module, "epoch_end", epoch=trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.caption_filter is not None:
+            self.state.dropped_samples += drop_rows(batch, self.caption_filter(batch))
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.reapply_at != "validation_start":
+            return
+        epoch = trainer.current_epoch
+        if self.should_apply(trainer, epoch) and epoch > self.state.last_epoch_applied:  # once per epoch
+            self.apply(trainer, pl_module, "validation_start", epoch=epoch)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.at_fit_end:
+            self.apply(trainer, pl_module, "fit_end")
+        if self.export_dir is not None:
+            if trainer.is_global_zero:
+                save_erased(self.get_pipeline(pl_module), self.export_dir, extra={"ice_callback": self.summary()})
+                rank_zero_info(f"ICECallback: exported the erased model to {self.export_dir}")
+            trainer.strategy.barrier("ice_export")
+
+    # -- applying ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self, trainer: Trainer, pl_module: LightningModule, reason: str, epoch: int | None = None) -> None:
+        """Apply (or re-apply) the erasure now; see the class docstring for why this never compounds.
+
+        The first application plans on every rank, solves on rank 0 only and broadcasts the operators, so
+        every rank writes the same edit; later ones re-apply those operators to what changed since."""
+        if self._plan is None:
+            self._plan = ErasurePlan(self.get_pipeline(pl_module), self.spec, method=self.method,
+                                     hparams=self.hparams, layers=self.layers, verify=self.verify)  # fmt: skip
+        if self.state.operators is None:
+            operators = self._plan.solve() if trainer.is_global_zero else None
+            self.state.operators = trainer.strategy.broadcast(operators, src=0) if trainer.world_size > 1 else operators
+            self.state.layer_spaces = self._plan.layer_spaces
+            result = self._plan.apply(self.state.operators)
+            if self.log_metrics:
+                self._probe = TextSpaceProbe.from_result(result)
+        else:
+            self._plan.apply(self.state.operators, bases=self._last, record=False)
+        modules = self._plan.modules()
+        self._check_ranks_agree(trainer, modules)
+        self._last = self._snapshot()
+        self._reset_optimizer_state(trainer, modules)
+        digest = hashlib.sha256("".join(tensor_sha256(m.weight) for m in modules.values()).encode()).hexdigest()
+        record = {"reason": reason, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
+                  "weights_sha256": digest}  # fmt: skip
+        if epoch is not None:
+            self.state.last_epoch_applied = max(self.state.last_epoch_applied, epoch)
+        if self._probe is not None:
+            metrics = self._probe.compute(self.state.operators)
+            record["metrics"] = metrics
+            for logger in trainer.loggers:
+                logger.log_metrics({f"ice/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+            rank_zero_info(f"ICECallback ({reason}): " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        self.state.applications.append(record)
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: m.weight.detach().clone() for n, m in self._plan.modules().items()}
+
+    def _bind(self, pipe: Any) -> None:
+        """After a resume, rebuild the plan over the checkpoint's layers and the probe from its references."""
+        self._plan = ErasurePlan(pipe, self.spec, method=self.method, hparams=self.hparams,
+                                 layers=list(self.state.layer_spaces), verify=False)  # fmt: skip
+        if self.log_metrics and self.state.probe is not None:
+            self._probe = TextSpaceProbe(self._plan.targets, self._plan.spaces, self.spec)
+            self._probe.load_state_dict(self.state.probe)
+
+    # -- distributed and optimizer -------------------------------------------------------------
+    @staticmethod
+    def _check_ranks_agree(trainer: Trainer, modules: dict[str, torch.nn.Linear]) -> None:
+        """Under DDP, check that every rank holds byte-identical edited weights; take rank 0's if not.
+
+        The edit is deterministic and every rank starts from the same weights and operator, so the check
+        (one hash per layer) normally passes; the fallback keeps a rank from silently drifting."""
+        if trainer.world_size <= 1:
+            return
+        digest = [tensor_sha256(m.weight) for m in modules.values()]
+        differs = float(trainer.strategy.broadcast(digest, src=0) != digest)
+        flag = torch.tensor(differs, device=trainer.strategy.root_device)
+        if float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0:
+            rank_zero_warn("ICECallback: ranks disagreed on the edited weights; taking rank 0's")
+            weights = trainer.strategy.broadcast({n: m.weight.detach().cpu() for n, m in modules.items()}, src=0)
+            for n, m in modules.items():
+                m.weight.copy_(weights[n].to(m.weight.device))
+
+    @staticmethod
+    def _reset_optimizer_state(trainer: Trainer, modules: dict[str, torch.nn.Linear]) -> None:
+        """Drop Adam moments (and any other state) of the edited weights: stale moments would push the
+        weights straight back along the erased directions."""
+        params = {id(m.weight) for m in modules.values()}
+        for opt in trainer.optimizers:
+            for p in list(opt.state):
+                if id(p) in params:
+                    del opt.state[p]
+
+    # -- checks ----------------------------------------------------------------------------------
+    def _pipeline_or_none(self, pl_module: LightningModule) -> Any:
+        try:
+            return self.get_pipeline(pl_module)
+        except AttributeError:
+            return None
+
+    def _check_export_dir(self) -> None:
+        if self.export_dir is None:
+            return
+        path = Path(self.export_dir)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PermissionError(f"ICECallback export_dir {path} cannot be created ({err}); choose another") from err
+        if not os.access(path, os.W_OK):
+            raise PermissionError(f"ICECallback export_dir {path} is not writable; choose another before training")
+
+    # -- state -----------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """What was applied and when (goes into the export manifest)."""
+        return {
+            "applications": self.state.applications,
+            "every_n_epochs": self.every_n_epochs,
+            "reapply_at": self.reapply_at,
+            "drop_concept_samples": self.drop_concept_samples,
+            "dropped_samples": self.state.dropped_samples,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._probe is not None:
+            self.state.probe = self._probe.state_dict()
+        return self.state.to_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.state = ICEState.from_dict(state_dict)
+        self._plan, self._probe, self._last = None, None, {}

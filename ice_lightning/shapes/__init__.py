@@ -1,0 +1,70 @@
+r"""The shapes world: a small world where image-level erasure is measured exactly.
+
+- :mod:`~ice_lightning.shapes.world`: the renderer, the caption grammar, the data module and the detectors
+  (torchmetrics ``Metric``\ s);
+- :mod:`~ice_lightning.shapes.pipeline`: the pixel-space pipeline, untrained models and the shipped ones;
+- :mod:`~ice_lightning.shapes.evaluation`: prompts, sampling, scores, the before/after report and grid.
+
+It sits beside the product: nothing in :mod:`ice_lightning.core` or :mod:`ice_lightning.lightning` imports it.
+The shipped models are reached by name through the pipeline registry (``--pipeline shapes-image``).
+"""
+
+from .pipeline import (
+    MODELS_DIR,
+    PROMPT_LENGTH,
+    SHIPPED_MODELS,
+    PixelDiffusionPipeline,
+    PixelPipelineOutput,
+    load_shapes_pipeline,
+    new_pipeline,
+    save_shapes_model,
+)
+from .world import (
+    COLOURS,
+    DIRECTIONS,
+    PALETTE,
+    SHAPES,
+    SYNONYMS,
+    TEMPLATES,
+    AttributeAccuracy,
+    ConceptPresenceRate,
+    Detection,
+    FailureRate,
+    ShapesDataModule,
+    ShapesDataset,
+    ShapeSpec,
+    caption,
+    detect,
+    place,
+    render,
+    render_clip,
+)
+
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "DIRECTIONS",
+    "PALETTE",
+    "SYNONYMS",
+    "TEMPLATES",
+    "ShapeSpec",
+    "Detection",
+    "render",
+    "render_clip",
+    "place",
+    "caption",
+    "detect",
+    "ShapesDataset",
+    "ShapesDataModule",
+    "ConceptPresenceRate",
+    "AttributeAccuracy",
+    "FailureRate",
+    "PixelDiffusionPipeline",
+    "PixelPipelineOutput",
+    "PROMPT_LENGTH",
+    "new_pipeline",
+    "MODELS_DIR",
+    "SHIPPED_MODELS",
+    "save_shapes_model",
+    "load_shapes_pipeline",
+]

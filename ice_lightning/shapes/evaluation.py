@@ -1,0 +1,408 @@
+"""Measuring the shapes world end to end: evaluation prompts, seeded sampling, detection rates, the concept
+specs that erase a colour, shape or motion, and before/after image grids.
+
+The protocol (used by ``ice-lightning erase``, ``benchmarks/shapes.py`` and the tests):
+
+- prompts: one caption per (colour, shape[, direction]) combination, from the training templates with the
+  training synonyms (``held_out=False``, "seen") or with the held-out synonyms (``held_out=True``,
+  "paraphrases": "a ruby disk" asks for a red circle with words the model never saw in training);
+- samples: ``samples`` per prompt, 20 DDIM steps with classifier-free guidance :data:`GUIDANCE`, noise
+  from one seeded generator in a fixed order, so two models evaluated with the same seed see the same
+  noise (paired comparisons);
+- scores: on prompts that ask for the erased concept, its **presence** (the detector finds it) and how the
+  other samples fail (``blank``, ``garbled``, or a clean sample of something else); on every other prompt,
+  the **accuracy** of each remaining concept (a colour's accuracy: colour right on prompts asking for it).
+
+Example:
+    >>> from ice_lightning.shapes_eval import eval_prompts, concept_spec
+    >>> [p.text for p in eval_prompts(held_out=True)][:2]
+    ['a picture of a ruby disk', 'one ruby quadrate']
+    >>> concept_spec("red").erase_names()
+    ['red', 'crimson', 'scarlet']
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from ..core.concepts import ConceptSpec
+from .world import (
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    SYNONYMS,
+    TEMPLATES,
+    VIDEO_TEMPLATES,
+    AttributeAccuracy,
+    ConceptPresenceRate,
+    FailureRate,
+    detect,
+    place,
+    render,
+    render_clip,
+)
+
+__all__ = [
+    "ShapesPrompt",
+    "attribute_of",
+    "eval_prompts",
+    "generate",
+    "score",
+    "sample_splits",
+    "evaluate",
+    "format_report",
+    "grid_rows",
+    "renders",
+    "guide_concept",
+    "concept_spec",
+    "retention",
+    "save_grid",
+    "ShapesProbe",
+    "erase_report",
+]
+
+_ATTRIBUTES = {**dict.fromkeys(COLOURS, "colour"), **dict.fromkeys(SHAPES, "shape"),
+               **dict.fromkeys(DIRECTIONS, "direction")}  # fmt: skip
+
+
+#: Classifier-free guidance of every shapes-world measurement: the small pixel models draw clean, on-palette
+#: samples at 1-2 and drift off-palette above 2 (measured on the shipped image model).
+GUIDANCE = 1.5
+
+
+def attribute_of(concept: str) -> str:
+    """``colour``, ``shape`` or ``direction``; a clear error for a concept the shapes world does not have."""
+    if concept not in _ATTRIBUTES:
+        raise ValueError(
+            f"unknown shapes concept {concept!r}; choose a colour {COLOURS}, a shape {SHAPES} "
+            f"or a direction {DIRECTIONS}"
+        )
+    return _ATTRIBUTES[concept]
+
+
+@dataclass(frozen=True)
+class ShapesPrompt:
+    """A prompt and what it asks for."""
+
+    text: str
+    colour: str
+    shape: str
+    direction: str | None = None
+
+    def asks_for(self, concept: str) -> bool:
+        return concept in (self.colour, self.shape, self.direction)
+
+
+def eval_prompts(video: bool = False, held_out: bool = False, seed: int = 0) -> list[ShapesPrompt]:
+    """One prompt per (colour, shape[, direction]): a template and synonyms drawn by a seeded RNG, from the
+    training synonyms or (``held_out``) the held-out ones."""
+    rng = random.Random(seed * 7919 + int(held_out))
+    pick = 1 if held_out else 0
+    out = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for direction in DIRECTIONS if video else (None,):
+                c, s = rng.choice(SYNONYMS[colour][pick]), rng.choice(SYNONYMS[shape][pick])
+                if direction is None:
+                    text = rng.choice(TEMPLATES).format(c=c, s=s)
+                else:
+                    d = rng.choice(SYNONYMS[direction][pick])
+                    text = rng.choice(VIDEO_TEMPLATES).format(c=c, s=s, d=d)
+                out.append(ShapesPrompt(text, colour, shape, direction))
+    return out
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str] | None = None, samples: int = 8, seed: int = 0, steps: int = 20,
+             guidance: float = GUIDANCE, batch_size: int = 96,
+             prompt_embeds: Tensor | None = None) -> Tensor:  # fmt: skip
+    """``samples`` samples per prompt (prompt-major order) in [0, 1]: images (N, 3, H, W) or clips
+    (N, F, 3, H, W). Pass ``prompt_embeds`` (one row per prompt) instead of ``prompts`` to sample from
+    embeddings (the image-level attack)."""
+    if prompt_embeds is None:
+        prompt_embeds = pipe.encode_prompt(prompts, num_images_per_prompt=1)[0]
+    embeds = prompt_embeds.repeat_interleave(samples, 0)
+    negative = pipe.encode_prompt([""], num_images_per_prompt=1)[0]
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, embeds.shape[0], batch_size):
+        chunk = embeds[i : i + batch_size]
+        res = pipe(None, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                   prompt_embeds=chunk, negative_prompt_embeds=negative.expand(len(chunk), -1, -1),
+                   output_type="pt")  # fmt: skip
+        out.append(res.frames if pipe.video else res.images)
+    return torch.cat(out)
+
+
+def score(samples: Tensor, prompts: list[ShapesPrompt], erased: str | None = None) -> dict:
+    """Detection rates of ``samples`` (``len(samples) / len(prompts)`` per prompt, prompt-major).
+
+    Returns ``accuracy`` per concept (its attribute right, on prompts that ask for it and not for
+    ``erased``), ``blank``/``garbled`` on those other prompts, and, when ``erased`` is given, on its prompts:
+    ``presence`` (the erased concept detected) and, splitting the rest, ``erased_blank``, ``erased_garbled``
+    and ``erased_replaced`` (a clean sample without the concept: erased into something else, not into
+    nothing); the four add up to 1.
+    """
+    per = len(samples) // len(prompts)
+    if per * len(prompts) != len(samples):
+        raise ValueError(f"{len(samples)} samples do not split evenly over {len(prompts)} prompts")
+    groups: dict[str, list[int]] = {"erased": [], "other": []}
+    for i, p in enumerate(prompts):
+        groups["erased" if erased is not None and p.asks_for(erased) else "other"] += range(i * per, (i + 1) * per)
+    targets = [p for p in prompts for _ in range(per)]
+    out: dict = {"accuracy": {}}
+    other = groups["other"]
+    for concept, attribute in _ATTRIBUTES.items():
+        idx = [i for i in other if targets[i].asks_for(concept)]
+        if concept == erased or not idx:
+            continue
+        acc = AttributeAccuracy(attribute)
+        acc.update(samples[idx], [getattr(targets[i], attribute) for i in idx])
+        out["accuracy"][concept] = float(acc.compute())
+    for status in ("blank", "garbled"):
+        fail = FailureRate(status)
+        fail.update(samples[other])
+        out[status] = float(fail.compute())
+    if erased is not None:
+        idx = groups["erased"]
+        presence = ConceptPresenceRate(attribute_of(erased), erased)
+        presence.update(samples[idx])
+        out["presence"] = float(presence.compute())
+        statuses = [detect(samples[i]) for i in idx]
+        out["erased_blank"] = sum(d.status == "blank" for d in statuses) / len(idx)
+        absent = [d for d in statuses if getattr(d, attribute_of(erased)) != erased]
+        out["erased_garbled"] = sum(d.status == "garbled" for d in absent) / len(idx)
+        out["erased_replaced"] = sum(d.status == "ok" for d in absent) / len(idx)
+    return out
+
+
+#: The two prompt sets of every report: training synonyms ("seen") and held-out synonyms ("paraphrase").
+SPLITS = ("seen", "paraphrase")
+
+
+def sample_splits(pipe, samples: int = 8, seed: int = 0, steps: int = 20, guidance: float = GUIDANCE,
+                  splits: tuple[str, ...] = SPLITS) -> dict[str, tuple[list[ShapesPrompt], Tensor]]:  # fmt: skip
+    """``{split: (prompts, samples)}`` for the seen and paraphrase prompt sets, same noise for every model."""
+    out = {}
+    for split in splits:
+        prompts = eval_prompts(video=pipe.video, held_out=split == "paraphrase", seed=seed)
+        out[split] = (prompts, generate(pipe, [p.text for p in prompts], samples, seed, steps, guidance))
+    return out
+
+
+def evaluate(pipe, erased: str | None = None, samples: int = 8, seed: int = 0, steps: int = 20,
+             guidance: float = GUIDANCE) -> dict[str, dict]:  # fmt: skip
+    """``{split: score}``: :func:`score` of ``samples`` per prompt on the seen and paraphrase prompt sets."""
+    splits = sample_splits(pipe, samples, seed, steps, guidance)
+    return {k: score(x, prompts, erased) for k, (prompts, x) in splits.items()}
+
+
+def format_report(concept: str, before: dict[str, dict], after: dict[str, dict]) -> str:
+    """Before/after table of an erasure in the shapes world (``before``/``after``: :func:`evaluate` output
+    scored with ``erased=concept``)."""
+    splits = [s for s in SPLITS if s in after]
+    rows = [(f"{concept!r} present on its prompts", "presence")]
+    rows += [("  ... blank / garbled / something else", None)]
+    rows += [(f"accuracy of {c!r}", ("accuracy", c)) for c in after[splits[0]]["accuracy"]]
+    rows += [("blank, other prompts", "blank"), ("garbled, other prompts", "garbled")]
+
+    def get(d: dict, key) -> str:
+        if key is None:
+            return f"{d['erased_blank']:.2f}/{d['erased_garbled']:.2f}/{d['erased_replaced']:.2f}"
+        v = d[key[0]][key[1]] if isinstance(key, tuple) else d[key]
+        return f"{v:.3f}"
+
+    width = max(len(r[0]) for r in rows)
+    head = "".join(f"  {s + ' before':>17}  {s + ' after':>16}" for s in splits)
+    lines = [f"{'':<{width}}{head}", "-" * (width + 37 * len(splits))]
+    for label, key in rows:
+        cells = "".join(f"  {get(before[s], key):>17}  {get(after[s], key):>16}" for s in splits)
+        lines.append(f"{label:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def grid_rows(prompts: list[ShapesPrompt], before: Tensor, after: Tensor, concept: str, n_prompts: int = 3,
+              n_samples: int = 4) -> list[tuple[str, Tensor, Tensor]]:  # fmt: skip
+    """Rows for :func:`save_grid`: ``n_prompts`` prompts that ask for ``concept`` and as many that do not."""
+    per = len(before) // len(prompts)
+    asks = [i for i, p in enumerate(prompts) if p.asks_for(concept)][:n_prompts]
+    rest = [i for i, p in enumerate(prompts) if not p.asks_for(concept)][::4][:n_prompts]
+    return [(prompts[i].text, before[i * per : i * per + n_samples], after[i * per : i * per + n_samples])
+            for i in asks + rest]  # fmt: skip
+
+
+def retention(before: dict, after: dict) -> dict[str, float]:
+    """Accuracy kept by each remaining concept: ``after / before`` (1.0 = untouched)."""
+    return {c: after["accuracy"][c] / max(b, 1e-9) for c, b in before["accuracy"].items() if c in after["accuracy"]}
+
+
+def renders(prompt: ShapesPrompt, n: int, size: int, frames: int = 0, seed: int = 0) -> Tensor:
+    """``n`` exact renders of what ``prompt`` asks for, in the denoiser's layout and range: images
+    (n, 3, H, W) or clips (n, 3, F, H, W), in [-1, 1] (the targets of the image-level attack)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        spec, _ = place(prompt.colour, prompt.shape, size, frames, rng, prompt.direction)
+        x = render_clip(spec, prompt.direction, frames, size).transpose(0, 1) if frames else render(spec, size)
+        out.append(x * 2 - 1)
+    return torch.stack(out)
+
+
+def guide_concept(concept: str) -> str:
+    """The default guide (anchor) of ``concept``: the next value of the same attribute (red -> green,
+    circle -> square, left -> right; the last wraps to the first)."""
+    values = [c for c, a in _ATTRIBUTES.items() if a == attribute_of(concept)]
+    return values[(values.index(concept) + 1) % len(values)]
+
+
+def concept_spec(concept: str, video: bool = False, preserve_all: bool = True,
+                 anchor: str | None = "default") -> ConceptSpec:  # fmt: skip
+    """The spec that erases a shapes concept: the concept and its *training* synonyms (the held-out ones
+    stay unseen, so paraphrase results measure generalisation) in every caption context of the world, with
+    the other values of the same attribute preserved in the same contexts.
+
+    ``anchor``: the guide concept the erased one is mapped to (``"default"``: :func:`guide_concept`;
+    ``None``: none). The shipped image model draws red in about a quarter of the samples of a prompt that
+    names no colour (its prior), so removing the word alone leaves red at that rate; a guide is what brings
+    the concept's presence near zero, and the reports count such samples as "something else".
+    """
+    attribute = attribute_of(concept)
+    others = [c for c, a in _ATTRIBUTES.items() if a == attribute and c != concept]
+    if attribute == "colour":
+        contexts = [t.format(c="{}", s=s) for t in TEMPLATES[:2] for shape in SHAPES for s in SYNONYMS[shape][0]]
+    elif attribute == "shape":
+        contexts = [t.format(c=c, s="{}") for t in TEMPLATES[:2] for col in COLOURS for c in SYNONYMS[col][0][:1]]
+    else:
+        if not video:
+            raise ValueError(f"{concept!r} is a motion direction: erase it from the video model (video=True)")
+        contexts = [t.format(c=c, s=s, d="{}") for t in VIDEO_TEMPLATES[:2] for col in COLOURS
+                    for c in SYNONYMS[col][0][:1] for shape in SHAPES for s in SYNONYMS[shape][0][:1]]  # fmt: skip
+    names = SYNONYMS[concept][0]
+    preserve = [w for o in others for w in SYNONYMS[o][0]] if preserve_all else others
+    guide = guide_concept(concept) if anchor == "default" else anchor
+    if guide is not None and guide in SYNONYMS:
+        guide = SYNONYMS[guide][0][0]
+    return ConceptSpec(erase=[names[0]], synonyms={names[0]: list(names[1:])}, preserve=preserve,
+                       templates=contexts, anchor=guide)  # fmt: skip
+
+
+def save_grid(rows: list[tuple[str, Tensor, Tensor]], path: str | Path, scale: int = 4) -> Path:
+    """A PNG with one row per prompt: ``before`` samples, a gap, ``after`` samples (images, or a clip's
+    frames side by side), each ``scale`` times enlarged. ``rows``: ``(label, before, after)``."""
+    from PIL import Image, ImageDraw
+
+    def strip(x: Tensor) -> Tensor:  # (N, 3, H, W) or (N, F, 3, H, W) -> (3, H, W_total)
+        if x.dim() == 5:
+            x = x.flatten(0, 1)
+        return torch.cat(list(x), dim=-1)
+
+    label_w, gap = 160, 8
+    strips = [(lbl, strip(b), strip(a)) for lbl, b, a in rows]
+    h = strips[0][1].shape[1] * scale
+    w = label_w + (strips[0][1].shape[2] + strips[0][2].shape[2]) * scale + gap
+    canvas = Image.new("RGB", (w, 16 + len(strips) * (h + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((label_w, 2), "before", fill="black")
+    draw.text((label_w + strips[0][1].shape[2] * scale + gap, 2), "after", fill="black")
+    for r, (lbl, b, a) in enumerate(strips):
+        y = 16 + r * (h + 2)
+        draw.text((2, y + h // 2 - 6), lbl[:26], fill="black")
+        x = label_w
+        for part in (b, a):
+            arr = (part.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            img = Image.fromarray(arr).resize((part.shape[2] * scale, h), Image.NEAREST)
+            canvas.paste(img, (x, y))
+            x += part.shape[2] * scale + gap
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+class ShapesProbe(Callback):
+    """Measure a shapes concept on generated samples at the start of fitting and after every training
+    epoch: its presence on the prompts that ask for it and the mean accuracy of every other concept (seen
+    prompts, same noise each time). Logs ``shapes/presence_<concept>`` and ``shapes/accuracy_others`` and
+    keeps ``history`` (one dict per measurement). Put it *after* an ``ICECallback`` in the callback list so
+    that it measures the model as re-erased.
+
+    Example:
+        >>> probe = ShapesProbe("red", samples=4)
+        >>> probe.history
+        []
+    """
+
+    def __init__(self, concept: str, samples: int = 8, seed: int = 0, steps: int = 20) -> None:
+        attribute_of(concept)
+        self.concept, self.samples, self.seed, self.steps = concept, samples, seed, steps
+        self.history: list[dict] = []
+
+    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict:
+        from ..lightning.callback import find_pipeline
+
+        pipe = find_pipeline(pl_module)
+        was_training = pipe.unet.training
+        pipe.unet.eval()
+        try:
+            prompts = eval_prompts(video=pipe.video, seed=self.seed)
+            x = generate(pipe, [p.text for p in prompts], self.samples, self.seed, self.steps)
+        finally:
+            pipe.unet.train(was_training)
+        s = score(x, prompts, self.concept)
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step, "presence": s["presence"],
+               "accuracy_others": sum(s["accuracy"].values()) / len(s["accuracy"]), "accuracy": s["accuracy"],
+               "erased_blank": s["erased_blank"], "blank": s["blank"]}  # fmt: skip
+        self.history.append(row)
+        return row
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.measure(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        row = self.measure(trainer, pl_module)
+        pl_module.log(f"shapes/presence_{self.concept}", row["presence"])
+        pl_module.log("shapes/accuracy_others", row["accuracy_others"])
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict["history"])
+
+
+def erase_report(pipe, cfg, hparams: dict) -> int:
+    """``ice-lightning erase`` on a shapes-world pipeline (registered as its erase report): erase with the
+    world's concept spec, print before/after detection rates of generated samples (seen prompts and
+    paraphrases), export, and write a before/after image grid."""
+    from ..core.export import save_erased
+    from ..core.plan import erase
+
+    if len(cfg.erase) != 1:
+        raise ValueError(f"the shapes world report erases one concept at a time, got {cfg.erase}")
+    concept = cfg.erase[0]
+    spec = concept_spec(concept, video=pipe.video, anchor=cfg.anchor or "default")
+    if cfg.preserve or cfg.template:
+        spec = type(spec)(erase=[concept], preserve=cfg.preserve or spec.preserve, anchor=spec.anchor,
+                          templates=cfg.template or spec.templates, synonyms=spec.synonyms)  # fmt: skip
+    opts = {"samples": cfg.samples, "seed": cfg.seed}
+    before = sample_splits(pipe, **opts)
+    result = erase(pipe, spec=spec, method=cfg.method, **hparams)
+    after = sample_splits(pipe, **opts)
+    print(
+        f"erased {concept!r} ({cfg.method}) from {len(result.layers)} layers in {result.timings['total_s']:.2f} s; "
+        f"detection on {cfg.samples} samples per prompt (seed {cfg.seed})"
+    )
+    scores = [{k: score(x, prompts, concept) for k, (prompts, x) in d.items()} for d in (before, after)]
+    print(f"guide concept (anchor): {spec.anchor!r}")
+    print(format_report(concept, *scores))
+    out = save_erased(pipe, cfg.out)
+    prompts, x0 = before["seen"]
+    grid = save_grid(grid_rows(prompts, x0, after["seen"][1], concept), cfg.grid or Path(out) / "before_after.png")
+    print(f"saved to {out}; before/after grid: {grid}")
+    return 0

@@ -1,0 +1,133 @@
+"""Concept specs, token selection by offsets, and the embedding spaces of each pipeline family."""
+
+import pytest
+import torch
+
+from ice_lightning.core.concepts import DEFAULT_PRESERVE, DEFAULT_SYNONYMS, ConceptSpec, Prompt
+from ice_lightning.core.encoders import _tokenize, select_tokens
+from ice_lightning.core.plan import pipeline_spaces
+from ice_lightning.testing import TEXT_DIM, minilm_path, word_tokenizer
+
+
+def test_prompts_carry_the_concept_span():
+    spec = ConceptSpec(erase=["Van Gogh"], family="style", synonyms={"Van Gogh": ["Vincent van Gogh"]})
+    prompts = spec.erase_prompts()
+    assert {p.text[p.span[0] : p.span[1]] for p in prompts} == {"Van Gogh", "Vincent van Gogh"}
+    assert all("Van Gogh" not in p for p in spec.preserve)
+    assert spec.preserve == list(DEFAULT_PRESERVE["style"])
+    generic = [p for p in spec.preserve_prompts() if p.span is None]
+    assert generic and all(p.text for p in generic)
+    # held-out templates are not the ones that build the operator
+    assert not {p.text for p in spec.heldout_erase_prompts()} & {p.text for p in prompts}
+
+
+def test_defaults_per_family_and_overrides():
+    explicit = ConceptSpec(erase=["nudity"], family="explicit")
+    assert set(DEFAULT_SYNONYMS["explicit"]) <= set(explicit.erase_names())
+    assert "nudity" not in explicit.preserve
+    bare = ConceptSpec(erase=["nudity"], family="explicit", use_default_synonyms=False)
+    assert bare.erase_names() == ["nudity"]
+    custom = ConceptSpec(erase=["zebra"], preserve=["horse"], templates=["a zebra-like {} thing"])
+    assert [p.text for p in custom.erase_prompts()] == ["a zebra-like zebra thing"]
+    assert ConceptSpec(erase=["Monet"], family="style").preserve == [
+        p for p in DEFAULT_PRESERVE["style"] if p != "Monet"
+    ]
+    assert ConceptSpec(erase=["Claude Monet"], family="style").preserve.count("Claude Monet") == 0
+
+
+def test_token_selection_uses_offsets_on_a_real_wordpiece_tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    for concept in ("Van Gogh", "Hokusai"):
+        p = Prompt.fill("a painting by {} at dusk", concept)
+        enc = _tokenize(tok, [p.text], 32)
+        picked = select_tokens(enc, 0, p)
+        assert tok.convert_ids_to_tokens(enc["input_ids"][0, picked].tolist()) == tok.tokenize(concept)
+    assert len(tok.tokenize("Hokusai")) > 1  # word pieces of one word are all taken
+    with_eot = select_tokens(enc, 0, p, include_eot=True)
+    assert tok.convert_ids_to_tokens([enc["input_ids"][0, with_eot[-1]].item()]) == ["[SEP]"]
+    whole = select_tokens(enc, 0, Prompt(p.text))
+    assert len(whole) == len(tok.tokenize(p.text))  # every real token, no [CLS]/[SEP]/[PAD]
+
+
+def test_word_tokenizer_template_tokens_are_not_selected():
+    tok = word_tokenizer(style="clip")
+    p = Prompt.fill("a painting by {}", "Van Gogh")
+    enc = _tokenize(tok, [p.text], 16)
+    picked = select_tokens(enc, 0, p, include_eot=True)
+    assert tok.convert_ids_to_tokens(enc["input_ids"][0, picked].tolist()) == ["van", "gogh", "</s>"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "spaces"),
+    [
+        ("sd", {"text": TEXT_DIM}),
+        ("sdxl", {"text": 2 * TEXT_DIM}),
+        ("sd3", {"text": TEXT_DIM, "pooled": 2 * TEXT_DIM}),
+        ("flux", {"text": TEXT_DIM, "pooled": TEXT_DIM}),
+        ("wan", {"text": TEXT_DIM}),
+        ("sd-minilm", {"text": 384}),
+    ],
+)
+def test_embedding_spaces_follow_the_pipeline(kind, spaces, load_pipeline):
+    pipe = load_pipeline(kind)
+    got = pipeline_spaces(pipe)
+    assert {name: s.dim for name, s in got.items()} == spaces
+    prompts = [Prompt.fill("a painting by {}", "Van Gogh"), Prompt("a photo of a city street")]
+    for name, space in got.items():
+        rows = space.per_prompt(prompts)
+        assert all(r.dtype == torch.float64 and r.shape[1] == spaces[name] for r in rows)
+        if space.pooled:
+            assert [r.shape[0] for r in rows] == [1, 1]
+        else:
+            assert rows[0].shape[0] >= 2 and rows[1].shape[0] >= 5
+        again = space.per_prompt(prompts)  # cached: the very same tensors
+        assert all(a is b for a, b in zip(rows, again, strict=True))
+
+
+def test_sdxl_space_is_both_encoders_penultimate_states_concatenated(load_pipeline):
+    pipe = load_pipeline("sdxl")
+    p = Prompt.fill("a painting by {}", "Van Gogh")
+    got = pipeline_spaces(pipe)["text"].token_states([p])
+    ids = pipe.tokenizer(p.text, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        h1 = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        h2 = pipe.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2]
+    want = torch.cat([h1, h2], -1)[0, 4:6].double()  # <s> a painting by [van gogh]
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+ALL_KINDS = ["sd", "sdxl", "sd3", "flux", "pixart", "text2video", "animatediff", "cogvideox", "wan", "ltx"]
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_states_are_what_the_pipeline_feeds_its_denoiser(kind, load_pipeline):
+    """Every collected row must be a row of the pipeline's own ``encode_prompt`` output."""
+    import inspect
+
+    pipe = load_pipeline(kind)
+    prompt = Prompt.fill("a painting by {}", "Van Gogh")
+    wanted = {
+        "prompt": prompt.text,
+        "prompt_2": None,
+        "prompt_3": None,
+        "device": "cpu",
+        "num_images_per_prompt": 1,
+        "num_videos_per_prompt": 1,
+        "do_classifier_free_guidance": False,
+    }
+    params = inspect.signature(pipe.encode_prompt).parameters
+    out = pipe.encode_prompt(**{k: v for k, v in wanted.items() if k in params})
+    embeds = {"text": out[0]}
+    if kind == "flux":
+        embeds["pooled"] = out[1]
+    if kind == "sd3":
+        embeds["pooled"] = out[2]
+    spaces = pipeline_spaces(pipe)
+    assert set(spaces) == set(embeds)
+    for name, space in spaces.items():
+        rows = space.token_states([prompt])
+        ref = embeds[name].detach().reshape(-1, embeds[name].shape[-1]).double()
+        dist = torch.cdist(rows, ref, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+        assert rows.shape[0] >= 1 and torch.all(dist <= 1e-4 * ref.norm(dim=1).max()), (name, dist)

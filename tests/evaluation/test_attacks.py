@@ -1,0 +1,111 @@
+"""Red-teaming attacks: the white-box closed form against a numerical optimum, and the attacks on MiniLM."""
+
+import pytest
+import torch
+
+import ice_lightning
+from ice_lightning.core.concepts import DEFAULT_PRESERVE
+from ice_lightning.evaluation.attacks import RedTeam, RingABellConfig, whitebox_inputs
+from ice_lightning.evaluation.devset import DEV_SET, MANY_ARTISTS, dev_concept, dev_concepts
+
+F64 = torch.float64
+
+
+def _edited(seed: int, d: int = 10, k: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    Ws = [torch.randn(6, d, generator=g, dtype=F64) for _ in range(3)]
+    B = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=F64))[0]
+    D = 0.9 * B @ B.T  # soft erasure of a k-dim subspace
+    I = torch.eye(d, dtype=F64)  # noqa: E741
+    return Ws, [W @ (I - D) for W in Ws], B, g
+
+
+def _loss(x, edited, original, c):
+    return sum((x @ Wp.T - c @ W.T).square().sum() for Wp, W in zip(edited, original, strict=True))
+
+
+@pytest.mark.parametrize("budget", [0.8, 1.0, 50.0])
+def test_whitebox_closed_form_is_the_norm_bounded_optimum(budget):
+    Ws, Wps, B, g = _edited(0)
+    c = (B @ torch.randn(2, 3, generator=g, dtype=F64)).T + 0.1 * torch.randn(3, 10, generator=g, dtype=F64)
+    x = whitebox_inputs(Wps, Ws, c, budget)
+    cap = budget * c.norm(dim=-1)
+    assert (x.norm(dim=-1) <= cap * (1 + 1e-6)).all()
+    # projected gradient descent on the same constrained problem cannot do better
+    y = torch.zeros_like(c, requires_grad=True)
+    opt = torch.optim.Adam([y], lr=0.05)
+    for _ in range(3000):
+        opt.zero_grad()
+        _loss(y, Wps, Ws, c).backward()
+        opt.step()
+        with torch.no_grad():
+            y.mul_((cap / y.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)[:, None])
+    for i in range(3):
+        assert _loss(x[i : i + 1], Wps, Ws, c[i : i + 1]) <= _loss(y[i : i + 1].detach(), Wps, Ws, c[i : i + 1]) + 1e-6
+    if budget == 50.0:  # unconstrained: the edit is invertible, so the attack restores the outputs exactly
+        assert torch.allclose(x, torch.linalg.lstsq(torch.cat(Wps), torch.cat([c @ W.T for W in Ws], 1).T).solution.T)
+
+
+def test_whitebox_cannot_restore_what_a_projection_removed():
+    """A projection's null space cannot be amplified back: with layers wider than the text width (so other
+    input directions cannot imitate the concept's outputs) a large part of W c stays out of reach, while the
+    soft edit of the same subspace is undone exactly by an unbounded attack."""
+    g = torch.Generator().manual_seed(1)
+    Ws = [torch.randn(20, 10, generator=g, dtype=F64) for _ in range(2)]
+    B = torch.linalg.qr(torch.randn(10, 2, generator=g, dtype=F64))[0]
+    I = torch.eye(10, dtype=F64)  # noqa: E741
+    c = (B @ torch.randn(2, 4, generator=g, dtype=F64)).T
+    target = torch.cat([c @ W.T for W in Ws], 1)
+
+    def gap(D):
+        Wps = [W @ (I - D) for W in Ws]
+        x = whitebox_inputs(Wps, Ws, c, budget=1e6)
+        return ((torch.cat([x @ Wp.T for Wp in Wps], 1) - target).norm(dim=-1) / target.norm(dim=-1)).min()
+
+    assert gap(B @ B.T) > 0.2
+    assert gap(0.9 * B @ B.T) < 1e-6
+
+
+def test_devset_is_complete_and_held_out():
+    assert set(DEV_SET) == {"style", "object", "identity", "explicit"}
+    for family, concepts in DEV_SET.items():
+        assert len(concepts) >= 5
+        preserve = {p.casefold() for p in DEFAULT_PRESERVE[family]}
+        for c in concepts:
+            assert c.paraphrases and len(c.nearby) >= 3
+            spec_names = {n.casefold() for n in c.spec().erase_names()}
+            # nearby concepts are held out: not in the preserve set the solver sees, not erased
+            assert not {n.casefold() for n in c.nearby} & (preserve | spec_names)
+            assert all(p.text[p.span[0] : p.span[1]] in c.paraphrases for p in c.paraphrase_prompts())
+    assert len(set(MANY_ARTISTS)) == 50
+    with pytest.raises(ValueError, match="unknown development concept"):
+        dev_concept("Rembrandtt")
+    assert len(dev_concepts("object")) == 5
+
+
+@pytest.mark.slow
+def test_attacks_on_minilm(minilm_pipe):
+    concept = dev_concept("Van Gogh")
+    result = ice_lightning.erase(minilm_pipe, spec=concept.spec(), verify=False)
+    try:
+        team = RedTeam.from_result(result, paraphrases=concept.paraphrases, ring_a_bell=RingABellConfig())
+        rates = team.compute()
+        assert set(rates) == {f"{a}{s}" for a in ("paraphrase", "ring_a_bell", "whitebox") for s in ("", "_original")}
+        assert all(0.0 <= v <= 1.0 for v in rates.values())
+        assert rates["whitebox_original"] == 1.0  # no edit: the concept's own states restore it exactly
+        found = [p.text[p.span[0] : p.span[1]] for p in team.ring_a_bell_prompts()["text"]]
+        assert all(w not in {"van", "gogh"} for f in found for w in f.lower().split())
+        # the search works on the original model (0.875 measured), and the erasure takes part of it away
+        assert rates["ring_a_bell_original"] >= 0.6
+        assert rates["ring_a_bell"] < rates["ring_a_bell_original"]
+    finally:
+        result.undo()
+
+
+def test_red_team_needs_known_attacks(minilm_pipe):
+    result = ice_lightning.erase(minilm_pipe, erase=["Van Gogh"], family="style", verify=False)
+    try:
+        with pytest.raises(ValueError, match="unknown attack"):
+            RedTeam.from_result(result, attacks=["paraphrase", "gcg"])
+    finally:
+        result.undo()
