@@ -49,8 +49,10 @@ __all__ = [
     "FAMILIES",
     "register_family",
     "family_of",
+    "lookup_family",
     "denoise",
     "unet_denoise",
+    "default_embedding_spaces",
     "NoTextConditioningLayerError",
 ]
 
@@ -94,7 +96,7 @@ class DenoiserFamily:
 
     def text_length_of(self, model: nn.Module) -> int:
         """Length of the text sequence of the check pass (CogVideoX needs its configured length)."""
-        return int(getattr(model.config, "max_text_seq_length", None) or self.text_length)
+        return int(getattr(getattr(model, "config", None), "max_text_seq_length", None) or self.text_length)
 
 
 #: The table, keyed by denoiser class name. Use :func:`register_family` to add to it.
@@ -109,11 +111,16 @@ def register_family(family: DenoiserFamily, replace: bool = False) -> DenoiserFa
     return family
 
 
+def lookup_family(model: nn.Module) -> DenoiserFamily | None:
+    """The table entry of ``model``: its class, else the nearest base class with an entry; ``None`` if none."""
+    return next((FAMILIES[c.__name__] for c in type(model).__mro__ if c.__name__ in FAMILIES), None)
+
+
 def family_of(model: nn.Module) -> DenoiserFamily:
-    """The table entry of ``model``: its class, else the nearest base class with an entry."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES[cls.__name__]
+    """:func:`lookup_family`, refusing a class outside the table."""
+    family = lookup_family(model)
+    if family is not None:
+        return family
     raise NoTextConditioningLayerError(
         f"no text-conditioning layer found: {type(model).__name__} is not a supported denoiser "
         f"({', '.join(sorted(FAMILIES))}); pass layers=[...] with the names of the linear layers that read "
@@ -140,8 +147,10 @@ def _t(model: nn.Module, value: float = 1, dtype: torch.dtype | None = None) -> 
     return torch.tensor([value], device=next(model.parameters()).device, dtype=dtype)
 
 
-def _only_text(pipeline, denoiser) -> dict[str, EmbeddingSpace]:
-    """SD 1.x/2.x, TextToVideoSD, AnimateDiff and any encoder they are built around (BERT, T5...)."""
+def default_embedding_spaces(pipeline, denoiser) -> dict[str, EmbeddingSpace]:
+    """One ``text`` space from the pipeline's ``tokenizer`` and ``text_encoder``: SD 1.x/2.x, TextToVideoSD,
+    AnimateDiff and any encoder they are built around (BERT, T5...); also the spaces of a denoiser outside the
+    table whose layers are named explicitly."""
     tok, enc = require_components(pipeline, "tokenizer", "text_encoder")
     mask = bool(getattr(enc.config, "use_attention_mask", False))
     return {"text": EmbeddingSpace("text", [SequenceSource(tok, enc, model_max_length(tok, enc), pass_mask=mask)])}
@@ -199,7 +208,7 @@ def _unet_check(video: bool) -> Callable[[nn.Module, dict[str, Tensor]], object]
 def _unet_spaces(pipeline, denoiser) -> dict[str, EmbeddingSpace]:
     """SD 1.x/2.x; SDXL (a second encoder): both CLIPs' penultimate states, concatenated per token."""
     if getattr(pipeline, "text_encoder_2", None) is None:
-        return _only_text(pipeline, denoiser)
+        return default_embedding_spaces(pipeline, denoiser)
     tok, enc, tok2, enc2 = require_components(pipeline, "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
     parts = [
         SequenceSource(tok, enc, model_max_length(tok, enc), -2),
@@ -210,20 +219,24 @@ def _unet_spaces(pipeline, denoiser) -> dict[str, EmbeddingSpace]:
 
 _ATTN2_KV = r"(^|\.)attn2\.to_[kv]$"
 
-register_family(DenoiserFamily("UNet2DConditionModel", (LayerRule("text", _ATTN2_KV),), _unet_check(False),
-                               _unet_spaces, unet_denoise))  # fmt: skip
+register_family(DenoiserFamily(
+    "UNet2DConditionModel", rules=(LayerRule("text", _ATTN2_KV),), check_pass=_unet_check(False),
+    embedding_spaces=_unet_spaces, denoise=unet_denoise,
+))  # fmt: skip
 # Temporal transformers reuse the name attn2 for self-attention over frames: not text.
 register_family(DenoiserFamily(
-    "UNet3DConditionModel", (LayerRule("text", _ATTN2_KV, exclude=r"temp_attentions|transformer_in"),),
-    _unet_check(True), _only_text, unet_denoise, video=True,
+    "UNet3DConditionModel", rules=(LayerRule("text", _ATTN2_KV, exclude=r"temp_attentions|transformer_in"),),
+    check_pass=_unet_check(True), embedding_spaces=default_embedding_spaces, denoise=unet_denoise, video=True,
 ))  # fmt: skip
 register_family(DenoiserFamily(
-    "UNetMotionModel", (LayerRule("text", _ATTN2_KV, exclude=r"motion_modules"),), _unet_check(True), _only_text,
-    _motion_denoise, video=True,
+    "UNetMotionModel", rules=(LayerRule("text", _ATTN2_KV, exclude=r"motion_modules"),),
+    check_pass=_unet_check(True), embedding_spaces=default_embedding_spaces, denoise=_motion_denoise, video=True,
 ))  # fmt: skip
 # SVD's temporal blocks cross-attend to the text too (their attn2 reads the text states).
-register_family(DenoiserFamily("UNetSpatioTemporalConditionModel", (LayerRule("text", _ATTN2_KV),),
-                               _unet_check(True), _only_text, _svd_denoise, video=True))  # fmt: skip
+register_family(DenoiserFamily(
+    "UNetSpatioTemporalConditionModel", rules=(LayerRule("text", _ATTN2_KV),), check_pass=_unet_check(True),
+    embedding_spaces=default_embedding_spaces, denoise=_svd_denoise, video=True,
+))  # fmt: skip
 
 
 # -- transformers -------------------------------------------------------------------------------------
@@ -303,18 +316,28 @@ def _ltx_check(model: nn.Module, states: dict[str, Tensor]) -> object:
                  num_frames=1, height=2, width=2)  # fmt: skip
 
 
-register_family(DenoiserFamily("SD3Transformer2DModel", (LayerRule("text", r"^context_embedder$"), _POOLED),
-                               _sd3_check, _sd3_spaces))  # fmt: skip
-register_family(DenoiserFamily("FluxTransformer2DModel", (LayerRule("text", r"^context_embedder$"), _POOLED),
-                               _flux_check, _flux_spaces))  # fmt: skip
-# caption_projection's output feeds attn2: edit its first layer only.
-register_family(DenoiserFamily("PixArtTransformer2DModel", (LayerRule("text", r"^caption_projection\.linear_1$"),),
-                               _pixart_check, _t5_text(120, pass_mask=True)))  # fmt: skip
-register_family(DenoiserFamily("LTXVideoTransformer3DModel", (LayerRule("text", r"^caption_projection\.linear_1$"),),
-                               _ltx_check, _t5_text(226, pass_mask=False), video=True))  # fmt: skip
 register_family(DenoiserFamily(
-    "WanTransformer3DModel", (LayerRule("text", r"^condition_embedder\.text_embedder\.linear_1$"),), _wan_check,
-    _t5_text(120, pass_mask=True), video=True,
+    "SD3Transformer2DModel", rules=(LayerRule("text", r"^context_embedder$"), _POOLED), check_pass=_sd3_check,
+    embedding_spaces=_sd3_spaces,
 ))  # fmt: skip
-register_family(DenoiserFamily("CogVideoXTransformer3DModel", (LayerRule("text", r"^patch_embed\.text_proj$"),),
-                               _cogvideox_check, _t5_text(226, pass_mask=False), video=True))  # fmt: skip
+register_family(DenoiserFamily(
+    "FluxTransformer2DModel", rules=(LayerRule("text", r"^context_embedder$"), _POOLED), check_pass=_flux_check,
+    embedding_spaces=_flux_spaces,
+))  # fmt: skip
+# caption_projection's output feeds attn2: edit its first layer only.
+register_family(DenoiserFamily(
+    "PixArtTransformer2DModel", rules=(LayerRule("text", r"^caption_projection\.linear_1$"),),
+    check_pass=_pixart_check, embedding_spaces=_t5_text(120, pass_mask=True),
+))  # fmt: skip
+register_family(DenoiserFamily(
+    "LTXVideoTransformer3DModel", rules=(LayerRule("text", r"^caption_projection\.linear_1$"),),
+    check_pass=_ltx_check, embedding_spaces=_t5_text(226, pass_mask=False), video=True,
+))  # fmt: skip
+register_family(DenoiserFamily(
+    "WanTransformer3DModel", rules=(LayerRule("text", r"^condition_embedder\.text_embedder\.linear_1$"),),
+    check_pass=_wan_check, embedding_spaces=_t5_text(120, pass_mask=True), video=True,
+))  # fmt: skip
+register_family(DenoiserFamily(
+    "CogVideoXTransformer3DModel", rules=(LayerRule("text", r"^patch_embed\.text_proj$"),),
+    check_pass=_cogvideox_check, embedding_spaces=_t5_text(226, pass_mask=False), video=True,
+))  # fmt: skip

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .families import DenoiserFamily, LayerRule, NoTextConditioningLayerError, family_of
+from .families import DenoiserFamily, LayerRule, NoTextConditioningLayerError, family_of, lookup_family
 
 __all__ = ["TextConditioningLayers", "NoTextConditioningLayerError"]
 
@@ -64,6 +64,7 @@ class TextConditioningLayers:
         verify: bool = True,
         names: Iterable[str] | None = None,
         rules: tuple[LayerRule, ...] | None = None,
+        dims: dict[str, int] | None = None,
     ) -> TextConditioningLayers:
         """Find (and by default verify) the text-conditioning layers of ``model``.
 
@@ -72,9 +73,11 @@ class TextConditioningLayers:
             names: explicit ``{qualified module names}`` reading the ``text`` space, for models
                 outside the table (skips the rules; ``verify`` still applies when the class is known).
             rules: override the table's rules for this model.
+            dims: ``{space: width}`` of the text states the pipeline feeds; the check pass uses them, so a
+                candidate of another width is not confirmed (default: the candidates' own widths).
         """
         kind = type(model).__name__
-        family = _family_or_none(model)
+        family = lookup_family(model)
         if names is not None:
             modules = dict(model.named_modules())
             missing = [n for n in names if n not in modules]
@@ -99,19 +102,26 @@ class TextConditioningLayers:
             )
         found = cls(model, layers)
         if verify and family is not None:
-            found = found._verified(family)
+            found = found._verified(family, dims or found.spaces)
         return found
 
-    def _verified(self, family: DenoiserFamily) -> TextConditioningLayers:
-        """The found layers that receive the text states in the family's check pass."""
+    def _verified(self, family: DenoiserFamily, dims: dict[str, int]) -> TextConditioningLayers:
+        """The found layers that receive the text states (of widths ``dims``) in the family's check pass."""
+        fit = {n: (lin, s) for n, (lin, s) in self.layers.items() if lin.in_features == dims.get(s)}
+        if not fit:
+            widths = sorted({lin.in_features for lin, _ in self.layers.values()})
+            raise NoTextConditioningLayerError(
+                f"dimension mismatch: the text-conditioning layers of {type(self.model).__name__} read {widths}-d "
+                f"states but the text states are {dims}-d; the denoiser and the text encoder do not belong together"
+            )
         p = next(self.model.parameters())
         g = torch.Generator().manual_seed(0)
         length = {"text": family.text_length_of(self.model), "pooled": 1}
-        states = {s: torch.randn(1, length[s], d, generator=g).to(p.device, p.dtype) for s, d in self.spaces.items()}
+        states = {s: torch.randn(1, length[s], dims[s], generator=g).to(p.device, p.dtype) for s in self.spaces}
         if "pooled" in states:
             states["pooled"] = states["pooled"][:, 0]
-        seen: dict[str, list[Tensor]] = {n: [] for n in self.layers}
-        hooks = [lin.register_forward_pre_hook(_recorder(seen[n])) for n, (lin, _) in self.layers.items()]
+        seen: dict[str, list[Tensor]] = {n: [] for n in fit}
+        hooks = [lin.register_forward_pre_hook(_recorder(seen[n])) for n, (lin, _) in fit.items()]
         was_training = self.model.training
         self.model.eval()  # dropout (LoRA's included) would hide that a layer reads the states
         try:
@@ -126,20 +136,13 @@ class TextConditioningLayers:
             self.model.train(was_training)
             for h in hooks:
                 h.remove()
-        ok = {n: v for n, v in self.layers.items() if seen[n] and all(_reads(x, states[v[1]]) for x in seen[n])}
+        ok = {n: v for n, v in fit.items() if seen[n] and all(_reads(x, states[v[1]]) for x in seen[n])}
         if not ok:
             raise NoTextConditioningLayerError(
                 f"no text-conditioning layer found in {type(self.model).__name__}: none of the candidate "
                 f"layers {list(self.layers)[:4]}... receives the text-encoder states in a forward pass"
             )
         return TextConditioningLayers(self.model, ok)
-
-
-def _family_or_none(model: nn.Module) -> DenoiserFamily | None:
-    try:
-        return family_of(model)
-    except NoTextConditioningLayerError:
-        return None
 
 
 def _is_lora(module: nn.Module) -> bool:

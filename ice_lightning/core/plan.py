@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .concepts import ConceptSpec, Family, Prompt
 from .editing import LayerEdit, apply_edits, undo_edits
 from .encoders import EmbeddingSpace
-from .families import family_of
+from .families import default_embedding_spaces, lookup_family
 from .layers import NoTextConditioningLayerError, TextConditioningLayers
 from .solver import METHODS, DissociationOperator, build_operator
 
@@ -97,18 +97,22 @@ def resolve_layer(pipeline, qualified: str) -> nn.Module:
 def find_text_conditioning(
     pipeline, verify: bool = True, layers: Iterable[str] | None = None
 ) -> dict[str, TextConditioningLayers]:
-    """The text-conditioning layers of every denoiser of ``pipeline``, keyed by component name.
+    """The text-conditioning layers of every denoiser of ``pipeline``, keyed by component name; the check pass
+    feeds text states of the widths the pipeline's encoders give.
 
     ``layers`` overrides the table with explicit qualified names (``"unet.mid_block...to_k"``)."""
     found = {}
     names = list(layers) if layers is not None else None
-    for comp, model in denoisers(pipeline).items():
+    dens = denoisers(pipeline)
+    known = verify and all(lookup_family(m) is not None for m in dens.values())  # else nothing is verified
+    dims = {s: space.dim for s, space in pipeline_spaces(pipeline).items()} if known else None
+    for comp, model in dens.items():
         if names is not None:
             own = [n.split(".", 1)[1] for n in names if n.split(".", 1)[0] == comp]
             if own:
-                found[comp] = TextConditioningLayers.find(model, verify=verify, names=own)
+                found[comp] = TextConditioningLayers.find(model, verify=verify, names=own, dims=dims)
         else:
-            found[comp] = TextConditioningLayers.find(model, verify=verify)
+            found[comp] = TextConditioningLayers.find(model, verify=verify, dims=dims)
     if not found:
         raise NoTextConditioningLayerError(f"none of the given layers {names} belongs to a denoiser component")
     return found
@@ -132,7 +136,9 @@ def pipeline_spaces(pipeline) -> dict[str, EmbeddingSpace]:
     key = tuple(id(getattr(pipeline, n, None)) for n in _ENCODER_PARTS)
     cached = _SPACES.get(denoiser)
     if cached is None or cached[0] != key:
-        cached = (key, family_of(denoiser).embedding_spaces(pipeline, denoiser))
+        family = lookup_family(denoiser)  # None: a class outside the table, its layers named explicitly
+        build = family.embedding_spaces if family is not None else default_embedding_spaces
+        cached = (key, build(pipeline, denoiser))
         _SPACES[denoiser] = cached
     return cached[1]
 
@@ -276,6 +282,14 @@ class ErasurePlan:
             _HISTORY.setdefault(self._history_key, []).append(result)
         return result
 
+    def restore(self, operators: dict[str, DissociationOperator]) -> ErasureResult:
+        """Record, without writing anything, an erasure that the weights already hold (a model resumed from a
+        checkpoint of an erased run), so that :func:`edit_history` and ``save_erased`` know of it. Its original
+        weights are not known, so it cannot be undone."""
+        result = ErasureResult(self, operators, [], dict(self.timings), restored=True)
+        _HISTORY.setdefault(self._history_key, []).append(result)
+        return result
+
 
 @dataclass
 class ErasureResult:
@@ -286,6 +300,7 @@ class ErasureResult:
     edits: list[LayerEdit] = field(repr=False)
     timings: dict[str, float]
     undone: bool = False
+    restored: bool = False
 
     @property
     def spec(self) -> ConceptSpec:
@@ -325,6 +340,11 @@ class ErasureResult:
         """Restore the exact original weights of every edited layer (undo later erasures first)."""
         if self.undone:
             raise RuntimeError("this erasure was already undone")
+        if self.restored:
+            raise RuntimeError(
+                "this erasure was restored from a checkpoint whose weights already held it; its original weights "
+                "are not known, so it cannot be undone: reload the original model instead"
+            )
         history = _HISTORY.get(self.plan._history_key, [])
         if history and history[-1] is not self and self in history:
             raise RuntimeError("undo the later erasures of this pipeline first (undo in reverse order)")
@@ -356,6 +376,7 @@ class ErasureResult:
             "layers": self.layers,
             "operators": {s: {"dim": op.dim, "rank": op.rank} for s, op in self.operators.items()},
             "timings": self.timings,
+            **({"restored_from_checkpoint": True} if self.restored else {}),
         }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,10 @@ from .filters import CaptionFilter, drop_rows
 __all__ = ["ICECallback", "ICEState", "find_pipeline"]
 
 _SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, XLAStrategy)
+# The weight of each edited layer right after the last application of any ICECallback in this process. A
+# re-application edits what changed since then, so with several callbacks on shared layers one never re-edits
+# another's edit (only training's change), and with no training in between every re-application is a no-op.
+_AFTER_LAST_APPLICATION: weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()
 ReapplyAt = Literal["train_epoch_end", "validation_start"]
 
 
@@ -109,7 +114,9 @@ class ICECallback(Callback):
             erased model; needs a validation loop, and applies once per epoch).
         at_fit_end: apply once more at the end of fitting (after weight averaging has copied its average into
             the model: ``on_fit_end`` runs after every callback's ``on_train_end``) and export.
-        export_dir: where to save the erased pipeline (diffusers folder + ``ice_manifest.json``).
+        export_dir: where to save the erased pipeline (diffusers folder + ``ice_manifest.json``, which records
+            every ``ICECallback`` of the trainer under ``ice_callbacks``). With several callbacks, give it to the
+            last one in the trainer's list: its ``on_fit_end`` runs after the others' final applications.
         layers: explicit qualified layer names instead of the family table.
         verify: confirm the layers with a forward hook.
         log_metrics: log the text-space metrics after every application.
@@ -123,9 +130,10 @@ class ICECallback(Callback):
         caption_key: the batch key that holds the captions (for ``drop_concept_samples``).
 
     The operator is computed once per embedding space (the text encoder is frozen) and reused. A
-    re-application edits only what changed since the last one, ``W <- W - (W - W_last) D``: with no
+    re-application edits only what changed since the last application, ``W <- W - (W - W_last) D``: with no
     training in between it is an exact no-op, so re-applying never compounds. Several callbacks with
-    different concepts can share one ``Trainer``: each keeps its state under its own :attr:`state_key`.
+    different concepts can share one ``Trainer``: each keeps its state under its own :attr:`state_key`, and
+    ``W_last`` is the weight after the last application of *any* of them, so none re-edits another's edit.
     """
 
     def __init__(
@@ -171,7 +179,6 @@ class ICECallback(Callback):
         self.state = ICEState()
         self._plan: ErasurePlan | None = None
         self._probe: TextSpaceProbe | None = None
-        self._last: dict[str, torch.Tensor] = {}
 
     @property
     def state_key(self) -> str:
@@ -229,7 +236,7 @@ class ICECallback(Callback):
         pipe = self.get_pipeline(pl_module)  # raises the protocol error if the module exposes none
         if self.state.resumed:  # the checkpoint's weights hold the erasure: bind to them, apply nothing again
             self._bind(pipe)
-            self._last = self._snapshot()
+            self._remember_weights()
             self.state.resumed = False
             completed = trainer.current_epoch - 1
             due = max((e for e in range(completed + 1) if self.should_apply(trainer, e)), default=-1)
@@ -238,7 +245,7 @@ class ICECallback(Callback):
         elif self.at_setup and self.state.operators is None:
             self.apply(trainer, pl_module, "fit_start")
         elif self._plan is not None:  # weights may have been synced or moved since setup: measure from here
-            self._last = self._snapshot()
+            self._remember_weights()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.reapply_at == "train_epoch_end" and self.should_apply(trainer, trainer.current_epoch):
@@ -260,7 +267,9 @@ class ICECallback(Callback):
             self.apply(trainer, pl_module, "fit_end")
         if self.export_dir is not None:
             if trainer.is_global_zero:
-                save_erased(self.get_pipeline(pl_module), self.export_dir, extra={"ice_callback": self.summary()})
+                every = {c.state_key: c.summary() for c in trainer.callbacks if isinstance(c, ICECallback)}
+                extra = {"ice_callback": self.summary(), "ice_callbacks": every}
+                save_erased(self.get_pipeline(pl_module), self.export_dir, extra=extra)
                 rank_zero_info(f"ICECallback: exported the erased model to {self.export_dir}")
             trainer.strategy.barrier("ice_export")
 
@@ -282,10 +291,11 @@ class ICECallback(Callback):
             if self.log_metrics:
                 self._probe = TextSpaceProbe.from_result(result)
         else:
-            self._plan.apply(self.state.operators, bases=self._last, record=False)
+            bases = {n: _AFTER_LAST_APPLICATION[m] for n, m in self._plan.modules().items()}
+            self._plan.apply(self.state.operators, bases=bases, record=False)
         modules = self._plan.modules()
         self._check_ranks_agree(trainer, modules)
-        self._last = self._snapshot()
+        self._remember_weights()
         self._reset_optimizer_state(trainer, modules)
         digest = hashlib.sha256("".join(tensor_sha256(m.weight) for m in modules.values()).encode()).hexdigest()
         record = {"reason": reason, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
@@ -300,13 +310,15 @@ class ICECallback(Callback):
             rank_zero_info(f"ICECallback ({reason}): " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         self.state.applications.append(record)
 
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: m.weight.detach().clone() for n, m in self._plan.modules().items()}
+    def _remember_weights(self) -> None:
+        for m in self._plan.modules().values():
+            _AFTER_LAST_APPLICATION[m] = m.weight.detach().clone()
 
     def _bind(self, pipe: Any) -> None:
         """After a resume, rebuild the plan over the checkpoint's layers and the probe from its references."""
         self._plan = ErasurePlan(pipe, self.spec, method=self.method, hparams=self.hparams,
                                  layers=list(self.state.layer_spaces), verify=False)  # fmt: skip
+        self._plan.restore(self.state.operators)  # the export's manifest lists it as after a fresh run
         if self.log_metrics and self.state.probe is not None:
             self._probe = TextSpaceProbe(self._plan.targets, self._plan.spaces, self.spec)
             self._probe.load_state_dict(self.state.probe)
@@ -375,4 +387,4 @@ class ICECallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.state = ICEState.from_dict(state_dict)
-        self._plan, self._probe, self._last = None, None, {}
+        self._plan, self._probe = None, None

@@ -1,5 +1,5 @@
 """Run by tests/test_distributed.py: a 2-process CPU DDP fit (gloo) with ICECallback; each rank writes the
-hash of the edited weights after every application to OUT/rank{N}.json."""
+hash of the edited weights after every application, and how often it ran the solver, to OUT/rank{N}.json."""
 
 import json
 import sys
@@ -10,7 +10,19 @@ warnings.filterwarnings("ignore")
 
 from lightning.pytorch import Trainer, seed_everything  # noqa: E402
 
+import ice_lightning.core.plan as plan  # noqa: E402
 from ice_lightning import CaptionFolderDataModule, ICECallback, ICEModule  # noqa: E402
+
+SOLVER_CALLS = []
+_build_operator = plan.build_operator
+
+
+def counting_build_operator(*args, **kwargs):
+    SOLVER_CALLS.append(kwargs.get("concepts"))
+    return _build_operator(*args, **kwargs)
+
+
+plan.build_operator = counting_build_operator
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
@@ -35,7 +47,8 @@ if __name__ == "__main__":
     )
     trainer.fit(module, datamodule=data)
     records = [{"reason": a["reason"], "epoch": a["epoch"], "sha": a["weights_sha256"]} for a in ice.applications]
-    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(records))
+    result = {"applications": records, "solver_calls": len(SOLVER_CALLS)}
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
     # Shut the gloo group down before interpreter exit: tearing it down implicitly at exit can abort the
     # process ("terminate called without an active exception") after all the work is done.
     import torch.distributed as dist

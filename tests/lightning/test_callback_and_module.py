@@ -9,6 +9,7 @@ from diffusers import DiffusionPipeline
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+import ice_lightning
 from ice_lightning import ICECallback, ICEModule
 from ice_lightning.core.concepts import ConceptSpec
 from ice_lightning.core.export import MANIFEST_NAME, load_manifest, verify_export
@@ -408,3 +409,53 @@ def test_fine_tune_never_sees_the_concepts_samples(tmp_path):
     assert ice.dropped_samples == named and ice.state_dict()["dropped_samples"] == named
     assert [] in recorder.seen  # a pair of Van Gogh captions left an empty batch, whose step was skipped
     assert ice.summary()["dropped_samples"] == named
+
+
+def test_two_callbacks_with_own_concepts_and_schedules_fit_checkpoint_resume_and_export(tmp_path):
+    objects = ConceptSpec(erase=["dog"], family="object")
+
+    def run(root, epochs, ckpt=None, lr=1e-3):
+        seed_everything(0)
+        module = ICEModule("tiny:sd", learning_rate=lr, cfg_dropout=0.0)
+        style = ICECallback(**STYLE, every_n_epochs=1)
+        obj = ICECallback(spec=objects, every_n_epochs=2, export_dir=str(root / "out"))  # the last one exports
+        ckpts = ModelCheckpoint(dirpath=root / "ckpt", every_n_epochs=1, save_top_k=-1)
+        trainer = _trainer(root, [style, obj, ckpts], epochs=epochs, enable_checkpointing=True, limit_val_batches=0)
+        trainer.fit(module, datamodule=_data(False, batch_size=8), ckpt_path=ckpt)
+        return style, obj
+
+    full_style, full_obj = run(tmp_path / "a", 4)
+    assert full_style.state_key != full_obj.state_key
+    assert [(a["reason"], a["epoch"]) for a in full_style.applications] == [
+        ("setup", 0), ("epoch_end", 0), ("epoch_end", 1), ("epoch_end", 2), ("epoch_end", 3), ("fit_end", 4)]
+    assert [(a["reason"], a["epoch"]) for a in full_obj.applications] == [
+        ("setup", 0), ("epoch_end", 1), ("epoch_end", 3), ("fit_end", 4)]  # fmt: skip
+
+    ckpt = sorted((tmp_path / "a" / "ckpt").glob("epoch=2-*.ckpt"))[0]
+    saved = torch.load(ckpt, weights_only=False)["callbacks"]
+    assert {full_style.state_key, full_obj.state_key} <= set(saved)
+    style, obj = run(tmp_path / "b", 4, ckpt=str(ckpt))
+    for resumed, full in ((style, full_style), (obj, full_obj)):  # each history continues its own schedule
+        assert [(a["reason"], a["epoch"]) for a in resumed.applications] == [
+            (a["reason"], a["epoch"]) for a in full.applications]  # fmt: skip
+        assert [a["weights_sha256"] for a in resumed.applications] == [
+            a["weights_sha256"] for a in full.applications]  # fmt: skip
+
+    manifest = load_manifest(tmp_path / "b" / "out")
+    assert manifest["erased_concepts"] == ["Van Gogh", "dog"]
+    assert set(manifest["ice_callbacks"]) == {style.state_key, obj.state_key}
+    assert len(manifest["ice_callbacks"][style.state_key]["applications"]) == 6
+    assert all(v for v in verify_export(tmp_path / "b" / "out").values())
+
+    # Both concepts are erased in the export: with no training between applications, two callbacks ship
+    # exactly the two one-shot erasures in a row (neither callback's re-application re-edits the other's edit).
+    run(tmp_path / "c", 2, lr=0.0)
+    shipped = DiffusionPipeline.from_pretrained(tmp_path / "c" / "out")
+    expected = build_tiny_pipeline("sd")
+    ice_lightning.erase(expected, **STYLE)
+    ice_lightning.erase(expected, spec=objects)
+    layers = [n for n, _ in expected.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
+    assert layers
+    for n in layers:
+        a, b = shipped.unet.get_submodule(n).weight, expected.unet.get_submodule(n).weight
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
