@@ -202,7 +202,7 @@ class ConceptSpec:
 
     erase: list[str]
     preserve: list[str] | None = None
-    family: str = "custom"
+    family: Family = "custom"
     synonyms: dict[str, list[str]] = field(default_factory=dict)
     anchor: str | None = None
     templates: list[str] | None = None

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import get_args
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.cli import LightningCLI
 
 from ..core.concepts import FAMILIES
 from ..core.export import save_erased
-from ..core.solver import METHODS, ICEHyperParams
+from ..core.solver import METHODS, ICEHyperParams, Objective, OverlapKind
 
 __all__ = ["main", "build_erase_parser", "format_table", "ICELightningCLI"]
 
@@ -54,7 +55,10 @@ def build_erase_parser() -> ArgumentParser:
     er.add_argument("--mu", type=float, default=defaults.mu, help="ICE ridge weight")
     er.add_argument("--erase-expansion", type=float, default=defaults.erase_expansion)
     er.add_argument("--preserve-expansion", type=float, default=defaults.preserve_expansion)
-    er.add_argument("--overlap", default=defaults.overlap)
+    er.add_argument("--overlap", default=defaults.overlap, choices=list(get_args(OverlapKind)),
+                    help="ICE overlap projector")  # fmt: skip
+    er.add_argument("--objective", default=defaults.objective, choices=list(get_args(Objective)),
+                    help="ICE objective: energy-weighted or plain Frobenius")  # fmt: skip
     er.add_argument("--device", default="cpu", help="device to run the text encoder and the edit on")
     er.add_argument("--out", required=True, help="output folder for the erased pipeline")
     er.add_argument("--samples", type=int, default=8,
@@ -93,6 +97,7 @@ def _run_erase(cfg) -> int:
             "erase_expansion": cfg.erase_expansion,
             "preserve_expansion": cfg.preserve_expansion,
             "overlap": cfg.overlap,
+            "objective": cfg.objective,
         }
     report = erase_report(pipe)
     if report is not None:  # a pipeline whose plugin shows erasure its own way (the shapes world: samples)
