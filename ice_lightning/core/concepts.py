@@ -5,7 +5,7 @@ of the concept inside the prompt, so the text encoders can pick the concept's *o
 offsets (never by matching strings), leaving template words such as "a painting by" untouched.
 
 Example:
-    >>> from ice_lightning.concepts import ConceptSpec
+    >>> from ice_lightning.core.concepts import ConceptSpec
     >>> spec = ConceptSpec(erase=["Van Gogh"], family="style")
     >>> p = spec.erase_prompts()[0]
     >>> p.text, p.text[p.span[0]:p.span[1]]

@@ -10,7 +10,7 @@ linear layer reading the text states is edited as ``W <- W (I - D) = W - (W U)(M
 
 Example:
     >>> import torch
-    >>> from ice_lightning.solver import dissociation_operator
+    >>> from ice_lightning.core.solver import dissociation_operator
     >>> g = torch.Generator().manual_seed(0)
     >>> E_erase, E_preserve = torch.randn(12, 64, generator=g), torch.randn(40, 64, generator=g)
     >>> op = dissociation_operator(E_erase, E_preserve)

@@ -14,7 +14,7 @@ Held-out contexts are the family's ``EVAL_TEMPLATES``; the name in them and the 
 the concept spec's own held-out sets (``DevConcept.spec()``).
 
 Example:
-    >>> from ice_lightning.devset import DEV_SET, dev_concept
+    >>> from ice_lightning.evaluation.devset import DEV_SET, dev_concept
     >>> sorted(DEV_SET)
     ['explicit', 'identity', 'object', 'style']
     >>> c = dev_concept("Van Gogh")

@@ -8,7 +8,7 @@ Example:
 
 The VAE and text encoders are frozen; the UNet is trained with the scheduler's own objective
 (epsilon, v-prediction or flow matching) and classifier-free-guidance dropout. Validation logs the loss on
-fixed noise, the text-space metrics of ``validation_concepts`` (:mod:`ice_lightning.metrics`) against the
+fixed noise, the text-space metrics of ``validation_concepts`` (:mod:`ice_lightning.core.probe`) against the
 model as it was loaded, and, with ``num_samples > 0``, generated samples per erased concept.
 """
 
@@ -48,7 +48,7 @@ class ICEModule(LightningModule):
         torch_dtype: dtype the pipeline is loaded in.
         validation_concepts: keyword arguments of a ``ConceptSpec`` whose text-space metrics are logged at
             every validation (``{"erase": ["Van Gogh"], "family": "style"}``).
-        red_team: keyword arguments of :class:`~ice_lightning.attacks.RedTeam` (``{"paraphrases": [...]}``,
+        red_team: keyword arguments of :class:`~ice_lightning.evaluation.attacks.RedTeam` (``{"paraphrases": [...]}``,
             ``{}`` for the defaults): the text-space attacks' success rates are logged at every validation
             as ``val/attack_<name>`` (needs ``validation_concepts``).
         num_samples: generated samples per erased concept logged at each validation (0: none).

@@ -14,7 +14,7 @@ The protocol (used by ``ice-lightning erase``, ``benchmarks/shapes.py`` and the 
   the **accuracy** of each remaining concept (a colour's accuracy: colour right on prompts asking for it).
 
 Example:
-    >>> from ice_lightning.shapes_eval import eval_prompts, concept_spec
+    >>> from ice_lightning.shapes.evaluation import eval_prompts, concept_spec
     >>> [p.text for p in eval_prompts(held_out=True)][:2]
     ['a picture of a ruby disk', 'one ruby quadrate']
     >>> concept_spec("red").erase_names()
