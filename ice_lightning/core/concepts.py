@@ -115,7 +115,9 @@ DEFAULT_PRESERVE: dict[str, tuple[str, ...]] = {
     "object": ("dog", "cat", "car", "tree", "house", "bicycle", "chair", "bird"),
     "identity": ("Barack Obama", "Taylor Swift", "Albert Einstein", "Oprah Winfrey", "Tom Hanks", "Emma Watson"),
     "explicit": ("a person", "a woman", "a man", "a dress", "people at a beach", "a portrait"),
-    "custom": (),
+    # A generic set, so that a concept erased without a family or a preserve list still has near concepts to
+    # keep and to measure collateral on.
+    "custom": ("person", "dog", "house", "tree", "car", "flower"),
 }
 
 #: Synonyms added to every erase concept of a family (explicit content has many names).

@@ -1,14 +1,17 @@
 """All-or-nothing, exactly reversible low-rank edits of linear layers: ``W <- W - L R``.
 
 The low-rank factors of every edit are computed and checked before the first weight is written, and a
-layer that fails while being written (its new weights overflow the layer's dtype) rolls back the ones
-written before it, so a failing edit leaves the model untouched. Each :class:`LayerEdit` keeps the
+layer that fails while being written (its new weights overflow the layer's dtype, the write itself fails, or
+the user interrupts) rolls back the ones written before it, so a failing edit leaves the model untouched;
+should the rollback itself fail, the error names every layer left edited. Each :class:`LayerEdit` keeps the
 low-rank delta ``(L, R)`` and the few entries where rounding to the layer's dtype is not invertible, so
-:meth:`LayerEdit.undo` restores the original weights bit for bit without storing a copy of them.
+:meth:`LayerEdit.undo` restores the original weights bit for bit without storing a copy of them. An undo
+first checks every layer against the exact hash of the weight it wrote, then reverts: all or none.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,17 +20,22 @@ from torch import Tensor, nn
 
 from .solver import DissociationOperator
 
-__all__ = ["LayerEdit", "apply_edits", "undo_edits"]
+__all__ = ["LayerEdit", "apply_edits", "undo_edits", "tensor_sha256", "RollbackError"]
 
 _F64 = torch.float64
 # Above this share of non-invertible entries a dense copy of the original is cheaper than indices.
 _DENSE_FIXUP_SHARE = 0.25
 
 
-def _fingerprint(w: Tensor) -> tuple[float, float]:
-    """Cheap checksum that changes when training moves the weight (used to refuse a stale undo)."""
-    x = w.detach().reshape(-1)  # accumulated in float64 without a float64 copy of the weight
-    return float(torch.sum(x, dtype=_F64)), float(torch.linalg.vector_norm(x, dtype=_F64))
+def tensor_sha256(t: Tensor) -> str:
+    """sha256 of a tensor's raw bytes in its own dtype (any dtype, bf16 included): the exact fingerprint of a
+    weight (faster than a float64 checksum, and it changes when any bit does)."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().data).hexdigest()
+
+
+class RollbackError(RuntimeError):
+    """A failed edit whose rollback failed too: the message names every layer left edited."""
 
 
 @dataclass
@@ -40,18 +48,25 @@ class LayerEdit:
     R: Tensor
     fix_index: Tensor | None
     fix_values: Tensor | None
-    fingerprint: tuple[float, float]
+    fingerprint: str
     fused: bool = False
 
-    def undo(self) -> None:
-        """Restore the original weight bit for bit (only valid while the weight is as the edit left it)."""
+    def is_current(self) -> bool:
+        """Whether the weight is still exactly what this edit wrote (undo is only valid then)."""
+        return tensor_sha256(self.module.weight) == self.fingerprint
+
+    def undo(self, checked: bool = False, written: Tensor | None = None) -> None:
+        """Restore the original weight bit for bit (only valid while the weight is as the edit left it;
+        ``checked``: the caller has just confirmed that; ``written``: the weight this edit wrote, to restore
+        a layer whose write was cut short)."""
         w = self.module.weight
-        if _fingerprint(w) != self.fingerprint:
+        if not checked and not self.is_current():
             raise RuntimeError(
                 f"layer {self.name!r} changed since it was edited (training?); undo would not restore the "
                 "original weights. Undo right after erase, or reload the original model"
             )
-        restored = _plus_delta(w.detach(), self.L, self.R, self.fused)
+        source = written if written is not None else w.detach()
+        restored = _plus_delta(source, self.L, self.R, self.fused)
         if self.fix_index is not None:
             flat = restored.view(-1)
             if self.fix_index.dtype == torch.bool:  # dense fallback: the original itself
@@ -99,7 +114,9 @@ def _new_weight(name: str, w: Tensor, L: Tensor, R: Tensor, fused: bool) -> Tens
 
 
 def apply_edits(
-    targets: Sequence[tuple[str, nn.Linear, DissociationOperator]], bases: dict[str, Tensor] | None = None
+    targets: Sequence[tuple[str, nn.Linear, DissociationOperator]],
+    bases: dict[str, Tensor] | None = None,
+    into: list[LayerEdit] | None = None,
 ) -> list[LayerEdit]:
     """Apply ``W <- W (I - D)`` to every target, or to none if any target fails.
 
@@ -110,7 +127,9 @@ def apply_edits(
     Phase 1 computes and checks the low-rank factors of every edit (small: ``out x k`` and ``k x d``, float64)
     before anything is written; phase 2 forms each new weight once (see :func:`_fused`), checks it,
     writes it under ``torch.no_grad()`` with ``copy_`` (keeping dtype, device and the Parameter object), and
-    rolls back every layer already written should a later one fail (overflow in the layer's dtype).
+    rolls back every layer already written should a later one fail (overflow in the layer's dtype, a failing
+    write, an interrupt). Each written layer is appended to ``into`` (a list the caller already holds, so
+    an interrupt between the last write and the return loses no edit), and the list is returned.
     """
     bases = bases or {}
     factors = []
@@ -118,7 +137,8 @@ def apply_edits(
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{name!r} is a {type(module).__name__}, not a torch.nn.Linear")
         factors.append(_factors(name, module, op, bases.get(name)))
-    edits: list[LayerEdit] = []
+    edits: list[LayerEdit] = into if into is not None else []
+    inflight: tuple[LayerEdit, Tensor] | None = None  # the layer being written: restored from what it got
     try:
         for (name, module, _), (L, R) in zip(targets, factors, strict=True):  # phase 2: write
             w = module.weight
@@ -133,16 +153,45 @@ def apply_edits(
             else:
                 idx = wrong.nonzero().squeeze(1)
                 vals = w.detach().reshape(-1)[idx].clone()
+            edit = LayerEdit(name, module, L, R, idx, vals, tensor_sha256(new), fused)
+            inflight = (edit, new)
             with torch.no_grad():
                 w.copy_(new)
-            edits.append(LayerEdit(name, module, L, R, idx, vals, _fingerprint(w), fused))
-    except BaseException:
-        undo_edits(edits)
+            edits.append(edit)
+            inflight = None
+    except BaseException as err:
+        _roll_back(edits, inflight, err)
         raise
     return edits
 
 
+def _roll_back(edits: list[LayerEdit], inflight: tuple[LayerEdit, Tensor] | None, cause: BaseException) -> None:
+    """Undo the written layers after ``cause``; raise :class:`RollbackError` naming any left edited."""
+    todo = [(e, None) for e in reversed(edits)]
+    if inflight is not None:  # its write may have been cut short: restore it from the weight it was given
+        todo.insert(0, inflight)
+    left = []
+    for e, written in todo:
+        try:
+            e.undo(checked=True, written=written)  # written a moment ago by this very call
+        except Exception:  # keep rolling back the others, then report every layer left
+            left.append(e.name)
+    edits.clear()
+    if left:
+        raise RollbackError(
+            f"the edit failed ({type(cause).__name__}: {cause}) and rolling it back failed too: layers {left[::-1]} "
+            "still hold the edited weights, every other layer is restored. Reload the model from where it was "
+            "loaded (nothing was written to disk) before using it"
+        ) from cause
+
+
 def undo_edits(edits: Sequence[LayerEdit]) -> None:
-    """Undo edits in reverse order."""
+    """Undo edits in reverse order, all or none: every layer is checked before any is reverted."""
+    stale = [e.name for e in edits if not e.is_current()]
+    if stale:
+        raise RuntimeError(
+            f"layers {stale} changed since they were edited (training?); undo would not restore the original "
+            "weights, so nothing was reverted. Undo right after erase, or reload the original model"
+        )
     for e in reversed(edits):
-        e.undo()
+        e.undo(checked=True)

@@ -222,8 +222,9 @@ class EmbeddingSpace:
         return all(isinstance(s, PooledSource) for s in self.sources)
 
     def token_states(self, prompts: Sequence[Prompt], include_eot: bool = False) -> Tensor:
-        """(n, d) float64 states of the concept tokens of every prompt (cached, no grad)."""
-        return torch.cat(self.per_prompt(prompts, include_eot), dim=0)
+        """(n, d) float64 states of the concept tokens of every prompt (cached, no grad; (0, d) for none)."""
+        rows = self.per_prompt(prompts, include_eot)
+        return torch.cat(rows, dim=0) if rows else torch.zeros(0, self.dim, dtype=torch.float64)
 
     def per_prompt(self, prompts: Sequence[Prompt], include_eot: bool = False) -> list[Tensor]:
         """The chosen rows of each prompt separately (cached, no grad)."""
@@ -237,6 +238,37 @@ class EmbeddingSpace:
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+    def _tokenizers(self) -> list[tuple[object, int]]:
+        out = []
+        for s in self.sources:
+            parts = s.parts if isinstance(s, (FeatureConcatSource, PooledSource)) else [s]
+            out += [(p[0], p[2]) if isinstance(p, tuple) else (p.tokenizer, p.max_length) for p in parts]
+        return out
+
+    def check_concept_tokens(self, prompts: Sequence[Prompt]) -> None:
+        """Refuse a concept that a tokenizer of this space maps to its unknown token (erasing it would erase
+        every unknown word) or cuts off at its maximum length (the concept would be erased only in part)."""
+        for tokenizer, max_length in self._tokenizers():
+            unk = getattr(tokenizer, "unk_token_id", None)
+            enc = _tokenize(tokenizer, [p.text for p in prompts], max_length)
+            for i, p in enumerate(prompts):
+                if p.span is None:
+                    continue
+                name, pos = p.text[p.span[0] : p.span[1]], select_tokens(enc, i, p)
+                ids = enc["input_ids"][i, pos].tolist()
+                if unk is not None and unk in ids:
+                    tokens = tokenizer.convert_ids_to_tokens(ids)
+                    raise ValueError(
+                        f"concept {name!r} maps to the unknown token {tokenizer.unk_token!r} of "
+                        f"{type(tokenizer).__name__} (tokens {tokens}): erasing it would change every prompt with "
+                        "an unknown word. Name the concept in words the tokenizer knows"
+                    )
+                if pos and int(enc["offset_mapping"][i][pos[-1]][1]) < p.span[1]:
+                    raise ValueError(
+                        f"concept {name!r} is cut off by the maximum length of {type(tokenizer).__name__} "
+                        f"({max_length} tokens) in {p.text[:60]!r}...: shorten the concept or the templates"
+                    )
 
 
 def call_default(pipeline, name: str, fallback: int) -> int:
@@ -263,7 +295,9 @@ def model_max_length(tokenizer, encoder, cap: int = 512) -> int:
 
 
 def require_components(pipeline, *names: str) -> list:
+    # A diffusers pipeline answers a removed component with its config entry, a (library, class) tuple.
     comps = [getattr(pipeline, n, None) for n in names]
+    comps = [None if isinstance(c, (tuple, list)) else c for c in comps]
     missing = [n for n, c in zip(names, comps, strict=True) if c is None]
     if missing:
         raise ValueError(

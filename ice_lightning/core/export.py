@@ -1,8 +1,15 @@
-"""Export an erased pipeline: diffusers ``save_pretrained`` + ``ice_manifest.json`` + a model-card section.
+"""Export an erased pipeline: diffusers ``save_pretrained`` + ``ice_manifest.json`` + the operators + a
+model-card section; and :func:`verify_export`, which checks an export against its manifest.
 
-The manifest records what was erased (concepts, method, hyperparameters), the library versions, the
-edited layers and the sha256 of each edited tensor, so a consumer can check with
-:func:`verify_export` that the shipped weights are the erased ones.
+The manifest records what was erased (concepts, method, hyperparameters, layers and the embedding space each
+reads), the library versions, the sha256 of every file of the export and of each edited tensor, and the
+concept residual of each erasure through the shipped layers. ``ice_operators.safetensors`` holds the
+operators, so :func:`verify_export` can recompute that residual and confirm that the erasure is present, not
+only that the bytes match.
+
+Writing is safe: an export goes into a temporary sibling folder and is renamed into place at the end (an
+interrupt or a full disk leaves the destination as it was); a non-empty destination that is not an earlier
+export is refused unless ``overwrite=True``; the folder the pipeline was loaded from is never written.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ import hashlib
 import json
 import os
 import platform
+import shutil
+import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib import metadata
@@ -19,19 +28,28 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .plan import ErasureResult, edit_history, resolve_layer
+from .concepts import ConceptSpec
+from .editing import tensor_sha256
+from .plan import ErasureResult, edit_history, pipeline_spaces, resolve_layer
+from .probe import concept_residual
+from .solver import DissociationOperator
 
-__all__ = ["MANIFEST_NAME", "save_erased", "verify_export", "tensor_sha256", "load_manifest"]
+__all__ = [
+    "MANIFEST_NAME",
+    "OPERATORS_NAME",
+    "ExportVerificationError",
+    "save_erased",
+    "check_export_destination",
+    "verify_export",
+    "load_manifest",
+]
 
 MANIFEST_NAME = "ice_manifest.json"
-_FORMAT = "ice-lightning/manifest-v1"
+OPERATORS_NAME = "ice_operators.safetensors"
+_FORMAT = "ice-lightning/manifest-v2"
+# The recomputed residual must match the recorded one this closely (same weights, same encoder, float64).
+_RESIDUAL_RTOL, _RESIDUAL_ATOL = 1e-4, 1e-6
 _CARD_MARK = "<!-- ice-lightning -->"
-
-
-def tensor_sha256(t: Tensor) -> str:
-    """sha256 of a tensor's raw bytes in its own dtype (any dtype, bf16 included)."""
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -44,14 +62,85 @@ def _versions() -> dict[str, str]:
     return out
 
 
+class ExportVerificationError(ValueError):
+    """An export does not match its manifest, or its manifest is malformed; the message says where."""
+
+
 def _weight(pipeline, qualified: str) -> Tensor:
     return resolve_layer(pipeline, qualified).weight
 
 
-def _check_writable(out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise PermissionError(f"export directory {out_dir} is not writable; choose another --out")
+def _source_folders(pipeline) -> list[Path]:
+    """Local folders ``pipeline`` (or one of its components) was loaded from."""
+    paths = [getattr(getattr(pipeline, "config", None), "_name_or_path", None)]
+    for comp in getattr(pipeline, "components", {}).values():
+        paths.append(getattr(getattr(comp, "config", None), "_name_or_path", None))
+    out = []
+    for p in paths:
+        if isinstance(p, (str, os.PathLike)) and str(p) and Path(p).is_dir():
+            out.append(Path(p).resolve())
+    return out
+
+
+def _is_export(folder: Path) -> bool:
+    try:
+        return json.loads((folder / MANIFEST_NAME).read_text()).get("format", "").startswith("ice-lightning/")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_export_destination(pipeline, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse, before anything is written, a destination an export must not replace; returns it resolved.
+
+    Refused: the folder ``pipeline`` was loaded from (or one inside or around it), a file, a non-empty folder
+    that is not an earlier export of this package (unless ``overwrite``), a place that cannot be created."""
+    out = Path(out_dir).resolve()
+    for src in _source_folders(pipeline):
+        if out == src or src in out.parents or out in src.parents:
+            raise ValueError(
+                f"the export folder {out} is (or holds, or lies inside) the folder the pipeline was loaded from, "
+                f"{src}; an export never writes there. Choose another folder"
+            )
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"the export destination {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not _is_export(out) and not overwrite:
+        raise FileExistsError(
+            f"the export folder {out} is not empty and is not an earlier ice-lightning export; choose a new or "
+            "empty folder, or pass overwrite=True (--overwrite) to replace it"
+        )
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise PermissionError(f"the export folder {out} cannot be created under {existing}; choose another")
+    return out
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            h = hashlib.sha256()
+            with p.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            out[p.relative_to(folder).as_posix()] = h.hexdigest()
+    return out
+
+
+def _concept_states(pipeline, spec: ConceptSpec, spaces: set[str]) -> dict[str, Tensor]:
+    all_spaces = pipeline_spaces(pipeline)
+    return {s: all_spaces[s].token_states(spec.heldout_erase_prompts()) for s in spaces}
+
+
+def _residuals(pipeline, result: ErasureResult) -> dict[str, float]:
+    """The concept residual of ``result`` through the current layers (and, when known, through the weights
+    it started from)."""
+    states = _concept_states(pipeline, result.spec, set(result.layer_spaces.values()))
+    now = {n: (m.weight, m.bias) for n, m in result.modules().items()}
+    out = {"concept_residual": concept_residual(now, result.layer_spaces, states, result.operators)}
+    if not result.restored:
+        before = result.reference_weights()
+        out["concept_residual_before"] = concept_residual(before, result.layer_spaces, states, result.operators)
+    return out
 
 
 def save_erased(
@@ -60,37 +149,82 @@ def save_erased(
     results: Sequence[ErasureResult] | None = None,
     safe_serialization: bool = True,
     extra: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Save ``pipeline`` with ``save_pretrained`` and write the ICE manifest and model card.
+    """Save ``pipeline`` with ``save_pretrained``, its operators, the ICE manifest and a model card.
 
     Args:
         results: the erasures to record; default: every live erasure applied to ``pipeline``.
         extra: more JSON-ready entries for the manifest (the callback records its applications here).
+        overwrite: replace a non-empty ``out_dir`` that is not an earlier export (refused otherwise).
 
     Returns:
-        the output directory.
+        the output directory. Everything is written to a temporary sibling folder first and renamed into
+        place at the end, so an error or an interrupt leaves ``out_dir`` as it was.
     """
-    results = list(results if results is not None else edit_history(pipeline))
-    results = [r for r in results if not r.undone]
+    results = [r for r in (results if results is not None else edit_history(pipeline)) if not r.undone]
     if not results:
         raise ValueError("nothing was erased from this pipeline; call ice_lightning.erase(...) before save_erased")
-    out = Path(out_dir)
-    _check_writable(out)
-    pipeline.save_pretrained(out, safe_serialization=safe_serialization)
+    out = check_export_destination(pipeline, out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ice-export-", dir=out.parent))
+    try:
+        pipeline.save_pretrained(tmp, safe_serialization=safe_serialization)
+        _save_operators(tmp / OPERATORS_NAME, results)
+        manifest = _manifest(pipeline, results, extra)
+        _write_card(tmp, manifest)
+        manifest["files"] = _file_hashes(tmp)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _manifest(pipeline, results: list[ErasureResult], extra: dict | None) -> dict:
+    erasures = [{**r.to_manifest(), **_residuals(pipeline, r)} for r in results]
     layers = list(dict.fromkeys(n for r in results for n in r.layers))
-    manifest = {
+    return {
         "format": _FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "pipeline_class": type(pipeline).__name__,
-        "erasures": [r.to_manifest() for r in results],
+        "erasures": erasures,
         "erased_concepts": list(dict.fromkeys(c for r in results for c in r.spec.erase)),
         "versions": _versions(),
+        "operators_file": OPERATORS_NAME,
         "edited_tensors": {f"{n}.weight": tensor_sha256(_weight(pipeline, n)) for n in layers},
         **(extra or {}),
     }
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    _write_card(out, manifest)
-    return out
+
+
+def _save_operators(path: Path, results: list[ErasureResult]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, r in enumerate(results):
+        for space, op in r.operators.items():
+            tensors[f"{i}.{space}.U"] = op.U.detach().cpu().contiguous()
+            tensors[f"{i}.{space}.M"] = op.M.detach().cpu().contiguous()
+    save_file(tensors, str(path))
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (checked replaceable) is moved aside first and removed
+    only once the new one is in place."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.ice-replaced-", dir=out.parent))
+    os.replace(out, aside / out.name)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(aside / out.name, out)
+        raise
+    finally:
+        if out.exists():
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def _write_card(out: Path, manifest: dict) -> None:
@@ -116,29 +250,124 @@ def _write_card(out: Path, manifest: dict) -> None:
 
 
 def load_manifest(path: str | os.PathLike) -> dict:
-    """Read ``ice_manifest.json`` from an exported folder."""
+    """Read ``ice_manifest.json`` from an exported folder (checked against the manifest's schema)."""
     p = Path(path) / MANIFEST_NAME
     if not p.exists():
         raise FileNotFoundError(f"{p} not found: {path} was not exported with ice_lightning.save_erased")
-    return json.loads(p.read_text())
+    try:
+        manifest = json.loads(p.read_text())
+    except ValueError as err:
+        raise ExportVerificationError(f"{p} is not valid JSON ({err})") from err
+    _check_schema(manifest)
+    return manifest
 
 
-def verify_export(path: str | os.PathLike, pipeline=None) -> dict[str, bool]:
-    """Check the edited tensors of an exported model against the manifest hashes.
+def _need(cond: bool, field: str, what: str) -> None:
+    if not cond:
+        raise ExportVerificationError(f"malformed manifest: field {field!r} {what}; re-export the model")
 
-    Loads the pipeline from ``path`` with ``from_pretrained`` unless one is given.
-    Returns ``{tensor: matches}``; raises ``ValueError`` if any hash differs.
+
+def _is_digest(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def _check_schema(m) -> None:
+    _need(isinstance(m, dict), "(top level)", f"must be an object, got {type(m).__name__}")
+    _need(m.get("format") == _FORMAT, "format", f"must be {_FORMAT!r}, got {m.get('format')!r}")
+    _need(isinstance(m.get("pipeline_class"), str), "pipeline_class", "must be a string")
+    _need(isinstance(m.get("erasures"), list) and len(m["erasures"]) > 0, "erasures", "must be a non-empty list")
+    for i, e in enumerate(m["erasures"]):
+        f = f"erasures[{i}]"
+        _need(isinstance(e, dict), f, "must be an object")
+        _need(isinstance(e.get("concepts"), dict) and isinstance(e["concepts"].get("erase"), list),
+              f"{f}.concepts", "must be an object with an 'erase' list")  # fmt: skip
+        _need(isinstance(e.get("layers"), list) and all(isinstance(n, str) for n in e["layers"]) and e["layers"],
+              f"{f}.layers", "must be a non-empty list of layer names")  # fmt: skip
+        spaces = e.get("layer_spaces")
+        _need(isinstance(spaces, dict) and set(spaces) == set(e["layers"]), f"{f}.layer_spaces",
+              "must map every edited layer to its embedding space")  # fmt: skip
+        _need(isinstance(e.get("concept_residual"), (int, float)), f"{f}.concept_residual", "must be a number")
+    for field in ("edited_tensors", "files"):
+        v = m.get(field)
+        _need(isinstance(v, dict) and v and all(isinstance(k, str) and _is_digest(d) for k, d in v.items()),
+              field, "must map names to sha256 hex digests")  # fmt: skip
+    named = {f"{n}.weight" for e in m["erasures"] for n in e["layers"]}
+    _need(set(m["edited_tensors"]) == named, "edited_tensors",
+          f"must list exactly the layers the erasures name ({len(named)}), got {len(m['edited_tensors'])}")  # fmt: skip
+
+
+def verify_export(path: str | os.PathLike, pipeline=None, check_erasure: bool = True) -> dict[str, bool]:
+    """Check an export against its manifest; raise :class:`ExportVerificationError` at the first mismatch.
+
+    1. the manifest's schema, and that its edited tensors are exactly the layers its erasures name;
+    2. the sha256 of every file of the export (weights, configs, tokenizer, operators), none missing and none
+       added;
+    3. the sha256 of every edited tensor as loaded (``from_pretrained`` unless ``pipeline`` is given);
+    4. with ``check_erasure``: each erasure's concept residual, recomputed through the shipped layers with the
+       stored operators and the shipped text encoder, equals the recorded one and is below the residual
+       before the edit: the erasure is present, not only the bytes.
+
+    Returns ``{check: True}`` for every check that ran.
     """
-    manifest = load_manifest(path)
+    folder = Path(path)
+    manifest = load_manifest(folder)
+    files = _file_hashes(folder)
+    missing = sorted(set(manifest["files"]) - set(files))
+    added = sorted(set(files) - set(manifest["files"]))
+    changed = sorted(k for k in set(files) & set(manifest["files"]) if files[k] != manifest["files"][k])
+    if missing or added or changed:
+        raise ExportVerificationError(
+            f"the files of {folder} do not match the manifest: changed {changed[:5]}, missing {missing[:5]}, "
+            f"added {added[:5]}"
+        )
+    checks = {f"file:{k}": True for k in files}
     if pipeline is None:
         from .pipelines import load_pipeline_folder
 
-        pipeline = load_pipeline_folder(str(path))
-    checks = {
-        key: tensor_sha256(_weight(pipeline, key.removesuffix(".weight"))) == digest
-        for key, digest in manifest["edited_tensors"].items()
-    }
-    bad = [k for k, ok in checks.items() if not ok]
+        pipeline = load_pipeline_folder(str(folder))
+    bad = [k for k, d in manifest["edited_tensors"].items()
+           if tensor_sha256(_weight(pipeline, k.removesuffix(".weight"))) != d]  # fmt: skip
     if bad:
-        raise ValueError(f"{len(bad)} edited tensor(s) do not match the manifest, e.g. {bad[:3]}")
+        raise ExportVerificationError(f"{len(bad)} edited tensor(s) do not match the manifest, e.g. {bad[:3]}")
+    checks.update({k: True for k in manifest["edited_tensors"]})
+    if check_erasure:
+        operators = _load_operators(folder / manifest.get("operators_file", OPERATORS_NAME), manifest)
+        for i, e in enumerate(manifest["erasures"]):
+            _check_erasure_present(pipeline, i, e, operators[i])
+            checks[f"erasure:{i}"] = True
     return checks
+
+
+def _load_operators(path: Path, manifest: dict) -> list[dict[str, DissociationOperator]]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    out = []
+    for i, e in enumerate(manifest["erasures"]):
+        ops = {}
+        for space in set(e["layer_spaces"].values()):
+            U, M = tensors.get(f"{i}.{space}.U"), tensors.get(f"{i}.{space}.M")
+            if U is None or M is None:
+                raise ExportVerificationError(f"{path.name} has no operator for erasures[{i}], space {space!r}")
+            ops[space] = DissociationOperator(U.to(torch.float64), M.to(torch.float64), e.get("method", "ice"), {})
+        out.append(ops)
+    return out
+
+
+def _check_erasure_present(pipeline, i: int, e: dict, operators: dict[str, DissociationOperator]) -> None:
+    concepts = {k: v for k, v in e["concepts"].items() if k in ConceptSpec.__dataclass_fields__}
+    spec = ConceptSpec(**concepts)
+    states = _concept_states(pipeline, spec, set(e["layer_spaces"].values()))
+    mods = {n: resolve_layer(pipeline, n) for n in e["layers"]}
+    now = concept_residual({n: (m.weight, m.bias) for n, m in mods.items()}, e["layer_spaces"], states, operators)
+    recorded, before = e["concept_residual"], e.get("concept_residual_before")
+    if abs(now - recorded) > _RESIDUAL_ATOL + _RESIDUAL_RTOL * abs(recorded):
+        raise ExportVerificationError(
+            f"erasure {i} ({spec.erase}): the shipped layers respond along the erased directions with residual "
+            f"{now:.6g}, but the export recorded {recorded:.6g}: these are not the erased weights"
+        )
+    if before is not None and not recorded < before:
+        raise ExportVerificationError(
+            f"erasure {i} ({spec.erase}): the recorded residual {recorded:.6g} is not below the one before the "
+            f"edit ({before:.6g}): the manifest does not describe an erasure"
+        )

@@ -31,7 +31,7 @@ from .editing import LayerEdit, apply_edits, undo_edits
 from .encoders import EmbeddingSpace
 from .families import default_embedding_spaces, lookup_family
 from .layers import NoTextConditioningLayerError, TextConditioningLayers
-from .solver import METHODS, DissociationOperator, build_operator
+from .solver import METHODS, DissociationOperator, build_operator, check_hparams
 
 __all__ = [
     "Method",
@@ -208,6 +208,7 @@ class ErasurePlan:
         t0 = time.perf_counter()
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        check_hparams(method, dict(hparams or {}))
         self.spec, self.method, self.hparams = spec, method, dict(hparams or {})
         self.targets = text_conditioning_layers(pipeline, verify=verify, layers=layers)
         self.spaces = pipeline_spaces(pipeline)
@@ -238,6 +239,8 @@ class ErasurePlan:
         if self._states is None:
             t0 = time.perf_counter()
             spec = self.spec
+            for s in set(self.layer_spaces.values()):
+                self.spaces[s].check_concept_tokens(spec.erase_prompts())
             self._states = {
                 s: ConceptStates(
                     _collect(self.spaces[s], spec.erase_prompts(), spec.include_eot, "erase"),
@@ -274,12 +277,17 @@ class ErasurePlan:
         if missing:
             raise ValueError(f"no operator for space(s) {missing}; solve the plan first")
         t0 = time.perf_counter()
-        edits = apply_edits([(n, t.module, operators[t.space]) for n, t in self.targets.items()], bases=bases)
-        timings = {**self.timings, "apply_s": time.perf_counter() - t0}
-        timings["total_s"] = sum(v for k, v in timings.items() if k.endswith("_s") and k != "total_s")
-        result = ErasureResult(self, operators, edits, timings)
-        if record:
-            _HISTORY.setdefault(self._history_key, []).append(result)
+        result = ErasureResult(self, operators, [], dict(self.timings))
+        history = _HISTORY.setdefault(self._history_key, []) if record else []
+        history.append(result)  # before the first write: an interrupt after the last one still finds the edit
+        try:
+            apply_edits([(n, t.module, operators[t.space]) for n, t in self.targets.items()], bases=bases,
+                        into=result.edits)  # fmt: skip
+        except BaseException:
+            history.remove(result)  # apply_edits rolled every layer back (or raised naming those it could not)
+            raise
+        result.timings["apply_s"] = time.perf_counter() - t0
+        result.timings["total_s"] = sum(v for k, v in result.timings.items() if k != "total_s")
         return result
 
     def restore(self, operators: dict[str, DissociationOperator]) -> ErasureResult:
@@ -374,6 +382,7 @@ class ErasureResult:
             "method": self.method,
             "hparams": self.hparams,
             "layers": self.layers,
+            "layer_spaces": self.layer_spaces,
             "operators": {s: {"dim": op.dim, "rank": op.rank} for s, op in self.operators.items()},
             "timings": self.timings,
             **({"restored_from_checkpoint": True} if self.restored else {}),

@@ -39,6 +39,7 @@ __all__ = [
     "LeakageRate",
     "TextSpaceProbe",
     "layer_outputs",
+    "concept_residual",
     "erasure_metrics",
     "compare_pipelines",
 ]
@@ -141,20 +142,11 @@ class TextSpaceProbe:
 
     @torch.no_grad()
     def concept_residual(self, operators: dict[str, DissociationOperator]) -> float:
-        """Mean ``||K(D c) - b|| / ||K(c)||`` over held-out concept tokens: how much the *current* layers still
-        respond along the erased directions. Unlike ``erasure`` it ignores unrelated weight drift, so it
-        tells whether fine-tuning re-learned the concept (about ``erasure`` before the edit, ~0 after)."""
-        metric = RelativeOutputChange()
-        for module, space in self.layers.values():
-            op = operators[space]
-            x = self._states("erasure", space)
-            if not x.shape[0]:
-                continue
-            xd = ((x.to(op.U.device) @ op.U) @ op.M.T) @ op.U.T  # rows of (D x)^T
-            full = layer_outputs(module.weight, module.bias, x)
-            along = layer_outputs(module.weight, None, xd)
-            metric.update(full, full + along)  # ||along|| / ||full||
-        return float(metric.compute())
+        """:func:`concept_residual` of the current layers on the spec's held-out concept prompts."""
+        weights = {n: (m.weight, m.bias) for n, (m, _) in self.layers.items()}
+        spaces = {n: s for n, (_, s) in self.layers.items()}
+        return concept_residual(weights, spaces, {s: self._states("erasure", s) for s in set(spaces.values())},
+                                operators)  # fmt: skip
 
     @torch.no_grad()
     def compute(self, operators: dict[str, DissociationOperator] | None = None) -> dict[str, float]:
@@ -180,6 +172,29 @@ class TextSpaceProbe:
 
     def load_state_dict(self, state: dict) -> None:
         self.reference = state["reference"]
+
+
+@torch.no_grad()
+def concept_residual(
+    weights: dict[str, tuple[Tensor, Tensor | None]],
+    layer_spaces: dict[str, str],
+    states: dict[str, Tensor],
+    operators: dict[str, DissociationOperator],
+) -> float:
+    """Mean ``||W D c|| / ||W c + b||`` over the concept states ``c`` of each layer's space: how much layers with
+    ``weights`` (``{name: (W, b)}``) still respond along the erased directions. Unlike ``erasure`` it ignores
+    unrelated weight drift, so it tells whether fine-tuning re-learned the concept; it drops when the edit is
+    applied (``W (I - D) D`` is small where ``D`` is near a projection) and stays near its pre-edit value if
+    the edit is missing."""
+    metric = RelativeOutputChange()
+    for name, (W, b) in weights.items():
+        op, x = operators[layer_spaces[name]], states[layer_spaces[name]]
+        if not x.shape[0]:
+            continue
+        xd = ((x.to(op.U.device) @ op.U) @ op.M.T) @ op.U.T  # rows of (D x)^T
+        full = layer_outputs(W, b, x)
+        metric.update(full, full + layer_outputs(W, None, xd))  # ||along|| / ||full||
+    return float(metric.compute())
 
 
 def erasure_metrics(result: ErasureResult) -> dict[str, float]:

@@ -47,6 +47,7 @@ __all__ = [
     "uce_operator",
     "uce_dense_edit",
     "build_operator",
+    "check_hparams",
     "METHODS",
 ]
 
@@ -105,16 +106,60 @@ class ICEHyperParams:
             raise ValueError(f"unknown objective {self.objective!r}; use 'weighted' or 'frobenius'")
         if not (self.erase_expansion > 0 and self.preserve_expansion > 0):
             raise ValueError("erase_expansion and preserve_expansion must be > 0 (use math.inf for a hard projector)")
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
-        if not self.mu > 0:
-            raise ValueError(f"mu must be > 0 so that J is strongly convex, got {self.mu}")
+        _in_range("lam", self.lam, 0.0, _MAX_WEIGHT, "the overlap weight")
+        _in_range("mu", self.mu, 0.0, _MAX_WEIGHT, "the ridge weight; > 0 keeps J strongly convex", low_open=True)
+        _in_range("rank_tol", self.rank_tol, 0.0, 1.0, "relative singular-value cut-off", low_open=True,
+                  high_open=True)  # fmt: skip
         if self.overlap not in ("angles", "energy", "parallel_sum", "anderson_duffin", "none"):
             raise ValueError(
                 f"unknown overlap {self.overlap!r}; use 'angles', 'parallel_sum', 'anderson_duffin' or 'none'"
             )
         if self.overlap_threshold is not None and not 0 < self.overlap_threshold <= 1:
             raise ValueError(f"overlap_threshold must lie in (0, 1], got {self.overlap_threshold}")
+
+
+#: Above this, lam or mu swamp every other term of J in float64 and the edit silently vanishes.
+_MAX_WEIGHT = 1e6
+
+
+def _in_range(name: str, value, low: float, high: float, what: str, low_open: bool = False,
+              high_open: bool = False) -> None:  # fmt: skip
+    """Refuse a hyperparameter outside ``[low, high]`` (or the open ends), NaN and inf included."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} ({what}) must lie in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+
+
+def check_hparams(method: str, hparams: dict) -> None:
+    """Validate the solver hyperparameters of ``method`` before anything is computed; errors name the valid
+    names or range."""
+    if method == "ice":
+        try:
+            ICEHyperParams(**hparams)
+        except TypeError as err:
+            names = sorted(ICEHyperParams.__dataclass_fields__)
+            raise ValueError(f"unknown ICE hyperparameter(s) in {sorted(hparams)}; choose from {names}") from err
+        return
+    allowed = {"cure": {"erase_expansion", "preserve_expansion", "rank_tol"},
+               "projection": {"energy_kept", "rank_tol"}, "uce": {"lam", "preserve_scale"}}.get(method)  # fmt: skip
+    if allowed is None:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    unknown = sorted(set(hparams) - allowed)
+    if unknown:
+        raise ValueError(f"unknown {method} hyperparameter(s) {unknown}; choose from {sorted(allowed)}")
+    for key in ("erase_expansion", "preserve_expansion"):
+        if key in hparams and not (isinstance(hparams[key], (int, float)) and hparams[key] > 0):
+            raise ValueError(f"{key} must be > 0 (math.inf for a hard projector), got {hparams[key]!r}")
+    if "rank_tol" in hparams:
+        _in_range("rank_tol", hparams["rank_tol"], 0.0, 1.0, "relative singular-value cut-off", True, True)
+    if "energy_kept" in hparams:
+        _in_range("energy_kept", hparams["energy_kept"], 0.0, 1.0, "share of the erase energy kept", low_open=True)
+    if "lam" in hparams:
+        _in_range("lam", hparams["lam"], 0.0, _MAX_WEIGHT, "UCE's ridge weight", low_open=True)
+    if "preserve_scale" in hparams:
+        _in_range("preserve_scale", hparams["preserve_scale"], 0.0, _MAX_WEIGHT, "UCE's preserve weight")
 
 
 def expansion(r: Tensor, a: float) -> Tensor:

@@ -16,10 +16,9 @@ attribute, or the module itself when it holds the components (``unet`` or ``tran
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -29,10 +28,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..core.concepts import ConceptSpec, Family
-from ..core.export import save_erased, tensor_sha256
+from ..core.editing import tensor_sha256
+from ..core.export import check_export_destination, save_erased
 from ..core.plan import DENOISER_COMPONENTS, ErasurePlan, Method
 from ..core.probe import TextSpaceProbe
-from ..core.solver import DissociationOperator
+from ..core.solver import DissociationOperator, check_hparams
 from .filters import CaptionFilter, drop_rows
 
 __all__ = ["ICECallback", "ICEState", "find_pipeline"]
@@ -70,6 +70,7 @@ class ICEState:
         layer_spaces: ``{edited layer: embedding space}``.
         probe: the metric references (the model's outputs before the first edit).
         dropped_samples: training samples removed by the caption filter.
+        spec_fingerprint: sha256 of the concept spec, method and hyperparameters the operators were made from.
         resumed: set when loaded from a checkpoint that holds an erasure: its weights are already erased, so
             nothing is applied again; cleared once the fit has caught up. Not saved.
     """
@@ -80,6 +81,7 @@ class ICEState:
     layer_spaces: dict[str, str] = field(default_factory=dict)
     probe: dict | None = None
     dropped_samples: int = 0
+    spec_fingerprint: str = ""
     resumed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,14 +91,15 @@ class ICEState:
                    for s, o in self.operators.items()}  # fmt: skip
         return {"applications": self.applications, "last_epoch_applied": self.last_epoch_applied,
                 "operators": ops, "layer_spaces": self.layer_spaces, "probe": self.probe,
-                "dropped_samples": self.dropped_samples}  # fmt: skip
+                "dropped_samples": self.dropped_samples, "spec_fingerprint": self.spec_fingerprint}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ICEState:
         ops = d["operators"]
         operators = None if ops is None else {s: DissociationOperator(**o) for s, o in ops.items()}
         return cls(list(d["applications"]), d["last_epoch_applied"], operators, dict(d["layer_spaces"]), d["probe"],
-                   d.get("dropped_samples", 0), resumed=operators is not None)  # fmt: skip
+                   d.get("dropped_samples", 0), d.get("spec_fingerprint", ""),
+                   resumed=operators is not None)  # fmt: skip
 
 
 class ICECallback(Callback):
@@ -108,7 +111,8 @@ class ICECallback(Callback):
         spec: a ready :class:`~ice_lightning.core.concepts.ConceptSpec` instead of the keywords above.
         method: ``"ice"`` or a baseline (``"cure"``, ``"uce"``, ``"projection"``).
         hparams: solver hyperparameters (``ICEHyperParams`` fields for ICE).
-        at_setup: erase when fitting starts (at ``setup`` if the model is built, else ``on_fit_start``).
+        at_setup: erase when fitting starts (``on_fit_start``: after a checkpoint is restored, so a resumed run
+            never edits weights the restore then overwrites). Recorded with the reason ``"setup"``.
         every_n_epochs: re-apply after every N training epochs (``None``: never); see :meth:`should_apply`.
         reapply_at: ``"train_epoch_end"`` or ``"validation_start"`` (that epoch's validation then sees the
             erased model; needs a validation loop, and applies once per epoch).
@@ -128,6 +132,8 @@ class ICECallback(Callback):
             tensor and list of the batch's length are dropped, and a batch left empty reaches
             ``training_step`` empty (``ICEModule`` then skips the step).
         caption_key: the batch key that holds the captions (for ``drop_concept_samples``).
+        overwrite_export: let the export replace a non-empty ``export_dir`` that is not an earlier export
+            (refused before training otherwise).
 
     The operator is computed once per embedding space (the text encoder is frozen) and reused. A
     re-application edits only what changed since the last application, ``W <- W - (W - W_last) D``: with no
@@ -158,6 +164,7 @@ class ICECallback(Callback):
         drop_concept_samples: bool = False,
         caption_key: str = "captions",
         spec: ConceptSpec | None = None,
+        overwrite_export: bool = False,
     ) -> None:
         super().__init__()
         if spec is not None and erase is not None:
@@ -166,23 +173,30 @@ class ICECallback(Callback):
             erase=erase if erase is not None else [], preserve=preserve, family=family, synonyms=synonyms or {},
             anchor=anchor, templates=templates, include_eot=include_eot,
         )  # fmt: skip
-        if every_n_epochs is not None and (isinstance(every_n_epochs, bool) or every_n_epochs < 1):
-            raise ValueError(f"every_n_epochs must be >= 1 or None, got {every_n_epochs}")
+        if every_n_epochs is not None and (not isinstance(every_n_epochs, int) or isinstance(every_n_epochs, bool)
+                                           or every_n_epochs < 1):  # fmt: skip
+            raise ValueError(f"every_n_epochs must be a whole number >= 1 or None, got {every_n_epochs!r}")
+        check_hparams(method, dict(hparams or {}))
         if reapply_at not in ("train_epoch_end", "validation_start"):
             raise ValueError(f"reapply_at must be 'train_epoch_end' or 'validation_start', got {reapply_at!r}")
         self.method, self.hparams = method, dict(hparams or {})
         self.at_setup, self.every_n_epochs, self.reapply_at = at_setup, every_n_epochs, reapply_at
-        self.at_fit_end, self.export_dir = at_fit_end, export_dir
+        self.at_fit_end, self.export_dir, self.overwrite_export = at_fit_end, export_dir, overwrite_export
         self.layers, self.verify, self.log_metrics = layers, verify, log_metrics
         self.drop_concept_samples = drop_concept_samples
         self.caption_filter = CaptionFilter.from_spec(self.spec, caption_key) if drop_concept_samples else None
-        self.state = ICEState()
+        self.state = ICEState(spec_fingerprint=self.spec_fingerprint())
         self._plan: ErasurePlan | None = None
         self._probe: TextSpaceProbe | None = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(erase=self.spec.erase, family=self.spec.family, method=self.method)
+
+    def spec_fingerprint(self) -> str:
+        """sha256 of what defines the operators: the concept spec, the method and the hyperparameters."""
+        what = {"spec": self.spec.to_dict(), "method": self.method, "hparams": self.hparams}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
     @property
     def applications(self) -> list[dict[str, Any]]:
@@ -225,12 +239,16 @@ class ICECallback(Callback):
                 f"ICECallback does not support {type(trainer.strategy).__name__} yet: the edit needs the full, "
                 "unsharded weights of the text-conditioning layers on every rank. Use a single device or DDP"
             )
-        self._check_export_dir()
         pipe = self._pipeline_or_none(pl_module)
-        if self.export_dir is not None and pipe is not None and not hasattr(pipe, "save_pretrained"):
-            raise ValueError("export_dir needs a diffusers pipeline (with save_pretrained) on the module")
-        if self.at_setup and trainer.ckpt_path is None and pipe is not None:
-            self.apply(trainer, pl_module, "setup")
+        if self.export_dir is not None:
+            if pipe is None:
+                self.get_pipeline(pl_module)  # raises the protocol error, naming how to expose the pipeline
+            if not hasattr(pipe, "save_pretrained"):
+                raise ValueError(
+                    f"export_dir needs a diffusers pipeline (with save_pretrained); get_pipeline() found a "
+                    f"{type(pipe).__name__}: expose the pipeline as `self.pipeline` or override get_pipeline()"
+                )
+            check_export_destination(pipe, self.export_dir, self.overwrite_export)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pipe = self.get_pipeline(pl_module)  # raises the protocol error if the module exposes none
@@ -243,7 +261,8 @@ class ICECallback(Callback):
             if due > self.state.last_epoch_applied:  # an application was due before the checkpoint: catch up
                 self.apply(trainer, pl_module, f"resume catch-up (epoch {due})", epoch=due)
         elif self.at_setup and self.state.operators is None:
-            self.apply(trainer, pl_module, "fit_start")
+            # Here, not in setup: a checkpoint is restored after setup, so an edit there would be overwritten.
+            self.apply(trainer, pl_module, "setup")
         elif self._plan is not None:  # weights may have been synced or moved since setup: measure from here
             self._remember_weights()
 
@@ -269,7 +288,7 @@ class ICECallback(Callback):
             if trainer.is_global_zero:
                 every = {c.state_key: c.summary() for c in trainer.callbacks if isinstance(c, ICECallback)}
                 extra = {"ice_callback": self.summary(), "ice_callbacks": every}
-                save_erased(self.get_pipeline(pl_module), self.export_dir, extra=extra)
+                save_erased(self.get_pipeline(pl_module), self.export_dir, extra=extra, overwrite=self.overwrite_export)
                 rank_zero_info(f"ICECallback: exported the erased model to {self.export_dir}")
             trainer.strategy.barrier("ice_export")
 
@@ -358,17 +377,6 @@ class ICECallback(Callback):
         except AttributeError:
             return None
 
-    def _check_export_dir(self) -> None:
-        if self.export_dir is None:
-            return
-        path = Path(self.export_dir)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise PermissionError(f"ICECallback export_dir {path} cannot be created ({err}); choose another") from err
-        if not os.access(path, os.W_OK):
-            raise PermissionError(f"ICECallback export_dir {path} is not writable; choose another before training")
-
     # -- state -----------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """What was applied and when (goes into the export manifest)."""
@@ -385,6 +393,25 @@ class ICECallback(Callback):
             self.state.probe = self._probe.state_dict()
         return self.state.to_dict()
 
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Refuse, before any training, a checkpoint whose weights hold an erasure no callback of this run
+        continues: the export's manifest would not describe them."""
+        ours = {c.state_key for c in trainer.callbacks if isinstance(c, ICECallback)}
+        foreign = [k for k in checkpoint.get("callbacks", {}) if k.startswith("ICECallback") and k not in ours]
+        if foreign:
+            raise ValueError(
+                f"the checkpoint holds the erasure of {foreign}, which no ICECallback of this run continues (this "
+                f"run has {sorted(ours)}): resume with the same concepts, family and method, or start a new run "
+                "from the exported model"
+            )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.state = ICEState.from_dict(state_dict)
+        state = ICEState.from_dict(state_dict)
+        if state.spec_fingerprint and state.spec_fingerprint != self.spec_fingerprint():
+            raise ValueError(
+                "the checkpoint's ICECallback state was made from another concept spec, method or hyperparameters "
+                f"than this callback's ({self.spec.erase}, {self.method}): its weights hold that erasure. Resume "
+                "with the same settings, or start a new run from the exported model"
+            )
+        self.state = state
         self._plan, self._probe = None, None

@@ -3,6 +3,7 @@
 - ``ice-lightning erase --pipeline DIR --erase "Van Gogh" --family style --out DIR`` (or ``--config
   erase.yaml``) loads a diffusers pipeline with ``from_pretrained``, erases the concepts, exports the
   erased model with its manifest and prints a before/after table of the text-space metrics.
+- ``ice-lightning verify DIR`` checks an export against its manifest (``verify_export``, erasure check on).
 - ``ice-lightning fit|validate|test --config train.yaml`` is a ``LightningCLI`` over :class:`ICEModule` and
   any ``LightningDataModule``; add :class:`ICECallback` under ``trainer.callbacks``.
 
@@ -20,14 +21,15 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.cli import LightningCLI
 
 from ..core.concepts import FAMILIES
-from ..core.export import save_erased
+from ..core.export import check_export_destination, save_erased, verify_export
 from ..core.solver import METHODS, ICEHyperParams, Objective, OverlapKind
 
 __all__ = ["main", "build_erase_parser", "format_table", "ICELightningCLI"]
 
-_USAGE = """usage: ice-lightning {erase,fit,validate,test} ...
+_USAGE = """usage: ice-lightning {erase,verify,fit,validate,test} ...
 
   erase      one-shot erase and export of a diffusers pipeline (ice-lightning erase --help)
+  verify     check an export against its manifest: files, edited tensors, erasure present
   fit        fine-tune with LightningCLI (ice-lightning fit --config configs/tiny_t2i.yaml)
   validate   run the validation loop (the text-space metrics of docs/method.md)
   test       run the test loop
@@ -60,7 +62,10 @@ def build_erase_parser() -> ArgumentParser:
     er.add_argument("--objective", default=defaults.objective, choices=list(get_args(Objective)),
                     help="ICE objective: energy-weighted or plain Frobenius")  # fmt: skip
     er.add_argument("--device", default="cpu", help="device to run the text encoder and the edit on")
-    er.add_argument("--out", required=True, help="output folder for the erased pipeline")
+    er.add_argument("--out", required=True, help="output folder for the erased pipeline (new, empty, or an earlier "
+                    "export; never the folder the pipeline was loaded from)")  # fmt: skip
+    er.add_argument("--overwrite", action="store_true",
+                    help="replace a non-empty --out folder that is not an earlier export")  # fmt: skip
     er.add_argument("--samples", type=int, default=8,
                     help="shapes world: samples per prompt for the before/after detection rates")  # fmt: skip
     er.add_argument("--seed", type=int, default=0, help="shapes world: seed of the samples")
@@ -89,6 +94,7 @@ def _run_erase(cfg) -> int:
     from ..core.probe import erasure_metrics
 
     pipe = load_pipeline(cfg.pipeline).to(cfg.device)
+    check_export_destination(pipe, cfg.out, cfg.overwrite)  # before any work: a refused --out costs nothing
     hparams = {}
     if cfg.method == "ice":
         hparams = {
@@ -113,7 +119,7 @@ def _run_erase(cfg) -> int:
         method=cfg.method,
         **hparams,
     )
-    out = save_erased(pipe, cfg.out)
+    out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite)
     print(
         f"erased {result.spec.erase} ({cfg.method}) from {len(result.layers)} layers "
         f"in {result.timings['total_s']:.2f} s; operator ranks "
@@ -121,6 +127,25 @@ def _run_erase(cfg) -> int:
     )
     print(format_table(erasure_metrics(result)))
     print(f"saved to {out}")
+    return 0
+
+
+def build_verify_parser() -> ArgumentParser:
+    """Parser of ``ice-lightning verify``."""
+    vp = ArgumentParser(prog="ice-lightning verify", description="Check an erased export against its manifest.")
+    vp.add_argument("path", help="the exported folder (with ice_manifest.json)")
+    vp.add_argument("--no-check-erasure", dest="check_erasure", action="store_false",
+                    help="only check hashes; skip recomputing each erasure through the shipped layers")  # fmt: skip
+    return vp
+
+
+def _run_verify(cfg) -> int:
+    checks = verify_export(cfg.path, check_erasure=cfg.check_erasure)
+    files = sum(k.startswith("file:") for k in checks)
+    tensors = sum(k.endswith(".weight") for k in checks)
+    erasures = sum(k.startswith("erasure:") for k in checks)
+    print(f"verified {cfg.path}: {files} files and {tensors} edited tensors match the manifest"
+          + (f"; {erasures} erasure(s) present in the shipped layers" if cfg.check_erasure else ""))  # fmt: skip
     return 0
 
 
@@ -146,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else 2
     if args[0] == "erase":
         return _run_erase(build_erase_parser().parse_args(args[1:]))
+    if args[0] == "verify":
+        return _run_verify(build_verify_parser().parse_args(args[1:]))
     if args[0] not in ("fit", "validate", "test", "predict"):
         print(f"ice-lightning: unknown command {args[0]!r}\n\n{_USAGE}", file=sys.stderr)
         return 2

@@ -401,7 +401,7 @@ def erase_report(pipe, cfg, hparams: dict) -> int:
     scores = [{k: score(x, prompts, concept) for k, (prompts, x) in d.items()} for d in (before, after)]
     print(f"guide concept (anchor): {spec.anchor!r}")
     print(format_report(concept, *scores))
-    out = save_erased(pipe, cfg.out)
+    out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite)
     prompts, x0 = before["seen"]
     grid = save_grid(grid_rows(prompts, x0, after["seen"][1], concept), cfg.grid or Path(out) / "before_after.png")
     print(f"saved to {out}; before/after grid: {grid}")

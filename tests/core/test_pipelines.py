@@ -9,7 +9,8 @@ from diffusers import DiffusionPipeline
 from helpers import changed, snapshot
 
 import ice_lightning
-from ice_lightning.core.export import MANIFEST_NAME, tensor_sha256, verify_export
+from ice_lightning.core.editing import tensor_sha256
+from ice_lightning.core.export import MANIFEST_NAME, verify_export
 from ice_lightning.evaluation.metrics import relative_change
 
 # What ICE_METHOD.md section 4 says each model reads, written independently of the library's rule table:

@@ -231,7 +231,7 @@ def test_clear_errors_before_training(tmp_path):
     blocker.write_text("not a folder")
     bad = ICECallback(**STYLE, export_dir=str(blocker / "erased"))
     trainer = _trainer(tmp_path, [bad], epochs=1)
-    with pytest.raises(PermissionError, match="export_dir .* cannot be created"):
+    with pytest.raises(PermissionError, match="export folder .* cannot be created"):
         trainer.fit(ICEModule("tiny:sd"), datamodule=_data(False))
     assert trainer.global_step == 0  # refused before the first step
 
