@@ -73,8 +73,13 @@ class LayerEdit:
                 flat.copy_(self.fix_values.to(flat.device))
             else:
                 flat[self.fix_index.to(flat.device)] = self.fix_values.to(flat.device)
-        with torch.no_grad():
-            w.copy_(restored)
+        _write(w, restored)
+
+
+def _write(weight: Tensor, value: Tensor) -> None:
+    """The one place a weight is written (in place: dtype, device and the Parameter object are kept)."""
+    with torch.no_grad():
+        weight.copy_(value)
 
 
 def _factors(name: str, module: nn.Linear, op: DissociationOperator, base: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -155,8 +160,7 @@ def apply_edits(
                 vals = w.detach().reshape(-1)[idx].clone()
             edit = LayerEdit(name, module, L, R, idx, vals, tensor_sha256(new), fused)
             inflight = (edit, new)
-            with torch.no_grad():
-                w.copy_(new)
+            _write(w, new)
             edits.append(edit)
             inflight = None
     except BaseException as err:

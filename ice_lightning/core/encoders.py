@@ -265,8 +265,9 @@ class EmbeddingSpace:
                         "an unknown word. Name the concept in words the tokenizer knows"
                     )
                 if pos and int(enc["offset_mapping"][i][pos[-1]][1]) < p.span[1]:
+                    short = name if len(name) <= 40 else name[:40] + "..."
                     raise ValueError(
-                        f"concept {name!r} is cut off by the maximum length of {type(tokenizer).__name__} "
+                        f"concept {short!r} is cut off by the maximum length of {type(tokenizer).__name__} "
                         f"({max_length} tokens) in {p.text[:60]!r}...: shorten the concept or the templates"
                     )
 

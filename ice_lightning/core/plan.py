@@ -284,8 +284,9 @@ class ErasurePlan:
             apply_edits([(n, t.module, operators[t.space]) for n, t in self.targets.items()], bases=bases,
                         into=result.edits)  # fmt: skip
         except BaseException:
-            history.remove(result)  # apply_edits rolled every layer back (or raised naming those it could not)
-            raise
+            if not result.edits:  # rolled back (or the error names the layers it could not restore)
+                history.remove(result)
+            raise  # an interrupt after the last write keeps the result in the history: it can be undone
         result.timings["apply_s"] = time.perf_counter() - t0
         result.timings["total_s"] = sum(v for k, v in result.timings.items() if k != "total_s")
         return result

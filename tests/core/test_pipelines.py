@@ -102,11 +102,23 @@ def test_erase_undo_export_roundtrip(kind, load_pipeline, tmp_path):
 def test_undo_refuses_after_training_moved_the_weights(load_pipeline):
     pipe = load_pipeline("sd")
     result = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style")
-    layer = next(iter(result.modules().values()))
+    last = list(result.modules().values())[-1]  # the last layer: the other layers are checked before any revert
+    as_edited = last.weight.detach().clone()
     with torch.no_grad():
-        layer.weight.add_(1e-3)
-    with pytest.raises(RuntimeError, match="changed since it was edited"):
+        last.weight.add_(1e-3)
+    edited = snapshot(pipe)
+    with pytest.raises(RuntimeError, match=r"changed since they were edited .* so nothing was reverted"):
         result.undo()
+    assert changed(edited, pipe) == set()  # all or none: no layer was reverted
+    with torch.no_grad():
+        last.weight.copy_(as_edited)
+        w = last.weight.view(-1)
+        w[[0, 1]] = w[[1, 0]].clone()  # a swap keeps sum and norm; the exact hash still sees it
+    with pytest.raises(RuntimeError, match="changed since they were edited"):
+        result.undo()
+    with torch.no_grad():
+        w[[0, 1]] = w[[1, 0]].clone()
+    result.undo()  # exactly as the edit left it again: the undo goes through
 
 
 def test_two_erasures_undo_in_reverse_order(load_pipeline):

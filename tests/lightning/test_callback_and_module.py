@@ -459,3 +459,52 @@ def test_two_callbacks_with_own_concepts_and_schedules_fit_checkpoint_resume_and
     for n in layers:
         a, b = shipped.unet.get_submodule(n).weight, expected.unet.get_submodule(n).weight
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_other_concepts_is_refused_before_training_and_nothing_is_edited_before_the_restore(
+    tmp_path, monkeypatch
+):
+    def run(root, spec_kw, ckpt=None, epochs=2):
+        seed_everything(0)
+        module = ICEModule("tiny:sd", learning_rate=1e-3, cfg_dropout=0.0)
+        ice = ICECallback(**spec_kw, every_n_epochs=1)
+        ckpts = ModelCheckpoint(dirpath=root / "ckpt", every_n_epochs=1, save_top_k=-1)
+        trainer = _trainer(root, [ice, ckpts], epochs=epochs, enable_checkpointing=True, limit_val_batches=0)
+        trainer.fit(module, datamodule=_data(False, batch_size=8), ckpt_path=ckpt)
+        return ice, trainer
+
+    run(tmp_path / "a", STYLE)
+    ckpt = str(sorted((tmp_path / "a" / "ckpt").glob("epoch=0-*.ckpt"))[0])
+    applied = []
+    real_apply = ice_lightning.core.plan.ErasurePlan.apply
+
+    def counting_apply(self, *args, **kwargs):
+        applied.append(kwargs.get("bases") is not None)  # True: a re-application
+        return real_apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(ice_lightning.core.plan.ErasurePlan, "apply", counting_apply)
+    ice, trainer = run(tmp_path / "b", STYLE, ckpt=ckpt)
+    assert applied == [True, True]  # epoch 1 and fit end re-apply; nothing is applied before or at the restore
+    assert [a["reason"] for a in ice.applications] == ["setup", "epoch_end", "epoch_end", "fit_end"]
+
+    for other in ({"erase": ["Claude Monet"], "family": "style"}, {**STYLE, "preserve": ["Rembrandt"]}):
+        applied.clear()
+        with pytest.raises(ValueError, match="resume with the same|Resume with the same settings"):
+            run(tmp_path / "c", other, ckpt=ckpt)
+        assert applied == []  # refused before any edit or training step
+
+
+def test_export_needs_the_protocol_and_a_whole_number_schedule(tmp_path):
+    class HoldsPipe(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.pipe = build_tiny_pipeline("sd")  # not `pipeline`: the protocol cannot find it
+
+    ice = ICECallback(**STYLE, export_dir=str(tmp_path / "out"))
+    with pytest.raises(AttributeError, match="expose it as `self.pipeline`.*override get_pipeline"):
+        ice.setup(types.SimpleNamespace(strategy=None, callbacks=[]), HoldsPipe(), "fit")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="every_n_epochs must be a whole number >= 1"):
+        ICECallback(**STYLE, every_n_epochs=1.5)
+    with pytest.raises(ValueError, match=r"rank_tol .* must lie in \(0, 1\)"):
+        ICECallback(**STYLE, hparams={"rank_tol": float("nan")})
