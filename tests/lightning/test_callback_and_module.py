@@ -504,6 +504,15 @@ def test_export_needs_the_protocol_and_a_whole_number_schedule(tmp_path):
     with pytest.raises(AttributeError, match="expose it as `self.pipeline`.*override get_pipeline"):
         ice.setup(types.SimpleNamespace(strategy=None, callbacks=[]), HoldsPipe(), "fit")
     assert not (tmp_path / "out").exists()
+    user = tmp_path / "user-model"
+    user.mkdir()
+    (user / "model_index.json").write_text("{}")
+    module = ICEModule("tiny:sd")
+    with pytest.raises(FileExistsError, match="not an earlier ice-lightning export.*overwrite"):
+        ICECallback(**STYLE, export_dir=str(user)).setup(types.SimpleNamespace(strategy=None), module, "fit")
+    assert [p.name for p in user.iterdir()] == ["model_index.json"] and (user / "model_index.json").read_text() == "{}"
+    ICECallback(**STYLE, export_dir=str(user), overwrite_export=True).setup(
+        types.SimpleNamespace(strategy=None), module, "fit")  # asked for: accepted (replaced at the export)
     with pytest.raises(ValueError, match="every_n_epochs must be a whole number >= 1"):
         ICECallback(**STYLE, every_n_epochs=1.5)
     with pytest.raises(ValueError, match=r"rank_tol .* must lie in \(0, 1\)"):
