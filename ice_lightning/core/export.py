@@ -150,6 +150,7 @@ def save_erased(
     safe_serialization: bool = True,
     extra: dict | None = None,
     overwrite: bool = False,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Save ``pipeline`` with ``save_pretrained``, its operators, the ICE manifest and a model card.
 
@@ -157,6 +158,7 @@ def save_erased(
         results: the erasures to record; default: every live erasure applied to ``pipeline``.
         extra: more JSON-ready entries for the manifest (the callback records its applications here).
         overwrite: replace a non-empty ``out_dir`` that is not an earlier export (refused otherwise).
+        extra_files: ``{relative name: bytes}`` shipped with the export and covered by its hashes (a report).
 
     Returns:
         the output directory. Everything is written to a temporary sibling folder first and renamed into
@@ -171,6 +173,8 @@ def save_erased(
     try:
         pipeline.save_pretrained(tmp, safe_serialization=safe_serialization)
         _save_operators(tmp / OPERATORS_NAME, results)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         manifest = _manifest(pipeline, results, extra)
         _write_card(tmp, manifest)
         manifest["files"] = _file_hashes(tmp)

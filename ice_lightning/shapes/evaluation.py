@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -401,8 +402,14 @@ def erase_report(pipe, cfg, hparams: dict) -> int:
     scores = [{k: score(x, prompts, concept) for k, (prompts, x) in d.items()} for d in (before, after)]
     print(f"guide concept (anchor): {spec.anchor!r}")
     print(format_report(concept, *scores))
-    out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite)
     prompts, x0 = before["seen"]
-    grid = save_grid(grid_rows(prompts, x0, after["seen"][1], concept), cfg.grid or Path(out) / "before_after.png")
+    rows = grid_rows(prompts, x0, after["seen"][1], concept)
+    if cfg.grid:  # a place of the user's choosing
+        out, grid = save_erased(pipe, cfg.out, overwrite=cfg.overwrite), save_grid(rows, cfg.grid)
+    else:  # shipped inside the export, covered by its manifest
+        with tempfile.TemporaryDirectory() as tmp:
+            png = save_grid(rows, Path(tmp) / "before_after.png").read_bytes()
+        out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite, extra_files={"before_after.png": png})
+        grid = out / "before_after.png"
     print(f"saved to {out}; before/after grid: {grid}")
     return 0
