@@ -396,8 +396,12 @@ class ICECallback(Callback):
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Refuse, before any training, a checkpoint whose weights hold an erasure no callback of this run
         continues: the export's manifest would not describe them."""
-        ours = {c.state_key for c in trainer.callbacks if isinstance(c, ICECallback)}
-        foreign = [k for k in checkpoint.get("callbacks", {}) if k.startswith("ICECallback") and k not in ours]
+        mine = [c for c in trainer.callbacks if isinstance(c, ICECallback)]
+        states = checkpoint.get("callbacks", {})
+        if "ICECallback" in states and len(mine) == 1 and mine[0] is self:  # written before state keys had specs
+            states.setdefault(self.state_key, states.pop("ICECallback"))
+        ours = {c.state_key for c in mine}
+        foreign = [k for k in states if k.startswith("ICECallback") and k not in ours]
         if foreign:
             raise ValueError(
                 f"the checkpoint holds the erasure of {foreign}, which no ICECallback of this run continues (this "

@@ -517,3 +517,14 @@ def test_export_needs_the_protocol_and_a_whole_number_schedule(tmp_path):
         ICECallback(**STYLE, every_n_epochs=1.5)
     with pytest.raises(ValueError, match=r"rank_tol .* must lie in \(0, 1\)"):
         ICECallback(**STYLE, hparams={"rank_tol": float("nan")})
+
+
+def test_a_checkpoint_from_before_spec_state_keys_still_resumes_and_foreign_states_are_refused():
+    ice = ICECallback(**STYLE)
+    old = {"callbacks": {"ICECallback": ICECallback(**STYLE).state_dict()}}  # the key of earlier versions
+    ice.on_load_checkpoint(types.SimpleNamespace(callbacks=[ice]), None, old)
+    assert list(old["callbacks"]) == [ice.state_key]
+    ice.load_state_dict(old["callbacks"][ice.state_key])
+    other = ICECallback(erase=["dog"], family="object")
+    with pytest.raises(ValueError, match=r"checkpoint holds the erasure of \[\"ICECallback\{'erase': \['Van Gogh'\]"):
+        other.on_load_checkpoint(types.SimpleNamespace(callbacks=[other]), None, old)
