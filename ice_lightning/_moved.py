@@ -48,7 +48,7 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         old = module.__name__
         new = MOVED[old]
         warnings.warn(f"{old} moved to {new}; import it from there", FutureWarning, stacklevel=2)
-        homes = {name: home for name, home in _EXTRA_NAMES.get(old, {}).items()}
+        homes = _EXTRA_NAMES.get(old, {})
 
         def forward(name: str):
             return getattr(importlib.import_module(homes.get(name, new)), name)

@@ -86,7 +86,7 @@ class TextConditioningLayers:
             layers = {n: (modules[n], "text") for n in names}
         else:
             if rules is None:
-                rules = family_of(model).rules  # raises for a class outside the table
+                rules = (family or family_of(model)).rules  # family_of raises for a class outside the table
             layers = {}
             for n, m in model.named_modules():
                 for r in rules:

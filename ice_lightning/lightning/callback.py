@@ -311,12 +311,13 @@ class ICECallback(Callback):
                 self._probe = TextSpaceProbe.from_result(result)
         else:
             bases = {n: _AFTER_LAST_APPLICATION[m] for n, m in self._plan.modules().items()}
-            self._plan.apply(self.state.operators, bases=bases, record=False)
+            result = self._plan.apply(self.state.operators, bases=bases, record=False)
         modules = self._plan.modules()
-        self._check_ranks_agree(trainer, modules)
+        # Each edit holds the exact hash of the weight it wrote (in the order of the modules): no second pass.
+        hashes = self._check_ranks_agree(trainer, modules, [e.fingerprint for e in result.edits])
         self._remember_weights()
         self._reset_optimizer_state(trainer, modules)
-        digest = hashlib.sha256("".join(tensor_sha256(m.weight) for m in modules.values()).encode()).hexdigest()
+        digest = hashlib.sha256("".join(hashes).encode()).hexdigest()
         record = {"reason": reason, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
                   "weights_sha256": digest}  # fmt: skip
         if epoch is not None:
@@ -344,14 +345,14 @@ class ICECallback(Callback):
 
     # -- distributed and optimizer -------------------------------------------------------------
     @staticmethod
-    def _check_ranks_agree(trainer: Trainer, modules: dict[str, torch.nn.Linear]) -> None:
-        """Under DDP, check that every rank holds byte-identical edited weights; take rank 0's if not.
+    def _check_ranks_agree(trainer: Trainer, modules: dict[str, torch.nn.Linear], digest: list[str]) -> list[str]:
+        """Under DDP, check that every rank holds byte-identical edited weights (``digest``: this rank's hash
+        per layer); take rank 0's if not. Returns the hashes of the weights each rank now holds.
 
         The edit is deterministic and every rank starts from the same weights and operator, so the check
         (one hash per layer) normally passes; the fallback keeps a rank from silently drifting."""
         if trainer.world_size <= 1:
-            return
-        digest = [tensor_sha256(m.weight) for m in modules.values()]
+            return digest
         differs = float(trainer.strategy.broadcast(digest, src=0) != digest)
         flag = torch.tensor(differs, device=trainer.strategy.root_device)
         if float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0:
@@ -359,6 +360,8 @@ class ICECallback(Callback):
             weights = trainer.strategy.broadcast({n: m.weight.detach().cpu() for n, m in modules.items()}, src=0)
             for n, m in modules.items():
                 m.weight.copy_(weights[n].to(m.weight.device))
+            return [tensor_sha256(m.weight) for m in modules.values()]
+        return digest
 
     @staticmethod
     def _reset_optimizer_state(trainer: Trainer, modules: dict[str, torch.nn.Linear]) -> None:
