@@ -408,6 +408,17 @@ def _wan():
     )
 
 
+def _wan22():
+    """Wan 2.2 with two experts: ``transformer`` for the high-noise steps, ``transformer_2`` for the rest."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    pipe = _wan()
+    torch.manual_seed(1)
+    second = WanTransformer3DModel(**{k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")})
+    return WanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, scheduler=pipe.scheduler,
+                       transformer=pipe.transformer, transformer_2=second, boundary_ratio=0.875)  # fmt: skip
+
+
 def _ltx():
     from diffusers import (
         AutoencoderKLLTXVideo,
@@ -496,6 +507,7 @@ TINY_KINDS: dict[str, Callable] = {
     "animatediff": _animatediff,
     "cogvideox": _cogvideox,
     "wan": _wan,
+    "wan22": _wan22,
     "ltx": _ltx,
     "sd-minilm": _sd_minilm,
     "text2video-minilm": _text2video_minilm,
@@ -507,6 +519,9 @@ def build_tiny_pipeline(kind: str):
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny pipeline {kind!r}; choose one of {sorted(TINY_KINDS)}")
     pipe = TINY_KINDS[kind]()
+    for comp in pipe.components.values():  # as from_pretrained leaves them: no dropout
+        if isinstance(comp, torch.nn.Module):
+            comp.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -7,6 +7,10 @@ should the rollback itself fail, the error names every layer left edited. Each :
 low-rank delta ``(L, R)`` and the few entries where rounding to the layer's dtype is not invertible, so
 :meth:`LayerEdit.undo` restores the original weights bit for bit without storing a copy of them. An undo
 first checks every layer against the exact hash of the weight it wrote, then reverts: all or none.
+
+Sharded weights (torch FSDP2's ``DTensor`` parameters, sharded by rows) are edited shard by shard: the edit
+``W (I - D)`` mixes a weight's input columns only, so each rank edits the rows it holds with the same
+operator (:func:`local_shard`), and no rank ever gathers a full weight. Hashes are then per shard.
 """
 
 from __future__ import annotations
@@ -20,17 +24,74 @@ from torch import Tensor, nn
 
 from .solver import DissociationOperator
 
-__all__ = ["LayerEdit", "apply_edits", "undo_edits", "tensor_sha256", "RollbackError"]
+__all__ = [
+    "LayerEdit",
+    "apply_edits",
+    "undo_edits",
+    "tensor_sha256",
+    "RollbackError",
+    "local_shard",
+    "like_weight",
+    "is_sharded",
+    "reshard",
+]
 
 _F64 = torch.float64
 # Above this share of non-invertible entries a dense copy of the original is cheaper than indices.
 _DENSE_FIXUP_SHARE = 0.25
 
 
+def _dtensor_type():
+    if not torch.distributed.is_available():
+        return ()
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a parameter of a module sharded with FSDP2's ``fully_shard``)."""
+    return isinstance(t, _dtensor_type())
+
+
+def reshard(models) -> None:
+    """Put every FSDP2 unit inside ``models`` back in its sharded state. FSDP2 swaps a unit's parameters for
+    gathered copies during a forward pass, and keeps the root unit's gathered after a forward without backward
+    (a check pass, a validation step): an edit written there would be lost at the next reshard. After this,
+    each ``module.weight`` is the persistent row shard."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2: nothing can be sharded
+        return
+    for model in models:
+        for unit in model.modules():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """The rows of a sharded ``DTensor`` weight this rank holds (a view: writing it writes the parameter);
+    any other tensor as it is."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def like_weight(value: Tensor, weight: Tensor) -> Tensor:
+    """``value``, computed from :func:`local_shard` of ``weight``, as a tensor laid out like ``weight`` (a
+    ``DTensor`` with its mesh and placements when ``weight`` is one), so code that multiplies by whole weights
+    works on shards unchanged."""
+    if not is_sharded(weight):
+        return value
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(value, weight.device_mesh, weight.placements, run_check=False, shape=weight.shape,
+                              stride=weight.stride())  # fmt: skip
+
+
 def tensor_sha256(t: Tensor) -> str:
     """sha256 of a tensor's raw bytes in its own dtype (any dtype, bf16 included): the exact fingerprint of a
-    weight (faster than a float64 checksum, and it changes when any bit does)."""
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    weight (faster than a float64 checksum, and it changes when any bit does); of this rank's shard for a
+    sharded ``DTensor``."""
+    flat = local_shard(t).detach().to("cpu").contiguous().reshape(-1)
     return hashlib.sha256(flat.view(torch.uint8).numpy().data).hexdigest()
 
 
@@ -59,7 +120,7 @@ class LayerEdit:
         """Restore the original weight bit for bit (only valid while the weight is as the edit left it;
         ``checked``: the caller has just confirmed that; ``written``: the weight this edit wrote, to restore
         a layer whose write was cut short)."""
-        w = self.module.weight
+        w = local_shard(self.module.weight)
         if not checked and not self.is_current():
             raise RuntimeError(
                 f"layer {self.name!r} changed since it was edited (training?); undo would not restore the "
@@ -84,7 +145,7 @@ def _write(weight: Tensor, value: Tensor) -> None:
 
 def _factors(name: str, module: nn.Linear, op: DissociationOperator, base: Tensor | None) -> tuple[Tensor, Tensor]:
     """Phase 1 of an edit: the low-rank factors ``(L, R)`` of ``W_new = W - L R``, checked; nothing written."""
-    w = module.weight
+    w = local_shard(module.weight)
     if not torch.isfinite(w).all():
         raise ValueError(f"layer {name!r} already holds NaN or inf weights; refusing to edit it")
     # Without a base the whole weight is edited; with one, only what changed since (W - base).
@@ -146,7 +207,7 @@ def apply_edits(
     inflight: tuple[LayerEdit, Tensor] | None = None  # the layer being written: restored from what it got
     try:
         for (name, module, _), (L, R) in zip(targets, factors, strict=True):  # phase 2: write
-            w = module.weight
+            w = local_shard(module.weight)
             fused = _fused(w)
             new = _new_weight(name, w, L, R, fused)
             wrong = (_plus_delta(new, L, R, fused) != w.detach()).view(-1)

@@ -138,12 +138,24 @@ class SequenceSource:
         kwargs = {"output_hidden_states": True} if self.hidden_state is not None else {}
         if self.pass_mask:
             kwargs["attention_mask"] = enc["attention_mask"].to(dev)
-        out = self.encoder(enc["input_ids"].to(dev), **kwargs)
+        out = _encode(self.encoder, enc["input_ids"].to(dev), **kwargs)
         states = out.hidden_states[self.hidden_state] if self.hidden_state is not None else out[0]
         states = states.to(torch.float64)
         if self.width is not None and states.shape[-1] != self.width:
             states = torch.nn.functional.pad(states, (0, self.width - states.shape[-1]))
         return states
+
+
+def _encode(encoder: torch.nn.Module, *args, **kwargs):
+    """``encoder(*args, **kwargs)`` in eval mode (then its mode restored): a text encoder left in training mode
+    (built from a config, or inside a module Lightning has put in training mode) would apply dropout (T5's is
+    0.1), and the concept states, hence the operator, would be noise-dependent."""
+    was = encoder.training
+    encoder.eval()
+    try:
+        return encoder(*args, **kwargs)
+    finally:
+        encoder.train(was)
 
 
 @dataclass
@@ -195,7 +207,7 @@ class PooledSource:
         pooled = []
         for tokenizer, encoder, max_length in self.parts:
             enc = _tokenize(tokenizer, [p.text for p in prompts], max_length)
-            out = encoder(enc["input_ids"].to(_device_of(encoder)))
+            out = _encode(encoder, enc["input_ids"].to(_device_of(encoder)))
             vec = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
             pooled.append(vec.to(torch.float64))
         states = torch.cat(pooled, dim=-1)

@@ -20,17 +20,20 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .concepts import ConceptSpec
-from .editing import tensor_sha256
-from .plan import ErasureResult, edit_history, pipeline_spaces, resolve_layer
+from .editing import is_sharded, tensor_sha256
+from .layers import _is_lora
+from .plan import ErasurePlan, ErasureResult, denoisers, edit_history, pipeline_spaces, resolve_layer
 from .probe import concept_residual
 from .solver import DissociationOperator
 
@@ -42,6 +45,10 @@ __all__ = [
     "check_export_destination",
     "verify_export",
     "load_manifest",
+    "gather_pipeline",
+    "without_adapters",
+    "ADAPTERS_DIR",
+    "Adapters",
 ]
 
 MANIFEST_NAME = "ice_manifest.json"
@@ -50,6 +57,9 @@ _FORMAT = "ice-lightning/manifest-v2"
 # The recomputed residual must match the recorded one this closely (same weights, same encoder, float64).
 _RESIDUAL_RTOL, _RESIDUAL_ATOL = 1e-4, 1e-6
 _CARD_MARK = "<!-- ice-lightning -->"
+#: Where ``adapters="separate"`` puts each denoiser's LoRA weights: ``ice_adapters/<component>/``.
+ADAPTERS_DIR = "ice_adapters"
+Adapters = Literal["merge", "separate"]
 
 
 def _versions() -> dict[str, str]:
@@ -114,6 +124,123 @@ def check_export_destination(pipeline, out_dir: str | os.PathLike, overwrite: bo
     return out
 
 
+def gather_pipeline(pipeline):
+    """A copy of ``pipeline`` whose sharded components (FSDP2 ``DTensor`` parameters) are whole, on rank 0's
+    CPU; ``None`` on the other ranks. A collective: every rank calls it. Each sharded component's full state
+    dict is gathered with ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` (``full_state_dict``,
+    ``cpu_offload``: only rank 0 holds it) into a new instance of its class; the other components are shared."""
+    import inspect
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    rank0 = dist.get_rank() == 0
+    whole = {}
+    for name, comp in pipeline.components.items():
+        if isinstance(comp, torch.nn.Module) and any(is_sharded(p) for p in comp.parameters()):
+            if any(_is_lora(m) for m in comp.modules()):
+                raise NotImplementedError(
+                    f"the sharded {name} holds LoRA adapters; exporting a sharded LoRA fine-tune is not supported: "
+                    "train the adapters with DDP (they are small), or merge them before sharding"
+                )
+            state = get_model_state_dict(comp, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank0:
+                cls = type(comp).__bases__[-1] if type(comp).__name__.startswith("FSDP") else type(comp)  # FSDP2's
+                copy = cls.from_config(comp.config)  # class is a subclass made for the sharded instance
+                # own copies, in their dtypes: on a CPU mesh a gathered tensor may alias FSDP's buffers
+                copy.load_state_dict({k: v.detach().clone() for k, v in state.items()}, assign=True)
+                whole[name] = copy.eval()
+    if not rank0:
+        return None
+    components = {**pipeline.components, **whole}
+    params = inspect.signature(type(pipeline).__init__).parameters  # e.g. Wan 2.2's boundary_ratio
+    settings = {k: v for k, v in pipeline.config.items() if k in params and k not in components}
+    return type(pipeline)(**components, **settings)
+
+
+def _lora_wrappers(pipeline) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """``(qualified name, parent, attribute, wrapper)`` of every PEFT LoRA wrapper in the denoisers."""
+    out = []
+    for comp, model in denoisers(pipeline).items():
+        for name, mod in model.named_modules():
+            if _is_lora(mod):
+                parent, _, attr = name.rpartition(".")
+                out.append((f"{comp}.{name}", model.get_submodule(parent) if parent else model, attr, mod))
+    return out
+
+
+def _merged_linear(wrapper: nn.Module) -> nn.Linear:
+    """A plain linear layer holding ``W + sum of the active adapters' B A s`` (float64 sum, cast once)."""
+    base = wrapper.base_layer
+    w = base.weight.detach().to(torch.float64)
+    for adapter in wrapper.active_adapters:
+        if adapter in wrapper.lora_A:
+            w = w + wrapper.get_delta_weight(adapter).detach().to(torch.float64)
+    lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=base.weight.device,
+                    dtype=base.weight.dtype)  # fmt: skip
+    lin.weight = nn.Parameter(w.to(base.weight.dtype), requires_grad=False)
+    if base.bias is not None:
+        lin.bias = base.bias
+    return lin
+
+
+@contextmanager
+def without_adapters(pipeline, adapters: Adapters = "merge") -> Iterator[dict[str, str | None]]:
+    """Within the block, every PEFT LoRA wrapper of the denoisers is replaced by a plain linear layer, so that
+    ``save_pretrained`` writes a plain model: ``"merge"``, the base weight with the adapters merged in (what
+    an erased LoRA fine-tune ships: erased whatever adapter a user adds later); ``"separate"``, the base layer
+    alone (the adapters then ship beside it). The wrappers are put back afterwards, untouched.
+
+    Yields ``{name of an edited layer inside a wrapper: the name it has in the plain model, or None}``:
+    ``x.base_layer`` becomes ``x``; ``x.lora_A.<adapter>`` is merged into ``x`` (``None``); empty when there
+    is no adapter."""
+    wrappers = _lora_wrappers(pipeline)
+    renamed: dict[str, str | None] = {}
+    for name, _, _, wrapper in wrappers:
+        renamed[f"{name}.base_layer"] = name
+        renamed.update({f"{name}.lora_A.{a}": None for a in wrapper.lora_A})
+    swapped = []
+    try:
+        for _, parent, attr, wrapper in wrappers:
+            plain = _merged_linear(wrapper) if adapters == "merge" else wrapper.base_layer
+            setattr(parent, attr, plain)
+            swapped.append((parent, attr, wrapper))
+        yield renamed
+    finally:
+        for parent, attr, wrapper in swapped:
+            setattr(parent, attr, wrapper)
+
+
+def _adapter_files(pipeline, folder: Path) -> None:
+    """Each denoiser's LoRA adapters in diffusers' format, ``ADAPTERS_DIR/<component>/`` (loadable with the
+    denoiser's ``load_lora_adapter``); one file per adapter name."""
+    for comp, model in denoisers(pipeline).items():
+        names = {a for n, _p, _a, w in _lora_wrappers(pipeline) if n.startswith(f"{comp}.") for a in w.lora_A}
+        for adapter in sorted(names):
+            out = folder / ADAPTERS_DIR / comp
+            weight_name = "pytorch_lora_weights.safetensors" if adapter == "default" else f"{adapter}.safetensors"
+            if hasattr(model, "save_lora_adapter"):
+                model.save_lora_adapter(str(out), adapter_name=adapter, weight_name=weight_name)
+            else:  # a denoiser class without diffusers' adapter mixin: PEFT's state dict, same file
+                from peft.utils import get_peft_model_state_dict
+                from safetensors.torch import save_file
+
+                out.mkdir(parents=True, exist_ok=True)
+                state = get_peft_model_state_dict(model, adapter_name=adapter)
+                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / weight_name))
+
+
+def _rebased(pipeline, results: list[ErasureResult], renamed: dict[str, str | None], source: str) -> list:
+    """The erasures of ``results`` described over the layers ``pipeline`` holds now (renamed by
+    :func:`without_adapters`, or whole copies by :func:`gather_pipeline`), recording nothing."""
+    out = []
+    for r in results:
+        spaces = {renamed.get(n, n): s for n, s in r.layer_spaces.items() if renamed.get(n, n) is not None}
+        plan = ErasurePlan(pipeline, r.spec, method=r.method, hparams=r.plan.hparams, layers=spaces, verify=False)
+        out.append(plan.restore(r.operators, source=source, record=False))
+    return out
+
+
 def _file_hashes(folder: Path) -> dict[str, str]:
     out = {}
     for p in sorted(folder.rglob("*")):
@@ -151,6 +278,7 @@ def save_erased(
     extra: dict | None = None,
     overwrite: bool = False,
     extra_files: dict[str, bytes] | None = None,
+    adapters: Adapters = "merge",
 ) -> Path:
     """Save ``pipeline`` with ``save_pretrained``, its operators, the ICE manifest and a model card.
 
@@ -159,6 +287,10 @@ def save_erased(
         extra: more JSON-ready entries for the manifest (the callback records its applications here).
         overwrite: replace a non-empty ``out_dir`` that is not an earlier export (refused otherwise).
         extra_files: ``{relative name: bytes}`` shipped with the export and covered by its hashes (a report).
+        adapters: for denoisers with PEFT LoRA adapters (an ``ICEModule(lora_rank=...)`` fine-tune):
+            ``"merge"`` ships one plain model with the erased adapters merged into the erased base weights;
+            ``"separate"`` ships the erased base model and the erased adapters beside it, in
+            ``ice_adapters/<component>/`` (diffusers' LoRA format). See :func:`without_adapters`.
 
     Returns:
         the output directory. Everything is written to a temporary sibling folder first and renamed into
@@ -169,13 +301,23 @@ def save_erased(
         raise ValueError("nothing was erased from this pipeline; call ice_lightning.erase(...) before save_erased")
     out = check_export_destination(pipeline, out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if adapters not in ("merge", "separate"):
+        raise ValueError(f"adapters must be 'merge' or 'separate', got {adapters!r}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ice-export-", dir=out.parent))
     try:
-        pipeline.save_pretrained(tmp, safe_serialization=safe_serialization)
-        _save_operators(tmp / OPERATORS_NAME, results)
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-        manifest = _manifest(pipeline, results, extra)
+        if adapters == "separate":
+            _adapter_files(pipeline, tmp)
+        with without_adapters(pipeline, adapters) as renamed:
+            if renamed:
+                source = {"merge": "adapters merged", "separate": "adapters shipped beside"}[adapters]
+                results = _rebased(pipeline, results, renamed, source=source)
+            pipeline.save_pretrained(tmp, safe_serialization=safe_serialization)
+            _save_operators(tmp / OPERATORS_NAME, results)
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data)
+            manifest = _manifest(pipeline, results, extra)
+            if renamed:
+                manifest["adapters"] = adapters
         _write_card(tmp, manifest)
         manifest["files"] = _file_hashes(tmp)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")

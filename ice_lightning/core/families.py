@@ -8,9 +8,15 @@ A :class:`DenoiserFamily` says, for one denoiser class:
   found layer really receives them (:mod:`ice_lightning.core.layers`);
 - ``embedding_spaces``: how the pipeline's own tokenizers and encoders produce those spaces
   (:mod:`ice_lightning.core.encoders`);
-- ``denoise``: the call used for training and sampling, for the families ``ICEModule`` can train
+- ``denoise``: the model call used for training and sampling, in the family's latent layout
   (``None``: erasable, not trainable by ``ICEModule``);
-- ``video``: whether it denoises clips, laid out (batch, channels, frames, height, width) in this package.
+- ``conditioning``: the keyword arguments of ``denoise`` from the pipeline's own ``encode_prompt``;
+- ``latents``: pixels to the family's normalised latents (image or video VAE); ``tokens``: the length of
+  the latent sequence that a dynamically shifted flow-matching schedule depends on (Flux, LTX);
+- ``follows``: the training script the family's objective and call follow;
+- ``video``: whether it denoises clips.
+
+The functions live in :mod:`ice_lightning.core.denoising`, which documents the layouts.
 
 :func:`family_of` finds the entry of a model by its class, or by the nearest base class in the table (a
 user's subclass of ``UNet2DConditionModel`` is a UNet2D). Adding a family is one
@@ -20,8 +26,8 @@ Example:
     >>> from ice_lightning.core.families import family_of, FAMILIES
     >>> sorted(FAMILIES)[:3]
     ['CogVideoXTransformer3DModel', 'FluxTransformer2DModel', 'LTXVideoTransformer3DModel']
-    >>> FAMILIES["UNet2DConditionModel"].trainable, FAMILIES["FluxTransformer2DModel"].trainable
-    (True, False)
+    >>> FAMILIES["UNet2DConditionModel"].trainable, FAMILIES["FluxTransformer2DModel"].follows
+    (True, 'diffusers train_dreambooth_flux.py')
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import denoising as dn
+from .denoising import unet_denoise
 from .encoders import (
     EmbeddingSpace,
     FeatureConcatSource,
@@ -88,6 +96,10 @@ class DenoiserFamily:
     denoise: Callable[..., Tensor] | None = None
     video: bool = False
     text_length: int = 7
+    conditioning: Callable[..., dict] | None = None
+    latents: Callable[..., Tensor] | None = None
+    tokens: Callable[[Tensor], int] | None = None
+    follows: str = ""
 
     @property
     def trainable(self) -> bool:
@@ -168,27 +180,6 @@ def _t5_text(default_length: int, pass_mask: bool) -> SpacesBuilder:
 
 
 # -- UNets --------------------------------------------------------------------------------------------
-def unet_denoise(unet: nn.Module, sample: Tensor, timestep, encoder_hidden_states: Tensor, **kwargs) -> Tensor:
-    """UNet2D and UNet3D: ``(B, C, H, W)`` images or ``(B, C, F, H, W)`` clips as they are; ``kwargs`` (SDXL's
-    ``added_cond_kwargs``) go to the UNet."""
-    return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs).sample
-
-
-def _motion_denoise(unet: nn.Module, sample: Tensor, timestep, encoder_hidden_states: Tensor, **kwargs) -> Tensor:
-    """AnimateDiff's ``UNetMotionModel`` takes the text states repeated per frame, as its pipeline does."""
-    states = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
-    return unet(sample, timestep, encoder_hidden_states=states, **kwargs).sample
-
-
-def _svd_denoise(unet: nn.Module, sample: Tensor, timestep, encoder_hidden_states: Tensor, **kwargs) -> Tensor:
-    """SVD's ``UNetSpatioTemporalConditionModel`` takes (B, F, C, H, W) clips and ``added_time_ids`` (fps, motion
-    bucket, noise augmentation), which a text-to-video model leaves at zero."""
-    cfg = unet.config
-    ids = sample.new_zeros(sample.shape[0], cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim)
-    out = unet(sample.transpose(1, 2), timestep, encoder_hidden_states, added_time_ids=ids, **kwargs).sample
-    return out.transpose(1, 2)
-
-
 def _unet_check(video: bool) -> Callable[[nn.Module, dict[str, Tensor]], object]:
     def run(model: nn.Module, states: dict[str, Tensor]) -> object:
         cfg = model.config
@@ -219,23 +210,26 @@ def _unet_spaces(pipeline, denoiser) -> dict[str, EmbeddingSpace]:
 
 _ATTN2_KV = r"(^|\.)attn2\.to_[kv]$"
 
+_UNET = {"conditioning": dn.unet_conditioning, "follows": "diffusers train_text_to_image.py"}
 register_family(DenoiserFamily(
     "UNet2DConditionModel", rules=(LayerRule("text", _ATTN2_KV),), check_pass=_unet_check(False),
-    embedding_spaces=_unet_spaces, denoise=unet_denoise,
+    embedding_spaces=_unet_spaces, denoise=unet_denoise, latents=dn.image_latents, **_UNET,
 ))  # fmt: skip
 # Temporal transformers reuse the name attn2 for self-attention over frames: not text.
 register_family(DenoiserFamily(
     "UNet3DConditionModel", rules=(LayerRule("text", _ATTN2_KV, exclude=r"temp_attentions|transformer_in"),),
     check_pass=_unet_check(True), embedding_spaces=default_embedding_spaces, denoise=unet_denoise, video=True,
+    latents=dn.frame_latents, **_UNET,
 ))  # fmt: skip
 register_family(DenoiserFamily(
     "UNetMotionModel", rules=(LayerRule("text", _ATTN2_KV, exclude=r"motion_modules"),),
-    check_pass=_unet_check(True), embedding_spaces=default_embedding_spaces, denoise=_motion_denoise, video=True,
+    check_pass=_unet_check(True), embedding_spaces=default_embedding_spaces, denoise=dn.motion_denoise, video=True,
+    latents=dn.frame_latents, **_UNET,
 ))  # fmt: skip
 # SVD's temporal blocks cross-attend to the text too (their attn2 reads the text states).
 register_family(DenoiserFamily(
     "UNetSpatioTemporalConditionModel", rules=(LayerRule("text", _ATTN2_KV),), check_pass=_unet_check(True),
-    embedding_spaces=default_embedding_spaces, denoise=_svd_denoise, video=True,
+    embedding_spaces=default_embedding_spaces, denoise=dn.svd_denoise, video=True, latents=dn.frame_latents, **_UNET,
 ))  # fmt: skip
 
 
@@ -318,26 +312,35 @@ def _ltx_check(model: nn.Module, states: dict[str, Tensor]) -> object:
 
 register_family(DenoiserFamily(
     "SD3Transformer2DModel", rules=(LayerRule("text", r"^context_embedder$"), _POOLED), check_pass=_sd3_check,
-    embedding_spaces=_sd3_spaces,
+    embedding_spaces=_sd3_spaces, denoise=dn.sd3_denoise, conditioning=dn.sd3_conditioning, latents=dn.image_latents,
+    follows="diffusers train_dreambooth_sd3.py",
 ))  # fmt: skip
 register_family(DenoiserFamily(
     "FluxTransformer2DModel", rules=(LayerRule("text", r"^context_embedder$"), _POOLED), check_pass=_flux_check,
-    embedding_spaces=_flux_spaces,
+    embedding_spaces=_flux_spaces, denoise=dn.flux_denoise, conditioning=dn.flux_conditioning,
+    latents=dn.image_latents, tokens=dn.flux_tokens, follows="diffusers train_dreambooth_flux.py",
 ))  # fmt: skip
 # caption_projection's output feeds attn2: edit its first layer only.
 register_family(DenoiserFamily(
     "PixArtTransformer2DModel", rules=(LayerRule("text", r"^caption_projection\.linear_1$"),),
-    check_pass=_pixart_check, embedding_spaces=_t5_text(120, pass_mask=True),
+    check_pass=_pixart_check, embedding_spaces=_t5_text(120, pass_mask=True), denoise=dn.pixart_denoise,
+    conditioning=dn.masked_conditioning, latents=dn.image_latents,
+    follows="PixArt-alpha train_scripts/train_pixart_lora_hf.py",
 ))  # fmt: skip
 register_family(DenoiserFamily(
     "LTXVideoTransformer3DModel", rules=(LayerRule("text", r"^caption_projection\.linear_1$"),),
-    check_pass=_ltx_check, embedding_spaces=_t5_text(226, pass_mask=False), video=True,
+    check_pass=_ltx_check, embedding_spaces=_t5_text(226, pass_mask=False), video=True, denoise=dn.ltx_denoise,
+    conditioning=dn.ltx_conditioning, latents=dn.ltx_latents, tokens=dn.ltx_tokens,
+    follows="finetrainers models/ltx_video",
 ))  # fmt: skip
 register_family(DenoiserFamily(
     "WanTransformer3DModel", rules=(LayerRule("text", r"^condition_embedder\.text_embedder\.linear_1$"),),
-    check_pass=_wan_check, embedding_spaces=_t5_text(120, pass_mask=True), video=True,
+    check_pass=_wan_check, embedding_spaces=_t5_text(120, pass_mask=True), video=True, denoise=dn.wan_denoise,
+    conditioning=dn.text_only_conditioning, latents=dn.wan_latents, follows="finetrainers models/wan",
 ))  # fmt: skip
 register_family(DenoiserFamily(
     "CogVideoXTransformer3DModel", rules=(LayerRule("text", r"^patch_embed\.text_proj$"),),
     check_pass=_cogvideox_check, embedding_spaces=_t5_text(226, pass_mask=False), video=True,
+    denoise=dn.cogvideox_denoise, conditioning=dn.text_only_conditioning, latents=dn.cogvideox_latents,
+    follows="diffusers examples/cogvideo/train_cogvideox_lora.py",
 ))  # fmt: skip

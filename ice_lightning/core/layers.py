@@ -9,7 +9,7 @@ with distinctive random text states) and keeps only layers whose input rows are 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -70,8 +70,8 @@ class TextConditioningLayers:
 
         Args:
             verify: confirm with a forward hook that each layer receives the text states.
-            names: explicit ``{qualified module names}`` reading the ``text`` space, for models
-                outside the table (skips the rules; ``verify`` still applies when the class is known).
+            names: explicit qualified module names reading the ``text`` space, or ``{name: space}``, for
+                models outside the table (skips the rules; ``verify`` still applies when the class is known).
             rules: override the table's rules for this model.
             dims: ``{space: width}`` of the text states the pipeline feeds; the check pass uses them, so a
                 candidate of another width is not confirmed (default: the candidates' own widths).
@@ -83,7 +83,7 @@ class TextConditioningLayers:
             missing = [n for n in names if n not in modules]
             if missing:
                 raise NoTextConditioningLayerError(f"{kind} has no module(s) named {missing}")
-            layers = {n: (modules[n], "text") for n in names}
+            layers = {n: (modules[n], names[n] if isinstance(names, Mapping) else "text") for n in names}
         else:
             if rules is None:
                 rules = (family or family_of(model)).rules  # family_of raises for a class outside the table

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .concepts import ConceptSpec, Family, Prompt
-from .editing import LayerEdit, apply_edits, undo_edits
+from .editing import LayerEdit, apply_edits, like_weight, local_shard, reshard, undo_edits
 from .encoders import EmbeddingSpace
 from .families import default_embedding_spaces, lookup_family
 from .layers import NoTextConditioningLayerError, TextConditioningLayers
@@ -100,8 +100,10 @@ def find_text_conditioning(
     """The text-conditioning layers of every denoiser of ``pipeline``, keyed by component name; the check pass
     feeds text states of the widths the pipeline's encoders give.
 
-    ``layers`` overrides the table with explicit qualified names (``"unet.mid_block...to_k"``)."""
+    ``layers`` overrides the table with explicit qualified names (``"unet.mid_block...to_k"``), which read the
+    ``text`` space, or with ``{name: space}``."""
     found = {}
+    spaces = dict(layers) if isinstance(layers, Mapping) else None  # {name: space}: spaces given, not "text"
     names = list(layers) if layers is not None else None
     dens = denoisers(pipeline)
     known = verify and all(lookup_family(m) is not None for m in dens.values())  # else nothing is verified
@@ -109,6 +111,8 @@ def find_text_conditioning(
     for comp, model in dens.items():
         if names is not None:
             own = [n.split(".", 1)[1] for n in names if n.split(".", 1)[0] == comp]
+            if own and spaces is not None:
+                own = {n: spaces[f"{comp}.{n}"] for n in own}
             if own:
                 found[comp] = TextConditioningLayers.find(model, verify=verify, names=own, dims=dims)
         else:
@@ -221,7 +225,8 @@ class ErasurePlan:
                     f"{space!r} text states are {self.spaces[space].dim}-d; the denoiser and the text encoder "
                     "do not belong together"
                 )
-        self._history_key = next(iter(denoisers(pipeline).values()))
+        self.denoisers = denoisers(pipeline)
+        self._history_key = next(iter(self.denoisers.values()))
         self._states: dict[str, ConceptStates] | None = None
         self.timings = {"find_layers_s": time.perf_counter() - t0}
 
@@ -277,6 +282,7 @@ class ErasurePlan:
         if missing:
             raise ValueError(f"no operator for space(s) {missing}; solve the plan first")
         t0 = time.perf_counter()
+        reshard(self.denoisers.values())  # FSDP2: edit the persistent row shards, not gathered copies
         result = ErasureResult(self, operators, [], dict(self.timings))
         history = _HISTORY.setdefault(self._history_key, []) if record else []
         history.append(result)  # before the first write: an interrupt after the last one still finds the edit
@@ -291,12 +297,15 @@ class ErasurePlan:
         result.timings["total_s"] = sum(v for k, v in result.timings.items() if k != "total_s")
         return result
 
-    def restore(self, operators: dict[str, DissociationOperator]) -> ErasureResult:
-        """Record, without writing anything, an erasure that the weights already hold (a model resumed from a
-        checkpoint of an erased run), so that :func:`edit_history` and ``save_erased`` know of it. Its original
-        weights are not known, so it cannot be undone."""
-        result = ErasureResult(self, operators, [], dict(self.timings), restored=True)
-        _HISTORY.setdefault(self._history_key, []).append(result)
+    def restore(self, operators: dict[str, DissociationOperator], source: str = "checkpoint",
+                record: bool = True) -> ErasureResult:  # fmt: skip
+        """Describe, without writing anything, an erasure that the weights already hold: a model resumed from a
+        checkpoint of an erased run (recorded in :func:`edit_history`, so ``save_erased`` knows of it), or the
+        whole copy of a sharded model, or a model whose adapters were merged for an export (``source``;
+        ``record=False``). Its original weights are not known, so it cannot be undone."""
+        result = ErasureResult(self, operators, [], dict(self.timings), restored=True, source=source)
+        if record:
+            _HISTORY.setdefault(self._history_key, []).append(result)
         return result
 
 
@@ -310,6 +319,7 @@ class ErasureResult:
     timings: dict[str, float]
     undone: bool = False
     restored: bool = False
+    source: str = "edit"
 
     @property
     def spec(self) -> ConceptSpec:
@@ -371,9 +381,9 @@ class ErasureResult:
         """``{name: (weight, bias)}`` of every edited layer as it was before this erasure (``W + L R``, float64;
         no copy of the original is kept, so it is rebuilt from the current weight)."""
         out = {}
-        for e in self.edits:
-            w = e.module.weight.detach().to(e.L.device, torch.float64)
-            out[e.name] = (w + e.L @ e.R, e.module.bias)
+        for e in self.edits:  # a sharded weight: this rank's rows, laid out as the weight again
+            w = local_shard(e.module.weight).detach().to(e.L.device, torch.float64)
+            out[e.name] = (like_weight(w + e.L @ e.R, e.module.weight), e.module.bias)
         return out
 
     def to_manifest(self) -> dict:
@@ -386,7 +396,8 @@ class ErasureResult:
             "layer_spaces": self.layer_spaces,
             "operators": {s: {"dim": op.dim, "rank": op.rank} for s, op in self.operators.items()},
             "timings": self.timings,
-            **({"restored_from_checkpoint": True} if self.restored else {}),
+            **({"restored_from_checkpoint": True} if self.source == "checkpoint" else {}),
+            **({"recorded_from": self.source} if self.restored and self.source != "checkpoint" else {}),
         }
 
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from .concepts import ConceptSpec, Prompt
+from .editing import is_sharded, local_shard
 from .encoders import EmbeddingSpace
 from .plan import ErasureResult, pipeline_spaces, resolve_layer, text_conditioning_layers
 from .solver import DissociationOperator
@@ -43,6 +44,12 @@ __all__ = [
     "erasure_metrics",
     "compare_pipelines",
 ]
+
+
+# Every rank computes these from the same whole outputs (a sharded layer's are gathered), and an export computes
+# them on rank 0 alone: no reduction across ranks, which would count each rank's copy and wait for ranks
+# that do not take part.
+_LOCAL = {"sync_on_compute": False}
 
 
 class RelativeOutputChange(Metric):
@@ -87,8 +94,25 @@ class LeakageRate(Metric):
 
 
 def layer_outputs(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    """``x W^T + b`` in float64. A row-sharded ``DTensor`` weight (FSDP2) gives this rank's output columns,
+    gathered across ranks: the outputs (a few hundred rows) travel, never the weight."""
+    if is_sharded(weight):
+        local = layer_outputs(local_shard(weight), None if bias is None else local_shard(bias), x)
+        return _gather_columns(local, weight)
     out = x @ weight.detach().to(x.device, torch.float64).T
     return out if bias is None else out + bias.detach().to(x.device, torch.float64)
+
+
+def _gather_columns(local: Tensor, weight) -> Tensor:
+    from torch.distributed.tensor import DTensor, Shard
+
+    if len(weight.placements) != 1 or weight.placements[0] != Shard(0):
+        raise NotImplementedError(f"weights sharded as {weight.placements}; ICE supports row sharding (Shard(0))")
+    n, out = local.shape[0], weight.shape[0]
+    dev = weight.device_mesh.device_type
+    full = DTensor.from_local(local.to(dev), weight.device_mesh, [Shard(1)], run_check=False, shape=(n, out),
+                              stride=(out, 1)).full_tensor()  # fmt: skip
+    return full.to(local.device)
 
 
 class TextSpaceProbe:
@@ -154,12 +178,12 @@ class TextSpaceProbe:
         and ``concept_residual`` when the ``operators`` are given."""
         out = {}
         for group in ("erasure", "collateral_near", "collateral_far"):
-            metric, now = RelativeOutputChange(), self._current(group)
+            metric, now = RelativeOutputChange(**_LOCAL), self._current(group)
             for name, ref in self.reference[group].items():
                 if ref.shape[0]:
                     metric.update(ref, now[name])
             out[group] = float(metric.compute()) if metric.count else float("nan")
-        leak, now = LeakageRate(), self._current("leak_concept")
+        leak, now = LeakageRate(**_LOCAL), self._current("leak_concept")
         for name in self.layers:
             leak.update(now[name], self.reference["leak_concept"][name], self.reference["leak_neutral"][name])
         out["leakage"] = float(leak.compute())
@@ -186,7 +210,7 @@ def concept_residual(
     unrelated weight drift, so it tells whether fine-tuning re-learned the concept; it drops when the edit is
     applied (``W (I - D) D`` is small where ``D`` is near a projection) and stays near its pre-edit value if
     the edit is missing."""
-    metric = RelativeOutputChange()
+    metric = RelativeOutputChange(**_LOCAL)
     for name, (W, b) in weights.items():
         op, x = operators[layer_spaces[name]], states[layer_spaces[name]]
         if not x.shape[0]:

@@ -23,13 +23,13 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, XLAStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, XLAStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..core.concepts import ConceptSpec, Family
-from ..core.editing import tensor_sha256
-from ..core.export import check_export_destination, save_erased
+from ..core.editing import is_sharded, local_shard, reshard, tensor_sha256
+from ..core.export import Adapters, check_export_destination, gather_pipeline, save_erased
 from ..core.plan import DENOISER_COMPONENTS, ErasurePlan, Method
 from ..core.probe import TextSpaceProbe
 from ..core.solver import DissociationOperator, check_hparams
@@ -37,7 +37,10 @@ from .filters import CaptionFilter, drop_rows
 
 __all__ = ["ICECallback", "ICEState", "find_pipeline"]
 
-_SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, XLAStrategy)
+# Lightning's FSDPStrategy (FSDP1: flat parameters) and DeepSpeed hide the weights' rows behind flattened
+# buffers; ModelParallelStrategy (FSDP2, fully_shard) keeps each weight a row-sharded DTensor, which the edit
+# handles shard by shard.
+_REFUSED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, XLAStrategy)
 # The weight of each edited layer right after the last application of any ICECallback in this process. A
 # re-application edits what changed since then, so with several callbacks on shared layers one never re-edits
 # another's edit (only training's change), and with no training in between every re-application is a no-op.
@@ -134,6 +137,13 @@ class ICECallback(Callback):
         caption_key: the batch key that holds the captions (for ``drop_concept_samples``).
         overwrite_export: let the export replace a non-empty ``export_dir`` that is not an earlier export
             (refused before training otherwise).
+        export_adapters: for a LoRA fine-tune (``ICEModule(lora_rank=...)``): ``"merge"`` (default) ships one
+            model with the adapters merged in, erased whatever adapter a user adds later; ``"separate"`` ships
+            the erased base model and the erased adapters beside it (``ice_adapters/<component>/``).
+
+    LoRA: where an adapter wraps a text-conditioning layer, the edit covers its base weight and its
+    ``lora_A`` (``(W + B A)(I - D) = W (I - D) + B A (I - D)``); a re-application edits what training added
+    to ``lora_A`` since, exactly as it does for full weights.
 
     The operator is computed once per embedding space (the text encoder is frozen) and reused. A
     re-application edits only what changed since the last application, ``W <- W - (W - W_last) D``: with no
@@ -165,6 +175,7 @@ class ICECallback(Callback):
         caption_key: str = "captions",
         spec: ConceptSpec | None = None,
         overwrite_export: bool = False,
+        export_adapters: Adapters = "merge",
     ) -> None:
         super().__init__()
         if spec is not None and erase is not None:
@@ -181,13 +192,17 @@ class ICECallback(Callback):
             raise ValueError(f"reapply_at must be 'train_epoch_end' or 'validation_start', got {reapply_at!r}")
         self.method, self.hparams = method, dict(hparams or {})
         self.at_setup, self.every_n_epochs, self.reapply_at = at_setup, every_n_epochs, reapply_at
+        if export_adapters not in ("merge", "separate"):
+            raise ValueError(f"export_adapters must be 'merge' or 'separate', got {export_adapters!r}")
         self.at_fit_end, self.export_dir, self.overwrite_export = at_fit_end, export_dir, overwrite_export
+        self.export_adapters = export_adapters
         self.layers, self.verify, self.log_metrics = layers, verify, log_metrics
         self.drop_concept_samples = drop_concept_samples
         self.caption_filter = CaptionFilter.from_spec(self.spec, caption_key) if drop_concept_samples else None
         self.state = ICEState(spec_fingerprint=self.spec_fingerprint())
         self._plan: ErasurePlan | None = None
         self._probe: TextSpaceProbe | None = None
+        self._deferred = False
 
     @property
     def state_key(self) -> str:
@@ -234,10 +249,12 @@ class ICECallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if isinstance(trainer.strategy, _SHARDED_STRATEGIES):
+        if isinstance(trainer.strategy, _REFUSED_STRATEGIES):
             raise RuntimeError(
-                f"ICECallback does not support {type(trainer.strategy).__name__} yet: the edit needs the full, "
-                "unsharded weights of the text-conditioning layers on every rank. Use a single device or DDP"
+                f"ICECallback does not support {type(trainer.strategy).__name__}: it flattens the weights, so the "
+                "rows of a text-conditioning layer are not a shard of its own. Shard with "
+                "ModelParallelStrategy (torch FSDP2, fully_shard in your module's configure_model), which "
+                "ICECallback edits shard by shard, or train on one device or with DDP"
             )
         pipe = self._pipeline_or_none(pl_module)
         if self.export_dir is not None:
@@ -251,6 +268,22 @@ class ICECallback(Callback):
             check_export_destination(pipe, self.export_dir, self.overwrite_export)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # ModelParallelStrategy restores a checkpoint (this callback's state included) after this hook, and
+        # does not say yet whether it will: start once training starts, when the restore has happened.
+        self._deferred = trainer.strategy.restore_checkpoint_after_setup
+        if self._deferred:
+            return
+        self._start(trainer, pl_module)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if getattr(self, "_deferred", False):
+            self._deferred = False
+            self._start(trainer, pl_module)
+
+    def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The first application, or, after a resume, binding to the checkpoint's erased weights: at
+        ``on_fit_start``, or at ``on_train_start`` under a strategy that restores checkpoints after setup
+        (``ModelParallelStrategy``; its sanity-check validation then sees the model before the first edit)."""
         pipe = self.get_pipeline(pl_module)  # raises the protocol error if the module exposes none
         if self.state.resumed:  # the checkpoint's weights hold the erasure: bind to them, apply nothing again
             self._bind(pipe)
@@ -285,12 +318,29 @@ class ICECallback(Callback):
         if self.at_fit_end:
             self.apply(trainer, pl_module, "fit_end")
         if self.export_dir is not None:
-            if trainer.is_global_zero:
-                every = {c.state_key: c.summary() for c in trainer.callbacks if isinstance(c, ICECallback)}
-                extra = {"ice_callback": self.summary(), "ice_callbacks": every}
-                save_erased(self.get_pipeline(pl_module), self.export_dir, extra=extra, overwrite=self.overwrite_export)
-                rank_zero_info(f"ICECallback: exported the erased model to {self.export_dir}")
-            trainer.strategy.barrier("ice_export")
+            self.export(trainer, pl_module)
+
+    def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Save the erased pipeline to ``export_dir`` from rank 0 (every rank calls this). Sharded weights are
+        first gathered whole to rank 0's CPU (``torch.distributed.checkpoint.state_dict``, a collective), and
+        the export is written from that copy, which records the erasures of every ``ICECallback``."""
+        pipe = self.get_pipeline(pl_module)
+        every = [c for c in trainer.callbacks if isinstance(c, ICECallback)]
+        extra = {"ice_callback": self.summary(), "ice_callbacks": {c.state_key: c.summary() for c in every}}
+        results = None
+        reshard(self._plan.denoisers.values())
+        if any(is_sharded(m.weight) for m in self._plan.modules().values()):
+            pipe = gather_pipeline(pipe)  # None on every rank but 0
+            if pipe is not None:
+                results = [ErasurePlan(pipe, c.spec, method=c.method, hparams=c.hparams,
+                                       layers=dict(c.state.layer_spaces), verify=False)
+                           .restore(c.state.operators, source="gathered shards")
+                           for c in every if c.state.operators]  # fmt: skip
+        if trainer.is_global_zero:
+            save_erased(pipe, self.export_dir, results=results, extra=extra, overwrite=self.overwrite_export,
+                        adapters=self.export_adapters)  # fmt: skip
+            rank_zero_info(f"ICECallback: exported the erased model to {self.export_dir}")
+        trainer.strategy.barrier("ice_export")
 
     # -- applying ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -331,13 +381,14 @@ class ICECallback(Callback):
         self.state.applications.append(record)
 
     def _remember_weights(self) -> None:
-        for m in self._plan.modules().values():
-            _AFTER_LAST_APPLICATION[m] = m.weight.detach().clone()
+        reshard(self._plan.denoisers.values())
+        for m in self._plan.modules().values():  # of a sharded weight, this rank's rows
+            _AFTER_LAST_APPLICATION[m] = local_shard(m.weight).detach().clone()
 
     def _bind(self, pipe: Any) -> None:
         """After a resume, rebuild the plan over the checkpoint's layers and the probe from its references."""
         self._plan = ErasurePlan(pipe, self.spec, method=self.method, hparams=self.hparams,
-                                 layers=list(self.state.layer_spaces), verify=False)  # fmt: skip
+                                 layers=dict(self.state.layer_spaces), verify=False)  # fmt: skip
         self._plan.restore(self.state.operators)  # the export's manifest lists it as after a fresh run
         if self.log_metrics and self.state.probe is not None:
             self._probe = TextSpaceProbe(self._plan.targets, self._plan.spaces, self.spec)
@@ -353,6 +404,8 @@ class ICECallback(Callback):
         (one hash per layer) normally passes; the fallback keeps a rank from silently drifting."""
         if trainer.world_size <= 1:
             return digest
+        if any(is_sharded(m.weight) for m in modules.values()):
+            return ICECallback._check_shards(trainer, modules, digest)
         differs = float(trainer.strategy.broadcast(digest, src=0) != digest)
         flag = torch.tensor(differs, device=trainer.strategy.root_device)
         if float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0:
@@ -364,14 +417,36 @@ class ICECallback(Callback):
         return digest
 
     @staticmethod
-    def _reset_optimizer_state(trainer: Trainer, modules: dict[str, torch.nn.Linear]) -> None:
-        """Drop Adam moments (and any other state) of the edited weights: stale moments would push the
-        weights straight back along the erased directions."""
+    def _check_shards(trainer: Trainer, modules: dict[str, torch.nn.Linear], digest: list[str]) -> list[str]:
+        """Sharded weights: every rank checks that each of its shards holds exactly what its edit wrote; the
+        failures are summed over ranks (any one fails every rank, naming the layers), and the per-shard hashes
+        of all ranks, in rank order, are returned (the same list on every rank)."""
+        bad = [n for (n, m), d in zip(modules.items(), digest, strict=True) if tensor_sha256(m.weight) != d]
+        flag = torch.tensor(float(len(bad)), device=trainer.strategy.root_device)
+        if float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0:
+            raise RuntimeError(
+                f"ICECallback: after the edit, rank {trainer.global_rank}'s shards of {bad[:3]} (or another rank's) "
+                "do not hold the edited rows; the sharded model is inconsistent: reload it from the last checkpoint"
+            )
+        gathered = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, digest)
+        return [h for rank in gathered for h in rank]
+
+    @staticmethod
+    def _reset_optimizer_state(trainer: Trainer, modules: dict[str, torch.nn.Module]) -> None:
+        """Reset the optimizer state (Adam's moments and step) of the edited weights to what a fresh state
+        is: stale moments would push the weights straight back along the erased directions. The state is
+        zeroed in place rather than dropped, so a (sharded) checkpoint still holds an entry for every
+        parameter, as torch's distributed checkpoint expects when it loads one."""
         params = {id(m.weight) for m in modules.values()}
         for opt in trainer.optimizers:
-            for p in list(opt.state):
+            for p, state in opt.state.items():
                 if id(p) in params:
-                    del opt.state[p]
+                    for k, v in state.items():
+                        if isinstance(v, torch.Tensor):
+                            v.zero_()
+                        elif isinstance(v, (int, float)):
+                            state[k] = type(v)(0)
 
     # -- checks ----------------------------------------------------------------------------------
     def _pipeline_or_none(self, pl_module: LightningModule) -> Any:

@@ -1,21 +1,28 @@
-"""``ICEModule``: fine-tune the denoiser of a diffusers pipeline (T2I or T2V) with Lightning.
+"""``ICEModule``: fine-tune the denoiser of a diffusers pipeline (T2I or T2V), in full or as a LoRA.
 
 Example:
     >>> from ice_lightning import ICEModule
     >>> module = ICEModule(pipeline="tiny:sd", validation_concepts={"erase": ["Van Gogh"], "family": "style"})
     >>> type(module.pipeline).__name__, module.objective
     ('StableDiffusionPipeline', 'epsilon')
+    >>> ICEModule(pipeline="tiny:flux", lora_rank=4).objective
+    'flow_matching'
 
-The VAE and text encoders are frozen; the UNet is trained with the scheduler's own objective
-(epsilon, v-prediction or flow matching) and classifier-free-guidance dropout. Validation logs the loss on
-fixed noise, the text-space metrics of ``validation_concepts`` (:mod:`ice_lightning.core.probe`) against the
-model as it was loaded, and, with ``num_samples > 0``, generated samples per erased concept.
+Every family of the table (:mod:`ice_lightning.core.families`) trains: UNets (SD, SDXL, TextToVideoSD,
+AnimateDiff, SVD) and transformers (SD3, Flux, PixArt, CogVideoX, Wan 2.1 and 2.2, LTX-Video), each with its
+family's latents, text conditioning and model call (:mod:`ice_lightning.core.denoising` names the training
+script each follows). The VAE and text encoders are frozen (and left out of checkpoints); the denoiser, or
+with ``lora_rank`` only its PEFT adapters, is trained with the scheduler's own objective (epsilon,
+v-prediction or flow matching with the scheduler's shift and a weighting scheme) and classifier-free-guidance
+dropout. Validation logs the loss on fixed noise, the text-space metrics of ``validation_concepts``
+(:mod:`ice_lightning.core.probe`) against the model as it was loaded, and, with ``num_samples > 0``,
+generated samples per erased concept.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,24 +32,42 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 
 from ..core.concepts import ConceptSpec
-from ..core.families import FAMILIES, denoise, family_of
+from ..core.denoising import WeightingScheme, experts, flow_loss_weights, sample_flow_sigmas, shift_sigmas
+from ..core.families import family_of
 from ..core.pipelines import load_pipeline
 from ..core.plan import denoisers, pipeline_spaces, text_conditioning_layers
 from ..core.probe import TextSpaceProbe
 
-__all__ = ["ICEModule", "LRSchedule", "TimestepBias"]
+__all__ = ["ICEModule", "LRSchedule", "TimestepBias", "DEFAULT_LORA_TARGETS"]
 
 LRSchedule = Literal["constant", "cosine"]
 TimestepBias = Literal["none", "later", "earlier"]
+#: The attention projections diffusers' LoRA training scripts adapt by default.
+DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+_FROZEN_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+# The block lists of the denoisers, each block one FSDP2 unit (UNets; SD3, Flux, PixArt, CogVideoX, LTX; Wan).
+_BLOCK_LISTS = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "single_transformer_blocks", "blocks")
+
+
+def _rows(cond: Any, mask: torch.Tensor, n: int) -> Any:
+    """The rows ``mask`` of every per-sample tensor of a conditioning dict (shared tensors kept)."""
+    if isinstance(cond, dict):
+        return {k: v if k == "txt_ids" else _rows(v, mask, n) for k, v in cond.items()}
+    if isinstance(cond, torch.Tensor) and cond.dim() > 0 and cond.shape[0] == n:
+        return cond[mask]
+    return cond
 
 
 class ICEModule(LightningModule):
-    """Fine-tunes the UNet of a diffusers pipeline; exposes it as ``self.pipeline`` for ``ICECallback``.
+    """Fine-tunes the denoiser(s) of a diffusers pipeline; exposes it as ``self.pipeline`` for ``ICECallback``.
+
+    Each denoiser is an attribute named as the pipeline's component (``unet``, ``transformer``, and Wan 2.2's
+    ``transformer_2``); :attr:`denoiser` is the first.
 
     Args:
         pipeline: local diffusers folder or hub id (``from_pretrained``), or a registered name
             (:func:`~ice_lightning.core.pipelines.load_pipeline`: ``"shapes-image"``, ``"tiny:sd"``...).
-        learning_rate, weight_decay, betas: AdamW settings for the denoiser.
+        learning_rate, weight_decay, betas: AdamW settings for the trained parameters.
         cfg_dropout: probability of training a caption as "" (classifier-free guidance).
         gradient_checkpointing: trade compute for memory in the denoiser.
         torch_dtype: dtype the pipeline is loaded in.
@@ -62,6 +87,23 @@ class ICEModule(LightningModule):
             schedule ``multiplier`` times as often (``"none"``: uniform). What is decided only at the noisiest
             steps, such as which way a shape moves in a clip (at lower noise the noisy clip itself shows it),
             is otherwise learned from the text far too slowly.
+        weighting_scheme, logit_mean, logit_std, mode_scale: flow matching only: how the noise levels are
+            drawn and the loss weighted (diffusers' ``--weighting_scheme``: ``"none"`` uniform,
+            ``"logit_normal"``, ``"mode"``, ``"cosmap"``, ``"sigma_sqrt"``). The drawn levels are then
+            shifted as the pipeline's scheduler shifts them (static ``shift``, or Flux's and LTX's dynamic
+            shift at the batch's sequence length).
+        lora_rank, lora_alpha, lora_target_modules, lora_init: train PEFT LoRA adapters of rank
+            ``lora_rank`` (scale ``lora_alpha / lora_rank``; ``lora_alpha`` defaults to the rank) on the
+            denoiser modules named ``lora_target_modules`` (default: the attention projections
+            :data:`DEFAULT_LORA_TARGETS`) instead of the full weights; ``lora_init`` is PEFT's
+            ``init_lora_weights``. ``ICECallback`` edits the adapters' ``lora_A`` where they read the text
+            states, and exports the adapters merged (or beside an erased base: its ``export_adapters``).
+        text_cache_size: caption sets whose text conditioning is kept (the text encoders are frozen, so a
+            repeated batch of captions is encoded once); 0 disables.
+
+    A batch is ``{"captions": [...], "pixel_values": ...}`` (images ``(B, 3, H, W)`` or clips
+    ``(B, F, 3, H, W)`` in [-1, 1]), or carries ``"latents"`` already encoded by :meth:`encode_pixels`
+    (precomputed VAE latents) instead of the pixels.
     """
 
     def __init__(
@@ -84,6 +126,15 @@ class ICEModule(LightningModule):
         timestep_bias: TimestepBias = "none",
         timestep_bias_portion: float = 0.25,
         timestep_bias_multiplier: float = 1.0,
+        weighting_scheme: WeightingScheme = "none",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        lora_target_modules: list[str] | None = None,
+        lora_init: bool | str = True,
+        text_cache_size: int = 256,
     ) -> None:
         super().__init__()
         if lr_schedule not in ("constant", "cosine"):
@@ -93,37 +144,32 @@ class ICEModule(LightningModule):
         if not (0 < timestep_bias_portion <= 1 and timestep_bias_multiplier > 0):
             raise ValueError("timestep_bias_portion must be in (0, 1] and timestep_bias_multiplier > 0, got "
                              f"{timestep_bias_portion} and {timestep_bias_multiplier}")  # fmt: skip
+        if weighting_scheme not in ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt"):
+            raise ValueError("weighting_scheme must be 'none', 'logit_normal', 'mode', 'cosmap' or 'sigma_sqrt', "
+                             f"got {weighting_scheme!r}")  # fmt: skip
+        if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
+            raise ValueError(f"lora_rank must be a whole number >= 1 (or None for a full fine-tune), got {lora_rank!r}")
         self.save_hyperparameters()
         pipe = load_pipeline(pipeline, torch_dtype)
         pipe.set_progress_bar_config(disable=True)
         self.pipeline = pipe
-        denoiser = next(iter(denoisers(pipe).values()))
-        if getattr(pipe, "unet", None) is None or not family_of(denoiser).trainable:
-            trainable = ", ".join(sorted(n for n, f in FAMILIES.items() if f.trainable))
-            raise NotImplementedError(
-                f"ICEModule trains the denoiser families with a training call ({trainable}); "
-                f"{type(denoiser).__name__} training is not implemented yet. ICECallback and ice_lightning.erase "
-                "work with it from your own module"
-            )
-        self.unet = pipe.unet
+        self.denoisers = denoisers(pipe)  # {component name: denoiser}; plain dict: registered below by name
+        self.family = family_of(self.denoiser)
+        for name, model in self.denoisers.items():
+            setattr(self, name, model)
+        for name in _FROZEN_COMPONENTS:  # registered, so Lightning moves them; frozen, and not checkpointed
+            comp = getattr(pipe, name, None)
+            if isinstance(comp, torch.nn.Module):
+                setattr(self, name, comp.requires_grad_(False).eval())
         self.vae = getattr(pipe, "vae", None)  # None: a pixel-space model (PixelDiffusionPipeline)
-        self.text_encoder = pipe.text_encoder
-        for frozen in (self.vae, self.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            if frozen is not None:
-                frozen.requires_grad_(False).eval()
+        if lora_rank is not None:
+            self._add_adapters()
         if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.video = family_of(self.unet).video
-        sched = pipe.scheduler
-        if "FlowMatch" in type(sched).__name__:
-            self.objective = "flow_matching"
-        else:
-            from diffusers import DDPMScheduler
-
-            self.noise_scheduler = DDPMScheduler.from_config(sched.config)
-            self.objective = self.noise_scheduler.config.prediction_type
-            if self.objective not in ("epsilon", "v_prediction", "sample"):
-                raise ValueError(f"unknown prediction_type {self.objective!r} in the pipeline's scheduler config")
+            for model in self.denoisers.values():
+                model.enable_gradient_checkpointing()
+        self.video = self.family.video
+        self._text_cache: OrderedDict[tuple, dict] = OrderedDict()
+        self.objective = self._objective(pipe.scheduler)
         self.spec = ConceptSpec(**validation_concepts) if validation_concepts else None
         # Reference outputs of the text-conditioning layers as loaded, before any erasure or training.
         self.probe = self._make_probe() if self.spec is not None else None
@@ -135,39 +181,112 @@ class ICEModule(LightningModule):
 
             self.red_team = RedTeam(self.probe.layers, self.probe.spaces, self.spec, **red_team)
 
+    def train(self, mode: bool = True) -> ICEModule:
+        """Lightning puts the whole module in training mode at every fit epoch; the frozen VAE and text
+        encoders stay in eval mode (T5's dropout would otherwise noise every caption's conditioning)."""
+        super().train(mode)
+        for name in _FROZEN_COMPONENTS:
+            comp = getattr(self, name, None)
+            if isinstance(comp, torch.nn.Module):
+                comp.eval()
+        return self
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The pipeline's (first) denoiser: ``unet`` or ``transformer``."""
+        return next(iter(self.denoisers.values()))
+
+    def _objective(self, sched) -> str:
+        if "FlowMatch" in type(sched).__name__ or sched.config.get("use_flow_sigmas", False):
+            return "flow_matching"
+        from diffusers import DDPMScheduler
+
+        # CogVideoX's schedulers rescale the SNR (snr_shift_scale): noise with the pipeline's own class.
+        cls = type(sched) if "snr_shift_scale" in sched.config else DDPMScheduler
+        self.noise_scheduler = cls.from_config(sched.config)
+        objective = self.noise_scheduler.config.prediction_type
+        if objective not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unknown prediction_type {objective!r} in the pipeline's scheduler config")
+        return objective
+
+    def _add_adapters(self) -> None:
+        """Freeze every denoiser and give it PEFT LoRA adapters, the only trained weights."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        hp = self.hparams
+        targets = list(hp.lora_target_modules or DEFAULT_LORA_TARGETS)
+        for name, model in self.denoisers.items():
+            model.requires_grad_(False)
+            config = LoraConfig(r=hp.lora_rank, lora_alpha=hp.lora_alpha or hp.lora_rank, target_modules=targets,
+                                init_lora_weights=hp.lora_init)  # fmt: skip
+            try:  # diffusers' own adapter bookkeeping where the class has it (PeftAdapterMixin), else PEFT's
+                model.add_adapter(config) if hasattr(model, "add_adapter") else inject_adapter_in_model(config, model)
+            except ValueError as err:
+                raise ValueError(f"lora_target_modules={targets} match no layer of the {name} "
+                                 f"({type(model).__name__}): {err}") from err  # fmt: skip
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (torch FSDP2), shard every denoiser over the data-parallel mesh:
+        each block of it (``fully_shard``), then the whole. Nothing otherwise. ``ICECallback`` edits the
+        row shards this leaves on each rank."""
+        mesh = self.device_mesh
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        if self.hparams.lora_rank is not None:
+            raise NotImplementedError(
+                "ICEModule does not shard a LoRA fine-tune: its adapters are small, so train it with DDP (strategy: "
+                "ddp), or shard a full fine-tune"
+            )
+        from torch.distributed.fsdp import fully_shard
+
+        dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        for model in self.denoisers.values():
+            for name in _BLOCK_LISTS:
+                blocks = getattr(model, name, None)
+                for block in [blocks] if isinstance(blocks, torch.nn.Module) and name == "mid_block" else blocks or []:
+                    if block is not None:
+                        fully_shard(block, mesh=dp)
+            fully_shard(model, mesh=dp)
+        self._sharded = True
+
     def _make_probe(self) -> TextSpaceProbe:
         return TextSpaceProbe(text_conditioning_layers(self.pipeline), pipeline_spaces(self.pipeline), self.spec)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen VAE and text encoders out of checkpoints (they are reloaded with the pipeline)."""
+        frozen = tuple(f"{n}." for n in _FROZEN_COMPONENTS)
+        state = checkpoint.get("state_dict", {})
+        for k in [k for k in state if k.startswith(frozen)]:
+            del state[k]
+        self.strict_loading = False
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.strict_loading = False  # the frozen components are not in the checkpoint
+
     # -- conditioning and latents ------------------------------------------------------------------
     @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Denoiser keyword arguments for ``captions``, through the pipeline's own ``encode_prompt``."""
-        pipe = self.pipeline
-        params = inspect.signature(pipe.encode_prompt).parameters
-        wanted = {"prompt": captions, "device": self.device, "num_images_per_prompt": 1,
-                  "do_classifier_free_guidance": False}  # fmt: skip
-        out = pipe.encode_prompt(**{k: v for k, v in wanted.items() if k in params})
-        cond = {"encoder_hidden_states": out[0]}
-        if getattr(self.unet.config, "addition_embed_type", None) == "text_time":  # SDXL
-            size = self.unet.config.sample_size * pipe.vae_scale_factor
-            time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=self.device, dtype=out[0].dtype)
-            cond["added_cond_kwargs"] = {"text_embeds": out[2], "time_ids": time_ids.repeat(len(captions), 1)}
+    def encode_text(self, captions: list[str]) -> dict[str, Any]:
+        """The denoiser's keyword arguments for ``captions`` from the pipeline's own ``encode_prompt`` (the
+        family's ``conditioning``); cached per caption set (the text encoders are frozen)."""
+        key = tuple(captions)
+        cond = self._text_cache.get(key)
+        if cond is None:
+            cond = self.family.conditioning(self.pipeline, list(captions), self.device, self.denoiser)
+            if self.hparams.text_cache_size > 0:
+                self._text_cache[key] = cond
+                while len(self._text_cache) > self.hparams.text_cache_size:
+                    self._text_cache.popitem(last=False)
+        else:
+            self._text_cache.move_to_end(key)
         return cond
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """VAE latents, scaled; videos (B, F, 3, H, W) become (B, C, F, h, w) as UNet3D expects."""
-        b = pixels.shape[0]
-        if self.vae is None:  # pixel space: the model denoises the pixels themselves
+        """Normalised latents in the family's layout (:mod:`ice_lightning.core.denoising`), through its image
+        or video VAE; a pixel-space model denoises the pixels themselves (clips as ``(B, C, F, H, W)``)."""
+        if self.vae is None:
             return pixels.permute(0, 2, 1, 3, 4) if self.video else pixels
-        flat = pixels.flatten(0, 1) if self.video else pixels
-        dist = self.vae.encode(flat.to(self.vae.dtype)).latent_dist
-        lat = dist.sample(generator) if generator is not None else dist.sample()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        lat = (lat - shift) * self.vae.config.scaling_factor
-        if self.video:
-            lat = lat.unflatten(0, (b, -1)).permute(0, 2, 1, 3, 4)
-        return lat
+        return self.family.latents(self.vae, pixels, generator)
 
     def timestep_weights(self, n: int) -> torch.Tensor:
         """Sampling weights of the ``n`` training timesteps under ``timestep_bias`` (diffusers' scheme)."""
@@ -184,6 +303,43 @@ class ICEModule(LightningModule):
         w = self.timestep_weights(n).to(generator.device if generator is not None else self.device)
         return torch.multinomial(w, b, replacement=True, generator=generator)
 
+    def noisy_input(self, x0: torch.Tensor, noise: torch.Tensor, generator: torch.Generator | None = None):
+        """``(noisy latents, timesteps, target, per-sample loss weights or None)`` for clean latents ``x0``."""
+        b, hp = x0.shape[0], self.hparams
+        if self.objective == "flow_matching":
+            u = sample_flow_sigmas(hp.weighting_scheme, b, generator, x0.device, hp.logit_mean, hp.logit_std,
+                                   hp.mode_scale).to(x0.dtype)  # fmt: skip
+            if hp.timestep_bias != "none":  # the bin the bias draws, then uniform inside it
+                u = (self.draw_timesteps(b, 1000, generator).to(u) + u) / 1000
+            tokens = self.family.tokens(x0) if self.family.tokens else x0.shape[2:].numel()
+            sigma = shift_sigmas(self.pipeline.scheduler.config, u, tokens)
+            s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+            weights = None if hp.weighting_scheme == "none" else flow_loss_weights(hp.weighting_scheme, sigma)
+            return (1 - s) * x0 + s * noise, sigma * 1000, noise - x0, weights
+        n = self.noise_scheduler.config.num_train_timesteps
+        if hp.timestep_bias == "none":
+            t = torch.randint(0, n, (b,), generator=generator, device=x0.device)
+        else:
+            t = self.draw_timesteps(b, n, generator).to(x0.device)
+        noisy = self.noise_scheduler.add_noise(x0, noise, t)
+        target = {"epsilon": noise, "sample": x0}.get(self.objective)
+        if target is None:
+            target = self.noise_scheduler.get_velocity(x0, noise, t)
+        return noisy, t, target, None
+
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        """The denoiser's prediction through the family's call; Wan 2.2 routes each sample to its expert."""
+        routes = experts(self.pipeline, self.denoisers, t)
+        if len(routes) == 1:
+            return self.family.denoise(routes[0][0], noisy, t, **cond)
+        pred = None
+        for model, mask in routes:
+            if mask.any():
+                part = self.family.denoise(model, noisy[mask], t[mask], **_rows(cond, mask, len(t)))
+                pred = part.new_zeros(noisy.shape) if pred is None else pred
+                pred[mask] = part
+        return pred
+
     def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """The scheduler's own objective on one batch (``generator`` fixes the noise, for validation)."""
         captions = list(batch["captions"])
@@ -191,27 +347,14 @@ class ICEModule(LightningModule):
             drop = torch.rand(len(captions), generator=generator, device=generator.device if generator else None)
             drop = drop.cpu() < self.hparams.cfg_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-        x0 = self.encode_pixels(batch["pixel_values"], generator)
+        x0 = batch["latents"] if "latents" in batch else self.encode_pixels(batch["pixel_values"], generator)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        b = x0.shape[0]
-        if self.objective == "flow_matching":
-            sigma = torch.rand(b, generator=generator, device=x0.device, dtype=x0.dtype)
-            if self.hparams.timestep_bias != "none":  # the bin the bias draws, then uniform inside it
-                sigma = (self.draw_timesteps(b, 1000, generator).to(sigma) + sigma) / 1000
-            s = sigma.view(-1, *([1] * (x0.dim() - 1)))
-            noisy, target, t = (1 - s) * x0 + s * noise, noise - x0, sigma * 1000
-        else:
-            n = self.noise_scheduler.config.num_train_timesteps
-            if self.hparams.timestep_bias == "none":
-                t = torch.randint(0, n, (b,), generator=generator, device=x0.device)
-            else:
-                t = self.draw_timesteps(b, n, generator).to(x0.device)
-            noisy = self.noise_scheduler.add_noise(x0, noise, t)
-            target = {"epsilon": noise, "sample": x0}.get(self.objective)
-            if target is None:
-                target = self.noise_scheduler.get_velocity(x0, noise, t)
-        pred = denoise(self.unet, noisy, t, **self.encode_text(captions))
-        return F.mse_loss(pred.float(), target.float())
+        noisy, t, target, weights = self.noisy_input(x0, noise, generator)
+        pred = self.predict(noisy, t, self.encode_text(captions))
+        if weights is None:
+            return F.mse_loss(pred.float(), target.float())
+        per_sample = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+        return (weights.float() * per_sample).mean()
 
     # -- Lightning hooks -----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
@@ -243,12 +386,15 @@ class ICEModule(LightningModule):
         if self.red_team is not None:
             for k, v in self.red_team.compute(original=False).items():
                 self.log(f"val/attack_{k}", v, sync_dist=False, rank_zero_only=True)
-        if self.hparams.num_samples > 0 and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+        # a sharded denoiser runs forward on every rank together (FSDP2 gathers its weights): all ranks sample
+        sampling_ranks = self.device_mesh is not None or self.trainer.is_global_zero
+        if self.hparams.num_samples > 0 and not self.trainer.sanity_checking and sampling_ranks:
             self.log_samples()
 
     @torch.no_grad()
-    def log_samples(self) -> Path:
-        """Generate ``num_samples`` per erased concept and save a PNG grid (and add it to TensorBoard)."""
+    def log_samples(self) -> Path | None:
+        """Generate ``num_samples`` per erased concept and save a PNG grid (and add it to TensorBoard) from
+        rank 0 (``None`` elsewhere)."""
         prompts = [p.text for p in (self.spec.heldout_erase_prompts() if self.spec else [])] or [""]
         prompts = [p for p in prompts for _ in range(self.hparams.num_samples)]
         g = torch.Generator(device=self.device).manual_seed(0)
@@ -258,6 +404,8 @@ class ICEModule(LightningModule):
         if self.video:  # frames side by side
             images = np.concatenate(list(np.moveaxis(images, 1, 0)), axis=2)
         grid = (np.concatenate(list(images), axis=0) * 255).clip(0, 255).astype(np.uint8)
+        if not self.trainer.is_global_zero:
+            return None
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"epoch{self.current_epoch:03d}.png"
@@ -270,7 +418,7 @@ class ICEModule(LightningModule):
         return path
 
     def configure_optimizers(self):
-        params = [p for p in self.unet.parameters() if p.requires_grad]
+        params = [p for m in self.denoisers.values() for p in m.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
             params,
             lr=self.hparams.learning_rate,

@@ -26,6 +26,7 @@ EXPECTED = {
     "pixart": ("transformer", {"caption_projection.linear_1"}),
     "cogvideox": ("transformer", {"patch_embed.text_proj"}),
     "wan": ("transformer", {"condition_embedder.text_embedder.linear_1"}),
+    "wan22": (("transformer", "transformer_2"), {"condition_embedder.text_embedder.linear_1"}),  # both experts
     "ltx": ("transformer", {"caption_projection.linear_1"}),
 }
 PIPELINE_CLASS = {
@@ -38,12 +39,15 @@ PIPELINE_CLASS = {
     "pixart": "PixArtAlphaPipeline",
     "cogvideox": "CogVideoXPipeline",
     "wan": "WanPipeline",
+    "wan22": "WanPipeline",
     "ltx": "LTXPipeline",
 }
 
 
 def _expected_layers(pipe, kind):
     comp, rule = EXPECTED[kind]
+    if isinstance(comp, tuple):
+        return {f"{c}.{n}" for c in comp for n in rule}
     model = getattr(pipe, comp)
     if isinstance(rule, set):
         return {f"{comp}.{n}" for n in rule}

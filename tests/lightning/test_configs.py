@@ -43,11 +43,17 @@ def test_configs_cover_the_documented_cases():
         "sdxl_object_erase.yaml",
         "zeroscope_t2v.yaml",
         "explicit_content.yaml",
+        "flux_lora_erase.yaml",
+        "sd3_finetune.yaml",
+        "wan_t2v_lora.yaml",
+        "cogvideox_finetune.yaml",
+        "sdxl_fsdp2_finetune.yaml",
+        "tiny_flux_lora.yaml",
     } <= names
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiny_t2i.yaml", "tiny_t2v.yaml"])
+@pytest.mark.parametrize("name", ["tiny_t2i.yaml", "tiny_t2v.yaml", "tiny_flux_lora.yaml"])
 def test_tiny_configs_fit_through_the_cli(name, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the configs name data folders relative to the repository root
     out = tmp_path / "erased"
