@@ -270,7 +270,7 @@ class ICECallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # ModelParallelStrategy restores a checkpoint (this callback's state included) after this hook, and
         # does not say yet whether it will: start once training starts, when the restore has happened.
-        self._deferred = trainer.strategy.restore_checkpoint_after_setup
+        self._deferred = bool(getattr(getattr(trainer, "strategy", None), "restore_checkpoint_after_setup", False))
         if self._deferred:
             return
         self._start(trainer, pl_module)
