@@ -46,6 +46,7 @@ __all__ = [
     "verify_export",
     "load_manifest",
     "gather_pipeline",
+    "rebased",
     "without_adapters",
     "ADAPTERS_DIR",
     "Adapters",
@@ -214,8 +215,9 @@ def without_adapters(pipeline, adapters: Adapters = "merge") -> Iterator[dict[st
 def _adapter_files(pipeline, folder: Path) -> None:
     """Each denoiser's LoRA adapters in diffusers' format, ``ADAPTERS_DIR/<component>/`` (loadable with the
     denoiser's ``load_lora_adapter``); one file per adapter name."""
+    wrappers = _lora_wrappers(pipeline)
     for comp, model in denoisers(pipeline).items():
-        names = {a for n, _p, _a, w in _lora_wrappers(pipeline) if n.startswith(f"{comp}.") for a in w.lora_A}
+        names = {a for n, _p, _a, w in wrappers if n.startswith(f"{comp}.") for a in w.lora_A}
         for adapter in sorted(names):
             out = folder / ADAPTERS_DIR / comp
             weight_name = "pytorch_lora_weights.safetensors" if adapter == "default" else f"{adapter}.safetensors"
@@ -230,9 +232,12 @@ def _adapter_files(pipeline, folder: Path) -> None:
                 save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / weight_name))
 
 
-def _rebased(pipeline, results: list[ErasureResult], renamed: dict[str, str | None], source: str) -> list:
+def rebased(pipeline, results: Sequence[ErasureResult], source: str,
+            renamed: dict[str, str | None] | None = None) -> list[ErasureResult]:  # fmt: skip
     """The erasures of ``results`` described over the layers ``pipeline`` holds now (renamed by
-    :func:`without_adapters`, or whole copies by :func:`gather_pipeline`), recording nothing."""
+    :func:`without_adapters`, or whole copies made by :func:`gather_pipeline`), recording nothing; ``source``
+    says which (the manifest's ``recorded_from``)."""
+    renamed = renamed or {}
     out = []
     for r in results:
         spaces = {renamed.get(n, n): s for n, s in r.layer_spaces.items() if renamed.get(n, n) is not None}
@@ -310,7 +315,7 @@ def save_erased(
         with without_adapters(pipeline, adapters) as renamed:
             if renamed:
                 source = {"merge": "adapters merged", "separate": "adapters shipped beside"}[adapters]
-                results = _rebased(pipeline, results, renamed, source=source)
+                results = rebased(pipeline, results, source, renamed)
             pipeline.save_pretrained(tmp, safe_serialization=safe_serialization)
             _save_operators(tmp / OPERATORS_NAME, results)
             for name, data in (extra_files or {}).items():

@@ -29,8 +29,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..core.concepts import ConceptSpec, Family
 from ..core.editing import is_sharded, local_shard, reshard, tensor_sha256
-from ..core.export import Adapters, check_export_destination, gather_pipeline, save_erased
-from ..core.plan import DENOISER_COMPONENTS, ErasurePlan, Method
+from ..core.export import Adapters, check_export_destination, gather_pipeline, rebased, save_erased
+from ..core.plan import DENOISER_COMPONENTS, ErasurePlan, Method, edit_history
 from ..core.probe import TextSpaceProbe
 from ..core.solver import DissociationOperator, check_hparams
 from .filters import CaptionFilter, drop_rows
@@ -330,12 +330,10 @@ class ICECallback(Callback):
         results = None
         reshard(self._plan.denoisers.values())
         if any(is_sharded(m.weight) for m in self._plan.modules().values()):
-            pipe = gather_pipeline(pipe)  # None on every rank but 0
-            if pipe is not None:
-                results = [ErasurePlan(pipe, c.spec, method=c.method, hparams=c.hparams,
-                                       layers=dict(c.state.layer_spaces), verify=False)
-                           .restore(c.state.operators, source="gathered shards")
-                           for c in every if c.state.operators]  # fmt: skip
+            whole = gather_pipeline(pipe)  # None on every rank but 0
+            if whole is not None:
+                results = rebased(whole, [r for r in edit_history(pipe) if not r.undone], "gathered shards")
+            pipe = whole
         if trainer.is_global_zero:
             save_erased(pipe, self.export_dir, results=results, extra=extra, overwrite=self.overwrite_export,
                         adapters=self.export_adapters)  # fmt: skip

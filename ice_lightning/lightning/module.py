@@ -242,10 +242,9 @@ class ICEModule(LightningModule):
         dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
         for model in self.denoisers.values():
             for name in _BLOCK_LISTS:
-                blocks = getattr(model, name, None)
-                for block in [blocks] if isinstance(blocks, torch.nn.Module) and name == "mid_block" else blocks or []:
-                    if block is not None:
-                        fully_shard(block, mesh=dp)
+                blocks = getattr(model, name, None)  # a ModuleList of blocks, or one block (mid_block), or none
+                for block in blocks if isinstance(blocks, torch.nn.ModuleList) else [blocks] if blocks else []:
+                    fully_shard(block, mesh=dp)
             fully_shard(model, mesh=dp)
         self._sharded = True
 
