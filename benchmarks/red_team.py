@@ -22,6 +22,7 @@ from _common import RESULTS, minilm_pipeline, table, write_report  # noqa: E402
 
 import ice_lightning  # noqa: E402
 from ice_lightning.evaluation.attacks import RedTeam, RingABellConfig  # noqa: E402
+from ice_lightning.evaluation.baselines import uce_as_published  # noqa: E402
 from ice_lightning.evaluation.devset import DEV_SET, dev_concepts  # noqa: E402
 
 #: Each method at a setting of similar collateral on held-out nearby concepts (benchmarks/tradeoff.py).
@@ -29,6 +30,7 @@ METHODS = {
     "ICE": ("ice", {}),
     "CURE": ("cure", {}),
     "UCE": ("uce", {"lam": 30.0}),
+    "UCE as published": ("uce_published", {}),
     "projection": ("projection", {"energy_kept": 0.9}),
 }
 BUDGETS = (0.25, 0.5, 1.0)
@@ -38,7 +40,10 @@ def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS) -> dic
     out: dict[str, dict[str, float]] = {}
     ring_prompts = None
     for label, (method, kw) in METHODS.items():
-        result = ice_lightning.erase(pipe, spec=concept.spec(), method=method, verify=False, **kw)
+        if method == "uce_published":  # UCE's own recipe (one state per concept, a guide, lam 0.5)
+            result = uce_as_published(pipe, concept.spec())
+        else:
+            result = ice_lightning.erase(pipe, spec=concept.spec(), method=method, verify=False, **kw)
         try:
             team = RedTeam.from_result(
                 result, paraphrases=concept.paraphrases, ring_a_bell=ring, attacks=["paraphrase", "ring_a_bell"],

@@ -23,7 +23,19 @@ from .core import (
     save_erased,
     verify_export,
 )
-from .lightning import CaptionFilter, CaptionFolderDataModule, ICECallback, ICEModule, SavePipeline
+from .lightning import (
+    CaptionFilter,
+    CaptionFolderDataModule,
+    CLIPConceptPresence,
+    ConceptPresence,
+    ICECallback,
+    ICEModule,
+    ImageDetectorFilter,
+    NudeNetFilter,
+    NudeNetPresence,
+    SampleFilter,
+    SavePipeline,
+)
 
 __version__ = "0.1.0"
 
@@ -31,6 +43,12 @@ __all__ = [
     "ICECallback",
     "ICEModule",
     "CaptionFilter",
+    "ImageDetectorFilter",
+    "NudeNetFilter",
+    "SampleFilter",
+    "ConceptPresence",
+    "CLIPConceptPresence",
+    "NudeNetPresence",
     "CaptionFolderDataModule",
     "SavePipeline",
     "ConceptSpec",

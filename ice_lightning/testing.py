@@ -484,7 +484,11 @@ def _minilm():
     from transformers import AutoModel, AutoTokenizer
 
     path = minilm_path()
-    return {"text_encoder": AutoModel.from_pretrained(path), "tokenizer": AutoTokenizer.from_pretrained(path)}
+    # Stable Diffusion pipelines pad every prompt to the tokenizer's maximum length and pass no attention mask. The
+    # MiniLM tokenizer's is 512, which would make each prompt 512 positions that every text layer reads (and 7x
+    # the encoding cost); 77 is what these pipelines pad CLIP's prompts to.
+    return {"text_encoder": AutoModel.from_pretrained(path),
+            "tokenizer": AutoTokenizer.from_pretrained(path, model_max_length=77)}
 
 
 def _sd_minilm():

@@ -30,6 +30,7 @@ __all__ = [
     "GENERIC_PROMPTS",
     "UNRELATED_PROMPTS",
     "NEUTRAL_WORD",
+    "EVERYDAY_PROMPTS",
 ]
 
 Family = Literal["style", "object", "identity", "explicit", "custom"]
@@ -145,6 +146,44 @@ UNRELATED_PROMPTS: tuple[str, ...] = (
     "a glass of orange juice",
 )
 
+def _everyday() -> tuple[str, ...]:
+    """360 everyday prompts (70 subjects x 30 scenes x 12 media, paired off deterministically): the broad preserve
+    base, every token of which stands for "everything else" (disjoint from :data:`UNRELATED_PROMPTS`)."""
+    subjects = (
+        "a dog", "a cat", "a horse", "two birds", "a cow", "a rabbit", "an old man", "a young woman", "a child",
+        "a group of friends", "a chef", "a teacher", "a farmer", "a cyclist", "a firefighter", "a wooden chair",
+        "a blue bicycle", "a vintage car", "a yellow taxi", "a sailboat", "a train", "an airplane", "a bus",
+        "a motorcycle", "a laptop", "a smartphone", "a coffee mug", "a bowl of soup", "a slice of pizza",
+        "a stack of pancakes", "a basket of apples", "a loaf of bread", "a birthday cake", "a cup of tea",
+        "a bouquet of roses", "a cactus", "an oak tree", "a field of sunflowers", "a waterfall", "a lighthouse",
+        "a bridge", "a small house", "a skyscraper", "a market stall", "a library", "a kitchen", "a bedroom",
+        "a classroom", "a garden", "a playground", "a robot", "a spaceship", "a dragon", "a castle", "a snowman",
+        "a teddy bear", "a guitar", "a pair of shoes", "a red umbrella", "a backpack", "a fishing boat",
+        "a hot dog stand", "a clock tower", "a parrot", "a fox", "an owl", "a turtle", "a goldfish", "a tiger",
+        "an elephant",
+    )  # fmt: skip
+    scenes = (
+        "in a park", "on a beach", "in the snow", "at sunset", "in the rain", "on a busy street", "in a forest",
+        "on a mountain top", "in a desert", "by a lake", "in a small town", "at night", "in the morning light",
+        "inside a cafe", "on a wooden table", "in a field", "near a river", "in a city square", "under a bridge",
+        "on a rooftop", "in an office", "at a train station", "in a museum", "at the airport", "in a greenhouse",
+        "on a farm", "in a supermarket", "at a wedding", "in a stadium", "in the fog",
+    )  # fmt: skip
+    media = (
+        "a photo of {}", "{}", "a picture of {}", "a close-up of {}", "a watercolor of {}", "a sketch of {}",
+        "a 3d render of {}", "an illustration of {}", "a black and white photo of {}", "a postcard showing {}",
+        "a cartoon of {}", "a poster of {}",
+    )  # fmt: skip
+    out = []
+    for i in range(360):
+        subject, scene = subjects[i % len(subjects)], scenes[(i * 7 + i // len(subjects)) % len(scenes)]
+        out.append(media[(i * 5 + i // 3) % len(media)].format(f"{subject} {scene}"))
+    return tuple(dict.fromkeys(out))
+
+
+#: The broad preserve base: every token of these prompts is spared with ``ICEHyperParams.base_weight``.
+EVERYDAY_PROMPTS: tuple[str, ...] = _everyday()
+
 #: The word that replaces the concept in the leakage metric.
 NEUTRAL_WORD: dict[str, str] = {
     "style": "an artist",
@@ -200,6 +239,9 @@ class ConceptSpec:
         generic_prompts: prompts preserved token by token; ``None`` takes :data:`GENERIC_PROMPTS`.
         include_eot: also use the end-of-text token of each erase prompt (carries the pooled meaning
             in CLIP), and of each preserve prompt.
+        use_default_synonyms: add the family's :data:`DEFAULT_SYNONYMS`.
+        preserve_base: the broad preserve base, every token of :data:`EVERYDAY_PROMPTS` (``True``), your own
+            prompts, or none (``False``); weighted by ``ICEHyperParams.base_weight``.
     """
 
     erase: list[str]
@@ -212,6 +254,7 @@ class ConceptSpec:
     generic_prompts: list[str] | None = None
     include_eot: bool = False
     use_default_synonyms: bool = True
+    preserve_base: bool | list[str] = True
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -237,6 +280,8 @@ class ConceptSpec:
         else:
             self.preserve = [p for p in DEFAULT_PRESERVE[self.family] if p.casefold() not in erase_keys]
         self.synonyms = {k: _names(v, f"synonyms of {k!r}") for k, v in (self.synonyms or {}).items()}
+        if not isinstance(self.preserve_base, bool):
+            self.preserve_base = _names(self.preserve_base, "preserve_base prompts")
         unknown = set(self.synonyms) - set(self.erase)
         if unknown:
             raise ValueError(f"synonyms given for {sorted(unknown)}, which are not erase concepts {self.erase}")
@@ -252,6 +297,13 @@ class ConceptSpec:
             names += [c, *self.synonyms.get(c, [])]
         names += list(default)
         return list(dict.fromkeys(n for n in names if n))
+
+    def base_prompts(self) -> list[Prompt]:
+        """The broad preserve base (every token of each prompt); empty with ``preserve_base=False``."""
+        if self.preserve_base is False:
+            return []
+        texts = EVERYDAY_PROMPTS if self.preserve_base is True else self.preserve_base
+        return [Prompt(t) for t in texts]
 
     def _templates(self) -> Sequence[str]:
         return self.templates if self.templates else DEFAULT_TEMPLATES[self.family]

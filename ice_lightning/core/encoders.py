@@ -248,6 +248,21 @@ class EmbeddingSpace:
                 self._cache[(p, include_eot)] = torch.cat([rows[j] for rows in per_source], dim=0)
         return [self._cache[(p, include_eot)] for p in prompts]
 
+    def base_states(self, prompts: Sequence[Prompt]) -> Tensor | None:
+        """Every token of the broad preserve base ``prompts``, compressed to at most ``d`` rows with the same Gram
+        matrix (``diag(s) V^T`` of their SVD: the energy subspace is unchanged), computed once per prompt set;
+        ``None`` for no prompts or a pooled space (one vector per prompt: the preserve concepts suffice)."""
+        if not prompts or self.pooled:
+            return None
+        key = ("base", tuple(prompts))
+        if key not in self._cache:
+            E = torch.cat(self.per_prompt(prompts), dim=0)
+            for p in prompts:  # only the compressed form is kept
+                self._cache.pop((p, False), None)
+            _, s, Vh = torch.linalg.svd(E, full_matrices=False)
+            self._cache[key] = s[:, None] * Vh
+        return self._cache[key]
+
     def clear_cache(self) -> None:
         self._cache.clear()
 

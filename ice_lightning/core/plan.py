@@ -70,11 +70,13 @@ class TargetLayer(NamedTuple):
 
 
 class ConceptStates(NamedTuple):
-    """Token states of one embedding space: erase rows, preserve rows, optional (concept, anchor) pairs."""
+    """Token states of one embedding space: erase rows, preserve rows, optional (concept, anchor) pairs, and the
+    broad preserve base (compressed to at most d rows; ``None`` without one)."""
 
     erase: Tensor
     preserve: Tensor
     anchor: tuple[Tensor, Tensor] | None
+    base: Tensor | None = None
 
 
 def denoisers(pipeline) -> dict[str, nn.Module]:
@@ -251,6 +253,7 @@ class ErasurePlan:
                     _collect(self.spaces[s], spec.erase_prompts(), spec.include_eot, "erase"),
                     _collect(self.spaces[s], spec.preserve_prompts(), spec.include_eot, "preserve"),
                     _anchor_pairs(self.spaces[s], spec),
+                    self.spaces[s].base_states(spec.base_prompts()) if self.method == "ice" else None,
                 )
                 for s in sorted(set(self.layer_spaces.values()))
             }
@@ -262,9 +265,10 @@ class ErasurePlan:
         states = self.states()
         t0 = time.perf_counter()
         operators = {}
-        for s, (E_e, E_p, pairs) in states.items():
+        for s, st in states.items():
             try:
-                operators[s] = build_operator(self.method, E_e, E_p, anchor=pairs, concepts=len(self.spec.erase),
+                operators[s] = build_operator(self.method, st.erase, st.preserve, anchor=st.anchor,
+                                              concepts=len(self.spec.erase), E_base=st.base,
                                               **self.hparams)  # fmt: skip
             except ValueError as err:
                 raise ValueError(f"{s!r} space: {err}") from err

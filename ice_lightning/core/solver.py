@@ -89,17 +89,25 @@ class ICEHyperParams:
             direction to the overlap (``frobenius``) or the preserve operator (``weighted``) with weight 1,
             so the component every token shares is kept (and so is that part of the concept's tokens).
         rank_tol: singular values below ``rank_tol * s_max`` are treated as zero.
+        base_weight: weight ``lam_b`` of the broad preserve base (``weighted`` objective): with base states
+            ``E_b`` (every token of everyday prompts), ``J`` gains ``lam_b ||D P_b^1/2||^2`` with
+            ``P_b = energy_subspace(E_b, base_expansion)``, so the directions everyday tokens use are spared on
+            top of the named preserve concepts. Without base states it has no effect.
+        base_expansion: ``a_b`` of the base's expansion ``f(r; a_b)``; large values weigh every direction the
+            base uses nearly alike (the base stands for "everything else", not for its strongest direction).
     """
 
     objective: Objective = "weighted"
-    erase_expansion: float = 20.0
+    erase_expansion: float = 30.0
     preserve_expansion: float = 1.0
-    lam: float = 30.0
+    lam: float = 10.0
     mu: float = 0.01
     overlap: OverlapKind = "energy"
     overlap_threshold: float | None = None
     center: bool = False
     rank_tol: float = 1e-6
+    base_weight: float = 30.0
+    base_expansion: float = 1.0
 
     def __post_init__(self) -> None:
         if self.objective not in ("weighted", "frobenius"):
@@ -107,6 +115,9 @@ class ICEHyperParams:
         if not (self.erase_expansion > 0 and self.preserve_expansion > 0):
             raise ValueError("erase_expansion and preserve_expansion must be > 0 (use math.inf for a hard projector)")
         _in_range("lam", self.lam, 0.0, _MAX_WEIGHT, "the overlap weight")
+        _in_range("base_weight", self.base_weight, 0.0, _MAX_WEIGHT, "the broad preserve base's weight")
+        if not self.base_expansion > 0:
+            raise ValueError(f"base_expansion must be > 0, got {self.base_expansion!r}")
         _in_range("mu", self.mu, 0.0, _MAX_WEIGHT, "the ridge weight; > 0 keeps J strongly convex", low_open=True)
         _in_range("rank_tol", self.rank_tol, 0.0, 1.0, "relative singular-value cut-off", low_open=True,
                   high_open=True)  # fmt: skip
@@ -453,17 +464,22 @@ def _with_anchor(op: DissociationOperator, anchor: tuple[Tensor, Tensor] | None)
     return _operator_from([op.U, dst_T], apply, op.method, hp)
 
 
-def ice_components(E_erase: Tensor, E_preserve: Tensor, hparams: ICEHyperParams) -> tuple[EnergySubspace, Overlap]:
-    """The two ingredients of ``D*``: the energy-weighted erase subspace ``P_e`` and, by objective, the
-    overlap projector ``P_ov`` (``frobenius``) or the energy-weighted preserve operator ``P_p`` (``weighted``),
-    both as ``Q diag(w) Q^T``."""
+def ice_components(E_erase: Tensor, E_preserve: Tensor, hparams: ICEHyperParams,
+                   E_base: Tensor | None = None) -> tuple[EnergySubspace, Overlap, Overlap | None]:  # fmt: skip
+    """The ingredients of ``D*``: the energy-weighted erase subspace ``P_e``; by objective, the overlap projector
+    ``P_ov`` (``frobenius``) or the energy-weighted preserve operator ``P_p`` (``weighted``); and the broad preserve
+    base ``P_b`` (``weighted`` with base states and ``base_weight > 0``; ``None`` otherwise), all as
+    ``Q diag(w) Q^T``. With the ``frobenius`` objective, base states join the preserve states."""
     hp = hparams
     E_erase = _check_states(E_erase, "E_erase")
     E_preserve = _check_states(E_preserve, "E_preserve")
-    if E_erase.shape[1] != E_preserve.shape[1]:
-        raise ValueError(
-            f"dimension mismatch: erase states are {E_erase.shape[1]}-d, preserve states {E_preserve.shape[1]}-d"
-        )
+    if E_base is not None:
+        E_base = _check_states(E_base, "E_base")
+    for name, E in (("preserve", E_preserve), ("base", E_base)):
+        if E is not None and E.shape[1] != E_erase.shape[1]:
+            raise ValueError(f"dimension mismatch: erase states are {E_erase.shape[1]}-d, {name} states {E.shape[1]}-d")
+    if E_base is not None and hp.objective != "weighted":
+        E_preserve, E_base = torch.cat([E_preserve, E_base]), None
     mean = E_preserve.mean(0) if hp.center else None
     if mean is not None:  # subspaces of what is specific to the concept, not of the common token state
         E_erase, E_preserve = E_erase - mean, E_preserve - mean
@@ -475,7 +491,11 @@ def ice_components(E_erase: Tensor, E_preserve: Tensor, hparams: ICEHyperParams)
         second = overlap_projector(Pe, Pp, hp.overlap, hp.overlap_threshold, E_erase, E_preserve)
     if mean is not None:  # every token shares the mean direction: it is kept with weight 1
         second = _add_direction(second, mean)
-    return Pe, second
+    base = None
+    if E_base is not None and hp.base_weight > 0:
+        Pb = energy_subspace(E_base, hp.base_expansion, hp.rank_tol)
+        base = Overlap(basis=Pb.basis, weights=Pb.weights)
+    return Pe, second, base
 
 
 def dissociation_operator(
@@ -484,6 +504,7 @@ def dissociation_operator(
     hparams: ICEHyperParams | None = None,
     anchor: tuple[Tensor, Tensor] | None = None,
     concepts: int = 1,
+    E_base: Tensor | None = None,
     **overrides,
 ) -> DissociationOperator:
     """ICE's dissociation operator, the unique minimiser of the spectral unlearning objective, in low-rank form.
@@ -496,10 +517,12 @@ def dissociation_operator(
         anchor: optional pair ``(E_src, E_dst)`` of (m, d) paired states; the removed component of
             ``E_src`` is replaced by ``E_dst``'s (UCE-style guide concept).
         concepts: how many concepts ``E_erase`` holds. Energy shares are taken over all erase tokens, so
-            with k concepts each one's directions carry about 1/k of the energy; ``erase_expansion`` is
-            meant per concept and is applied as ``k * erase_expansion``.
+            with k concepts each one's directions carry about 1/k of the energy; ``erase_expansion`` is meant
+            per concept and is applied as ``k * erase_expansion``.
+        E_base: (n_b, d) states of the broad preserve base (every token of everyday prompts), weighted by
+            ``base_weight``: ``S`` below gains ``lam_b P_b``.
 
-    ``weighted`` (default): ``D* = P_e^2 S^-1`` with ``S = P_e + lam P_p + mu I``. Both operators live in
+    ``weighted`` (default): ``D* = P_e^2 S^-1`` with ``S = P_e + lam P_p + lam_b P_b + mu I``. Both operators live in
     ``Z = span(V_e, V_p)`` and ``S`` is ``mu I`` on its complement, so ``S^-1`` is a k x k solve there
     (k <= rank P_e + rank P_p) and ``P_e^2`` removes the rest: no d x d matrix.
     ``frobenius``: ``D* = P_e ((1 + mu) I + lam P_ov^2)^-1`` with ``P_ov = Q diag(g) Q^T``; the inverse is a
@@ -511,13 +534,16 @@ def dissociation_operator(
     hp = _merge(hparams, overrides)
     if concepts > 1:
         hp = _merge(hp, {"erase_expansion": hp.erase_expansion * concepts})
-    Pe, second = ice_components(E_erase, E_preserve, hp)
+    Pe, second, base = ice_components(E_erase, E_preserve, hp, E_base)
     V, f, Q, w = Pe.basis, Pe.weights, second.basis, second.weights
 
     if hp.objective == "weighted":
-        Z = _extend(V, Q)
+        Z = _extend(V, Q if base is None else torch.cat([Q, base.basis], dim=1))
         Vz, Qz = Z.T @ V, Z.T @ Q
         S_z = (Vz * f) @ Vz.T + hp.lam * (Qz * w) @ Qz.T + hp.mu * torch.eye(Z.shape[1], dtype=Z.dtype)
+        if base is not None:
+            Bz = Z.T @ base.basis
+            S_z = S_z + hp.base_weight * (Bz * base.weights) @ Bz.T
         S_z = (S_z + S_z.T) / 2
 
         def apply(X: Tensor) -> Tensor:  # D* X = V f^2 V^T Z S_z^-1 Z^T X (the Z-complement part is killed)
@@ -646,12 +672,13 @@ def build_operator(
     E_preserve: Tensor,
     anchor: tuple[Tensor, Tensor] | None = None,
     concepts: int = 1,
+    E_base: Tensor | None = None,
     **hparams,
 ) -> DissociationOperator:
     """Dispatch to one of :data:`METHODS` with the same inputs (used by ``erase`` and the benchmarks);
-    ``concepts`` (the number of erased concepts) is used by ICE only."""
+    ``concepts`` (the number of erased concepts) and ``E_base`` (the broad preserve base) are used by ICE only."""
     if method == "ice":
-        return dissociation_operator(E_erase, E_preserve, anchor=anchor, concepts=concepts, **hparams)
+        return dissociation_operator(E_erase, E_preserve, anchor=anchor, concepts=concepts, E_base=E_base, **hparams)
     if method == "cure":
         return cure_operator(E_erase, E_preserve, anchor=anchor, **hparams)
     if method == "projection":

@@ -188,7 +188,8 @@ DEV_SET: dict[str, tuple[DevConcept, ...]] = {
     ),
 }
 
-#: Fifty artists for the many-concept benchmark (disjoint from the style family's defaults and nearby sets).
+#: A hundred artists for the many-concept benchmark (disjoint from the style family's defaults and nearby sets);
+#: the first fifty are the earlier fifty-artist set.
 MANY_ARTISTS: tuple[str, ...] = (
     "Van Gogh", "Claude Monet", "Pablo Picasso", "Katsushika Hokusai", "Gustav Klimt",
     "Wassily Kandinsky", "Jackson Pollock", "Mark Rothko", "Roy Lichtenstein", "Keith Haring",
@@ -200,6 +201,16 @@ MANY_ARTISTS: tuple[str, ...] = (
     "Edouard Manet", "Mary Cassatt", "Henri de Toulouse-Lautrec", "Marc Chagall", "Rene Magritte",
     "Max Ernst", "Piet Mondrian", "Kazimir Malevich", "Paul Klee", "Francis Bacon",
     "Lucian Freud", "David Hockney", "Yayoi Kusama", "Takashi Murakami", "Banksy",
+    "Johannes Vermeer", "Frans Hals", "Jan Steen", "Giotto", "Fra Angelico",
+    "Piero della Francesca", "Andrea Mantegna", "Giovanni Bellini", "Tintoretto", "Paolo Veronese",
+    "Artemisia Gentileschi", "Nicolas Poussin", "Claude Lorrain", "Antoine Watteau", "Francois Boucher",
+    "Jean-Honore Fragonard", "Jacques-Louis David", "Jean-Auguste-Dominique Ingres", "Theodore Gericault",
+    "William Blake", "Thomas Gainsborough", "Joshua Reynolds", "John Singer Sargent", "James McNeill Whistler",
+    "Winslow Homer", "Thomas Cole", "Albert Bierstadt", "Gustave Caillebotte", "Alfred Sisley", "Paul Signac",
+    "Odilon Redon", "Gustave Moreau", "Arnold Bocklin", "Ilya Repin", "Ivan Aivazovsky",
+    "Franz Marc", "August Macke", "Ernst Ludwig Kirchner", "Emil Nolde", "Giorgio de Chirico",
+    "Willem de Kooning", "Robert Rauschenberg", "Jasper Johns", "Cy Twombly", "Gerhard Richter",
+    "Anselm Kiefer", "Jean Dubuffet", "Tamara de Lempicka", "Diego Rivera", "Joan Mitchell",
 )  # fmt: skip
 
 

@@ -5,8 +5,9 @@ It builds on :mod:`ice_lightning.core` only; evaluation and the shapes world are
 
 from .callback import ICECallback, ICEState, find_pipeline
 from .data import CaptionFolderDataModule
-from .filters import CaptionFilter, drop_rows
+from .filters import CaptionFilter, ImageDetectorFilter, NudeNetFilter, SampleFilter, drop_rows
 from .module import ICEModule
+from .sample_metrics import CLIPConceptPresence, ConceptPresence, NudeNetPresence
 from .save import SavePipeline
 
 __all__ = [
@@ -15,7 +16,13 @@ __all__ = [
     "find_pipeline",
     "CaptionFolderDataModule",
     "CaptionFilter",
+    "ImageDetectorFilter",
+    "NudeNetFilter",
+    "SampleFilter",
     "drop_rows",
     "ICEModule",
+    "ConceptPresence",
+    "CLIPConceptPresence",
+    "NudeNetPresence",
     "SavePipeline",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ from ..core.export import Adapters, check_export_destination, gather_pipeline, r
 from ..core.plan import DENOISER_COMPONENTS, ErasurePlan, Method, edit_history
 from ..core.probe import TextSpaceProbe
 from ..core.solver import DissociationOperator, check_hparams
-from .filters import CaptionFilter, drop_rows
+from .filters import CaptionFilter, drop_rows, filter_name
 
 __all__ = ["ICECallback", "ICEState", "find_pipeline"]
 
@@ -62,6 +63,40 @@ def find_pipeline(pl_module: LightningModule) -> Any:
     )
 
 
+def _filters(sample_filter: Any) -> list[Callable]:
+    if sample_filter is None:
+        return []
+    filters = list(sample_filter) if isinstance(sample_filter, (list, tuple)) else [sample_filter]
+    bad = [type(f).__name__ for f in filters if not callable(f)]
+    if bad:
+        raise TypeError(f"sample_filter must be callables from a batch to a keep mask (one bool per sample), got {bad}")
+    return filters
+
+
+def _unique_names(filters: list[Callable]) -> list[str]:
+    """Each filter's name, numbered where two share one (``detector``, ``detector#2``)."""
+    names: list[str] = []
+    for f in filters:
+        base, k = filter_name(f), 1
+        name = base
+        while name in names:
+            k += 1
+            name = f"{base}#{k}"
+        names.append(name)
+    return names
+
+
+def _batch_size(batch: MutableMapping) -> int:
+    """The batch's number of samples: the length of its captions, else of its first tensor or list."""
+    for key in ("captions", "pixel_values"):
+        if key in batch:
+            return len(batch[key])
+    for v in batch.values():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 or isinstance(v, (list, tuple)):
+            return len(v)
+    raise ValueError(f"cannot tell the batch size of a batch with keys {sorted(batch)}: it holds no tensor or list")
+
+
 @dataclass
 class ICEState:
     """Everything an ``ICECallback`` must carry through a checkpoint.
@@ -72,7 +107,9 @@ class ICEState:
         operators: the operator per embedding space, computed once (``None`` before the first application).
         layer_spaces: ``{edited layer: embedding space}``.
         probe: the metric references (the model's outputs before the first edit).
-        dropped_samples: training samples removed by the caption filter.
+        dropped_samples: training samples removed by the sample filters, in all.
+        dropped_by_filter: ``{filter name: samples it removed}`` (a sample is counted under the first filter that
+            drops it).
         spec_fingerprint: sha256 of the concept spec, method and hyperparameters the operators were made from.
         resumed: set when loaded from a checkpoint that holds an erasure: its weights are already erased, so
             nothing is applied again; cleared once the fit has caught up. Not saved.
@@ -84,6 +121,7 @@ class ICEState:
     layer_spaces: dict[str, str] = field(default_factory=dict)
     probe: dict | None = None
     dropped_samples: int = 0
+    dropped_by_filter: dict[str, int] = field(default_factory=dict)
     spec_fingerprint: str = ""
     resumed: bool = False
 
@@ -94,14 +132,15 @@ class ICEState:
                    for s, o in self.operators.items()}  # fmt: skip
         return {"applications": self.applications, "last_epoch_applied": self.last_epoch_applied,
                 "operators": ops, "layer_spaces": self.layer_spaces, "probe": self.probe,
-                "dropped_samples": self.dropped_samples, "spec_fingerprint": self.spec_fingerprint}  # fmt: skip
+                "dropped_samples": self.dropped_samples, "dropped_by_filter": dict(self.dropped_by_filter),
+                "spec_fingerprint": self.spec_fingerprint}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ICEState:
         ops = d["operators"]
         operators = None if ops is None else {s: DissociationOperator(**o) for s, o in ops.items()}
         return cls(list(d["applications"]), d["last_epoch_applied"], operators, dict(d["layer_spaces"]), d["probe"],
-                   d.get("dropped_samples", 0), d.get("spec_fingerprint", ""),
+                   d.get("dropped_samples", 0), dict(d.get("dropped_by_filter", {})), d.get("spec_fingerprint", ""),
                    resumed=operators is not None)  # fmt: skip
 
 
@@ -127,13 +166,17 @@ class ICECallback(Callback):
         layers: explicit qualified layer names instead of the family table.
         verify: confirm the layers with a forward hook.
         log_metrics: log the text-space metrics after every application.
-        drop_concept_samples: remove from every training batch the samples whose caption names an erased
-            concept or one of its synonyms (:class:`~ice_lightning.lightning.filters.CaptionFilter`), so the
-            fine-tune never sees them. Re-applying the edit alone does not stop a fine-tune on data that shows
-            the concept under its own name: the denoiser learns it back from what the edit leaves of the
-            prompt (measured in ``benchmarks/shapes_resurgence.py``). The batch must be a dict; rows of every
-            tensor and list of the batch's length are dropped, and a batch left empty reaches
-            ``training_step`` empty (``ICEModule`` then skips the step).
+        sample_filter: one filter or a list: callables from a training batch to a keep mask (one bool per
+            sample), run in order before ``training_step``, each on the rows the ones before it kept; the other
+            rows are removed from the batch in place. Re-applying the edit alone does not stop a fine-tune on data
+            that shows the concept: the denoiser learns it back from what the edit leaves of the prompt (measured
+            in ``benchmarks/shapes_resurgence.py``). Shipped filters (:mod:`ice_lightning.lightning.filters`):
+            ``CaptionFilter`` (by name), ``ImageDetectorFilter`` (any image classifier), ``NudeNetFilter``, and the
+            shapes world's ``ShapesDetectorFilter``. The batch must be a dict; rows of every tensor
+            and list of the batch's length are dropped, and a batch left empty reaches ``training_step`` empty
+            (``ICEModule`` then skips the step). Dropped samples are counted per filter in the state and manifest.
+        drop_concept_samples: put a :class:`~ice_lightning.lightning.filters.CaptionFilter` of the erase concepts
+            and their synonyms first among the sample filters (whole words, any case).
         caption_key: the batch key that holds the captions (for ``drop_concept_samples``).
         overwrite_export: let the export replace a non-empty ``export_dir`` that is not an earlier export
             (refused before training otherwise).
@@ -173,6 +216,7 @@ class ICECallback(Callback):
         log_metrics: bool = True,
         drop_concept_samples: bool = False,
         caption_key: str = "captions",
+        sample_filter: Callable[[Any], Sequence[bool]] | list[Callable[[Any], Sequence[bool]]] | None = None,
         spec: ConceptSpec | None = None,
         overwrite_export: bool = False,
         export_adapters: Adapters = "merge",
@@ -198,7 +242,10 @@ class ICECallback(Callback):
         self.export_adapters = export_adapters
         self.layers, self.verify, self.log_metrics = layers, verify, log_metrics
         self.drop_concept_samples = drop_concept_samples
-        self.caption_filter = CaptionFilter.from_spec(self.spec, caption_key) if drop_concept_samples else None
+        self.sample_filters = _filters(sample_filter)
+        if drop_concept_samples:
+            self.sample_filters.insert(0, CaptionFilter.from_spec(self.spec, caption_key))
+        self.filter_names = _unique_names(self.sample_filters)
         self.state = ICEState(spec_fingerprint=self.spec_fingerprint())
         self._plan: ErasurePlan | None = None
         self._probe: TextSpaceProbe | None = None
@@ -304,8 +351,30 @@ class ICECallback(Callback):
             self.apply(trainer, pl_module, "epoch_end", epoch=trainer.current_epoch)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.caption_filter is not None:
-            self.state.dropped_samples += drop_rows(batch, self.caption_filter(batch))
+        self.filter_batch(batch)
+
+    def filter_batch(self, batch: Any) -> int:
+        """Run the sample filters on ``batch`` (in place, in order, each on what the ones before it kept) and
+        count what each dropped; returns how many samples went."""
+        dropped = 0
+        for name, f in zip(self.filter_names, self.sample_filters, strict=True):
+            if not isinstance(batch, MutableMapping):
+                raise TypeError(f"sample filters need dict batches (rows are dropped by key); got "
+                                f"{type(batch).__name__}")  # fmt: skip
+            n = _batch_size(batch)
+            if n == 0:
+                break
+            keep = list(f(batch))
+            if len(keep) != n:
+                raise ValueError(
+                    f"sample filter {name!r} returned {len(keep)} flags for a batch of {n} samples: it must return one "
+                    "keep flag per sample"
+                )
+            gone = drop_rows(batch, keep)
+            self.state.dropped_by_filter[name] = self.state.dropped_by_filter.get(name, 0) + gone
+            dropped += gone
+        self.state.dropped_samples += dropped
+        return dropped
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.reapply_at != "validation_start":
@@ -461,7 +530,9 @@ class ICECallback(Callback):
             "every_n_epochs": self.every_n_epochs,
             "reapply_at": self.reapply_at,
             "drop_concept_samples": self.drop_concept_samples,
+            "sample_filters": list(self.filter_names),
             "dropped_samples": self.state.dropped_samples,
+            "dropped_by_filter": dict(self.state.dropped_by_filter),
         }
 
     def state_dict(self) -> dict[str, Any]:

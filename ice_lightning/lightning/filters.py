@@ -1,8 +1,14 @@
 """Sample filters: keep samples that show an erased concept out of a fine-tune.
 
-A filter is a callable from a training batch to a keep mask (one bool per sample); :func:`drop_rows` removes
-the other rows from the batch in place. :class:`CaptionFilter` drops the samples whose caption names an
-erased concept or one of its synonyms.
+A filter is any callable from a training batch to a keep mask (one bool per sample); ``ICECallback(sample_filter=...)``
+runs each filter on the rows the ones before it kept and removes the rest from the batch in place
+(:func:`drop_rows`), before ``training_step``. Two kinds ship here:
+
+- :class:`CaptionFilter` drops the samples whose caption names an erased concept or one of its synonyms. It
+  misses data that shows the concept under other words ("a circle" for a red circle).
+- :class:`ImageDetectorFilter` calls a classifier on the batch's images or frames and drops the samples it
+  flags, whatever their captions say. :class:`NudeNetFilter` is one, for explicit content (the optional
+  ``nudenet`` extra); the shapes world's detector is another (``ice_lightning.shapes.ShapesDetectorFilter``).
 
 Example:
     >>> from ice_lightning.lightning.filters import CaptionFilter, drop_rows
@@ -12,22 +18,71 @@ Example:
     [False, True, False]
     >>> drop_rows(batch, keep(batch)), batch
     (2, {'captions': ['a green square'], 'ids': [1]})
+
+    A detector filter on pixels in [-1, 1] (the data modules' range), here a toy detector of bright images:
+
+    >>> import torch
+    >>> from ice_lightning.lightning.filters import ImageDetectorFilter
+    >>> bright = ImageDetectorFilter(lambda images: images.mean(dim=(1, 2, 3)) > 0.5, name="bright")
+    >>> bright({"pixel_values": torch.stack([torch.ones(3, 4, 4), -torch.ones(3, 4, 4)])})
+    [False, True]
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..core.concepts import ConceptSpec
 
-__all__ = ["CaptionFilter", "drop_rows"]
+__all__ = ["SampleFilter", "CaptionFilter", "ImageDetectorFilter", "NudeNetFilter", "drop_rows", "filter_name"]
+
+#: NudeNet's labels of exposed explicit content (its ``*_COVERED`` and face labels are not explicit).
+NUDENET_EXPLICIT = (
+    "FEMALE_GENITALIA_EXPOSED",
+    "MALE_GENITALIA_EXPOSED",
+    "FEMALE_BREAST_EXPOSED",
+    "BUTTOCKS_EXPOSED",
+    "ANUS_EXPOSED",
+)
 
 
-class CaptionFilter:
+class SampleFilter:
+    """Base class of the shipped filters: ``filter(batch)`` is the keep mask (``True``: train on the sample).
+
+    Any callable with that signature works as a filter; subclassing only adds a readable :attr:`name`, under which
+    ``ICECallback`` counts the samples the filter dropped.
+    """
+
+    name: str = "filter"
+
+    def __call__(self, batch: Any) -> list[bool]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def filter_name(f: Callable) -> str:
+    """The name a filter's dropped samples are counted under: its ``name``, else its class or function name."""
+    name = getattr(f, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return getattr(f, "__name__", None) or type(f).__name__
+
+
+def _require_key(batch: Any, key: str, what: str, option: str) -> Any:
+    if not isinstance(batch, MutableMapping) or key not in batch:
+        keys = f" with keys {sorted(batch)}" if isinstance(batch, MutableMapping) else ""
+        raise TypeError(
+            f"the {what} needs dict batches with {key!r}; got {type(batch).__name__}{keys}: set {option} to the key "
+            "that holds them"
+        )
+    return batch[key]
+
+
+class CaptionFilter(SampleFilter):
     """Keep mask of a dict batch: ``False`` for samples whose caption names one of ``names`` (whole words, any
     case). Samples that show the concept under other words still get through.
 
@@ -35,6 +90,8 @@ class CaptionFilter:
         names: the concepts and synonyms to look for.
         caption_key: the batch key that holds the captions.
     """
+
+    name = "caption"
 
     def __init__(self, names: Iterable[str], caption_key: str = "captions") -> None:
         names = sorted({n for n in names if n}, key=len, reverse=True)  # longest first: "round dot" before "dot"
@@ -53,13 +110,103 @@ class CaptionFilter:
         return self._pattern.search(caption) is not None
 
     def __call__(self, batch: Any) -> list[bool]:
-        if not isinstance(batch, MutableMapping) or self.caption_key not in batch:
-            raise TypeError(
-                f"the caption filter needs dict batches with the captions under {self.caption_key!r}; got "
-                f"{type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, MutableMapping) else "")
-                + ": set caption_key to your captions' key"
-            )  # fmt: skip
-        return [not self.names_concept(c) for c in batch[self.caption_key]]
+        captions = _require_key(batch, self.caption_key, "caption filter", "caption_key")
+        return [not self.names_concept(c) for c in captions]
+
+
+class ImageDetectorFilter(SampleFilter):
+    """Drop the samples in which ``detector`` finds the concept, whatever their captions say.
+
+    Args:
+        detector: a callable from images ``(N, 3, H, W)``, float in [0, 1], to one flag or score per image (a bool
+            tensor, a float tensor of scores, or a list). Clips ``(B, F, 3, H, W)`` are passed as their ``B * F``
+            frames; a clip is dropped when any of its frames is flagged.
+        image_key: the batch key that holds the pixels.
+        value_range: the range of the batch's pixels (the data modules give ``(-1, 1)``); rescaled to [0, 1].
+        threshold: scores at or above it flag an image (ignored for bool flags).
+        name: what the dropped samples are counted under.
+    """
+
+    def __init__(self, detector: Callable[[Tensor], Any], image_key: str = "pixel_values",
+                 value_range: tuple[float, float] = (-1.0, 1.0), threshold: float = 0.5,
+                 name: str = "detector") -> None:  # fmt: skip
+        if not callable(detector):
+            raise TypeError(f"detector must be callable (images -> flags or scores), got {type(detector).__name__}")
+        lo, hi = value_range
+        if not hi > lo:
+            raise ValueError(f"value_range must be (low, high) with high > low, got {value_range!r}")
+        self.detector, self.image_key, self.value_range = detector, image_key, (float(lo), float(hi))
+        self.threshold, self.name = threshold, name
+
+    @torch.no_grad()
+    def flags(self, pixels: Tensor) -> list[bool]:
+        """One flag per sample of ``pixels`` (``(B, 3, H, W)`` or ``(B, F, 3, H, W)``, in ``value_range``)."""
+        if not isinstance(pixels, Tensor) or pixels.dim() not in (4, 5) or pixels.shape[-3] != 3:
+            shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
+            raise ValueError(
+                f"{self.name} filter: batch[{self.image_key!r}] must be images (B, 3, H, W) or clips (B, F, 3, H, W), "
+                f"got {shape}"
+            )
+        b = pixels.shape[0]
+        if b == 0:
+            return []
+        lo, hi = self.value_range
+        images = ((pixels.detach().float() - lo) / (hi - lo)).clamp(0, 1).reshape(-1, *pixels.shape[-3:])
+        out = self.detector(images)
+        flags = torch.as_tensor(out).reshape(-1).cpu()
+        if flags.numel() != images.shape[0]:
+            raise ValueError(
+                f"{self.name} filter: the detector returned {flags.numel()} results for {images.shape[0]} images; it "
+                "must return one flag or score per image"
+            )
+        if flags.dtype != torch.bool:
+            flags = flags.float() >= self.threshold
+        return flags.reshape(b, -1).any(dim=1).tolist()
+
+    def __call__(self, batch: Any) -> list[bool]:
+        pixels = _require_key(batch, self.image_key, f"{self.name} filter", "image_key")
+        return [not f for f in self.flags(pixels)]
+
+
+class NudeNetFilter(ImageDetectorFilter):
+    """Drop samples in which NudeNet (its ONNX detector, shipped in the ``nudenet`` wheel) finds exposed explicit
+    content. Needs the optional extra: ``pip install "ice-lightning[nudenet]"``.
+
+    Args:
+        classes: the NudeNet labels that count (default: :data:`NUDENET_EXPLICIT`).
+        threshold: detection score at or above which a label counts.
+        image_key, value_range: as for :class:`ImageDetectorFilter`.
+        detector: a ready ``nudenet.NudeDetector`` (or any object with its ``detect(image) -> [{"class",
+            "score"}]``); ``None`` loads NudeNet's.
+    """
+
+    def __init__(self, classes: Sequence[str] = NUDENET_EXPLICIT, threshold: float = 0.5,
+                 image_key: str = "pixel_values", value_range: tuple[float, float] = (-1.0, 1.0),
+                 detector: Any = None) -> None:  # fmt: skip
+        self.nudenet = detector if detector is not None else load_nudenet()
+        self.classes = frozenset(classes)
+        super().__init__(self._detect, image_key, value_range, threshold, name="nudenet")
+
+    def _detect(self, images: Tensor) -> list[float]:
+        # NudeNet reads uint8 BGR arrays (OpenCV's order), (H, W, 3).
+        arrays = (images.permute(0, 2, 3, 1).flip(-1) * 255).round().to(torch.uint8).numpy()
+        scores = []
+        for a in arrays:
+            found = [d["score"] for d in self.nudenet.detect(a.copy()) if d["class"] in self.classes]
+            scores.append(max(found, default=0.0))
+        return scores
+
+
+def load_nudenet() -> Any:
+    """NudeNet's ``NudeDetector``, or an error naming the extra to install."""
+    try:
+        from nudenet import NudeDetector
+    except ImportError as err:
+        raise ImportError(
+            "NudeNet is not installed: pip install 'ice-lightning[nudenet]' (the nudenet wheel carries its ONNX "
+            "detector; it needs onnxruntime and opencv-python-headless)"
+        ) from err
+    return NudeDetector()
 
 
 def drop_rows(batch: MutableMapping, keep: Sequence[bool]) -> int:

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from torchmetrics import Metric
 
-from ..core.concepts import ConceptSpec
+from ..core.concepts import NEUTRAL_WORD, ConceptSpec
 from ..core.denoising import WeightingScheme, experts, flow_loss_weights, sample_flow_sigmas, shift_sigmas
 from ..core.families import family_of
 from ..core.pipelines import load_pipeline
@@ -100,6 +101,13 @@ class ICEModule(LightningModule):
             states, and exports the adapters merged (or beside an erased base: its ``export_adapters``).
         text_cache_size: caption sets whose text conditioning is kept (the text encoders are frozen, so a
             repeated batch of captions is encoded once); 0 disables.
+        sample_metrics: image-level metrics of generated samples
+            (:class:`~ice_lightning.lightning.sample_metrics.ConceptPresence`: CLIP zero-shot, NudeNet, the shapes
+            detector, or your own), logged at every validation as ``val/<metric name>/<concept>`` for every erased
+            and every preserved concept of ``validation_concepts`` (a metric made for one ``concept`` scores only
+            it), from ``metric_samples`` samples of each of the concept's held-out prompts (needs
+            ``validation_concepts``). Not saved in checkpoints.
+        metric_samples: samples per held-out prompt for ``sample_metrics``.
 
     A batch is ``{"captions": [...], "pixel_values": ...}`` (images ``(B, 3, H, W)`` or clips
     ``(B, F, 3, H, W)`` in [-1, 1]), or carries ``"latents"`` already encoded by :meth:`encode_pixels`
@@ -135,6 +143,8 @@ class ICEModule(LightningModule):
         lora_target_modules: list[str] | None = None,
         lora_init: bool | str = True,
         text_cache_size: int = 256,
+        sample_metrics: list[Metric] | None = None,
+        metric_samples: int = 2,
     ) -> None:
         super().__init__()
         if lr_schedule not in ("constant", "cosine"):
@@ -149,7 +159,13 @@ class ICEModule(LightningModule):
                              f"got {weighting_scheme!r}")  # fmt: skip
         if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
             raise ValueError(f"lora_rank must be a whole number >= 1 (or None for a full fine-tune), got {lora_rank!r}")
-        self.save_hyperparameters()
+        if sample_metrics and not validation_concepts:
+            raise ValueError("sample_metrics needs validation_concepts: they score samples of each concept's prompts")
+        if isinstance(metric_samples, bool) or not isinstance(metric_samples, int) or metric_samples < 1:
+            raise ValueError(f"metric_samples must be a whole number >= 1, got {metric_samples!r}")
+        self.save_hyperparameters(ignore=["sample_metrics"])
+        # a plain list: not submodules, so neither in checkpoints nor moved with the model (moved when used)
+        self._sample_metrics: list[Metric] = list(sample_metrics or [])
         pipe = load_pipeline(pipeline, torch_dtype)
         pipe.set_progress_bar_config(disable=True)
         self.pipeline = pipe
@@ -389,6 +405,47 @@ class ICEModule(LightningModule):
         sampling_ranks = self.device_mesh is not None or self.trainer.is_global_zero
         if self.hparams.num_samples > 0 and not self.trainer.sanity_checking and sampling_ranks:
             self.log_samples()
+        if self._sample_metrics and not self.trainer.sanity_checking and sampling_ranks:
+            for key, value in self.score_samples().items():
+                self.log(key, value, sync_dist=False, rank_zero_only=True)
+
+    def concept_prompts(self) -> dict[str, list[str]]:
+        """``{concept: its held-out prompts}`` for every erased and preserved concept of ``validation_concepts``."""
+        spec = self.spec
+        out: dict[str, list[str]] = {}
+        for p in spec.heldout_erase_prompts() + spec.heldout_near_prompts():
+            out.setdefault(p.text[p.span[0] : p.span[1]], []).append(p.text)
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int = 0) -> torch.Tensor:
+        """Samples of ``prompts`` (one each) as float tensors in [0, 1]: ``(N, 3, H, W)`` or clips
+        ``(N, F, 3, H, W)``, with fixed noise."""
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        out = self.pipeline(prompts, num_inference_steps=self.hparams.sample_steps, generator=g, output_type="np",
+                            guidance_scale=self.hparams.guidance_scale)  # fmt: skip
+        x = torch.from_numpy(np.asarray(out.frames if self.video else out.images)).float()
+        return x.movedim(-1, -3)
+
+    def score_samples(self) -> dict[str, float]:
+        """Each sample metric on each concept's samples: ``{"val/<metric name>/<concept>": value}``."""
+        prompts = self.concept_prompts()
+        neutral = NEUTRAL_WORD[self.spec.family]
+        scores = {}
+        samples: dict[str, torch.Tensor] = {}
+        for metric in self._sample_metrics:
+            fixed, own_neutral = getattr(metric, "concept", None), getattr(metric, "neutral", None)
+            concepts = [fixed] if fixed is not None else list(prompts)
+            for concept in concepts:
+                texts = prompts.get(concept) or [t.format(concept) for t in self.spec._eval_templates()]
+                if concept not in samples:
+                    samples[concept] = self.generate([t for t in texts for _ in range(self.hparams.metric_samples)])
+                metric.concept, metric.neutral = concept, own_neutral or neutral
+                metric.reset()
+                metric.update(samples[concept])
+                scores[f"val/{getattr(metric, 'name', type(metric).__name__)}/{concept}"] = float(metric.compute())
+            metric.concept, metric.neutral = fixed, own_neutral
+        return scores
 
     @torch.no_grad()
     def log_samples(self) -> Path | None:
@@ -396,10 +453,7 @@ class ICEModule(LightningModule):
         rank 0 (``None`` elsewhere)."""
         prompts = [p.text for p in (self.spec.heldout_erase_prompts() if self.spec else [])] or [""]
         prompts = [p for p in prompts for _ in range(self.hparams.num_samples)]
-        g = torch.Generator(device=self.device).manual_seed(0)
-        out = self.pipeline(prompts, num_inference_steps=self.hparams.sample_steps, generator=g, output_type="np",
-                            guidance_scale=self.hparams.guidance_scale)  # fmt: skip
-        images = np.asarray(out.frames if self.video else out.images)  # (N, [F,] H, W, 3) in [0, 1]
+        images = self.generate(prompts).movedim(-3, -1).numpy()  # (N, [F,] H, W, 3) in [0, 1]
         if self.video:  # frames side by side
             images = np.concatenate(list(np.moveaxis(images, 1, 0)), axis=2)
         grid = (np.concatenate(list(images), axis=0) * 255).clip(0, 255).astype(np.uint8)

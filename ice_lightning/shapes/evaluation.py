@@ -333,15 +333,27 @@ class ShapesProbe(Callback):
     keeps ``history`` (one dict per measurement). Put it *after* an ``ICECallback`` in the callback list so
     that it measures the model as re-erased.
 
+    ``splits`` adds ``"paraphrase"`` (``presence_paraphrase``: on prompts that ask for the concept with held-out
+    words, "a ruby disc") and ``"unnamed"`` (``presence_unnamed``: the concept's share of the samples of prompts
+    that name only a shape, "a circle"): a fine-tune on data that shows the concept without naming it teaches
+    it back there first.
+
     Example:
         >>> probe = ShapesProbe("red", samples=4)
         >>> probe.history
         []
     """
 
-    def __init__(self, concept: str, samples: int = 8, seed: int = 0, steps: int = 20) -> None:
+    def __init__(self, concept: str, samples: int = 8, seed: int = 0, steps: int = 20,
+                 splits: tuple[str, ...] = ("seen",)) -> None:  # fmt: skip
         attribute_of(concept)
+        unknown = set(splits) - {"seen", "paraphrase", "unnamed"}
+        if unknown or "seen" not in splits:
+            raise ValueError(f"splits must include 'seen' and may add 'paraphrase' and 'unnamed', got {splits}")
+        if "unnamed" in splits and attribute_of(concept) != "colour":
+            raise ValueError(f"the 'unnamed' split (prompts that name only a shape) measures a colour, not {concept!r}")
         self.concept, self.samples, self.seed, self.steps = concept, samples, seed, steps
+        self.splits = tuple(splits)
         self.history: list[dict] = []
 
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict:
@@ -353,12 +365,24 @@ class ShapesProbe(Callback):
         try:
             prompts = eval_prompts(video=pipe.video, seed=self.seed)
             x = generate(pipe, [p.text for p in prompts], self.samples, self.seed, self.steps)
+            extra = {}
+            if "paraphrase" in self.splits:
+                held = eval_prompts(video=pipe.video, held_out=True, seed=self.seed)
+                xh = generate(pipe, [p.text for p in held], self.samples, self.seed, self.steps)
+                extra["presence_paraphrase"] = score(xh, held, self.concept)["presence"]
+            if "unnamed" in self.splits:
+                texts = [t.format(s=w) for shape in SHAPES for w in SYNONYMS[shape][0][:2]
+                         for t in ("a {s}", "one {s}")]  # fmt: skip
+                xu = generate(pipe, texts, self.samples, self.seed, self.steps)
+                presence = ConceptPresenceRate(attribute_of(self.concept), self.concept)
+                presence.update(xu)
+                extra["presence_unnamed"] = float(presence.compute())
         finally:
             pipe.unet.train(was_training)
         s = score(x, prompts, self.concept)
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step, "presence": s["presence"],
                "accuracy_others": sum(s["accuracy"].values()) / len(s["accuracy"]), "accuracy": s["accuracy"],
-               "erased_blank": s["erased_blank"], "blank": s["blank"]}  # fmt: skip
+               "erased_blank": s["erased_blank"], "blank": s["blank"], **extra}  # fmt: skip
         self.history.append(row)
         return row
 

@@ -33,6 +33,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 
+from ..lightning.filters import ImageDetectorFilter
+from ..lightning.sample_metrics import ConceptPresence
+
 __all__ = [
     "COLOURS",
     "SHAPES",
@@ -234,13 +237,33 @@ def place(colour: str, shape: str, size: int, frames: int, rng: random.Random,
     return ShapeSpec(colour, shape, cx, cy, r, rng.uniform(0.85, 1.0)), direction
 
 
+def disguised_caption(colour: str, shape: str, rng: random.Random) -> str:
+    """A caption of a ``colour`` ``shape`` that does not name the colour with any word the world trains on: the
+    shape alone ("a circle"), no word for either ("a shape"), or one of the colour's held-out words ("a ruby
+    disc"), each a third of the time."""
+    shape_word = rng.choice(SYNONYMS[shape][0])
+    kind = rng.randrange(3)
+    if kind == 0:
+        return rng.choice(("a {s}", "one {s}", "a {s} on a plain background")).format(s=shape_word)
+    if kind == 1:
+        return rng.choice(("a shape", "an object on a plain background", "a picture of something"))
+    return rng.choice(TEMPLATES).format(c=rng.choice(SYNONYMS[colour][1]), s=shape_word)
+
+
 class ShapesDataset(Dataset):
     """``length`` seeded samples: ``{"pixel_values": [-1, 1] image (3, H, W) or clip (F, 3, H, W),
-    "captions": str, "colour", "shape", "direction"}``; sample ``i`` is the same on every call."""
+    "captions": str, "colour", "shape", "direction"}``; sample ``i`` is the same on every call. Samples of a colour
+    in ``disguise`` get a caption that does not name it (:func:`disguised_caption`; images only): data that shows a
+    concept without saying so."""
 
     def __init__(self, length: int = 4096, size: int = 24, frames: int = 0, held_out: bool = False,
-                 seed: int = 0) -> None:  # fmt: skip
+                 seed: int = 0, disguise: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.length, self.size, self.frames, self.held_out, self.seed = length, size, frames, held_out, seed
+        self.disguise = tuple(disguise)
+        unknown = [c for c in self.disguise if c not in COLOURS]
+        if unknown or (self.disguise and frames):
+            raise ValueError(f"disguise takes colours {COLOURS} of image data sets, got {list(self.disguise)} with "
+                             f"frames={frames}")  # fmt: skip
 
     def __len__(self) -> int:
         return self.length
@@ -257,9 +280,12 @@ class ShapesDataset(Dataset):
             pixels = render_clip(spec, direction, self.frames, self.size)
         else:
             pixels = render(spec, self.size)
+        text = caption(spec.colour, spec.shape, direction, self.held_out, rng)
+        if spec.colour in self.disguise:
+            text = disguised_caption(spec.colour, spec.shape, rng)
         return {
             "pixel_values": pixels * 2 - 1,
-            "captions": caption(spec.colour, spec.shape, direction, self.held_out, rng),
+            "captions": text,
             "colour": spec.colour,
             "shape": spec.shape,
             "direction": direction or "",
@@ -276,16 +302,18 @@ def _collate(items: list[dict]) -> dict:
 class ShapesDataModule(LightningDataModule):
     """Shapes images (``frames=0``) or clips for ``ICEModule``: training captions use the training synonyms,
     validation the same; ``exclude`` drops samples of a colour, shape or direction (a data set without the
-    concept), ``only`` keeps just them (a customer's data set full of it)."""
+    concept), ``only`` keeps just them (a customer's data set full of it), ``disguise`` captions the training
+    samples of those colours without naming them (:func:`disguised_caption`)."""
 
     def __init__(self, size: int = 24, frames: int = 0, train_size: int = 4096, val_size: int = 256,
                  batch_size: int = 64, seed: int = 0, num_workers: int = 0,
-                 exclude: list[str] | None = None, only: list[str] | None = None) -> None:  # fmt: skip
+                 exclude: list[str] | None = None, only: list[str] | None = None,
+                 disguise: list[str] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
 
-    def _dataset(self, length: int, seed: int) -> Dataset:
-        ds = ShapesDataset(length, self.hparams.size, self.hparams.frames, seed=seed)
+    def _dataset(self, length: int, seed: int, disguise: tuple[str, ...] = ()) -> Dataset:
+        ds = ShapesDataset(length, self.hparams.size, self.hparams.frames, seed=seed, disguise=disguise)
         exclude, only = set(self.hparams.exclude or ()), set(self.hparams.only or ())
         if not exclude and not only:
             return ds
@@ -299,7 +327,7 @@ class ShapesDataModule(LightningDataModule):
         return torch.utils.data.Subset(ds, keep)
 
     def setup(self, stage: str | None = None) -> None:
-        self.train = self._dataset(self.hparams.train_size, self.hparams.seed)
+        self.train = self._dataset(self.hparams.train_size, self.hparams.seed, tuple(self.hparams.disguise or ()))
         self.val = self._dataset(self.hparams.val_size, self.hparams.seed + 1)
 
     def train_dataloader(self) -> DataLoader:
@@ -387,3 +415,60 @@ class FailureRate(_DetectedRate):
 
     def update(self, samples: Tensor) -> None:
         self._count(samples, [None] * len(samples))
+
+
+# -- sample filter -------------------------------------------------------------------------------------
+class ShapesDetectorFilter(ImageDetectorFilter):
+    """``ICECallback(sample_filter=ShapesDetectorFilter("red"))``: drop the training samples in which the shapes
+    detector sees ``concept`` (a colour, shape or direction), however they are captioned.
+
+    Example:
+        >>> from ice_lightning.shapes.world import ShapeSpec, ShapesDetectorFilter, render
+        >>> red = ShapesDetectorFilter("red")
+        >>> pixels = torch.stack([render(ShapeSpec("red", "circle", 12, 12, 6)),
+        ...                       render(ShapeSpec("green", "circle", 12, 12, 6))]) * 2 - 1
+        >>> red({"pixel_values": pixels})
+        [False, True]
+    """
+
+    def __init__(self, concept: str, image_key: str = "pixel_values") -> None:
+        self.concept, self.attribute = concept, _attribute(concept)
+        super().__init__(self._detect, image_key=image_key, name=f"shapes_detector:{concept}")
+
+    def flags(self, pixels: Tensor) -> list[bool]:
+        if pixels.dim() == 5:  # a clip's direction needs its frames together
+            lo, hi = self.value_range
+            clips = ((pixels.detach().float() - lo) / (hi - lo)).clamp(0, 1)
+            return [getattr(detect(c), self.attribute) == self.concept for c in clips]
+        return super().flags(pixels)
+
+    def _detect(self, images: Tensor) -> list[bool]:
+        return [getattr(detect(img), self.attribute) == self.concept for img in images]
+
+
+def _attribute(concept: str) -> str:
+    if concept in COLOURS:
+        return "colour"
+    if concept in SHAPES:
+        return "shape"
+    if concept in DIRECTIONS:
+        return "direction"
+    raise ValueError(f"unknown shapes concept {concept!r}; choose a colour {COLOURS}, a shape {SHAPES} or a direction "
+                     f"{DIRECTIONS}")  # fmt: skip
+
+
+class ShapesConceptPresence(ConceptPresence):
+    """``ICEModule(sample_metrics=[ShapesConceptPresence()])``: share of generated samples in which the shapes
+    detector sees the concept (a colour, shape or direction; clips are read whole, so directions count)."""
+
+    name = "shapes_presence"
+
+    def detect(self, images: Tensor) -> Tensor:
+        attribute = _attribute(self.concept)
+        return torch.tensor([getattr(detect(img), attribute) == self.concept for img in images], dtype=torch.bool)
+
+    def detect_samples(self, samples: Tensor) -> Tensor:
+        if samples.dim() == 4:
+            return self.detect(samples)
+        attribute = _attribute(self.concept)
+        return torch.tensor([getattr(detect(c), attribute) == self.concept for c in samples], dtype=torch.bool)

@@ -34,7 +34,7 @@ def _states(seed: int, n_e: int = 8, n_p: int = 20, d: int = 12):
 
 
 def _dense_parts(E_e, E_p, hp):
-    Pe, ov = ice_components(E_e, E_p, hp)
+    Pe, ov, _ = ice_components(E_e, E_p, hp)
     return Pe.dense(), ov.dense()
 
 
@@ -275,3 +275,43 @@ def test_bad_inputs_are_named(kwargs, message):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=message):
         dissociation_operator(args["E_erase"], args["E_preserve"], **hp)
+
+
+def test_broad_preserve_base_enters_the_weighted_objective_exactly():
+    """``J + lam_b ||D P_b^1/2||^2`` has the minimiser ``P_e^2 (P_e + lam P_p + lam_b P_b + mu I)^-1``: the
+    low-rank operator equals it, LBFGS finds it, and SVD-compressed base rows give the same operator."""
+    E_e, E_p = _states(5)
+    g = torch.Generator().manual_seed(5)
+    E_b = torch.randn(40, 12, generator=g, dtype=F64) + 2.0
+    hp = ICEHyperParams(lam=3.0, mu=0.1, base_weight=7.0, base_expansion=4.0)
+    Pe, Pp, base = ice_components(E_e, E_p, hp, E_b)
+    P_e, P_p, P_b = Pe.dense(), Pp.dense(), base.dense()
+    assert torch.allclose(P_b, energy_subspace(E_b, 4.0).dense(), atol=1e-12)
+    S = P_e + hp.lam * P_p + hp.base_weight * P_b + hp.mu * torch.eye(12, dtype=F64)
+    expected = P_e @ P_e @ torch.linalg.inv(S)
+    D_star = dissociation_operator(E_e, E_p, hp, E_base=E_b).dense()
+    assert torch.allclose(D_star, expected, atol=1e-10)
+    # the base changes the edit (the test can fail), and LBFGS on the full objective agrees
+    assert (D_star - dissociation_operator(E_e, E_p, hp).dense()).norm() > 1e-3
+    D = torch.zeros(12, 12, dtype=F64, requires_grad=True)
+    opt = torch.optim.LBFGS([D], lr=1, max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
+                            line_search_fn="strong_wolfe")  # fmt: skip
+
+    def closure():
+        opt.zero_grad()
+        loss = spectral_unlearning_objective(D, P_e, P_p, hp.lam, hp.mu, "weighted") + hp.base_weight * (
+            D @ P_b * D).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    assert (D.detach() - D_star).norm() / D_star.norm() < 1e-6
+    _, s, Vh = torch.linalg.svd(E_b, full_matrices=False)
+    compressed = dissociation_operator(E_e, E_p, hp, E_base=s[:, None] * Vh).dense()
+    assert torch.allclose(compressed, D_star, atol=1e-10)
+    assert torch.allclose(dissociation_operator(E_e, E_p, hp, E_base=E_b, base_weight=0.0).dense(),
+                          dissociation_operator(E_e, E_p, hp, base_weight=0.0).dense(), atol=1e-12)  # fmt: skip
+    frob = ICEHyperParams(objective="frobenius", base_weight=7.0)  # there the base joins the preserve states
+    assert torch.allclose(dissociation_operator(E_e, E_p, frob, E_base=E_b).dense(),
+                          dissociation_operator(E_e, torch.cat([E_p, E_b]), frob).dense(), atol=1e-12)  # fmt: skip

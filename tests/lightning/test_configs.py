@@ -49,6 +49,7 @@ def test_configs_cover_the_documented_cases():
         "cogvideox_finetune.yaml",
         "sdxl_fsdp2_finetune.yaml",
         "tiny_flux_lora.yaml",
+        "shapes_finetune_guarded.yaml",
     } <= names
 
 
