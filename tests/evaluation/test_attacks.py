@@ -77,7 +77,9 @@ def test_devset_is_complete_and_held_out():
             # nearby concepts are held out: not in the preserve set the solver sees, not erased
             assert not {n.casefold() for n in c.nearby} & (preserve | spec_names)
             assert all(p.text[p.span[0] : p.span[1]] in c.paraphrases for p in c.paraphrase_prompts())
-    assert len(set(MANY_ARTISTS)) == 50
+    assert len(set(MANY_ARTISTS)) == len(MANY_ARTISTS) == 100
+    # held out: none of the many-concept artists is a style family's held-out nearby artist (the collateral set)
+    assert not set(MANY_ARTISTS) & {n for c in dev_concepts("style") for n in c.nearby}
     with pytest.raises(ValueError, match="unknown development concept"):
         dev_concept("Rembrandtt")
     assert len(dev_concepts("object")) == 5
