@@ -356,11 +356,10 @@ class ICECallback(Callback):
     def filter_batch(self, batch: Any) -> int:
         """Run the sample filters on ``batch`` (in place, in order, each on what the ones before it kept) and
         count what each dropped; returns how many samples went."""
+        if self.sample_filters and not isinstance(batch, MutableMapping):
+            raise TypeError(f"sample filters need dict batches (rows are dropped by key); got {type(batch).__name__}")
         dropped = 0
         for name, f in zip(self.filter_names, self.sample_filters, strict=True):
-            if not isinstance(batch, MutableMapping):
-                raise TypeError(f"sample filters need dict batches (rows are dropped by key); got "
-                                f"{type(batch).__name__}")  # fmt: skip
             n = _batch_size(batch)
             if n == 0:
                 break

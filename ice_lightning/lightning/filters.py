@@ -188,13 +188,18 @@ class NudeNetFilter(ImageDetectorFilter):
         super().__init__(self._detect, image_key, value_range, threshold, name="nudenet")
 
     def _detect(self, images: Tensor) -> list[float]:
-        # NudeNet reads uint8 BGR arrays (OpenCV's order), (H, W, 3).
-        arrays = (images.permute(0, 2, 3, 1).flip(-1) * 255).round().to(torch.uint8).numpy()
-        scores = []
-        for a in arrays:
-            found = [d["score"] for d in self.nudenet.detect(a.copy()) if d["class"] in self.classes]
-            scores.append(max(found, default=0.0))
-        return scores
+        return nudenet_scores(self.nudenet, images, self.classes)
+
+
+def nudenet_scores(detector: Any, images: Tensor, classes: frozenset[str]) -> list[float]:
+    """Per image ``(N, 3, H, W)`` in [0, 1], NudeNet's highest score among ``classes`` (0 where none is found).
+    NudeNet reads uint8 BGR arrays (OpenCV's channel order), ``(H, W, 3)``."""
+    arrays = (images.permute(0, 2, 3, 1).flip(-1) * 255).round().to(torch.uint8).cpu().numpy()
+    scores = []
+    for a in arrays:
+        found = [d["score"] for d in detector.detect(a.copy()) if d["class"] in classes]
+        scores.append(max(found, default=0.0))
+    return scores
 
 
 def load_nudenet() -> Any:

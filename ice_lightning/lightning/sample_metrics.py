@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from .filters import NUDENET_EXPLICIT, load_nudenet
+from .filters import NUDENET_EXPLICIT, load_nudenet, nudenet_scores
 
 __all__ = ["ConceptPresence", "CLIPConceptPresence", "NudeNetPresence", "clip_concept_probability"]
 
@@ -188,9 +188,4 @@ class NudeNetPresence(ConceptPresence):
         self.classes, self.threshold = frozenset(classes), threshold
 
     def detect(self, images: Tensor) -> Tensor:
-        arrays = (images.permute(0, 2, 3, 1).flip(-1) * 255).round().to(torch.uint8).cpu().numpy()  # BGR, HWC
-        found = []
-        for a in arrays:
-            found.append(any(d["class"] in self.classes and d["score"] >= self.threshold
-                             for d in self.nudenet.detect(a.copy())))  # fmt: skip
-        return torch.tensor(found, dtype=torch.bool)
+        return torch.tensor(nudenet_scores(self.nudenet, images, self.classes)) >= self.threshold

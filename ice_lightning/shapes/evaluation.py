@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..core.concepts import ConceptSpec
 from .world import (
+    ATTRIBUTES,
     COLOURS,
     DIRECTIONS,
     SHAPES,
@@ -43,6 +44,7 @@ from .world import (
     AttributeAccuracy,
     ConceptPresenceRate,
     FailureRate,
+    attribute_of,
     detect,
     place,
     render,
@@ -68,23 +70,9 @@ __all__ = [
     "erase_report",
 ]
 
-_ATTRIBUTES = {**dict.fromkeys(COLOURS, "colour"), **dict.fromkeys(SHAPES, "shape"),
-               **dict.fromkeys(DIRECTIONS, "direction")}  # fmt: skip
-
-
 #: Classifier-free guidance of every shapes-world measurement: the small pixel models draw clean, on-palette
 #: samples at 1-2 and drift off-palette above 2 (measured on the shipped image model).
 GUIDANCE = 1.5
-
-
-def attribute_of(concept: str) -> str:
-    """``colour``, ``shape`` or ``direction``; a clear error for a concept the shapes world does not have."""
-    if concept not in _ATTRIBUTES:
-        raise ValueError(
-            f"unknown shapes concept {concept!r}; choose a colour {COLOURS}, a shape {SHAPES} "
-            f"or a direction {DIRECTIONS}"
-        )
-    return _ATTRIBUTES[concept]
 
 
 @dataclass(frozen=True)
@@ -159,7 +147,7 @@ def score(samples: Tensor, prompts: list[ShapesPrompt], erased: str | None = Non
     targets = [p for p in prompts for _ in range(per)]
     out: dict = {"accuracy": {}}
     other = groups["other"]
-    for concept, attribute in _ATTRIBUTES.items():
+    for concept, attribute in ATTRIBUTES.items():
         idx = [i for i in other if targets[i].asks_for(concept)]
         if concept == erased or not idx:
             continue
@@ -258,7 +246,7 @@ def renders(prompt: ShapesPrompt, n: int, size: int, frames: int = 0, seed: int 
 def guide_concept(concept: str) -> str:
     """The default guide (anchor) of ``concept``: the next value of the same attribute (red -> green,
     circle -> square, left -> right; the last wraps to the first)."""
-    values = [c for c, a in _ATTRIBUTES.items() if a == attribute_of(concept)]
+    values = [c for c, a in ATTRIBUTES.items() if a == attribute_of(concept)]
     return values[(values.index(concept) + 1) % len(values)]
 
 
@@ -274,7 +262,7 @@ def concept_spec(concept: str, video: bool = False, preserve_all: bool = True,
     the concept's presence near zero, and the reports count such samples as "something else".
     """
     attribute = attribute_of(concept)
-    others = [c for c, a in _ATTRIBUTES.items() if a == attribute and c != concept]
+    others = [c for c, a in ATTRIBUTES.items() if a == attribute and c != concept]
     if attribute == "colour":
         contexts = [t.format(c="{}", s=s) for t in TEMPLATES[:2] for shape in SHAPES for s in SYNONYMS[shape][0]]
     elif attribute == "shape":

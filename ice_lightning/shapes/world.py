@@ -86,6 +86,21 @@ TEMPLATES = ("a {c} {s}", "a {c} {s} on a plain background", "a picture of a {c}
 VIDEO_TEMPLATES = ("a {c} {s} {d}", "a {c} {s} {d} on a plain background", "one {c} {s} {d}")
 
 
+#: concept -> the attribute it is a value of.
+ATTRIBUTES: dict[str, str] = {**dict.fromkeys(COLOURS, "colour"), **dict.fromkeys(SHAPES, "shape"),
+                              **dict.fromkeys(DIRECTIONS, "direction")}  # fmt: skip
+
+
+def attribute_of(concept: str) -> str:
+    """``colour``, ``shape`` or ``direction``; a clear error for a concept the shapes world does not have."""
+    if concept not in ATTRIBUTES:
+        raise ValueError(
+            f"unknown shapes concept {concept!r}; choose a colour {COLOURS}, a shape {SHAPES} "
+            f"or a direction {DIRECTIONS}"
+        )
+    return ATTRIBUTES[concept]
+
+
 @dataclass(frozen=True)
 class ShapeSpec:
     """One shape: colour, kind, centre ``(cx, cy)`` and half-size ``r`` in pixels, background grey level."""
@@ -432,7 +447,7 @@ class ShapesDetectorFilter(ImageDetectorFilter):
     """
 
     def __init__(self, concept: str, image_key: str = "pixel_values") -> None:
-        self.concept, self.attribute = concept, _attribute(concept)
+        self.concept, self.attribute = concept, attribute_of(concept)
         super().__init__(self._detect, image_key=image_key, name=f"shapes_detector:{concept}")
 
     def flags(self, pixels: Tensor) -> list[bool]:
@@ -446,17 +461,6 @@ class ShapesDetectorFilter(ImageDetectorFilter):
         return [getattr(detect(img), self.attribute) == self.concept for img in images]
 
 
-def _attribute(concept: str) -> str:
-    if concept in COLOURS:
-        return "colour"
-    if concept in SHAPES:
-        return "shape"
-    if concept in DIRECTIONS:
-        return "direction"
-    raise ValueError(f"unknown shapes concept {concept!r}; choose a colour {COLOURS}, a shape {SHAPES} or a direction "
-                     f"{DIRECTIONS}")  # fmt: skip
-
-
 class ShapesConceptPresence(ConceptPresence):
     """``ICEModule(sample_metrics=[ShapesConceptPresence()])``: share of generated samples in which the shapes
     detector sees the concept (a colour, shape or direction; clips are read whole, so directions count)."""
@@ -464,11 +468,11 @@ class ShapesConceptPresence(ConceptPresence):
     name = "shapes_presence"
 
     def detect(self, images: Tensor) -> Tensor:
-        attribute = _attribute(self.concept)
+        attribute = attribute_of(self.concept)
         return torch.tensor([getattr(detect(img), attribute) == self.concept for img in images], dtype=torch.bool)
 
     def detect_samples(self, samples: Tensor) -> Tensor:
         if samples.dim() == 4:
             return self.detect(samples)
-        attribute = _attribute(self.concept)
+        attribute = attribute_of(self.concept)
         return torch.tensor([getattr(detect(c), attribute) == self.concept for c in samples], dtype=torch.bool)
