@@ -31,7 +31,7 @@ from .editing import LayerEdit, apply_edits, like_weight, local_shard, reshard, 
 from .encoders import EmbeddingSpace
 from .families import default_embedding_spaces, lookup_family
 from .layers import NoTextConditioningLayerError, TextConditioningLayers
-from .solver import METHODS, DissociationOperator, build_operator, check_hparams
+from .solver import METHODS, DissociationOperator, ICEHyperParams, build_operator, check_hparams
 
 __all__ = [
     "Method",
@@ -253,12 +253,17 @@ class ErasurePlan:
                     _collect(self.spaces[s], spec.erase_prompts(), spec.include_eot, "erase"),
                     _collect(self.spaces[s], spec.preserve_prompts(), spec.include_eot, "preserve"),
                     _anchor_pairs(self.spaces[s], spec),
-                    self.spaces[s].base_states(spec.base_prompts()) if self.method == "ice" else None,
+                    self.spaces[s].base_states(spec.base_prompts()) if self._uses_base() else None,
                 )
                 for s in sorted(set(self.layer_spaces.values()))
             }
             self.timings["encode_s"] = time.perf_counter() - t0
         return self._states
+
+    def _uses_base(self) -> bool:
+        """Whether the solver reads the broad preserve base: ICE with a positive ``base_weight`` (else the 360
+        everyday prompts are not encoded at all)."""
+        return self.method == "ice" and ICEHyperParams(**self.hparams).base_weight > 0
 
     def solve(self) -> dict[str, DissociationOperator]:
         """One operator per embedding space, from :meth:`states`."""

@@ -432,6 +432,12 @@ class FailureRate(_DetectedRate):
         self._count(samples, [None] * len(samples))
 
 
+def shows(samples: Tensor, concept: str) -> list[bool]:
+    """Whether the detector sees ``concept`` in each sample (images, or clips read whole; values in [0, 1])."""
+    attribute = attribute_of(concept)
+    return [getattr(detect(x), attribute) == concept for x in samples]
+
+
 # -- sample filter -------------------------------------------------------------------------------------
 class ShapesDetectorFilter(ImageDetectorFilter):
     """``ICECallback(sample_filter=ShapesDetectorFilter("red"))``: drop the training samples in which the shapes
@@ -447,18 +453,19 @@ class ShapesDetectorFilter(ImageDetectorFilter):
     """
 
     def __init__(self, concept: str, image_key: str = "pixel_values") -> None:
-        self.concept, self.attribute = concept, attribute_of(concept)
+        attribute_of(concept)  # an unknown concept is refused here, before training
+        self.concept = concept
         super().__init__(self._detect, image_key=image_key, name=f"shapes_detector:{concept}")
 
     def flags(self, pixels: Tensor) -> list[bool]:
         if pixels.dim() == 5:  # a clip's direction needs its frames together
             lo, hi = self.value_range
             clips = ((pixels.detach().float() - lo) / (hi - lo)).clamp(0, 1)
-            return [getattr(detect(c), self.attribute) == self.concept for c in clips]
+            return shows(clips, self.concept)
         return super().flags(pixels)
 
     def _detect(self, images: Tensor) -> list[bool]:
-        return [getattr(detect(img), self.attribute) == self.concept for img in images]
+        return shows(images, self.concept)
 
 
 class ShapesConceptPresence(ConceptPresence):
@@ -468,11 +475,9 @@ class ShapesConceptPresence(ConceptPresence):
     name = "shapes_presence"
 
     def detect(self, images: Tensor) -> Tensor:
-        attribute = attribute_of(self.concept)
-        return torch.tensor([getattr(detect(img), attribute) == self.concept for img in images], dtype=torch.bool)
+        return torch.tensor(shows(images, self.concept), dtype=torch.bool)
 
     def detect_samples(self, samples: Tensor) -> Tensor:
         if samples.dim() == 4:
             return self.detect(samples)
-        attribute = attribute_of(self.concept)
-        return torch.tensor([getattr(detect(c), attribute) == self.concept for c in samples], dtype=torch.bool)
+        return torch.tensor(shows(samples, self.concept), dtype=torch.bool)
