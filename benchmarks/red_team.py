@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, minilm_pipeline, table, write_report  # noqa: E402
 
 import ice_lightning  # noqa: E402
+from ice_lightning.core.progress import progress  # noqa: E402
 from ice_lightning.evaluation.attacks import RedTeam, RingABellConfig  # noqa: E402
 from ice_lightning.evaluation.baselines import uce_as_published  # noqa: E402
 from ice_lightning.evaluation.devset import DEV_SET, dev_concepts  # noqa: E402
@@ -71,9 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = minilm_pipeline()
     t0 = time.perf_counter()
     per_concept = {}
-    for family in DEV_SET:
-        for concept in dev_concepts(family)[: 1 if args.tiny else None]:
-            per_concept[concept.name] = {"family": family, **attack_concept(pipe, concept, ring, budgets)}
+    concepts = [(f, c) for f in DEV_SET for c in dev_concepts(f)[: 1 if args.tiny else None]]
+    for family, concept in progress(concepts, desc="red-teaming", unit="concept"):
+        per_concept[concept.name] = {"family": family, **attack_concept(pipe, concept, ring, budgets)}
     attacks = ["paraphrase", "ring_a_bell", *(f"whitebox@{b}" for b in budgets)]
     rows = []
     for family in DEV_SET:

@@ -27,6 +27,7 @@ from _common import RESULTS, minilm_pipeline, table, write_report  # noqa: E402
 import ice_lightning  # noqa: E402
 from ice_lightning.core.concepts import EVAL_TEMPLATES, UNRELATED_PROMPTS, ConceptSpec, Prompt  # noqa: E402
 from ice_lightning.core.plan import pipeline_spaces  # noqa: E402
+from ice_lightning.core.progress import progress  # noqa: E402
 from ice_lightning.evaluation.baselines import uce_as_published  # noqa: E402
 from ice_lightning.evaluation.devset import DEV_SET, MANY_ARTISTS, dev_concepts  # noqa: E402
 from ice_lightning.evaluation.metrics import dev_concept_metrics, relative_change  # noqa: E402
@@ -128,25 +129,25 @@ def erase_with(pipe, spec: ConceptSpec, method: str, kw: dict):
 def run_family(pipe, family: str, grid: dict[str, list[dict]], n_concepts: int | None) -> list[dict]:
     rows = []
     concepts = dev_concepts(family)[:n_concepts]
-    for method, points in grid.items():
-        for kw in points:
-            per = []
-            t = time.perf_counter()
-            for c in concepts:
-                result = erase_with(pipe, c.spec(), method, kw)
-                per.append(dev_concept_metrics(result, c))
-                result.undo()
-            rows.append(
-                {
-                    "family": family,
-                    "method": method,
-                    "config": label(method, kw),
-                    "kwargs": {k: str(v) for k, v in kw.items()},
-                    "seconds_per_concept": (time.perf_counter() - t) / len(concepts),
-                    **{m: statistics.fmean(p[m] for p in per) for m in METRICS},
-                    "per_concept": {c.name: p for c, p in zip(concepts, per, strict=True)},
-                }
-            )
+    for method, kw in progress([(m, kw) for m, pts in grid.items() for kw in pts], desc=f"trade-off, {family}",
+                               unit="config"):  # fmt: skip
+        per = []
+        t = time.perf_counter()
+        for c in concepts:
+            result = erase_with(pipe, c.spec(), method, kw)
+            per.append(dev_concept_metrics(result, c))
+            result.undo()
+        rows.append(
+            {
+                "family": family,
+                "method": method,
+                "config": label(method, kw),
+                "kwargs": {k: str(v) for k, v in kw.items()},
+                "seconds_per_concept": (time.perf_counter() - t) / len(concepts),
+                **{m: statistics.fmean(p[m] for p in per) for m in METRICS},
+                "per_concept": {c.name: p for c, p in zip(concepts, per, strict=True)},
+            }
+        )
     return rows
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).parent / "data"
+ROOT = Path(__file__).parents[1] / "ice_lightning" / "configs" / "data"  # examples/data links here
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 220), "yellow": (230, 220, 40)}
 CAPTIONS = [
     "a painting by Van Gogh of a {} square",

@@ -44,6 +44,14 @@ _EXTRA_WORDS = (
 )
 
 
+def _ddim():
+    """A DDIM scheduler with the settings SD pipelines check for (``steps_offset=1``, no sample clipping): diffusers
+    warns that a config without them is outdated."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(steps_offset=1, clip_sample=False)
+
+
 def default_vocabulary(extra: Iterable[str] = ()) -> list[str]:
     """Lower-cased words of every built-in template, concept and prompt list, plus ``extra``."""
     texts = [
@@ -169,7 +177,7 @@ def tiny_unet(cross_attention_dim: int, **kw):
 
 
 def _sd(text_encoder=None, tokenizer=None):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     tokenizer = word_tokenizer() if tokenizer is None else tokenizer
     text_encoder = tiny_clip(tokenizer) if text_encoder is None else text_encoder
@@ -178,7 +186,7 @@ def _sd(text_encoder=None, tokenizer=None):
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=tiny_unet(text_encoder.config.hidden_size),
-        scheduler=DDIMScheduler(),
+        scheduler=_ddim(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -267,7 +275,7 @@ def _flux():
 
 
 def _pixart():
-    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
 
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(
@@ -289,12 +297,12 @@ def _pixart():
     )
     tok = word_tokenizer(style="t5", max_length=120)
     return PixArtAlphaPipeline(
-        tokenizer=tok, text_encoder=tiny_t5(tok), vae=tiny_vae(), transformer=transformer, scheduler=DDIMScheduler()
+        tokenizer=tok, text_encoder=tiny_t5(tok), vae=tiny_vae(), transformer=transformer, scheduler=_ddim()
     )
 
 
 def _text2video(text_encoder=None, tokenizer=None):
-    from diffusers import DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
 
     tok = word_tokenizer() if tokenizer is None else tokenizer
     text_encoder = tiny_clip(tok) if text_encoder is None else text_encoder
@@ -312,12 +320,12 @@ def _text2video(text_encoder=None, tokenizer=None):
         norm_num_groups=4,
     )
     return TextToVideoSDPipeline(
-        vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=DDIMScheduler()
+        vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=_ddim()
     )
 
 
 def _animatediff():
-    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
+    from diffusers import AnimateDiffPipeline, MotionAdapter
 
     tok = word_tokenizer()
     torch.manual_seed(0)
@@ -333,14 +341,14 @@ def _animatediff():
         tokenizer=tok,
         unet=tiny_unet(TEXT_DIM, block_out_channels=(32, 64), attention_head_dim=8, norm_num_groups=2),
         motion_adapter=adapter,
-        scheduler=DDIMScheduler(),
+        scheduler=_ddim(),
         feature_extractor=None,
         image_encoder=None,
     )
 
 
 def _cogvideox():
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel, DDIMScheduler
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel
 
     torch.manual_seed(0)
     transformer = CogVideoXTransformer3DModel(
@@ -372,7 +380,7 @@ def _cogvideox():
     )
     tok = word_tokenizer(style="t5", max_length=226)
     return CogVideoXPipeline(
-        tokenizer=tok, text_encoder=tiny_t5(tok), vae=vae, transformer=transformer, scheduler=DDIMScheduler()
+        tokenizer=tok, text_encoder=tiny_t5(tok), vae=vae, transformer=transformer, scheduler=_ddim()
     )
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny pipelines built from configs, saved once per session, loaded with from_pretrained."""
 
 import os
+import tempfile
 import warnings
 
 import pytest
@@ -8,6 +9,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The on-disk cache (base spectra, checked layers) of this session only: tests neither read a developer's cache
+# nor write to ~/.cache.
+os.environ["ICE_LIGHTNING_CACHE"] = tempfile.mkdtemp(prefix="ice-lightning-cache-")
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 

@@ -12,14 +12,81 @@
 - :mod:`.pipelines`: loading a pipeline by folder, hub id or registered name.
 """
 
-from .concepts import ConceptSpec, Prompt
-from .export import load_manifest, save_erased, verify_export
-from .families import FAMILIES, DenoiserFamily, LayerRule, family_of, register_family
-from .layers import NoTextConditioningLayerError, TextConditioningLayers
-from .pipelines import load_pipeline, register_pipeline
-from .plan import ErasurePlan, ErasureResult, TargetLayer, edit_history, erase, find_text_conditioning
-from .probe import TextSpaceProbe
-from .solver import DissociationOperator, ICEHyperParams, dissociation_operator
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_attributes
+
+_NAMES = {
+    "ConceptSpec": ".concepts",
+    "Prompt": ".concepts",
+    "load_manifest": ".export",
+    "save_erased": ".export",
+    "verify_export": ".export",
+    "FAMILIES": ".families",
+    "DenoiserFamily": ".families",
+    "LayerRule": ".families",
+    "family_of": ".families",
+    "register_family": ".families",
+    "NoTextConditioningLayerError": ".layers",
+    "TextConditioningLayers": ".layers",
+    "load_pipeline": ".pipelines",
+    "register_pipeline": ".pipelines",
+    "ErasurePlan": ".plan",
+    "ErasureResult": ".plan",
+    "TargetLayer": ".plan",
+    "edit_history": ".plan",
+    "erase": ".plan",
+    "find_text_conditioning": ".plan",
+    "TextSpaceProbe": ".probe",
+    "DissociationOperator": ".solver",
+    "ICEHyperParams": ".solver",
+    "dissociation_operator": ".solver",
+}
+__getattr__, __dir__ = lazy_attributes(__name__, _NAMES)
+
+if TYPE_CHECKING:  # the names for type checkers and editors; at run time each loads on first use
+    from .concepts import (
+        ConceptSpec,
+        Prompt,
+    )
+    from .export import (
+        load_manifest,
+        save_erased,
+        verify_export,
+    )
+    from .families import (
+        FAMILIES,
+        DenoiserFamily,
+        LayerRule,
+        family_of,
+        register_family,
+    )
+    from .layers import (
+        NoTextConditioningLayerError,
+        TextConditioningLayers,
+    )
+    from .pipelines import (
+        load_pipeline,
+        register_pipeline,
+    )
+    from .plan import (
+        ErasurePlan,
+        ErasureResult,
+        TargetLayer,
+        edit_history,
+        erase,
+        find_text_conditioning,
+    )
+    from .probe import (
+        TextSpaceProbe,
+    )
+    from .solver import (
+        DissociationOperator,
+        ICEHyperParams,
+        dissociation_operator,
+    )
 
 __all__ = [
     "ConceptSpec",

@@ -34,6 +34,7 @@ __all__ = [
     "like_weight",
     "is_sharded",
     "reshard",
+    "dense_is_cheaper",
 ]
 
 _F64 = torch.float64
@@ -101,31 +102,56 @@ class RollbackError(RuntimeError):
 
 @dataclass
 class LayerEdit:
-    """One applied edit ``W_new = cast(W - L R)`` with what is needed to undo it exactly."""
+    """One applied edit of a layer and what is needed to undo it exactly: a low-rank record ``(L, R)`` with
+    ``W_before = W_after + L R`` and the entries where rounding is not invertible, or a copy of the original
+    weight (``original``) where that is smaller, or nothing (``keep_undo=False``)."""
 
     name: str
     module: nn.Linear
-    L: Tensor
-    R: Tensor
+    L: Tensor | None
+    R: Tensor | None
     fix_index: Tensor | None
     fix_values: Tensor | None
     fingerprint: str
     fused: bool = False
+    original: Tensor | None = None
+
+    @property
+    def undoable(self) -> bool:
+        return self.L is not None or self.original is not None
 
     def is_current(self) -> bool:
         """Whether the weight is still exactly what this edit wrote (undo is only valid then)."""
         return tensor_sha256(self.module.weight) == self.fingerprint
 
+    def before(self, after: Tensor | None = None) -> Tensor:
+        """The weight before this edit, float64 (this rank's rows of a sharded weight); ``after``: the weight this
+        edit wrote, when the layer has been edited again since (default: the layer's current weight)."""
+        if self.original is not None:
+            return self.original.to(torch.float64)
+        if self.L is None:
+            raise RuntimeError(f"the edit of layer {self.name!r} kept no undo record (keep_undo=False)")
+        w = local_shard(self.module.weight).detach() if after is None else after
+        return w.to(self.L.device, _F64) + self.L @ self.R
+
     def undo(self, checked: bool = False, written: Tensor | None = None) -> None:
         """Restore the original weight bit for bit (only valid while the weight is as the edit left it;
         ``checked``: the caller has just confirmed that; ``written``: the weight this edit wrote, to restore
         a layer whose write was cut short)."""
+        if not self.undoable:
+            raise RuntimeError(
+                f"the edit of layer {self.name!r} was applied with keep_undo=False and kept no record to undo it; "
+                "reload the original model"
+            )
         w = local_shard(self.module.weight)
         if not checked and not self.is_current():
             raise RuntimeError(
                 f"layer {self.name!r} changed since it was edited (training?); undo would not restore the "
                 "original weights. Undo right after erase, or reload the original model"
             )
+        if self.original is not None:
+            _write(w, self.original)
+            return
         source = written if written is not None else w.detach()
         restored = _plus_delta(source, self.L, self.R, self.fused)
         if self.fix_index is not None:
@@ -143,22 +169,55 @@ def _write(weight: Tensor, value: Tensor) -> None:
         weight.copy_(value)
 
 
-def _factors(name: str, module: nn.Linear, op: DissociationOperator, base: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Phase 1 of an edit: the low-rank factors ``(L, R)`` of ``W_new = W - L R``, checked; nothing written."""
+def dense_is_cheaper(rank: int, dim: int) -> bool:
+    """The cost model of an edit ``W <- W - X D`` of an ``out x d`` weight: the low-rank form
+    ``(X U)(M U^T)`` costs ``2 out d k`` multiply-adds, the dense ``X D`` costs ``out d^2``; dense wins once
+    the operator's rank ``k`` reaches half the width (many concepts, or states that span the space)."""
+    return 2 * rank >= dim
+
+
+@dataclass
+class _Update:
+    """Phase 1's plan for one layer: low-rank factors ``(L, R)``, or the dense ``D`` (with the base to subtract)."""
+
+    L: Tensor | None = None
+    R: Tensor | None = None
+    D: Tensor | None = None
+    base: Tensor | None = None
+
+
+def _factors(name: str, module: nn.Linear, op: DissociationOperator, base: Tensor | None,
+             dense: dict[int, Tensor]) -> _Update:  # fmt: skip
+    """Phase 1 of an edit: the low-rank factors ``(L, R)`` of ``W_new = W - L R`` (or, by the cost model, the
+    dense operator), checked; nothing written."""
     w = local_shard(module.weight)
-    if not torch.isfinite(w).all():
-        raise ValueError(f"layer {name!r} already holds NaN or inf weights; refusing to edit it")
+    if w.ndim != 2 or w.shape[1] != op.dim:
+        op.factors(w)  # raises the dimension-mismatch error
+    if dense_is_cheaper(op.rank, op.dim):
+        if not _all_finite(w):
+            raise ValueError(f"layer {name!r} already holds NaN or inf weights; refusing to edit it")
+        if id(op) not in dense:
+            dense[id(op)] = op.dense()
+        return _Update(D=dense[id(op)], base=None if base is None else base.to(w.device, w.dtype))
     # Without a base the whole weight is edited; with one, only what changed since (W - base).
     L, R = op.factors(w if base is None else w.detach() - base.to(w.device, w.dtype))
     if not (torch.isfinite(L).all() and torch.isfinite(R).all()):
+        if not _all_finite(w):  # a non-finite weight shows in W U: only then is the whole weight read
+            raise ValueError(f"layer {name!r} already holds NaN or inf weights; refusing to edit it")
         raise ValueError(f"the edit of layer {name!r} is not finite; check the operator and the weights")
-    return L, R
+    return _Update(L=L, R=R)
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether every entry is finite, in one pass without a mask: a float64 sum of float32 or half values cannot
+    overflow, so it is finite exactly when every entry is."""
+    return bool(torch.isfinite(t.sum(dtype=_F64)))
 
 
 def _fused(w: Tensor) -> bool:
-    """float32 layers take the rank-k update in one fused float32 ``addmm`` (a single pass over the weight,
-    where a float64 round trip makes several: the edit is memory-bound); half-precision layers keep the
-    float64 path, whose single rounding matters at their precision."""
+    """float32 layers take the update in one fused float32 ``addmm`` (a single pass over the weight, where a
+    float64 round trip makes several: the edit is memory-bound); half-precision layers keep the float64 path,
+    whose single rounding matters at their precision."""
     return w.dtype == torch.float32
 
 
@@ -169,9 +228,16 @@ def _plus_delta(w: Tensor, L: Tensor, R: Tensor, fused: bool, sign: float = 1.0)
     return (w.to(L.device, _F64) + sign * (L @ R)).to(w.device, w.dtype)
 
 
-def _new_weight(name: str, w: Tensor, L: Tensor, R: Tensor, fused: bool) -> Tensor:
-    new = _plus_delta(w.detach(), L, R, fused, sign=-1.0)
-    if not torch.isfinite(new).all():
+def _new_weight(name: str, w: Tensor, up: _Update, fused: bool) -> Tensor:
+    if up.D is None:
+        new = _plus_delta(w.detach(), up.L, up.R, fused, sign=-1.0)
+    else:
+        X = w.detach() if up.base is None else w.detach() - up.base
+        if fused:
+            new = torch.addmm(w.detach(), X, up.D.to(w.device, w.dtype), alpha=-1.0)
+        else:
+            new = (w.to(up.D.device, _F64) - X.to(up.D.device, _F64) @ up.D).to(w.device, w.dtype)
+    if not _all_finite(new):
         raise ValueError(
             f"the edit of layer {name!r} does not fit in {w.dtype} (the new weights overflow); load the model "
             "in float32 or bfloat16 for the edit, then cast it back"
@@ -179,10 +245,27 @@ def _new_weight(name: str, w: Tensor, L: Tensor, R: Tensor, fused: bool) -> Tens
     return new
 
 
+def _undo_record(w: Tensor, new: Tensor, up: _Update, fused: bool):
+    """``(L, R, fix_index, fix_values, original)``: the smaller exact record. The low-rank one stores ``L`` (out x k,
+    float64) and the entries where ``cast(new + L R)`` misses the original; a copy of the original costs
+    ``out x d`` in the layer's dtype and is taken when that is smaller, or when the update was dense."""
+    if up.D is not None or 8 * up.L.shape[1] >= w.element_size() * w.shape[1]:
+        return None, None, None, None, w.detach().clone()
+    wrong = (_plus_delta(new, up.L, up.R, fused) != w.detach()).view(-1)
+    n_wrong = int(wrong.sum())
+    if n_wrong == 0:
+        return up.L, up.R, None, None, None
+    if n_wrong > _DENSE_FIXUP_SHARE * wrong.numel():
+        return None, None, None, None, w.detach().clone()
+    idx = wrong.nonzero().squeeze(1)
+    return up.L, up.R, idx, w.detach().reshape(-1)[idx].clone(), None
+
+
 def apply_edits(
     targets: Sequence[tuple[str, nn.Linear, DissociationOperator]],
     bases: dict[str, Tensor] | None = None,
     into: list[LayerEdit] | None = None,
+    keep_undo: bool = True,
 ) -> list[LayerEdit]:
     """Apply ``W <- W (I - D)`` to every target, or to none if any target fails.
 
@@ -190,43 +273,44 @@ def apply_edits(
     ``W <- W - (W - base) D``. Re-applying then never compounds: with no change it is an exact no-op,
     and after fine-tuning it removes what the update added along the erased directions.
 
-    Phase 1 computes and checks the low-rank factors of every edit (small: ``out x k`` and ``k x d``, float64)
-    before anything is written; phase 2 forms each new weight once (see :func:`_fused`), checks it,
-    writes it under ``torch.no_grad()`` with ``copy_`` (keeping dtype, device and the Parameter object), and
-    rolls back every layer already written should a later one fail (overflow in the layer's dtype, a failing
-    write, an interrupt). Each written layer is appended to ``into`` (a list the caller already holds, so
-    an interrupt between the last write and the return loses no edit), and the list is returned.
+    Phase 1 plans and checks every edit before anything is written: the low-rank factors (small: ``out x k``
+    and ``k x d``, float64), or the dense ``D`` where the cost model (:func:`dense_is_cheaper`) says so; phase 2
+    forms each new weight once (see :func:`_fused`), checks it, writes it under ``torch.no_grad()`` with
+    ``copy_`` (keeping dtype, device and the Parameter object), and rolls back every layer already written
+    should a later one fail (overflow in the layer's dtype, a failing write, an interrupt). Each written layer
+    is appended to ``into`` (a list the caller already holds, so an interrupt between the last write and the
+    return loses no edit), and the list is returned.
+
+    ``keep_undo=False`` drops the undo records once every layer is written (a failure during the writes is
+    still rolled back): no memory is held afterwards, for a model that is reloaded rather than undone.
     """
     bases = bases or {}
-    factors = []
+    plans, dense = [], {}
     for name, module, op in targets:  # phase 1: nothing is written
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{name!r} is a {type(module).__name__}, not a torch.nn.Linear")
-        factors.append(_factors(name, module, op, bases.get(name)))
+        plans.append(_factors(name, module, op, bases.get(name), dense))
     edits: list[LayerEdit] = into if into is not None else []
     inflight: tuple[LayerEdit, Tensor] | None = None  # the layer being written: restored from what it got
+    written: list[LayerEdit] = []  # with keep_undo=False, the records kept until every write has succeeded
     try:
-        for (name, module, _), (L, R) in zip(targets, factors, strict=True):  # phase 2: write
+        for (name, module, _), up in zip(targets, plans, strict=True):  # phase 2: write
             w = local_shard(module.weight)
             fused = _fused(w)
-            new = _new_weight(name, w, L, R, fused)
-            wrong = (_plus_delta(new, L, R, fused) != w.detach()).view(-1)
-            n_wrong = int(wrong.sum())
-            if n_wrong == 0:
-                idx = vals = None
-            elif n_wrong > _DENSE_FIXUP_SHARE * wrong.numel():
-                idx, vals = torch.ones(1, dtype=torch.bool), w.detach().reshape(-1).clone()
-            else:
-                idx = wrong.nonzero().squeeze(1)
-                vals = w.detach().reshape(-1)[idx].clone()
-            edit = LayerEdit(name, module, L, R, idx, vals, tensor_sha256(new), fused)
+            new = _new_weight(name, w, up, fused)
+            L, R, idx, vals, original = _undo_record(w, new, up, fused)  # keep_undo=False: until the last write
+            edit = LayerEdit(name, module, L, R, idx, vals, tensor_sha256(new), fused, original)
             inflight = (edit, new)
             _write(w, new)
             edits.append(edit)
+            written.append(edit)
             inflight = None
     except BaseException as err:
         _roll_back(edits, inflight, err)
         raise
+    if not keep_undo:
+        for edit in written:
+            edit.L = edit.R = edit.fix_index = edit.fix_values = edit.original = None
     return edits
 
 

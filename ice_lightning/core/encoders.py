@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import cache
 from .concepts import Prompt
+from .progress import progress
+from .solver import Spectrum, compress_states
 
 __all__ = [
     "SequenceSource",
@@ -241,27 +244,56 @@ class EmbeddingSpace:
     def per_prompt(self, prompts: Sequence[Prompt], include_eot: bool = False) -> list[Tensor]:
         """The chosen rows of each prompt separately (cached, no grad)."""
         todo = list(dict.fromkeys(p for p in prompts if (p, include_eot) not in self._cache))
-        for start in range(0, len(todo), _BATCH):
+        todo.sort(key=lambda p: len(p.text))  # batches of similar length: less padding to encode
+        for start in progress(range(0, len(todo), _BATCH), total=-(-len(todo) // _BATCH), desc="encoding prompts",
+                              unit="batch"):  # fmt: skip
             batch = todo[start : start + _BATCH]
             per_source = [src.rows(batch, include_eot) for src in self.sources]
             for j, p in enumerate(batch):
                 self._cache[(p, include_eot)] = torch.cat([rows[j] for rows in per_source], dim=0)
         return [self._cache[(p, include_eot)] for p in prompts]
 
-    def base_states(self, prompts: Sequence[Prompt]) -> Tensor | None:
-        """Every token of the broad preserve base ``prompts``, compressed to at most ``d`` rows with the same Gram
-        matrix (``diag(s) V^T`` of their SVD: the energy subspace is unchanged), computed once per prompt set;
-        ``None`` for no prompts or a pooled space (one vector per prompt: the preserve concepts suffice)."""
+    def base_states(self, prompts: Sequence[Prompt]) -> Spectrum | None:
+        """Every token of the broad preserve base ``prompts`` as a :class:`~ice_lightning.core.solver.Spectrum`
+        (their SVD, at most ``d`` rows with the same Gram matrix: the energy subspace is unchanged), computed once
+        per encoder and prompt set: kept here and in the on-disk cache (:mod:`ice_lightning.core.cache`), keyed by
+        a fingerprint of the tokenizers, encoders and settings. ``None`` for no prompts or a pooled space (one
+        vector per prompt: the preserve concepts suffice)."""
         if not prompts or self.pooled:
             return None
         key = ("base", tuple(prompts))
         if key not in self._cache:
-            E = torch.cat(self.per_prompt(prompts), dim=0)
-            for p in prompts:  # only the compressed form is kept
-                self._cache.pop((p, False), None)
-            _, s, Vh = torch.linalg.svd(E, full_matrices=False)
-            self._cache[key] = s[:, None] * Vh
+            disk = self._disk_key(prompts)
+            stored = cache.load_tensors("base", disk) if disk else None
+            if stored is not None and stored["Vh"].shape[-1] == self.dim:
+                self._cache[key] = Spectrum(stored["s"].to(torch.float64), stored["Vh"].to(torch.float64))
+            else:
+                E = torch.cat(self.per_prompt(prompts), dim=0)
+                for p in prompts:  # only the compressed form is kept
+                    self._cache.pop((p, False), None)
+                spectrum = compress_states(E)
+                self._cache[key] = spectrum
+                if disk:
+                    cache.save_tensors("base", disk, {"s": spectrum.s, "Vh": spectrum.Vh})
         return self._cache[key]
+
+    def _disk_key(self, prompts: Sequence[Prompt]) -> str | None:
+        """The on-disk cache key of states of ``prompts`` in this space: every source's tokenizer vocabulary,
+        encoder weights (sampled) and settings; ``None`` when an encoder cannot be fingerprinted."""
+        parts = []
+        for src in self.sources:
+            seq = src.parts if isinstance(src, FeatureConcatSource) else [src]
+            for part in seq:
+                if not isinstance(part, SequenceSource):
+                    return None
+                fp = cache.module_fingerprint(part.encoder)
+                if fp is None:
+                    return None
+                vocab = part.tokenizer.get_vocab() if hasattr(part.tokenizer, "get_vocab") else {}
+                parts.append([type(part.tokenizer).__name__, cache.key(sorted(vocab.items())), fp, part.max_length,
+                              part.hidden_state, part.pass_mask, part.width])  # fmt: skip
+            parts.append(getattr(src, "width", None))
+        return cache.key("base-states", 1, parts, [(p.text, p.span) for p in prompts])
 
     def clear_cache(self) -> None:
         self._cache.clear()

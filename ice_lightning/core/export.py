@@ -50,6 +50,9 @@ __all__ = [
     "without_adapters",
     "ADAPTERS_DIR",
     "Adapters",
+    "ExportFormat",
+    "LORA_NAME",
+    "erasure_lora",
 ]
 
 MANIFEST_NAME = "ice_manifest.json"
@@ -61,6 +64,9 @@ _CARD_MARK = "<!-- ice-lightning -->"
 #: Where ``adapters="separate"`` puts each denoiser's LoRA weights: ``ice_adapters/<component>/``.
 ADAPTERS_DIR = "ice_adapters"
 Adapters = Literal["merge", "separate"]
+ExportFormat = Literal["merged", "lora"]
+#: The LoRA file of ``format="lora"`` (the name ``pipe.load_lora_weights(folder)`` looks for).
+LORA_NAME = "pytorch_lora_weights.safetensors"
 
 
 def _versions() -> dict[str, str]:
@@ -284,6 +290,7 @@ def save_erased(
     overwrite: bool = False,
     extra_files: dict[str, bytes] | None = None,
     adapters: Adapters = "merge",
+    format: ExportFormat = "merged",
 ) -> Path:
     """Save ``pipeline`` with ``save_pretrained``, its operators, the ICE manifest and a model card.
 
@@ -296,6 +303,11 @@ def save_erased(
             ``"merge"`` ships one plain model with the erased adapters merged into the erased base weights;
             ``"separate"`` ships the erased base model and the erased adapters beside it, in
             ``ice_adapters/<component>/`` (diffusers' LoRA format). See :func:`without_adapters`.
+        format: ``"merged"`` (default, what to ship): the erased diffusers folder. ``"lora"``: the edit alone, as
+            the diffusers/PEFT LoRA it exactly is (``Delta W = -(W U) M U^T`` per layer: ``lora_A = U^T``,
+            ``lora_B = Delta W U``), in ``pytorch_lora_weights.safetensors`` with the manifest: load it onto the
+            original model with ``pipe.load_lora_weights(out_dir)`` and ``pipe.fuse_lora()`` to get the erased
+            weights (see :func:`erasure_lora`).
 
     Returns:
         the output directory. Everything is written to a temporary sibling folder first and renamed into
@@ -304,12 +316,22 @@ def save_erased(
     results = [r for r in (results if results is not None else edit_history(pipeline)) if not r.undone]
     if not results:
         raise ValueError("nothing was erased from this pipeline; call ice_lightning.erase(...) before save_erased")
-    out = check_export_destination(pipeline, out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if format not in ("merged", "lora"):
+        raise ValueError(f"format must be 'merged' or 'lora', got {format!r}")
     if adapters not in ("merge", "separate"):
         raise ValueError(f"adapters must be 'merge' or 'separate', got {adapters!r}")
+    lora = erasure_lora(pipeline, results) if format == "lora" else None  # checked before anything is written
+    out = check_export_destination(pipeline, out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ice-export-", dir=out.parent))
     try:
+        if lora is not None:
+            _save_lora(pipeline, results, lora, tmp, extra)
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data)
+            _rehash(tmp)
+            _move_into_place(tmp, out)
+            return out
         if adapters == "separate":
             _adapter_files(pipeline, tmp)
         with without_adapters(pipeline, adapters) as renamed:
@@ -331,6 +353,88 @@ def save_erased(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def erasure_lora(pipeline, results: Sequence[ErasureResult] | None = None) -> dict[str, Tensor]:
+    """The erasures ``results`` (default: every live one of ``pipeline``) as one LoRA in diffusers' format,
+    ``{"<component>.<layer>.lora_A.weight": U^T, "<component>.<layer>.lora_B.weight": Delta W U}`` (float32).
+
+    Each edit of a layer changes it by ``-(X U) M U^T``: its rows lie in the span of the operator's ``U``. The
+    total change since before the first erasure, ``Delta W`` (rebuilt from the undo records, float64), therefore
+    equals ``(Delta W U) U^T`` with ``U`` an orthonormal basis of every erasure's span for that layer, a LoRA of
+    that rank with scale 1. Successive erasures (several ``erase()`` calls) give one LoRA."""
+    results = [r for r in (results if results is not None else edit_history(pipeline)) if not r.undone]
+    if not results:
+        raise ValueError("nothing was erased from this pipeline; call ice_lightning.erase(...) before save_erased")
+    if any(r.restored for r in results):
+        raise ValueError(
+            "format='lora' needs the weights from before the erasure, which a model restored from a checkpoint (or "
+            "a sharded or adapter fine-tune) does not have; export the merged model (format='merged')"
+        )
+    if any(_is_lora(m) for comp in denoisers(pipeline).values() for m in comp.modules()):
+        raise ValueError(
+            "format='lora' exports the erasure of plain weights; this pipeline carries LoRA adapters: export the "
+            "merged model (format='merged') or the adapters beside it (adapters='separate')"
+        )
+    if not all(e.undoable for r in results for e in r.edits):
+        raise ValueError(
+            "format='lora' rebuilds each edit from its undo record, and an erasure was applied with keep_undo=False; "
+            "erase again with keep_undo=True, or export format='merged'"
+        )
+    out: dict[str, Tensor] = {}
+    layers = list(dict.fromkeys(n for r in results for n in r.layers))
+    for name in layers:
+        chain = [(r, next(e for e in r.edits if e.name == name)) for r in results if name in r.layer_spaces]
+        module = chain[-1][1].module
+        if tensor_sha256(module.weight) != chain[-1][1].fingerprint:
+            raise ValueError(
+                f"layer {name!r} changed since it was erased (training?): its erasure is no longer the difference "
+                "from the original weights; export the merged model (format='merged')"
+            )
+        now = module.weight.detach().to(torch.float64)
+        w = now
+        for _, edit in reversed(chain):  # walk back to the weight before the first erasure
+            w = edit.before(after=w)
+        spans = [r.operators[r.layer_spaces[name]].U.to(torch.float64) for r, _ in chain]
+        U = spans[0] if len(spans) == 1 else torch.linalg.svd(torch.cat(spans, 1), full_matrices=False)[0]
+        delta = now - w.to(now.device)
+        out[f"{name}.lora_A.weight"] = U.T.to(torch.float32).contiguous().cpu()
+        out[f"{name}.lora_B.weight"] = (delta @ U.to(now.device)).to(torch.float32).contiguous().cpu()
+    return out
+
+
+def _save_lora(pipeline, results: list[ErasureResult], lora: dict[str, Tensor], folder: Path,
+               extra: dict | None) -> None:  # fmt: skip
+    from safetensors.torch import save_file
+
+    save_file(lora, str(folder / LORA_NAME), metadata={"format": "pt", "ice_lightning": _FORMAT})
+    _save_operators(folder / OPERATORS_NAME, results)
+    manifest = {
+        "format": _FORMAT,
+        "export_format": "lora",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pipeline_class": type(pipeline).__name__,
+        "erasures": [r.to_manifest() for r in results],
+        "erased_concepts": list(dict.fromkeys(c for r in results for c in r.spec.erase)),
+        "versions": _versions(),
+        "operators_file": OPERATORS_NAME,
+        "lora_file": LORA_NAME,
+        "lora_bytes": (folder / LORA_NAME).stat().st_size,
+        "lora_ranks": {k.removesuffix(".lora_A.weight"): int(v.shape[0]) for k, v in lora.items()
+                       if k.endswith(".lora_A.weight")},  # fmt: skip
+        **(extra or {}),
+    }
+    _write_card(folder, manifest)
+    manifest["files"] = _file_hashes(folder)
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def _rehash(folder: Path) -> None:
+    """Record every file of ``folder`` (the extra files written after the manifest) in its manifest."""
+    path = folder / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["files"] = _file_hashes(folder)
+    path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
 def _manifest(pipeline, results: list[ErasureResult], extra: dict | None) -> dict:
@@ -427,6 +531,7 @@ def _check_schema(m) -> None:
     _need(m.get("format") == _FORMAT, "format", f"must be {_FORMAT!r}, got {m.get('format')!r}")
     _need(isinstance(m.get("pipeline_class"), str), "pipeline_class", "must be a string")
     _need(isinstance(m.get("erasures"), list) and len(m["erasures"]) > 0, "erasures", "must be a non-empty list")
+    lora = m.get("export_format") == "lora"
     for i, e in enumerate(m["erasures"]):
         f = f"erasures[{i}]"
         _need(isinstance(e, dict), f, "must be an object")
@@ -437,11 +542,16 @@ def _check_schema(m) -> None:
         spaces = e.get("layer_spaces")
         _need(isinstance(spaces, dict) and set(spaces) == set(e["layers"]), f"{f}.layer_spaces",
               "must map every edited layer to its embedding space")  # fmt: skip
-        _need(isinstance(e.get("concept_residual"), (int, float)), f"{f}.concept_residual", "must be a number")
-    for field in ("edited_tensors", "files"):
+        if not lora:
+            _need(isinstance(e.get("concept_residual"), (int, float)), f"{f}.concept_residual", "must be a number")
+    if lora:
+        _need(isinstance(m.get("lora_file"), str), "lora_file", "must name the LoRA file")
+    for field in ("files",) if lora else ("edited_tensors", "files"):
         v = m.get(field)
         _need(isinstance(v, dict) and v and all(isinstance(k, str) and _is_digest(d) for k, d in v.items()),
               field, "must map names to sha256 hex digests")  # fmt: skip
+    if lora:
+        return
     named = {f"{n}.weight" for e in m["erasures"] for n in e["layers"]}
     _need(set(m["edited_tensors"]) == named, "edited_tensors",
           f"must list exactly the layers the erasures name ({len(named)}), got {len(m['edited_tensors'])}")  # fmt: skip
@@ -449,6 +559,8 @@ def _check_schema(m) -> None:
 
 def verify_export(path: str | os.PathLike, pipeline=None, check_erasure: bool = True) -> dict[str, bool]:
     """Check an export against its manifest; raise :class:`ExportVerificationError` at the first mismatch.
+
+    A LoRA export (``format="lora"``) holds no model: its schema and the sha256 of its files are checked.
 
     1. the manifest's schema, and that its edited tensors are exactly the layers its erasures name;
     2. the sha256 of every file of the export (weights, configs, tokenizer, operators), none missing and none
@@ -472,6 +584,8 @@ def verify_export(path: str | os.PathLike, pipeline=None, check_erasure: bool = 
             f"added {added[:5]}"
         )
     checks = {f"file:{k}": True for k in files}
+    if manifest.get("export_format") == "lora":  # the edit alone: its bytes are what there is to check
+        return checks
     if pipeline is None:
         from .pipelines import load_pipeline_folder
 

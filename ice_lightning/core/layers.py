@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import cache
 from .families import DenoiserFamily, LayerRule, NoTextConditioningLayerError, family_of, lookup_family
 
 __all__ = ["TextConditioningLayers", "NoTextConditioningLayerError"]
@@ -114,6 +115,13 @@ class TextConditioningLayers:
                 f"dimension mismatch: the text-conditioning layers of {type(self.model).__name__} read {widths}-d "
                 f"states but the text states are {dims}-d; the denoiser and the text encoder do not belong together"
             )
+        check_key = _check_key(self.model, family, fit, dims)
+        known = _CHECKED.get(check_key) if check_key else None
+        if check_key and known is None:
+            known = cache.load_json("layers", check_key)
+        if isinstance(known, list) and known and set(known) <= set(fit):  # this architecture was checked before
+            _CHECKED[check_key] = known
+            return TextConditioningLayers(self.model, {n: fit[n] for n in known})
         p = next(self.model.parameters())
         g = torch.Generator().manual_seed(0)
         length = {"text": family.text_length_of(self.model), "pooled": 1}
@@ -142,7 +150,34 @@ class TextConditioningLayers:
                 f"no text-conditioning layer found in {type(self.model).__name__}: none of the candidate "
                 f"layers {list(self.layers)[:4]}... receives the text-encoder states in a forward pass"
             )
+        if check_key:
+            _CHECKED[check_key] = list(ok)
+            cache.save_json("layers", check_key, list(ok))
         return TextConditioningLayers(self.model, ok)
+
+
+# What the check pass confirmed, per architecture (see _check_key); also kept on disk by ice_lightning.core.cache.
+_CHECKED: dict[str, list[str]] = {}
+
+
+def _check_key(model: nn.Module, family: DenoiserFamily, fit: dict, dims: dict[str, int]) -> str | None:
+    """What the check pass's answer depends on: the denoiser's class and config (diffusers models carry one), the
+    diffusers version (its forward code), the family's rules and the candidate layers with their shapes. ``None``
+    for a model without a config (checked every time)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "items"):
+        return None
+    try:
+        import diffusers
+
+        version = diffusers.__version__
+    except ImportError:
+        version = None
+    cls = type(model)
+    shapes = [(n, s, type(lin).__name__, lin.in_features, lin.out_features) for n, (lin, s) in fit.items()]
+    config = {k: v for k, v in config.items() if not k.startswith("_")}  # "_use_default_values": set order
+    return cache.key("layer-check", 1, f"{cls.__module__}.{cls.__qualname__}", config, version,
+                     family.name, [(r.space, r.pattern, r.exclude) for r in family.rules], shapes, dims)  # fmt: skip
 
 
 def _is_lora(module: nn.Module) -> bool:

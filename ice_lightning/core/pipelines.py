@@ -68,8 +68,20 @@ def load_pipeline(pipeline: str, torch_dtype: str | torch.dtype = "float32"):
         factory = _factory(name)
         if factory is not None:
             pipe = factory(arg) if sep else factory()
-            return pipe.to(dtype=dtype)
-    return load_pipeline_folder(pipeline, torch_dtype=dtype)
+            return _cast(pipe, dtype)
+    # float32 is what from_pretrained loads anyway; naming it would only pass transformers a deprecated keyword
+    return load_pipeline_folder(pipeline, **({} if dtype == torch.float32 else {"torch_dtype": dtype}))
+
+
+def _cast(pipe, dtype: torch.dtype):
+    """``pipe`` with every floating parameter in ``dtype``: only the components that are not cast (a no-op
+    ``to()`` of a diffusers model would still warn about modules kept in float32)."""
+    for component in getattr(pipe, "components", {}).values():
+        if isinstance(component, torch.nn.Module) and any(
+            p.is_floating_point() and p.dtype != dtype for p in component.parameters()
+        ):
+            component.to(dtype=dtype)
+    return pipe
 
 
 def load_pipeline_folder(path: str, **kwargs):

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .concepts import ConceptSpec, Family, Prompt
-from .editing import LayerEdit, apply_edits, like_weight, local_shard, reshard, undo_edits
+from .editing import LayerEdit, apply_edits, like_weight, reshard, undo_edits
 from .encoders import EmbeddingSpace
 from .families import default_embedding_spaces, lookup_family
 from .layers import NoTextConditioningLayerError, TextConditioningLayers
@@ -281,12 +281,14 @@ class ErasurePlan:
         return operators
 
     def apply(self, operators: dict[str, DissociationOperator], bases: dict[str, Tensor] | None = None,
-              record: bool = True) -> ErasureResult:  # fmt: skip
+              record: bool = True, keep_undo: bool = True) -> ErasureResult:  # fmt: skip
         """Write ``W <- W (I - D)`` to every target layer, or to none.
 
         With ``bases`` (``{name: weight after the last application}``) only what changed since is edited,
         ``W <- W - (W - base) D``: with no change an exact no-op, so a re-application never compounds.
-        ``record`` adds the result to :func:`edit_history` (``save_erased`` exports what is recorded)."""
+        ``record`` adds the result to :func:`edit_history` (``save_erased`` exports what is recorded).
+        ``keep_undo=False`` keeps no undo record once every layer is written (see
+        :func:`~ice_lightning.core.editing.apply_edits`)."""
         missing = sorted(set(self.layer_spaces.values()) - set(operators))
         if missing:
             raise ValueError(f"no operator for space(s) {missing}; solve the plan first")
@@ -297,7 +299,7 @@ class ErasurePlan:
         history.append(result)  # before the first write: an interrupt after the last one still finds the edit
         try:
             apply_edits([(n, t.module, operators[t.space]) for n, t in self.targets.items()], bases=bases,
-                        into=result.edits)  # fmt: skip
+                        into=result.edits, keep_undo=keep_undo)  # fmt: skip
         except BaseException:
             if not result.edits:  # rolled back (or the error names the layers it could not restore)
                 history.remove(result)
@@ -373,6 +375,11 @@ class ErasureResult:
                 "this erasure was restored from a checkpoint whose weights already held it; its original weights "
                 "are not known, so it cannot be undone: reload the original model instead"
             )
+        if not all(e.undoable for e in self.edits):
+            raise RuntimeError(
+                "this erasure was applied with keep_undo=False and kept no record of the original weights; reload "
+                "the original model instead"
+            )
         history = _HISTORY.get(self.plan._history_key, [])
         if history and history[-1] is not self and self in history:
             raise RuntimeError("undo the later erasures of this pipeline first (undo in reverse order)")
@@ -381,18 +388,18 @@ class ErasureResult:
         if self in history:
             history.remove(self)
 
-    def weight_delta(self, name: str) -> tuple[Tensor, Tensor]:
-        """``(L, R)`` with ``W_before = W_after + L @ R`` (float64) for the qualified layer ``name``."""
-        e = next(e for e in self.edits if e.name == name)
-        return e.L, e.R
+    @property
+    def undoable(self) -> bool:
+        """Whether :meth:`undo` can restore the original weights (not after ``keep_undo=False``, nor for an
+        erasure restored from a checkpoint)."""
+        return not self.restored and not self.undone and all(e.undoable for e in self.edits)
 
     def reference_weights(self) -> dict[str, tuple[Tensor, Tensor | None]]:
-        """``{name: (weight, bias)}`` of every edited layer as it was before this erasure (``W + L R``, float64;
-        no copy of the original is kept, so it is rebuilt from the current weight)."""
+        """``{name: (weight, bias)}`` of every edited layer as it was before this erasure (float64, from the undo
+        record: ``W + L R`` or the kept copy)."""
         out = {}
         for e in self.edits:  # a sharded weight: this rank's rows, laid out as the weight again
-            w = local_shard(e.module.weight).detach().to(e.L.device, torch.float64)
-            out[e.name] = (like_weight(w + e.L @ e.R, e.module.weight), e.module.bias)
+            out[e.name] = (like_weight(e.before(), e.module.weight), e.module.bias)
         return out
 
     def to_manifest(self) -> dict:
@@ -424,6 +431,7 @@ def erase(
     method: Method = "ice",
     layers: Iterable[str] | None = None,
     verify: bool = True,
+    keep_undo: bool = True,
     **hparams,
 ) -> ErasureResult:
     """Erase concepts from ``pipeline`` in place with a closed-form edit of its text-conditioning layers.
@@ -436,6 +444,8 @@ def erase(
         method: ``"ice"`` (default) or a baseline: ``"cure"``, ``"uce"``, ``"projection"``.
         layers: explicit qualified layer names instead of the family table.
         verify: confirm the layers with a forward hook.
+        keep_undo: keep what :meth:`ErasureResult.undo` needs (the smaller of a low-rank record and a copy of the
+            edited weights); ``False`` holds no extra memory afterwards, for a model you reload to undo.
         **hparams: solver hyperparameters (``ICEHyperParams`` fields for ICE).
 
     Returns:
@@ -446,4 +456,4 @@ def erase(
                            synonyms=synonyms or {}, anchor=anchor, templates=templates,
                            include_eot=include_eot)  # fmt: skip
     plan = ErasurePlan(pipeline, spec, method=method, hparams=hparams, layers=layers, verify=verify)
-    return plan.apply(plan.solve())
+    return plan.apply(plan.solve(), keep_undo=keep_undo)

@@ -161,8 +161,10 @@ class TextSpaceProbe:
             return torch.stack([x.mean(0) for x in self.spaces[space].per_prompt(prompts)])
         return self.spaces[space].token_states(prompts)
 
-    def _current(self, group: str) -> dict[str, Tensor]:
-        return {n: layer_outputs(m.weight, m.bias, self._states(group, s)) for n, (m, s) in self.layers.items()}
+    def _current(self, group: str, weights: dict[str, tuple[Tensor, Tensor | None]] | None = None) -> dict[str, Tensor]:
+        """Outputs of the current layers (or of ``weights``, ``{name: (W, b)}``) on ``group``'s prompts."""
+        return {n: layer_outputs(*(weights[n] if weights else (m.weight, m.bias)), self._states(group, s))
+                for n, (m, s) in self.layers.items()}  # fmt: skip
 
     @torch.no_grad()
     def concept_residual(self, operators: dict[str, DissociationOperator]) -> float:
@@ -173,21 +175,23 @@ class TextSpaceProbe:
                                 operators)  # fmt: skip
 
     @torch.no_grad()
-    def compute(self, operators: dict[str, DissociationOperator] | None = None) -> dict[str, float]:
+    def compute(self, operators: dict[str, DissociationOperator] | None = None,
+                weights: dict[str, tuple[Tensor, Tensor | None]] | None = None) -> dict[str, float]:  # fmt: skip
         """``erasure``, ``collateral_near``, ``collateral_far`` and ``leakage`` on the spec's held-out prompts,
-        and ``concept_residual`` when the ``operators`` are given."""
+        and ``concept_residual`` when the ``operators`` are given; of the current layers, or of ``weights``
+        (``{name: (W, b)}``, say the weights before an application: what fine-tuning alone moved)."""
         out = {}
         for group in ("erasure", "collateral_near", "collateral_far"):
-            metric, now = RelativeOutputChange(**_LOCAL), self._current(group)
+            metric, now = RelativeOutputChange(**_LOCAL), self._current(group, weights)
             for name, ref in self.reference[group].items():
                 if ref.shape[0]:
                     metric.update(ref, now[name])
             out[group] = float(metric.compute()) if metric.count else float("nan")
-        leak, now = LeakageRate(**_LOCAL), self._current("leak_concept")
+        leak, now = LeakageRate(**_LOCAL), self._current("leak_concept", weights)
         for name in self.layers:
             leak.update(now[name], self.reference["leak_concept"][name], self.reference["leak_neutral"][name])
         out["leakage"] = float(leak.compute())
-        if operators is not None:
+        if operators is not None and weights is None:
             out["concept_residual"] = self.concept_residual(operators)
         return out
 

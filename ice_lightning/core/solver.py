@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,6 +31,8 @@ from torch import Tensor
 __all__ = [
     "ICEHyperParams",
     "EnergySubspace",
+    "Spectrum",
+    "compress_states",
     "Overlap",
     "DissociationOperator",
     "expansion",
@@ -219,10 +221,31 @@ def _check_states(E: Tensor, name: str) -> Tensor:
     return E.detach().to(_DTYPE)
 
 
-def energy_subspace(E: Tensor, a: float, rank_tol: float = 1e-6) -> EnergySubspace:
-    """Energy-weighted subspace of the rows of ``E`` (n x d): SVD, energy shares, expansion ``f(r; a)``."""
-    E = _check_states(E, "E")
-    _, s, Vh = torch.linalg.svd(E, full_matrices=False)
+class Spectrum(NamedTuple):
+    """States given by their SVD, ``diag(s) Vh`` (at most d rows with the Gram matrix of the states they stand
+    for): :func:`energy_subspace` reads them without decomposing again, which matters for a large base at
+    d = 4096 (an SVD there takes seconds)."""
+
+    s: Tensor
+    Vh: Tensor
+
+    def rows(self) -> Tensor:
+        return self.s[:, None] * self.Vh
+
+
+def compress_states(E: Tensor) -> Spectrum:
+    """The rows of ``E`` (n x d) as a :class:`Spectrum`: the same Gram matrix, hence the same energy subspace."""
+    _, s, Vh = torch.linalg.svd(_check_states(E, "E"), full_matrices=False)
+    return Spectrum(s, Vh)
+
+
+def energy_subspace(E: Tensor | Spectrum, a: float, rank_tol: float = 1e-6) -> EnergySubspace:
+    """Energy-weighted subspace of the rows of ``E`` (n x d, or a :class:`Spectrum`): SVD, energy shares,
+    expansion ``f(r; a)``."""
+    if isinstance(E, Spectrum):
+        s, Vh = E.s.to(_DTYPE), E.Vh.to(_DTYPE)
+    else:
+        _, s, Vh = torch.linalg.svd(_check_states(E, "E"), full_matrices=False)
     if s.numel() == 0 or s[0] <= 0:
         raise ValueError("the token states are all zero; nothing spans a subspace")
     keep = s > rank_tol * s[0]
@@ -464,8 +487,9 @@ def _with_anchor(op: DissociationOperator, anchor: tuple[Tensor, Tensor] | None)
     return _operator_from([op.U, dst_T], apply, op.method, hp)
 
 
-def ice_components(E_erase: Tensor, E_preserve: Tensor, hparams: ICEHyperParams,
-                   E_base: Tensor | None = None) -> tuple[EnergySubspace, Overlap, Overlap | None]:  # fmt: skip
+def ice_components(
+    E_erase: Tensor, E_preserve: Tensor, hparams: ICEHyperParams, E_base: Tensor | Spectrum | None = None
+) -> tuple[EnergySubspace, Overlap, Overlap | None]:
     """The ingredients of ``D*``: the energy-weighted erase subspace ``P_e``; by objective, the overlap projector
     ``P_ov`` (``frobenius``) or the energy-weighted preserve operator ``P_p`` (``weighted``); and the broad preserve
     base ``P_b`` (``weighted`` with base states and ``base_weight > 0``; ``None`` otherwise), all as
@@ -473,13 +497,17 @@ def ice_components(E_erase: Tensor, E_preserve: Tensor, hparams: ICEHyperParams,
     hp = hparams
     E_erase = _check_states(E_erase, "E_erase")
     E_preserve = _check_states(E_preserve, "E_preserve")
-    if E_base is not None:
+    if isinstance(E_base, Spectrum):
+        _check_states(E_base.Vh, "E_base")
+    elif E_base is not None:
         E_base = _check_states(E_base, "E_base")
     for name, E in (("preserve", E_preserve), ("base", E_base)):
-        if E is not None and E.shape[1] != E_erase.shape[1]:
-            raise ValueError(f"dimension mismatch: erase states are {E_erase.shape[1]}-d, {name} states {E.shape[1]}-d")
+        width = None if E is None else (E.Vh if isinstance(E, Spectrum) else E).shape[1]
+        if width is not None and width != E_erase.shape[1]:
+            raise ValueError(f"dimension mismatch: erase states are {E_erase.shape[1]}-d, {name} states {width}-d")
     if E_base is not None and hp.objective != "weighted":
-        E_preserve, E_base = torch.cat([E_preserve, E_base]), None
+        rows = E_base.rows() if isinstance(E_base, Spectrum) else E_base
+        E_preserve, E_base = torch.cat([E_preserve, rows.to(_DTYPE)]), None
     mean = E_preserve.mean(0) if hp.center else None
     if mean is not None:  # subspaces of what is specific to the concept, not of the common token state
         E_erase, E_preserve = E_erase - mean, E_preserve - mean
@@ -504,7 +532,7 @@ def dissociation_operator(
     hparams: ICEHyperParams | None = None,
     anchor: tuple[Tensor, Tensor] | None = None,
     concepts: int = 1,
-    E_base: Tensor | None = None,
+    E_base: Tensor | Spectrum | None = None,
     **overrides,
 ) -> DissociationOperator:
     """ICE's dissociation operator, the unique minimiser of the spectral unlearning objective, in low-rank form.
@@ -522,9 +550,10 @@ def dissociation_operator(
         E_base: (n_b, d) states of the broad preserve base (every token of everyday prompts), weighted by
             ``base_weight``: ``S`` below gains ``lam_b P_b``.
 
-    ``weighted`` (default): ``D* = P_e^2 S^-1`` with ``S = P_e + lam P_p + lam_b P_b + mu I``. Both operators live in
-    ``Z = span(V_e, V_p)`` and ``S`` is ``mu I`` on its complement, so ``S^-1`` is a k x k solve there
-    (k <= rank P_e + rank P_p) and ``P_e^2`` removes the rest: no d x d matrix.
+    ``weighted`` (default): ``D* = P_e^2 S^-1`` with ``S = P_e + lam P_p + lam_b P_b + mu I``. ``B = lam_b P_b +
+    mu I`` is diagonal in the base's own basis and ``P_e + lam P_p = A A^T`` is low rank, so ``S^-1`` applied to
+    ``V_e`` is a Woodbury update of ``B^-1``: one m x m solve (m <= rank P_e + rank P_p), no d x d matrix even
+    when the base spans every direction.
     ``frobenius``: ``D* = P_e ((1 + mu) I + lam P_ov^2)^-1`` with ``P_ov = Q diag(g) Q^T``; the inverse is a
     Woodbury update ``(I - Q diag(h) Q^T) / (1 + mu)``, ``h = lam g^2 / (1 + mu + lam g^2)``.
     In both, ``D*``'s row space is ``span(S^-1 V_e)`` (S symmetric): at most 2 rank(P_e) directions.
@@ -538,19 +567,26 @@ def dissociation_operator(
     V, f, Q, w = Pe.basis, Pe.weights, second.basis, second.weights
 
     if hp.objective == "weighted":
-        Z = _extend(V, Q if base is None else torch.cat([Q, base.basis], dim=1))
-        Vz, Qz = Z.T @ V, Z.T @ Q
-        S_z = (Vz * f) @ Vz.T + hp.lam * (Qz * w) @ Qz.T + hp.mu * torch.eye(Z.shape[1], dtype=Z.dtype)
-        if base is not None:
-            Bz = Z.T @ base.basis
-            S_z = S_z + hp.base_weight * (Bz * base.weights) @ Bz.T
-        S_z = (S_z + S_z.T) / 2
+        # S = B + A A^T with B = mu I + lam_b P_b (diagonal in the base's basis: inverted in closed form, so a
+        # base spanning all d directions costs no d x d solve) and A = [V f^1/2, Q (lam w)^1/2]; Woodbury:
+        # S^-1 X = B^-1 X - B^-1 A (I + A^T B^-1 A)^-1 A^T B^-1 X, an m x m solve (m = rank P_e + rank P_p).
+        if base is None:
+            Qb, g = V[:, :0], f[:0]
+        else:
+            Qb, g = base.basis, hp.base_weight * base.weights
 
-        def apply(X: Tensor) -> Tensor:  # D* X = V f^2 V^T Z S_z^-1 Z^T X (the Z-complement part is killed)
-            Y = Z @ torch.linalg.solve(S_z, Z.T @ X)
-            return V @ (f.square()[:, None] * (V.T @ Y))
+        def B_inv(X: Tensor) -> Tensor:
+            return X / hp.mu + Qb @ ((1.0 / (g + hp.mu) - 1.0 / hp.mu)[:, None] * (Qb.T @ X))
 
-        row_space = Z @ torch.linalg.solve(S_z, Vz)
+        A = torch.cat([V * f.sqrt(), Q * (hp.lam * w).sqrt()], dim=1)
+        BA = B_inv(A)
+        K = torch.eye(A.shape[1], dtype=A.dtype) + A.T @ BA
+        BV = B_inv(V)
+        row_space = BV - BA @ torch.linalg.solve((K + K.T) / 2, A.T @ BV)  # S^-1 V
+
+        def apply(X: Tensor) -> Tensor:  # D* X = V f^2 V^T S^-1 X = V f^2 (S^-1 V)^T X  (S symmetric)
+            return V @ (f.square()[:, None] * (row_space.T @ X))
+
     else:
         h = hp.lam * w.square() / (1 + hp.mu + hp.lam * w.square())
 
@@ -672,7 +708,7 @@ def build_operator(
     E_preserve: Tensor,
     anchor: tuple[Tensor, Tensor] | None = None,
     concepts: int = 1,
-    E_base: Tensor | None = None,
+    E_base: Tensor | Spectrum | None = None,
     **hparams,
 ) -> DissociationOperator:
     """Dispatch to one of :data:`METHODS` with the same inputs (used by ``erase`` and the benchmarks);

@@ -22,13 +22,13 @@ def relative_change(result: ErasureResult, prompts: Sequence[Prompt]) -> float:
     ``prompts`` (any prompts, not only the spec's held-out ones)."""
     if not prompts:
         return float("nan")
-    metric, mods = RelativeOutputChange(), result.modules()
+    metric, mods, before = RelativeOutputChange(), result.modules(), result.reference_weights()
     for name, space in result.layer_spaces.items():
         x = result.spaces[space].token_states(prompts)
         if x.shape[0]:
-            module, (L, R) = mods[name], result.weight_delta(name)
+            module = mods[name]
             after = layer_outputs(module.weight, module.bias, x)
-            metric.update(after + (x.to(L.device) @ R.T) @ L.T, after)
+            metric.update(layer_outputs(*before[name], x), after)
     return float(metric.compute())
 
 

@@ -3,12 +3,57 @@
 It builds on :mod:`ice_lightning.core` only; evaluation and the shapes world are imported only when asked for.
 """
 
-from .callback import ICECallback, ICEState, find_pipeline
-from .data import CaptionFolderDataModule
-from .filters import CaptionFilter, ImageDetectorFilter, NudeNetFilter, SampleFilter, drop_rows
-from .module import ICEModule
-from .sample_metrics import CLIPConceptPresence, ConceptPresence, NudeNetPresence
-from .save import SavePipeline
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_attributes
+
+_NAMES = {
+    "ICECallback": ".callback",
+    "ICEState": ".callback",
+    "find_pipeline": ".callback",
+    "CaptionFolderDataModule": ".data",
+    "CaptionFilter": ".filters",
+    "ImageDetectorFilter": ".filters",
+    "NudeNetFilter": ".filters",
+    "SampleFilter": ".filters",
+    "drop_rows": ".filters",
+    "ICEModule": ".module",
+    "CLIPConceptPresence": ".sample_metrics",
+    "ConceptPresence": ".sample_metrics",
+    "NudeNetPresence": ".sample_metrics",
+    "SavePipeline": ".save",
+}
+__getattr__, __dir__ = lazy_attributes(__name__, _NAMES)
+
+if TYPE_CHECKING:  # the names for type checkers and editors; at run time each loads on first use
+    from .callback import (
+        ICECallback,
+        ICEState,
+        find_pipeline,
+    )
+    from .data import (
+        CaptionFolderDataModule,
+    )
+    from .filters import (
+        CaptionFilter,
+        ImageDetectorFilter,
+        NudeNetFilter,
+        SampleFilter,
+        drop_rows,
+    )
+    from .module import (
+        ICEModule,
+    )
+    from .sample_metrics import (
+        CLIPConceptPresence,
+        ConceptPresence,
+        NudeNetPresence,
+    )
+    from .save import (
+        SavePipeline,
+    )
 
 __all__ = [
     "ICECallback",

@@ -148,8 +148,14 @@ class ICECallback(Callback):
     """Erase concepts at setup, again every ``every_n_epochs`` epochs, and at the end before export.
 
     Args:
-        erase, preserve, family, synonyms, anchor, templates, include_eot: the concept spec, as in
-            :func:`ice_lightning.erase`.
+        erase: the concepts to erase (names, as a prompt would write them).
+        preserve: concepts to keep unchanged; default: the family's preserve set.
+        family: ``"style"``, ``"object"``, ``"identity"``, ``"explicit"`` or ``"custom"``: picks the prompt
+            templates, the default preserve set and synonyms.
+        synonyms: ``{concept: [other names]}`` whose tokens are erased too (``explicit`` has a default list).
+        anchor: a guide concept replacing the erased one (UCE-style); ``None``: the concept is removed.
+        templates: prompt templates with one ``{}`` for the concept; default: the family's.
+        include_eot: also use the end-of-text token's state.
         spec: a ready :class:`~ice_lightning.core.concepts.ConceptSpec` instead of the keywords above.
         method: ``"ice"`` or a baseline (``"cure"``, ``"uce"``, ``"projection"``).
         hparams: solver hyperparameters (``ICEHyperParams`` fields for ICE).
@@ -439,12 +445,39 @@ class ICECallback(Callback):
         if epoch is not None:
             self.state.last_epoch_applied = max(self.state.last_epoch_applied, epoch)
         if self._probe is not None:
-            metrics = self._probe.compute(self.state.operators)
+            metrics = self.application_metrics(result)
             record["metrics"] = metrics
-            for logger in trainer.loggers:
-                logger.log_metrics({f"ice/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+            last = self.state.applications[-1] if self.state.applications else None
+            # A fit-end application right after an epoch-end one (no step in between) is an exact no-op: its
+            # row would repeat the previous one at the same step.
+            if last is None or last["global_step"] != trainer.global_step or "metrics" not in last:
+                row = {f"ice/{k}": v for k, v in metrics.items()}
+                for logger in trainer.loggers:
+                    logger.log_metrics({**row, "epoch": trainer.current_epoch}, step=trainer.global_step)
             rank_zero_info(f"ICECallback ({reason}): " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         self.state.applications.append(record)
+
+    def application_metrics(self, result) -> dict[str, float]:
+        """The metrics of one application, each against the reference it is about:
+
+        - ``erasure``, ``leakage``, ``concept_residual``: the concept, against the model before the first edit
+          (is it still gone?);
+        - ``collateral_near``, ``collateral_far``: this application's own edit, its weights just after against
+          just before (what the erasure costs, without the fine-tuning that happened in between);
+        - ``drift_near``, ``drift_far``: fine-tuning alone, the weights just before this application against
+          the model before the first edit (0 at setup)."""
+        total = self._probe.compute(self.state.operators)
+        own = TextSpaceProbe.from_result(result).compute()
+        drift = self._probe.compute(weights=result.reference_weights())
+        return {
+            "erasure": total["erasure"],
+            "leakage": total["leakage"],
+            "concept_residual": total["concept_residual"],
+            "collateral_near": own["collateral_near"],
+            "collateral_far": own["collateral_far"],
+            "drift_near": drift["collateral_near"],
+            "drift_far": drift["collateral_far"],
+        }
 
     def _remember_weights(self) -> None:
         reshard(self._plan.denoisers.values())

@@ -15,62 +15,118 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import get_args
 
-from jsonargparse import ActionConfigFile, ArgumentParser
-from lightning.pytorch.cli import LightningCLI
+# Only the standard library at import time: ``ice-lightning --help``, ``--version`` and ``configs`` answer at
+# once; torch, diffusers and Lightning load with the command that needs them.
 
-from ..core.concepts import FAMILIES
-from ..core.export import check_export_destination, save_erased, verify_export
-from ..core.solver import METHODS, ICEHyperParams, Objective, OverlapKind
+__all__ = ["main", "build_erase_parser", "format_table", "packaged_configs", "resolve_config"]  # + ICELightningCLI
 
-__all__ = ["main", "build_erase_parser", "format_table", "ICELightningCLI"]
-
-_USAGE = """usage: ice-lightning {erase,verify,fit,validate,test} ...
+_USAGE = """usage: ice-lightning {erase,verify,fit,validate,test,configs} ... [--version]
 
   erase      one-shot erase and export of a diffusers pipeline (ice-lightning erase --help)
   verify     check an export against its manifest: files, edited tensors, erasure present
-  fit        fine-tune with LightningCLI (ice-lightning fit --config configs/tiny_t2i.yaml)
+  fit        fine-tune with LightningCLI (ice-lightning fit --config tiny_t2i)
   validate   run the validation loop (the text-space metrics of docs/method.md)
   test       run the test loop
+  configs    list the configs shipped with the package (use one by name: --config NAME)
+
+  --version  print the version
+  --quiet    (erase, fit) no progress bars
 """
 
+#: The YAML configs shipped with the package (``configs/`` in a checkout links here).
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-def build_erase_parser() -> ArgumentParser:
+
+def packaged_configs() -> dict[str, str]:
+    """``{name: first comment line}`` of every shipped config (``--config NAME`` uses one)."""
+    out = {}
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "#")
+        out[path.stem] = first.lstrip("# ").strip()
+    return out
+
+
+def resolve_config(value: str) -> str:
+    """A ``--config`` value: a file that exists as given, else the shipped config of that name (``tiny_t2i`` or
+    ``tiny_t2i.yaml``), else the value unchanged (the parser then reports it)."""
+    if Path(value).exists():
+        return value
+    name = Path(value).name
+    for candidate in (CONFIGS / name, CONFIGS / f"{name}.yaml"):
+        if candidate.is_file() and (Path(value).parent == Path(".") or Path(value).parts[0] == "configs"):
+            return str(candidate)
+    return value
+
+
+def _resolve_configs(args: list[str]) -> list[str]:
+    out = list(args)
+    for i, a in enumerate(out):
+        if a == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+        elif a.startswith("--config="):
+            out[i] = "--config=" + resolve_config(a.split("=", 1)[1])
+    return out
+
+
+def build_erase_parser():
     """Parser of ``ice-lightning erase`` (flags or ``--config`` YAML; ``--print_config`` prints it)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from ..core.concepts import FAMILIES
+    from ..core.solver import METHODS, ICEHyperParams, Objective, OverlapKind
+
     er = ArgumentParser(
         prog="ice-lightning erase", description="Erase concepts from a diffusers pipeline and export it."
     )
-    er.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
+    er.add_argument("--config", action=ActionConfigFile,
+                    help="YAML with any of the options below, or the name of a shipped config")  # fmt: skip
     er.add_argument("--pipeline", default="shapes-image",
                     help="local diffusers folder or hub id (from_pretrained), or a shipped shapes-world model: "
                     "shapes-image (the default) or shapes-video")  # fmt: skip
     er.add_argument("--erase", action="append", required=True, help="a concept to erase (repeat for more)")
-    er.add_argument("--preserve", action="append", default=None, help="a concept to keep (repeat for more)")
-    er.add_argument("--family", default="custom", choices=list(FAMILIES), help="concept family")
+    er.add_argument("--preserve", action="append", default=None,
+                    help="a concept to keep (repeat for more); default: the family's preserve set")  # fmt: skip
+    er.add_argument("--family", default="custom", choices=list(FAMILIES),
+                    help="concept family: picks the prompt templates and the default preserve set")  # fmt: skip
     er.add_argument("--anchor", default=None, help="optional guide concept replacing the erased one")
-    er.add_argument("--template", action="append", default=None, help="prompt template with one {}")
-    er.add_argument("--include-eot", action="store_true", help="also use the end-of-text token")
-    er.add_argument("--method", default="ice", choices=list(METHODS))
+    er.add_argument("--template", action="append", default=None,
+                    help="prompt template with one {} for the concept (repeat); default: the family's")  # fmt: skip
+    er.add_argument("--include-eot", action="store_true", help="also use the end-of-text token's state")
+    er.add_argument("--method", default="ice", choices=list(METHODS),
+                    help="ice, or a baseline through the same edit: cure, uce, projection")  # fmt: skip
     defaults = ICEHyperParams()
-    er.add_argument("--lam", type=float, default=defaults.lam, help="ICE overlap weight")
-    er.add_argument("--mu", type=float, default=defaults.mu, help="ICE ridge weight")
-    er.add_argument("--erase-expansion", type=float, default=defaults.erase_expansion)
-    er.add_argument("--preserve-expansion", type=float, default=defaults.preserve_expansion)
+    er.add_argument("--lam", type=float, default=defaults.lam,
+                    help="ICE: weight of the preserve term (larger spares shared directions more)")  # fmt: skip
+    er.add_argument("--mu", type=float, default=defaults.mu, help="ICE: ridge weight (> 0)")
+    er.add_argument("--erase-expansion", type=float, default=defaults.erase_expansion,
+                    help="ICE: energy expansion a_e of the erase subspace, per concept (larger erases the "
+                    "weaker directions too)")  # fmt: skip
+    er.add_argument("--preserve-expansion", type=float, default=defaults.preserve_expansion,
+                    help="ICE: energy expansion a_p of the preserve subspace")  # fmt: skip
+    er.add_argument("--base-weight", type=float, default=defaults.base_weight,
+                    help="ICE: weight of the broad preserve base (every token of 360 everyday prompts); 0 turns "
+                    "it off")  # fmt: skip
     er.add_argument("--overlap", default=defaults.overlap, choices=list(get_args(OverlapKind)),
-                    help="ICE overlap projector")  # fmt: skip
+                    help="ICE, frobenius objective: the overlap projector of erase and preserve")  # fmt: skip
     er.add_argument("--objective", default=defaults.objective, choices=list(get_args(Objective)),
                     help="ICE objective: energy-weighted or plain Frobenius")  # fmt: skip
     er.add_argument("--device", default="cpu", help="device to run the text encoder and the edit on")
     er.add_argument("--out", required=True, help="output folder for the erased pipeline (new, empty, or an earlier "
                     "export; never the folder the pipeline was loaded from)")  # fmt: skip
+    er.add_argument("--format", default="merged", choices=["merged", "lora"],
+                    help="merged: the erased diffusers folder (ship this); lora: the edit alone as a diffusers/PEFT "
+                    "LoRA that pipe.load_lora_weights loads onto the original model")  # fmt: skip
     er.add_argument("--overwrite", action="store_true",
                     help="replace a non-empty --out folder that is not an earlier export")  # fmt: skip
-    er.add_argument("--samples", type=int, default=8,
+    er.add_argument("--samples", type=int, default=4,
                     help="shapes world: samples per prompt for the before/after detection rates")  # fmt: skip
     er.add_argument("--seed", type=int, default=0, help="shapes world: seed of the samples")
     er.add_argument("--grid", default=None,
                     help="shapes world: before/after image grid (PNG); default OUT/before_after.png")  # fmt: skip
+    er.add_argument("--quiet", action="store_true", help="no progress bars")
     return er
 
 
@@ -89,9 +145,13 @@ def format_table(metrics: dict[str, float]) -> str:
 
 
 def _run_erase(cfg) -> int:
+    from ..core.export import LORA_NAME, check_export_destination, save_erased
     from ..core.pipelines import erase_report, load_pipeline
     from ..core.plan import erase
     from ..core.probe import erasure_metrics
+    from ..core.progress import set_quiet
+
+    set_quiet(cfg.quiet)
 
     pipe = load_pipeline(cfg.pipeline).to(cfg.device)
     check_export_destination(pipe, cfg.out, cfg.overwrite)  # before any work: a refused --out costs nothing
@@ -102,6 +162,7 @@ def _run_erase(cfg) -> int:
             "mu": cfg.mu,
             "erase_expansion": cfg.erase_expansion,
             "preserve_expansion": cfg.preserve_expansion,
+            "base_weight": cfg.base_weight,
             "overlap": cfg.overlap,
             "objective": cfg.objective,
         }
@@ -119,19 +180,38 @@ def _run_erase(cfg) -> int:
         method=cfg.method,
         **hparams,
     )
-    out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite)
+    out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite, format=cfg.format)
     print(
         f"erased {result.spec.erase} ({cfg.method}) from {len(result.layers)} layers "
         f"in {result.timings['total_s']:.2f} s; operator ranks "
         f"{ {s: op.rank for s, op in result.operators.items()} }"
     )
     print(format_table(erasure_metrics(result)))
-    print(f"saved to {out}")
+    if cfg.format == "lora":
+        lora_bytes = (out / LORA_NAME).stat().st_size
+        print(f"saved the erasure as a LoRA to {out} ({_size(lora_bytes)}; the merged model's weights take "
+              f"{_size(_weights_bytes(pipe))}): pipe.load_lora_weights({str(out)!r}); pipe.fuse_lora()")  # fmt: skip
+    else:
+        print(f"saved to {out}")
     return 0
 
 
-def build_verify_parser() -> ArgumentParser:
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _weights_bytes(pipe) -> int:
+    """Bytes of every parameter and buffer of the pipeline's modules (what a merged export writes)."""
+    import torch
+
+    mods = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+    return sum(t.numel() * t.element_size() for m in mods for t in [*m.parameters(), *m.buffers()])
+
+
+def build_verify_parser():
     """Parser of ``ice-lightning verify``."""
+    from jsonargparse import ArgumentParser
+
     vp = ArgumentParser(prog="ice-lightning verify", description="Check an erased export against its manifest.")
     vp.add_argument("path", help="the exported folder (with ice_manifest.json)")
     vp.add_argument("--no-check-erasure", dest="check_erasure", action="store_false",
@@ -140,6 +220,8 @@ def build_verify_parser() -> ArgumentParser:
 
 
 def _run_verify(cfg) -> int:
+    from ..core.export import verify_export
+
     checks = verify_export(cfg.path, check_erasure=cfg.check_erasure)
     files = sum(k.startswith("file:") for k in checks)
     tensors = sum(k.endswith(".weight") for k in checks)
@@ -149,18 +231,65 @@ def _run_verify(cfg) -> int:
     return 0
 
 
-class ICELightningCLI(LightningCLI):
-    """``LightningCLI`` over :class:`ICEModule` and any ``LightningDataModule`` (``fit|validate|test``), given
-    by ``class_path`` in the ``data`` section: :class:`~ice_lightning.CaptionFolderDataModule` (caption
-    folders) or :class:`~ice_lightning.shapes.ShapesDataModule` (the shapes world)."""
+def _lightning_cli_class():
+    from lightning.pytorch.cli import LightningCLI
 
-    def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
-        from lightning.pytorch import LightningDataModule
+    class ICELightningCLI(LightningCLI):
+        """``LightningCLI`` over :class:`ICEModule` and any ``LightningDataModule`` (``fit|validate|test``), given
+        by ``class_path`` in the ``data`` section: :class:`~ice_lightning.CaptionFolderDataModule` (caption
+        folders) or :class:`~ice_lightning.shapes.ShapesDataModule` (the shapes world)."""
 
-        from .module import ICEModule
+        def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
+            from lightning.pytorch import LightningDataModule
 
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(ICEModule, LightningDataModule, args=args, subclass_mode_data=True, **kwargs)
+            from .module import ICEModule
+
+            kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+            super().__init__(ICEModule, LightningDataModule, args=args, subclass_mode_data=True, **kwargs)
+
+    ICELightningCLI.__module__ = __name__
+    return ICELightningCLI
+
+
+def __getattr__(name: str):
+    if name == "ICELightningCLI":  # defined on first use: it subclasses LightningCLI, which is slow to import
+        cls = _lightning_cli_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _list_configs() -> int:
+    configs = packaged_configs()
+    width = max(map(len, configs))
+    print(f"configs shipped with ice-lightning {_version()} ({CONFIGS}); use one with --config NAME:\n")
+    for name, about in configs.items():
+        print(f"  {name:<{width}}  {about}")
+    return 0
+
+
+def _run_lightning(args: list[str]) -> int:
+    from ..core.progress import set_quiet
+
+    if "--quiet" in args:
+        args = [a for a in args if a != "--quiet"] + ["--trainer.enable_progress_bar=false"]
+        set_quiet(True)
+    cls = __getattr__("ICELightningCLI")
+    # LightningCLI reads sys.argv itself, and warns when it is given args beside a command line of its own
+    # (pytest's, a notebook's): the arguments go through sys.argv, restored afterwards.
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "ice-lightning", *args]
+    try:
+        cls()
+    finally:
+        sys.argv = saved
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -169,6 +298,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(_USAGE)
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        print(f"ice-lightning {_version()}")
+        return 0
+    if args[0] == "configs":
+        return _list_configs()
+    args = _resolve_configs(args)
     if args[0] == "erase":
         return _run_erase(build_erase_parser().parse_args(args[1:]))
     if args[0] == "verify":
@@ -176,8 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[0] not in ("fit", "validate", "test", "predict"):
         print(f"ice-lightning: unknown command {args[0]!r}\n\n{_USAGE}", file=sys.stderr)
         return 2
-    ICELightningCLI(args=args)
-    return 0
+    return _run_lightning(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,7 @@ Each item is ``{"pixel_values": Tensor, "captions": str}`` with pixels in [-1, 1
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -93,16 +94,43 @@ def collate(items: list[dict]) -> dict:
     return {"pixel_values": torch.stack([x["pixel_values"] for x in items]), "captions": [x["captions"] for x in items]}
 
 
+#: Caption sets shipped with the package (beside the packaged configs), found by name.
+SHIPPED_DATA = Path(__file__).resolve().parents[1] / "configs" / "data"
+
+
+def shipped_data(root: str | os.PathLike) -> Path:
+    """``root`` as given, or, when no such folder exists here and it names a caption set shipped with the
+    package (``tiny_images``, ``tiny_videos``), that set."""
+    path = Path(root)
+    shipped = SHIPPED_DATA / path
+    if not path.exists() and len(path.parts) == 1 and shipped.is_dir():
+        return shipped
+    return path
+
+
 class CaptionFolderDataModule(LightningDataModule):
     """Train (and optionally validation) data from caption folders, images or videos.
 
     Args:
-        train_dir: the training folder.
+        train_dir: the training folder (``NNN.png`` + ``NNN.txt`` pairs, or ``clip_NNN/`` folders of frames with a
+            ``caption.txt``). The name of a caption set shipped with the package (``tiny_images``,
+            ``tiny_videos``: what the packaged ``tiny_*`` configs train on) works from any directory unless a
+            folder of that name exists there.
         val_dir: a validation folder; ``None`` splits ``val_fraction`` off the training folder.
         video: clips of frames instead of images.
-        resolution, num_frames: output size.
+        resolution: side of the square images (or frames) in pixels.
+        num_frames: frames taken evenly from each clip (``video=True``).
+        batch_size: samples per batch.
+        num_workers: ``DataLoader`` worker processes.
         val_fraction: share of ``train_dir`` held out when there is no ``val_dir``.
+        seed: the seed of that split.
         shuffle: shuffle the training set each epoch.
+
+    Example:
+        >>> from ice_lightning import CaptionFolderDataModule
+        >>> data = CaptionFolderDataModule("tiny_images", resolution=16, batch_size=2)
+        >>> data.setup("fit"); len(data.train_set), len(data.val_set)
+        (6, 2)
     """
 
     def __init__(
@@ -125,6 +153,7 @@ class CaptionFolderDataModule(LightningDataModule):
 
     def _folder(self, root: str) -> Dataset:
         h = self.hparams
+        root = shipped_data(root)
         if h.video:
             return CaptionedVideoFolder(root, h.resolution, h.num_frames)
         return CaptionedImageFolder(root, h.resolution)

@@ -68,7 +68,9 @@ class ICEModule(LightningModule):
     Args:
         pipeline: local diffusers folder or hub id (``from_pretrained``), or a registered name
             (:func:`~ice_lightning.core.pipelines.load_pipeline`: ``"shapes-image"``, ``"tiny:sd"``...).
-        learning_rate, weight_decay, betas: AdamW settings for the trained parameters.
+        learning_rate: AdamW learning rate of the trained parameters.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
         cfg_dropout: probability of training a caption as "" (classifier-free guidance).
         gradient_checkpointing: trade compute for memory in the denoiser.
         torch_dtype: dtype the pipeline is loaded in.
@@ -78,27 +80,33 @@ class ICEModule(LightningModule):
             ``{}`` for the defaults): the text-space attacks' success rates are logged at every validation
             as ``val/attack_<name>`` (needs ``validation_concepts``).
         num_samples: generated samples per erased concept logged at each validation (0: none).
-        sample_steps, guidance_scale: sampling settings.
+        sample_steps: denoising steps of the validation samples.
+        guidance_scale: classifier-free guidance scale of the validation samples.
         seed: draw the training noise from ``seed`` and the global step, so a run resumed from a
             checkpoint trains exactly as the uninterrupted run (``None``: the global RNG).
         lr_schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over the run's optimizer steps), after
             ``warmup_steps`` steps of linear warm-up.
-        timestep_bias, timestep_bias_portion, timestep_bias_multiplier: as in diffusers' training scripts,
-            draw the training timesteps of the ``"later"`` (noisiest) or ``"earlier"`` ``portion`` of the
-            schedule ``multiplier`` times as often (``"none"``: uniform). What is decided only at the noisiest
-            steps, such as which way a shape moves in a clip (at lower noise the noisy clip itself shows it),
-            is otherwise learned from the text far too slowly.
-        weighting_scheme, logit_mean, logit_std, mode_scale: flow matching only: how the noise levels are
-            drawn and the loss weighted (diffusers' ``--weighting_scheme``: ``"none"`` uniform,
-            ``"logit_normal"``, ``"mode"``, ``"cosmap"``, ``"sigma_sqrt"``). The drawn levels are then
-            shifted as the pipeline's scheduler shifts them (static ``shift``, or Flux's and LTX's dynamic
-            shift at the batch's sequence length).
-        lora_rank, lora_alpha, lora_target_modules, lora_init: train PEFT LoRA adapters of rank
-            ``lora_rank`` (scale ``lora_alpha / lora_rank``; ``lora_alpha`` defaults to the rank) on the
-            denoiser modules named ``lora_target_modules`` (default: the attention projections
-            :data:`DEFAULT_LORA_TARGETS`) instead of the full weights; ``lora_init`` is PEFT's
-            ``init_lora_weights``. ``ICECallback`` edits the adapters' ``lora_A`` where they read the text
-            states, and exports the adapters merged (or beside an erased base: its ``export_adapters``).
+        warmup_steps: optimizer steps of linear learning-rate warm-up.
+        timestep_bias: as in diffusers' training scripts, draw the training timesteps of the ``"later"``
+            (noisiest) or ``"earlier"`` part of the schedule more often (``"none"``: uniform). What is decided
+            only at the noisiest steps, such as which way a shape moves in a clip (at lower noise the noisy clip
+            itself shows it), is otherwise learned from the text far too slowly.
+        timestep_bias_portion: the share of the schedule that ``timestep_bias`` favours.
+        timestep_bias_multiplier: how many times as often those timesteps are drawn.
+        weighting_scheme: flow matching only: how the noise levels are drawn and the loss weighted
+            (diffusers' ``--weighting_scheme``: ``"none"`` uniform, ``"logit_normal"``, ``"mode"``, ``"cosmap"``,
+            ``"sigma_sqrt"``). The drawn levels are then shifted as the pipeline's scheduler shifts them (static
+            ``shift``, or Flux's and LTX's dynamic shift at the batch's sequence length).
+        logit_mean: mean of ``"logit_normal"``.
+        logit_std: standard deviation of ``"logit_normal"``.
+        mode_scale: scale of ``"mode"``.
+        lora_rank: train PEFT LoRA adapters of this rank instead of the full weights (``None``: full
+            fine-tune). ``ICECallback`` edits the adapters' ``lora_A`` where they read the text states, and exports
+            the adapters merged (or beside an erased base: its ``export_adapters``).
+        lora_alpha: LoRA scale numerator (scale ``lora_alpha / lora_rank``; default: the rank).
+        lora_target_modules: the denoiser modules that get adapters (default: the attention projections
+            :data:`DEFAULT_LORA_TARGETS`).
+        lora_init: PEFT's ``init_lora_weights``.
         text_cache_size: caption sets whose text conditioning is kept (the text encoders are frozen, so a
             repeated batch of captions is encoded once); 0 disables.
         sample_metrics: image-level metrics of generated samples

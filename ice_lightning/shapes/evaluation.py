@@ -49,6 +49,7 @@ from .world import (
     place,
     render,
     render_clip,
+    with_articles,
 )
 
 __all__ = [
@@ -99,10 +100,10 @@ def eval_prompts(video: bool = False, held_out: bool = False, seed: int = 0) -> 
             for direction in DIRECTIONS if video else (None,):
                 c, s = rng.choice(SYNONYMS[colour][pick]), rng.choice(SYNONYMS[shape][pick])
                 if direction is None:
-                    text = rng.choice(TEMPLATES).format(c=c, s=s)
+                    text = with_articles(rng.choice(TEMPLATES).format(c=c, s=s))
                 else:
                     d = rng.choice(SYNONYMS[direction][pick])
-                    text = rng.choice(VIDEO_TEMPLATES).format(c=c, s=s, d=d)
+                    text = with_articles(rng.choice(VIDEO_TEMPLATES).format(c=c, s=s, d=d))
                 out.append(ShapesPrompt(text, colour, shape, direction))
     return out
 
@@ -291,9 +292,11 @@ def save_grid(rows: list[tuple[str, Tensor, Tensor]], path: str | Path, scale: i
             x = x.flatten(0, 1)
         return torch.cat(list(x), dim=-1)
 
-    label_w, gap = 160, 8
+    gap = 8
     strips = [(lbl, strip(b), strip(a)) for lbl, b, a in rows]
     h = strips[0][1].shape[1] * scale
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 8 + max(int(measure.textlength(lbl)) for lbl, _, _ in strips)  # every label whole
     w = label_w + (strips[0][1].shape[2] + strips[0][2].shape[2]) * scale + gap
     canvas = Image.new("RGB", (w, 16 + len(strips) * (h + 2)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -301,7 +304,7 @@ def save_grid(rows: list[tuple[str, Tensor, Tensor]], path: str | Path, scale: i
     draw.text((label_w + strips[0][1].shape[2] * scale + gap, 2), "after", fill="black")
     for r, (lbl, b, a) in enumerate(strips):
         y = 16 + r * (h + 2)
-        draw.text((2, y + h // 2 - 6), lbl[:26], fill="black")
+        draw.text((2, y + h // 2 - 6), lbl, fill="black")
         x = label_w
         for part in (b, a):
             arr = (part.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
@@ -395,6 +398,7 @@ def erase_report(pipe, cfg, hparams: dict) -> int:
     paraphrases), export, and write a before/after image grid."""
     from ..core.export import save_erased
     from ..core.plan import erase
+    from ..core.progress import DELAY_S, is_quiet
 
     if len(cfg.erase) != 1:
         raise ValueError(f"the shapes world report erases one concept at a time, got {cfg.erase}")
@@ -404,8 +408,11 @@ def erase_report(pipe, cfg, hparams: dict) -> int:
         spec = type(spec)(erase=[concept], preserve=cfg.preserve or spec.preserve, anchor=spec.anchor,
                           templates=cfg.template or spec.templates, synonyms=spec.synonyms)  # fmt: skip
     opts = {"samples": cfg.samples, "seed": cfg.seed}
+    bar = {"disable": is_quiet(), "leave": False, "delay": DELAY_S, "dynamic_ncols": True}
+    pipe.set_progress_bar_config(desc="sampling before the edit", **bar)
     before = sample_splits(pipe, **opts)
     result = erase(pipe, spec=spec, method=cfg.method, **hparams)
+    pipe.set_progress_bar_config(desc="sampling after the edit", **bar)
     after = sample_splits(pipe, **opts)
     print(
         f"erased {concept!r} ({cfg.method}) from {len(result.layers)} layers in {result.timings['total_s']:.2f} s; "
@@ -417,11 +424,13 @@ def erase_report(pipe, cfg, hparams: dict) -> int:
     prompts, x0 = before["seen"]
     rows = grid_rows(prompts, x0, after["seen"][1], concept)
     if cfg.grid:  # a place of the user's choosing
-        out, grid = save_erased(pipe, cfg.out, overwrite=cfg.overwrite), save_grid(rows, cfg.grid)
+        out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite, format=cfg.format)
+        grid = save_grid(rows, cfg.grid)
     else:  # shipped inside the export, covered by its manifest
         with tempfile.TemporaryDirectory() as tmp:
             png = save_grid(rows, Path(tmp) / "before_after.png").read_bytes()
-        out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite, extra_files={"before_after.png": png})
+        out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite, extra_files={"before_after.png": png},
+                          format=cfg.format)  # fmt: skip
         grid = out / "before_after.png"
     print(f"saved to {out}; before/after grid: {grid}")
     return 0

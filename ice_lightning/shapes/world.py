@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -49,6 +50,7 @@ __all__ = [
     "render_clip",
     "place",
     "caption",
+    "with_articles",
     "detect",
     "ShapesDataset",
     "ShapesDataModule",
@@ -158,8 +160,13 @@ def caption(colour: str, shape: str, direction: str | None = None, held_out: boo
         return rng.choice(SYNONYMS[w][pick])
 
     if direction is None:
-        return rng.choice(TEMPLATES).format(c=word(colour), s=word(shape))
-    return rng.choice(VIDEO_TEMPLATES).format(c=word(colour), s=word(shape), d=word(direction))
+        return with_articles(rng.choice(TEMPLATES).format(c=word(colour), s=word(shape)))
+    return with_articles(rng.choice(VIDEO_TEMPLATES).format(c=word(colour), s=word(shape), d=word(direction)))
+
+
+def with_articles(text: str) -> str:
+    """``"a"`` before a vowel becomes ``"an"`` ("an emerald disc", "an azure box")."""
+    return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", text)
 
 
 class Detection(NamedTuple):
@@ -262,7 +269,7 @@ def disguised_caption(colour: str, shape: str, rng: random.Random) -> str:
         return rng.choice(("a {s}", "one {s}", "a {s} on a plain background")).format(s=shape_word)
     if kind == 1:
         return rng.choice(("a shape", "an object on a plain background", "a picture of something"))
-    return rng.choice(TEMPLATES).format(c=rng.choice(SYNONYMS[colour][1]), s=shape_word)
+    return with_articles(rng.choice(TEMPLATES).format(c=rng.choice(SYNONYMS[colour][1]), s=shape_word))
 
 
 class ShapesDataset(Dataset):

@@ -9,6 +9,7 @@ from ice_lightning.core.solver import (
     ICEHyperParams,
     anderson_duffin,
     build_operator,
+    compress_states,
     cure_operator,
     dense_minimizer,
     dissociation_operator,
@@ -310,6 +311,8 @@ def test_broad_preserve_base_enters_the_weighted_objective_exactly():
     _, s, Vh = torch.linalg.svd(E_b, full_matrices=False)
     compressed = dissociation_operator(E_e, E_p, hp, E_base=s[:, None] * Vh).dense()
     assert torch.allclose(compressed, D_star, atol=1e-10)
+    spectrum = compress_states(E_b)  # the form EmbeddingSpace.base_states caches: read without a second SVD
+    assert torch.allclose(dissociation_operator(E_e, E_p, hp, E_base=spectrum).dense(), D_star, atol=1e-10)
     assert torch.allclose(dissociation_operator(E_e, E_p, hp, E_base=E_b, base_weight=0.0).dense(),
                           dissociation_operator(E_e, E_p, hp, base_weight=0.0).dense(), atol=1e-12)  # fmt: skip
     frob = ICEHyperParams(objective="frobenius", base_weight=7.0)  # there the base joins the preserve states

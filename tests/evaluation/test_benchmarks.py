@@ -59,6 +59,10 @@ def test_speed_tiny(tmp_path):
         for row in r["rows"]:
             assert row["solve_s"] > 0 and row["apply_s"] > 0 and row["uce_dense_edit_s"] > 0
             assert math.isnan(row["encode_s"]) == (r["case"] == "wan")
+            assert row["apply_form"] in ("dense", "low-rank") and row["peak_extra_mib"] > 0
+    cold = sd["cold"]  # two fresh processes sharing one new cache: the second finds the base and the layers
+    assert cold["empty_cache"]["timings"]["find_layers_s"] > 0
+    assert set(cold["warm_cache"]["timings"]) == set(cold["empty_cache"]["timings"])
 
 
 @pytest.mark.slow
