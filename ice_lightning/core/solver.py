@@ -248,8 +248,8 @@ def energy_subspace(E: Tensor | Spectrum, a: float, rank_tol: float = 1e-6) -> E
         _, s, Vh = torch.linalg.svd(_check_states(E, "E"), full_matrices=False)
     if s.numel() == 0 or s[0] <= 0:
         raise ValueError("the token states are all zero; nothing spans a subspace")
-    keep = s > rank_tol * s[0]
-    s, V = s[keep], Vh[keep].T
+    n = int((s > rank_tol * s[0]).sum())  # singular values come sorted: the kept ones are a prefix (a view)
+    s, V = s[:n], Vh[:n].T
     r = s.square() / s.square().sum()
     return EnergySubspace(basis=V, weights=expansion(r, a), energy=r)
 
@@ -497,8 +497,8 @@ def ice_components(
     hp = hparams
     E_erase = _check_states(E_erase, "E_erase")
     E_preserve = _check_states(E_preserve, "E_preserve")
-    if isinstance(E_base, Spectrum):
-        _check_states(E_base.Vh, "E_base")
+    if isinstance(E_base, Spectrum):  # an SVD's output: finite unless its singular values are not
+        _check_states(E_base.s[:, None], "E_base")
     elif E_base is not None:
         E_base = _check_states(E_base, "E_base")
     for name, E in (("preserve", E_preserve), ("base", E_base)):

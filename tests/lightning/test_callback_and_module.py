@@ -1,5 +1,6 @@
 """ICECallback, ICEModule and the data module inside real Trainer.fit runs (CPU)."""
 
+import csv
 import types
 from pathlib import Path
 
@@ -541,3 +542,30 @@ def test_a_checkpoint_from_before_spec_state_keys_still_resumes_and_foreign_stat
     other = ICECallback(erase=["dog"], family="object")
     with pytest.raises(ValueError, match=r"checkpoint holds the erasure of \[\"ICECallback\{'erase': \['Van Gogh'\]"):
         other.on_load_checkpoint(types.SimpleNamespace(callbacks=[other]), None, old)
+
+
+@pytest.mark.slow
+def test_each_application_logs_its_own_collateral_and_the_drift_apart_once_per_step(tmp_path):
+    """Collateral at an application is that edit's own effect (just after against just before it), so training
+    drift does not read as erasure damage; the drift is logged apart; every row carries its epoch; the fit-end
+    application right after the last epoch-end one (an exact no-op) is recorded but not logged again."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    seed_everything(0)
+    module = ICEModule("tiny:sd-minilm", learning_rate=3e-3, cfg_dropout=0.0)
+    ice = ICECallback(**STYLE, every_n_epochs=1)
+    logger = CSVLogger(tmp_path, name="csv")
+    _trainer(tmp_path, [ice], epochs=2, limit_val_batches=0, logger=logger).fit(module, datamodule=_data(False))
+    apps = ice.applications
+    assert [a["reason"] for a in apps] == ["setup", "epoch_end", "epoch_end", "fit_end"]
+    setup, first, last, end = (a["metrics"] for a in apps)
+    assert setup["drift_near"] == 0.0 and setup["collateral_near"] > 0
+    assert first["drift_near"] > 0.05  # training moved the layers (3e-3)...
+    assert first["collateral_near"] < first["drift_near"] / 2  # ...but the re-application itself moves little
+    assert end["collateral_near"] == pytest.approx(0.0, abs=1e-9)
+    assert end["collateral_far"] == pytest.approx(0.0, abs=1e-9)
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("ice/erasure")]
+    assert len(rows) == 3  # setup and two epoch ends; fit end is the same step as the last epoch end
+    assert len({r["step"] for r in rows}) == 3 and all(r["epoch"] != "" for r in rows)
+    assert {k for k in rows[0] if k.startswith("ice/")} >= {"ice/collateral_near", "ice/drift_near", "ice/drift_far"}
