@@ -200,7 +200,11 @@ def _factors(name: str, module: nn.Linear, op: DissociationOperator, base: Tenso
             dense[id(op)] = op.dense()
         return _Update(D=dense[id(op)], base=None if base is None else base.to(w.device, w.dtype))
     # Without a base the whole weight is edited; with one, only what changed since (W - base).
-    L, R = op.factors(w if base is None else w.detach() - base.to(w.device, w.dtype))
+    X = w.detach() if base is None else w.detach() - base.to(w.device, w.dtype)
+    if _fused(w):  # the update is applied in float32 anyway: W U in float32, no float64 copy of the weight
+        L, R = (X @ op.U.to(X.device, X.dtype)).to(_F64), op.M @ op.U.T
+    else:
+        L, R = op.factors(X)
     if not (torch.isfinite(L).all() and torch.isfinite(R).all()):
         if not _all_finite(w):  # a non-finite weight shows in W U: only then is the whole weight read
             raise ValueError(f"layer {name!r} already holds NaN or inf weights; refusing to edit it")
