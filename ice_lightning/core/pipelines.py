@@ -22,7 +22,9 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -90,11 +92,31 @@ def load_pipeline_folder(path: str, **kwargs):
     from diffusers import DiffusionPipeline
 
     index = Path(path) / "model_index.json"
-    if index.is_file():
-        ep = _entry_points(_CLASSES_GROUP).get(json.loads(index.read_text()).get("_class_name", ""))
-        if ep is not None:
-            return ep.load().from_pretrained(path, **kwargs)
-    return DiffusionPipeline.from_pretrained(path, **kwargs)
+    with _other_text_encoders_welcome():
+        if index.is_file():
+            ep = _entry_points(_CLASSES_GROUP).get(json.loads(index.read_text()).get("_class_name", ""))
+            if ep is not None:
+                return ep.load().from_pretrained(path, **kwargs)
+        return DiffusionPipeline.from_pretrained(path, **kwargs)
+
+
+class _TextEncoderTypeNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Expected types for text_encoder")
+
+
+@contextmanager
+def _other_text_encoders_welcome():
+    """While loading: drop diffusers' notice that a text encoder is not the class the pipeline's signature names.
+    A pipeline built around another ``transformers`` encoder (a BERT in place of CLIP) is supported by design;
+    every other message passes."""
+    log = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    notice = _TextEncoderTypeNotice()
+    log.addFilter(notice)
+    try:
+        yield
+    finally:
+        log.removeFilter(notice)
 
 
 def erase_report(pipeline) -> Callable | None:

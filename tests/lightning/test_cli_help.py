@@ -106,12 +106,13 @@ def _ours(caught, text: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_no_warning_from_our_own_calls_in_a_tiny_fit_and_the_main_job(tmp_path, monkeypatch, capfd):
+def test_no_warning_from_our_own_calls_in_a_tiny_fit_its_export_and_the_main_job(tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert main(["fit", "--config", "tiny_t2i", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1",
                      "--trainer.default_root_dir", str(tmp_path), "--quiet"]) == 0  # fmt: skip
+        assert main(["verify", "lightning_logs/tiny_t2i/erased"]) == 0  # reloads the SD-with-MiniLM export
         assert main(["erase", "--erase", "red", "--samples", "1", "--out", str(tmp_path / "erased-red"),
                      "--quiet"]) == 0  # fmt: skip
     printed = capfd.readouterr()
