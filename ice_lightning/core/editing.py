@@ -154,12 +154,8 @@ class LayerEdit:
             return
         source = written if written is not None else w.detach()
         restored = _plus_delta(source, self.L, self.R, self.fused)
-        if self.fix_index is not None:
-            flat = restored.view(-1)
-            if self.fix_index.dtype == torch.bool:  # dense fallback: the original itself
-                flat.copy_(self.fix_values.to(flat.device))
-            else:
-                flat[self.fix_index.to(flat.device)] = self.fix_values.to(flat.device)
+        if self.fix_index is not None:  # the entries where rounding did not invert
+            restored.view(-1)[self.fix_index.to(restored.device)] = self.fix_values.to(restored.device)
         _write(w, restored)
 
 

@@ -326,25 +326,21 @@ def save_erased(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ice-export-", dir=out.parent))
     try:
         if lora is not None:
-            _save_lora(pipeline, results, lora, tmp, extra)
-            for name, data in (extra_files or {}).items():
-                (tmp / name).write_bytes(data)
-            _rehash(tmp)
-            _move_into_place(tmp, out)
-            return out
-        if adapters == "separate":
-            _adapter_files(pipeline, tmp)
-        with without_adapters(pipeline, adapters) as renamed:
-            if renamed:
-                source = {"merge": "adapters merged", "separate": "adapters shipped beside"}[adapters]
-                results = rebased(pipeline, results, source, renamed)
-            pipeline.save_pretrained(tmp, safe_serialization=safe_serialization)
-            _save_operators(tmp / OPERATORS_NAME, results)
-            for name, data in (extra_files or {}).items():
-                (tmp / name).write_bytes(data)
-            manifest = _manifest(pipeline, results, extra)
-            if renamed:
-                manifest["adapters"] = adapters
+            manifest = _lora_files(pipeline, results, lora, tmp, extra)
+        else:
+            if adapters == "separate":
+                _adapter_files(pipeline, tmp)
+            with without_adapters(pipeline, adapters) as renamed:
+                if renamed:
+                    source = {"merge": "adapters merged", "separate": "adapters shipped beside"}[adapters]
+                    results = rebased(pipeline, results, source, renamed)
+                pipeline.save_pretrained(tmp, safe_serialization=safe_serialization)
+                manifest = _manifest(pipeline, results, extra)
+                if renamed:
+                    manifest["adapters"] = adapters
+        _save_operators(tmp / OPERATORS_NAME, results)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         _write_card(tmp, manifest)
         manifest["files"] = _file_hashes(tmp)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
@@ -403,13 +399,13 @@ def erasure_lora(pipeline, results: Sequence[ErasureResult] | None = None) -> di
     return out
 
 
-def _save_lora(pipeline, results: list[ErasureResult], lora: dict[str, Tensor], folder: Path,
-               extra: dict | None) -> None:  # fmt: skip
+def _lora_files(pipeline, results: list[ErasureResult], lora: dict[str, Tensor], folder: Path,
+                extra: dict | None) -> dict:  # fmt: skip
+    """Write the LoRA file of ``format="lora"`` into ``folder``; return its manifest (files not yet hashed)."""
     from safetensors.torch import save_file
 
     save_file(lora, str(folder / LORA_NAME), metadata={"format": "pt", "ice_lightning": _FORMAT})
-    _save_operators(folder / OPERATORS_NAME, results)
-    manifest = {
+    return {
         "format": _FORMAT,
         "export_format": "lora",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -424,17 +420,6 @@ def _save_lora(pipeline, results: list[ErasureResult], lora: dict[str, Tensor], 
                        if k.endswith(".lora_A.weight")},  # fmt: skip
         **(extra or {}),
     }
-    _write_card(folder, manifest)
-    manifest["files"] = _file_hashes(folder)
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-
-
-def _rehash(folder: Path) -> None:
-    """Record every file of ``folder`` (the extra files written after the manifest) in its manifest."""
-    path = folder / MANIFEST_NAME
-    manifest = json.loads(path.read_text())
-    manifest["files"] = _file_hashes(folder)
-    path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
 def _manifest(pipeline, results: list[ErasureResult], extra: dict | None) -> dict:

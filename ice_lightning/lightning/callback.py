@@ -466,9 +466,10 @@ class ICECallback(Callback):
           just before (what the erasure costs, without the fine-tuning that happened in between);
         - ``drift_near``, ``drift_far``: fine-tuning alone, the weights just before this application against
           the model before the first edit (0 at setup)."""
+        before = result.reference_weights()  # rebuilt from the undo record once, for both comparisons
         total = self._probe.compute(self.state.operators)
-        own = TextSpaceProbe.from_result(result).compute()
-        drift = self._probe.compute(weights=result.reference_weights())
+        own = TextSpaceProbe(result.layer_map, result.spaces, result.spec, before).compute()
+        drift = self._probe.compute(weights=before)
         return {
             "erasure": total["erasure"],
             "leakage": total["leakage"],

@@ -52,11 +52,11 @@ def packaged_configs() -> dict[str, str]:
 def resolve_config(value: str) -> str:
     """A ``--config`` value: a file that exists as given, else the shipped config of that name (``tiny_t2i`` or
     ``tiny_t2i.yaml``), else the value unchanged (the parser then reports it)."""
-    if Path(value).exists():
+    path = Path(value)
+    if path.exists() or not (path.parent == Path(".") or path.parts[0] == "configs"):  # a user's own path
         return value
-    name = Path(value).name
-    for candidate in (CONFIGS / name, CONFIGS / f"{name}.yaml"):
-        if candidate.is_file() and (Path(value).parent == Path(".") or Path(value).parts[0] == "configs"):
+    for candidate in (CONFIGS / path.name, CONFIGS / f"{path.name}.yaml"):
+        if candidate.is_file():
             return str(candidate)
     return value
 
