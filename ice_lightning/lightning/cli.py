@@ -260,9 +260,10 @@ def __getattr__(name: str):
 
 
 def _version() -> str:
-    from .. import __version__
+    """The installed distribution's version (the package's ``__version__``, read without importing upwards)."""
+    from importlib.metadata import version
 
-    return __version__
+    return version("ice-lightning")
 
 
 def _list_configs() -> int:
