@@ -151,9 +151,11 @@ class TextSpaceProbe:
         }
 
     @classmethod
-    def from_result(cls, result: ErasureResult, spec: ConceptSpec | None = None) -> TextSpaceProbe:
-        """Probe of an erasure against the weights it started from (``W + L R``, no copy kept)."""
-        return cls(result.layer_map, result.spaces, spec or result.spec, result.reference_weights())
+    def from_result(cls, result: ErasureResult, spec: ConceptSpec | None = None,
+                    reference: dict[str, tuple[Tensor, Tensor | None]] | None = None) -> TextSpaceProbe:  # fmt: skip
+        """Probe of an erasure against the weights it started from (``W + L R``, no copy kept; or ``reference``,
+        that result's :meth:`~ice_lightning.core.plan.ErasureResult.reference_weights` already rebuilt)."""
+        return cls(result.layer_map, result.spaces, spec or result.spec, reference or result.reference_weights())
 
     def _states(self, group: str, space: str) -> Tensor:
         prompts, pooled = self.groups[group]

@@ -468,7 +468,7 @@ class ICECallback(Callback):
           the model before the first edit (0 at setup)."""
         before = result.reference_weights()  # rebuilt from the undo record once, for both comparisons
         total = self._probe.compute(self.state.operators)
-        own = TextSpaceProbe(result.layer_map, result.spaces, result.spec, before).compute()
+        own = TextSpaceProbe.from_result(result, reference=before).compute()
         drift = self._probe.compute(weights=before)
         return {
             "erasure": total["erasure"],
