@@ -155,7 +155,9 @@ class TextSpaceProbe:
                     reference: dict[str, tuple[Tensor, Tensor | None]] | None = None) -> TextSpaceProbe:  # fmt: skip
         """Probe of an erasure against the weights it started from (``W + L R``, no copy kept; or ``reference``,
         that result's :meth:`~ice_lightning.core.plan.ErasureResult.reference_weights` already rebuilt)."""
-        return cls(result.layer_map, result.spaces, spec or result.spec, reference or result.reference_weights())
+        if reference is None:
+            reference = result.reference_weights()
+        return cls(result.layer_map, result.spaces, spec or result.spec, reference)
 
     def _states(self, group: str, space: str) -> Tensor:
         prompts, pooled = self.groups[group]
