@@ -25,16 +25,21 @@ from ice_lightning.core.progress import progress  # noqa: E402
 from ice_lightning.evaluation.attacks import RedTeam, RingABellConfig  # noqa: E402
 from ice_lightning.evaluation.baselines import uce_as_published  # noqa: E402
 from ice_lightning.evaluation.devset import DEV_SET, dev_concepts  # noqa: E402
+from ice_lightning.evaluation.metrics import dev_concept_metrics  # noqa: E402
 
 #: Each method at a setting of similar collateral on held-out nearby concepts (benchmarks/tradeoff.py).
 METHODS = {
     "ICE": ("ice", {}),
+    "ICE hardened": ("ice", {"harden_rounds": 3}),
     "CURE": ("cure", {}),
     "UCE": ("uce", {"lam": 30.0}),
     "UCE as published": ("uce_published", {}),
+    "RECE": ("rece", {"lam": 30.0}),
     "projection": ("projection", {"energy_kept": 0.9}),
 }
 BUDGETS = (0.25, 0.5, 1.0)
+#: Rows that say what each edit costs (relative output change), so attack rows compare at known collateral.
+QUALITY = ("erasure", "collateral_near", "collateral_far")
 
 
 def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS) -> dict[str, dict[str, float]]:
@@ -52,6 +57,8 @@ def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS) -> dic
             )  # fmt: skip
             rates = team.compute()
             ring_prompts = team.ring_a_bell_prompts()
+            quality = dev_concept_metrics(result, concept)  # the same edit's erasure and collateral, to match on
+            rates.update({key: quality[key] for key in QUALITY})
             for b in budgets:
                 wb = RedTeam.from_result(result, attacks=["whitebox"], whitebox_budget=b).compute()
                 rates[f"whitebox@{b}"], rates[f"whitebox@{b}_original"] = wb["whitebox"], wb["whitebox_original"]
@@ -90,15 +97,20 @@ def main(argv: list[str] | None = None) -> dict:
         for col in ("original", *METHODS):
             row[col] = statistics.fmean(r[col] for r in rows if r["attack"] == attack and r["family"] != "all")
         rows.append(row)
+    quality = [{"family": "all", "metric": key, **{m: statistics.fmean(r[m][key] for r in per_concept.values())
+                                                   for m in METHODS}} for key in QUALITY]  # fmt: skip
     name = "red_team_tiny" if args.tiny else "red_team"
     md = [f"# Text-space red-teaming ({'tiny' if args.tiny else 'full'}): attack success rate (lower is better)", ""]
     md += table(["family", "attack", "original model", *METHODS], [[r["family"], r["attack"], r["original"],
                 *(r[m] for m in METHODS)] for r in rows])  # fmt: skip
+    md += ["", "What each edit costs, on the same concepts (relative output change; erasure: higher is better, "
+           "collateral: lower is better):", ""]
+    md += table(["metric", *METHODS], [[q["metric"], *(q[m] for m in METHODS)] for q in quality])
     md += ["", "Ring-A-Bell prompts found (first held-out context of each concept):", ""]
     md += [f"- {n}: `{r['_ring_prompts'][0]}`" for n, r in per_concept.items()]
     md += ["", f"Total {time.perf_counter() - t0:.0f} s."]
     write_report(args.out, name, {"methods": {k: [m, kw] for k, (m, kw) in METHODS.items()}, "rows": rows,
-                                  "per_concept": per_concept}, md)  # fmt: skip
+                                  "quality": quality, "per_concept": per_concept}, md)  # fmt: skip
     return {"rows": rows, "per_concept": per_concept}
 
 

@@ -316,6 +316,15 @@ def case_sd15(tiny: bool, counts: list[int], repeats: int) -> dict:
 
     e2e_s, timings = median_time(end_to_end, repeats)
 
+    def end_to_end_hardened():  # the same call with closed-form hardening (docs/method.md, section 9)
+        pipeline_spaces(pipe)["text"].clear_cache()
+        result = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style", harden_rounds=3)
+        timings = dict(result.timings)
+        result.undo()
+        return timings
+
+    hardened_s, hardened_timings = median_time(end_to_end_hardened, repeats)
+
     # Zero inference overhead: same parameters, no hooks, same forward time.
     latent = 8 if tiny else 32
     x = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0))
@@ -358,6 +367,9 @@ def case_sd15(tiny: bool, counts: list[int], repeats: int) -> dict:
         "cold": cold,
         "end_to_end_s": e2e_s,
         "end_to_end_timings": timings,
+        "end_to_end_hardened_s": hardened_s,
+        "end_to_end_hardened_timings": hardened_timings,
+        "hardened_over_plain": hardened_s / e2e_s,
         "overhead": overhead,
         "export_sizes": export_sizes,
         "rows": rows,
@@ -457,6 +469,10 @@ def report(args) -> dict:
                 "",
                 f"Warm (median, same process): {r['end_to_end_s']:.2f} s; stages of the last run: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in r["end_to_end_timings"].items()),
+                "",
+                f"Hardened (`harden_rounds=3`), warm: {r['end_to_end_hardened_s']:.2f} s "
+                f"({r['hardened_over_plain']:.2f}x the plain erase); stages: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in r["end_to_end_hardened_timings"].items()),
                 "",
                 f"Inference overhead: parameters {o['parameters_before']} -> {o['parameters_after']}, hooks left "
                 f"{o['hooks_left']}, UNet forward ({o['latent']}x{o['latent']} latent) "

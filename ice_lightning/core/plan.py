@@ -27,11 +27,19 @@ import torch
 from torch import Tensor, nn
 
 from .concepts import ConceptSpec, Family, Prompt
-from .editing import LayerEdit, apply_edits, like_weight, reshard, undo_edits
+from .editing import LayerEdit, apply_edits, is_sharded, like_weight, local_shard, reshard, undo_edits
 from .encoders import EmbeddingSpace
 from .families import default_embedding_spaces, lookup_family
 from .layers import NoTextConditioningLayerError, TextConditioningLayers
-from .solver import METHODS, DissociationOperator, ICEHyperParams, build_operator, check_hparams
+from .solver import (
+    METHODS,
+    DissociationOperator,
+    ICEHyperParams,
+    build_operator,
+    check_hparams,
+    layer_gram,
+    needs_gram,
+)
 
 __all__ = [
     "Method",
@@ -49,7 +57,7 @@ __all__ = [
     "DENOISER_COMPONENTS",
 ]
 
-Method = Literal["ice", "cure", "uce", "projection"]
+Method = Literal["ice", "cure", "uce", "projection", "rece"]
 
 #: Pipeline components that may hold a denoiser (Wan 2.2 has two experts).
 DENOISER_COMPONENTS = ("unet", "transformer", "transformer_2")
@@ -230,6 +238,7 @@ class ErasurePlan:
         self.denoisers = denoisers(pipeline)
         self._history_key = next(iter(self.denoisers.values()))
         self._states: dict[str, ConceptStates] | None = None
+        self._grams: dict[str, Tensor] | None = None
         self.timings = {"find_layers_s": time.perf_counter() - t0}
 
     @property
@@ -265,15 +274,41 @@ class ErasurePlan:
         everyday prompts are not encoded at all)."""
         return self.method == "ice" and ICEHyperParams(**self.hparams).base_weight > 0
 
+    @property
+    def needs_gram(self) -> bool:
+        """Whether :meth:`solve` reads the target layers' weights (RECE, hardened ICE): see :meth:`grams`."""
+        return needs_gram(self.method, self.hparams)
+
+    @torch.no_grad()
+    def grams(self) -> dict[str, Tensor]:
+        """``{space: sum_l W_l^T W_l}`` over the target layers reading each space, from the weights as they are now
+        (computed once, then kept). Row-sharded (FSDP2) weights are summed over this rank's rows, then over every
+        rank with an all-reduce: under a strategy every rank calls this (``ICECallback`` does, before rank 0
+        alone solves)."""
+        if self._grams is None:
+            t0 = time.perf_counter()
+            reshard(self.denoisers.values())
+            spaces = sorted(set(self.layer_spaces.values()))
+            weights = {s: [local_shard(t.module.weight) for t in self.targets.values() if t.space == s] for s in spaces}
+            grams = {s: layer_gram(w) for s, w in weights.items()}
+            if any(is_sharded(t.module.weight) for t in self.targets.values()):
+                for G in grams.values():
+                    torch.distributed.all_reduce(G)
+            self._grams = grams
+            self.timings["gram_s"] = time.perf_counter() - t0
+        return self._grams
+
     def solve(self) -> dict[str, DissociationOperator]:
-        """One operator per embedding space, from :meth:`states`."""
+        """One operator per embedding space, from :meth:`states` (and :meth:`grams` where the method reads the
+        layers)."""
         states = self.states()
+        grams = self.grams() if self.needs_gram else {}
         t0 = time.perf_counter()
         operators = {}
         for s, st in states.items():
             try:
                 operators[s] = build_operator(self.method, st.erase, st.preserve, anchor=st.anchor,
-                                              concepts=len(self.spec.erase), E_base=st.base,
+                                              concepts=len(self.spec.erase), E_base=st.base, gram=grams.get(s),
                                               **self.hparams)  # fmt: skip
             except ValueError as err:
                 raise ValueError(f"{s!r} space: {err}") from err
@@ -441,7 +476,7 @@ def erase(
             CogVideoX, Wan, LTX) or any pipeline of those denoisers built around another text encoder.
         erase, preserve, family, synonyms, anchor, templates, include_eot: the concept spec (see
             :class:`~ice_lightning.core.concepts.ConceptSpec`); or pass a ready ``spec``.
-        method: ``"ice"`` (default) or a baseline: ``"cure"``, ``"uce"``, ``"projection"``.
+        method: ``"ice"`` (default) or a baseline: ``"cure"``, ``"uce"``, ``"projection"``, ``"rece"``.
         layers: explicit qualified layer names instead of the family table.
         verify: confirm the layers with a forward hook.
         keep_undo: keep what :meth:`ErasureResult.undo` needs (the smaller of a low-rank record and a copy of the

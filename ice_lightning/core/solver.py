@@ -51,6 +51,11 @@ __all__ = [
     "build_operator",
     "check_hparams",
     "METHODS",
+    "layer_gram",
+    "adversarial_inputs",
+    "harden",
+    "rece_operator",
+    "needs_gram",
 ]
 
 _DTYPE = torch.float64
@@ -97,6 +102,13 @@ class ICEHyperParams:
             top of the named preserve concepts. Without base states it has no effect.
         base_expansion: ``a_b`` of the base's expansion ``f(r; a_b)``; large values weigh every direction the
             base uses nearly alike (the base stands for "everything else", not for its strongest direction).
+        harden_rounds: rounds of closed-form hardening (:func:`harden`; 0, the default, is plain ICE). Each
+            round derives, from the edited layers themselves, the inputs that best bring the concept's original
+            outputs back, and erases them too; it needs the layers' Gram matrix (``erase()`` passes it).
+        harden_gamma: the ridge of the adversary's closed form, relative to the Gram matrix's largest
+            eigenvalue: smaller finds shorter, more targeted inputs.
+        harden_expansion: ``a_e`` of the adversarial rows' own erase subspace (they are solved as their own
+            ICE erasure, with the same preserve sets, so they never dilute the concept's energy shares).
     """
 
     objective: Objective = "weighted"
@@ -110,6 +122,9 @@ class ICEHyperParams:
     rank_tol: float = 1e-6
     base_weight: float = 30.0
     base_expansion: float = 1.0
+    harden_rounds: int = 0
+    harden_gamma: float = 0.01
+    harden_expansion: float = 3.0
 
     def __post_init__(self) -> None:
         if self.objective not in ("weighted", "frobenius"):
@@ -129,6 +144,21 @@ class ICEHyperParams:
             )
         if self.overlap_threshold is not None and not 0 < self.overlap_threshold <= 1:
             raise ValueError(f"overlap_threshold must lie in (0, 1], got {self.overlap_threshold}")
+        _check_hardening(self.harden_rounds, self.harden_gamma)
+        if not (isinstance(self.harden_expansion, (int, float)) and self.harden_expansion > 0):
+            raise ValueError(f"harden_expansion must be > 0, got {self.harden_expansion!r}")
+
+
+def _check_hardening(rounds, gamma) -> None:
+    if not (isinstance(rounds, int) and not isinstance(rounds, bool) and 0 <= rounds <= _MAX_ROUNDS):
+        raise ValueError(f"harden_rounds (rounds of closed-form hardening) must be an integer in [0, {_MAX_ROUNDS}], "
+                         f"got {rounds!r}")
+    _in_range("harden_gamma", gamma, 0.0, 1e3, "the adversary's ridge, relative to the Gram's largest eigenvalue",
+              low_open=True)
+
+
+#: More rounds than this only repeat the last ones' directions (each round adds one row per concept token).
+_MAX_ROUNDS = 10
 
 
 #: Above this, lam or mu swamp every other term of J in float64 and the edit silently vanishes.
@@ -156,7 +186,8 @@ def check_hparams(method: str, hparams: dict) -> None:
             raise ValueError(f"unknown ICE hyperparameter(s) in {sorted(hparams)}; choose from {names}") from err
         return
     allowed = {"cure": {"erase_expansion", "preserve_expansion", "rank_tol"},
-               "projection": {"energy_kept", "rank_tol"}, "uce": {"lam", "preserve_scale"}}.get(method)  # fmt: skip
+               "projection": {"energy_kept", "rank_tol"}, "uce": {"lam", "preserve_scale"},
+               "rece": {"lam", "preserve_scale", "rounds", "gamma"}}.get(method)  # fmt: skip
     if allowed is None:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     unknown = sorted(set(hparams) - allowed)
@@ -173,6 +204,8 @@ def check_hparams(method: str, hparams: dict) -> None:
         _in_range("lam", hparams["lam"], 0.0, _MAX_WEIGHT, "UCE's ridge weight", low_open=True)
     if "preserve_scale" in hparams:
         _in_range("preserve_scale", hparams["preserve_scale"], 0.0, _MAX_WEIGHT, "UCE's preserve weight")
+    if method == "rece":
+        _check_hardening(hparams.get("rounds", 3), hparams.get("gamma", 0.01))
 
 
 def expansion(r: Tensor, a: float) -> Tensor:
@@ -533,6 +566,7 @@ def dissociation_operator(
     anchor: tuple[Tensor, Tensor] | None = None,
     concepts: int = 1,
     E_base: Tensor | Spectrum | None = None,
+    gram: Tensor | None = None,
     **overrides,
 ) -> DissociationOperator:
     """ICE's dissociation operator, the unique minimiser of the spectral unlearning objective, in low-rank form.
@@ -549,6 +583,9 @@ def dissociation_operator(
             per concept and is applied as ``k * erase_expansion``.
         E_base: (n_b, d) states of the broad preserve base (every token of everyday prompts), weighted by
             ``base_weight``: ``S`` below gains ``lam_b P_b``.
+        gram: with ``harden_rounds > 0``, :func:`layer_gram` of the layers the operator will edit; the operator
+            is then hardened (:func:`harden`), its adversarial rows solved as their own ICE erasure with
+            ``erase_expansion = harden_expansion`` and the same preserve sets.
 
     ``weighted`` (default): ``D* = P_e^2 S^-1`` with ``S = P_e + lam P_p + lam_b P_b + mu I``. ``B = lam_b P_b +
     mu I`` is diagonal in the base's own basis and ``P_e + lam P_p = A A^T`` is low rank, so ``S^-1`` applied to
@@ -595,8 +632,19 @@ def dissociation_operator(
             return V @ (f[:, None] * (V.T @ Y)) / (1 + hp.mu)
 
         row_space = Q @ (h[:, None] * (Q.T @ V))
-    op = _operator_from([V, row_space], apply, "ice", {**_asdict(hp), "concepts": concepts})
-    return _with_anchor(op, anchor)
+    op = _with_anchor(_operator_from([V, row_space], apply, "ice", {**_asdict(hp), "concepts": concepts}), anchor)
+    if hp.harden_rounds == 0:
+        return op
+    if gram is None:
+        raise ValueError("harden_rounds > 0 reads the edited layers: pass gram=layer_gram(weights)")
+    if gram.shape != (op.dim, op.dim):
+        raise ValueError(f"dimension mismatch: the Gram matrix is {tuple(gram.shape)}, the states are {op.dim}-d")
+    plain = {"harden_rounds": 0, "erase_expansion": hp.harden_expansion}
+
+    def solve_adversary(rows: Tensor) -> DissociationOperator:
+        return dissociation_operator(rows, E_preserve, hp, concepts=concepts, E_base=E_base, **plain)
+
+    return harden(op, E_erase, gram, solve_adversary, hp.harden_rounds, hp.harden_gamma)
 
 
 def cure_operator(
@@ -699,7 +747,104 @@ def _merge(hparams: ICEHyperParams | None, overrides: dict) -> ICEHyperParams:
     return ICEHyperParams(**{**base, **overrides})
 
 
-METHODS = ("ice", "cure", "uce", "projection")
+def layer_gram(weights: list[Tensor]) -> Tensor:
+    """``G = sum_l W_l^T W_l`` (float64) of the layers that read one space: the output-side metric of the
+    hardening (every adversary below needs only ``G``, since ``W'^T W' = (I - D)^T G (I - D)`` and
+    ``W'^T W = (I - D)^T G`` for ``W' = W (I - D)``). For row-sharded weights, the sum over every rank's rows."""
+    if not weights:
+        raise ValueError("no layer weights: the Gram matrix of an empty set of layers is undefined")
+    G = sum(W.detach().to(_DTYPE).T @ W.detach().to(_DTYPE) for W in weights)
+    return (G + G.T) / 2
+
+
+def adversarial_inputs(op: DissociationOperator, gram: Tensor, C: Tensor, gamma: float = 0.01) -> Tensor:
+    """The defence's adversary (RECE's closed form, Gong et al. 2024): per row ``c`` of ``C`` (n x d), the input
+    ``x = (A^T G A + g I)^-1 A^T G c`` with ``A = I - D`` that best restores the concept's original outputs
+    ``W_l c`` through every edited layer ``W_l A`` at once, ``g = gamma * lambda_max(G)`` (a fixed ridge; the
+    red-team benchmark's attack instead bisects a norm budget per row, so the two are different objectives).
+
+    ``A^T G A = G - D^T G - G D + D^T G D`` is formed from ``D = U M U^T`` in ``O(d^2 k)``; one Cholesky solve
+    of d x d follows."""
+    G = gram.to(_DTYPE)
+    C = C.to(_DTYPE)
+    d = G.shape[0]
+    GU = G @ op.U
+    Dt = op.U @ op.M.T  # D^T = U M^T U^T, kept as (U M^T) U^T
+    GD = GU @ op.M @ op.U.T
+    H = G - GD - GD.T + Dt @ ((op.U.T @ GU) @ op.M @ op.U.T)
+    R = (C @ G) - (C @ GU) @ op.M @ op.U.T  # rows c^T G A
+    scale = float(torch.linalg.matrix_norm(G, ord=2)) or 1.0
+    H = (H + H.T) / 2 + gamma * scale * torch.eye(d, dtype=_DTYPE)
+    L = torch.linalg.cholesky(H)
+    return torch.cholesky_solve(R.T, L).T
+
+
+def _composed(first: DissociationOperator, second: DissociationOperator, method: str,
+              hparams: dict) -> DissociationOperator:  # fmt: skip
+    """``I - D = (I - D_first)(I - D_second)``: ``D = D_second + D_first (I - D_second)``, in span(U_1, U_2)."""
+
+    def apply(X: Tensor) -> Tensor:
+        Y = second.U @ (second.M @ (second.U.T @ X))
+        Z = X - Y
+        return Y + first.U @ (first.M @ (first.U.T @ Z))
+
+    return _operator_from([first.U, second.U], apply, method, hparams)
+
+
+def harden(op: DissociationOperator, E_erase: Tensor, gram: Tensor, solve_adversary, rounds: int,
+           gamma: float = 0.01) -> DissociationOperator:  # fmt: skip
+    """Closed-form hardening: ``rounds`` times, derive the adversarial inputs of every erase token against the
+    current edit (:func:`adversarial_inputs`), rescale each to its concept token's norm (so that the
+    adversarial rows carry the energy of the tokens they stand for), and erase all rows found so far with
+    ``solve_adversary(rows)`` (an operator of its own), composed after ``op``:
+    ``I - D_h = (I - D)(I - D_adv)``.
+
+    The composition, not new rows inside ``op``'s own solve, is the point: adversarial rows appended to the
+    erase states dilute the concept's energy shares and erase *less* (``docs/method.md``, hardening)."""
+    if rounds == 0:
+        return op
+    E = E_erase.to(_DTYPE)
+    norms = E.norm(dim=-1, keepdim=True)
+    found, current = E[:0], op
+    for _ in range(rounds):
+        x = adversarial_inputs(current, gram, E, gamma)
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-300) * norms
+        found = torch.cat([found, x])
+        current = _composed(op, solve_adversary(found), op.method, op.hparams)
+    return current
+
+
+def rece_operator(E_erase: Tensor, E_preserve: Tensor, gram: Tensor, lam: float = 1.0,
+                  preserve_scale: float = 1.0, E_guide: Tensor | None = None, rounds: int = 3,
+                  gamma: float = 0.01) -> DissociationOperator:  # fmt: skip
+    """RECE (Gong et al., ECCV 2024) on top of UCE: start from UCE's closed form, then ``rounds`` times derive the
+    adversarial embeddings of the concept against the current edit (its closed form with the regulariser
+    ``gamma``, :func:`adversarial_inputs`) and solve UCE again with them added to the erased rows, each mapped
+    to the harmless guide (the anchor's states, or nothing: output zero) while the preserve rows are kept."""
+    Ce = _check_states(E_erase, "E_erase")
+    guide = None if E_guide is None else _check_states(E_guide, "E_guide")
+    op = uce_operator(Ce, E_preserve, lam=lam, preserve_scale=preserve_scale, E_guide=guide)
+    rows, guides = Ce, guide
+    for _ in range(rounds):
+        x = adversarial_inputs(op, gram, Ce, gamma)
+        rows = torch.cat([rows, x])
+        if guides is not None:
+            guides = torch.cat([guides, guide])
+        op = uce_operator(rows, E_preserve, lam=lam, preserve_scale=preserve_scale, E_guide=guides)
+    hp = {"lam": lam, "preserve_scale": preserve_scale, "guide": E_guide is not None, "rounds": rounds,
+          "gamma": gamma}  # fmt: skip
+    return DissociationOperator(U=op.U, M=op.M, method="rece", hparams=hp)
+
+
+METHODS = ("ice", "cure", "uce", "projection", "rece")
+
+#: Methods whose solve reads the edited layers' Gram matrix (ICE only when hardened).
+NEEDS_GRAM = ("rece",)
+
+
+def needs_gram(method: str, hparams: dict) -> bool:
+    """Whether ``build_operator(method, ...)`` needs ``gram=``: RECE always, ICE with ``harden_rounds > 0``."""
+    return method in NEEDS_GRAM or (method == "ice" and hparams.get("harden_rounds", 0) > 0)
 
 
 def build_operator(
@@ -709,12 +854,21 @@ def build_operator(
     anchor: tuple[Tensor, Tensor] | None = None,
     concepts: int = 1,
     E_base: Tensor | Spectrum | None = None,
+    gram: Tensor | None = None,
     **hparams,
 ) -> DissociationOperator:
     """Dispatch to one of :data:`METHODS` with the same inputs (used by ``erase`` and the benchmarks);
-    ``concepts`` (the number of erased concepts) and ``E_base`` (the broad preserve base) are used by ICE only."""
+    ``concepts`` (the number of erased concepts) and ``E_base`` (the broad preserve base) are used by ICE only;
+    ``gram`` (:func:`layer_gram` of the layers that read this space) by RECE and hardened ICE."""
+    if needs_gram(method, hparams) and gram is None:
+        raise ValueError(f"{method!r} with these hyperparameters reads the edited layers: "
+                         "pass gram=layer_gram(weights)")
     if method == "ice":
-        return dissociation_operator(E_erase, E_preserve, anchor=anchor, concepts=concepts, E_base=E_base, **hparams)
+        return dissociation_operator(E_erase, E_preserve, anchor=anchor, concepts=concepts, E_base=E_base,
+                                     gram=gram, **hparams)  # fmt: skip
+    if method == "rece":
+        guide = None if anchor is None else anchor[1]
+        return rece_operator(E_erase if anchor is None else anchor[0], E_preserve, gram, E_guide=guide, **hparams)
     if method == "cure":
         return cure_operator(E_erase, E_preserve, anchor=anchor, **hparams)
     if method == "projection":

@@ -425,6 +425,8 @@ class ICECallback(Callback):
             self._plan = ErasurePlan(self.get_pipeline(pl_module), self.spec, method=self.method,
                                      hparams=self.hparams, layers=self.layers, verify=self.verify)  # fmt: skip
         if self.state.operators is None:
+            if self._plan.needs_gram:  # a collective under FSDP2: every rank takes part before rank 0 solves
+                self._plan.grams()
             operators = self._plan.solve() if trainer.is_global_zero else None
             self.state.operators = trainer.strategy.broadcast(operators, src=0) if trainer.world_size > 1 else operators
             self.state.layer_spaces = self._plan.layer_spaces

@@ -96,7 +96,7 @@ def build_erase_parser():
                     help="prompt template with one {} for the concept (repeat); default: the family's")  # fmt: skip
     er.add_argument("--include-eot", action="store_true", help="also use the end-of-text token's state")
     er.add_argument("--method", default="ice", choices=list(METHODS),
-                    help="ice, or a baseline through the same edit: cure, uce, projection")  # fmt: skip
+                    help="ice, or a baseline through the same edit: cure, uce, projection, rece")  # fmt: skip
     defaults = ICEHyperParams()
     er.add_argument("--lam", type=float, default=defaults.lam,
                     help="ICE: weight of the preserve term (larger spares shared directions more)")  # fmt: skip
@@ -109,6 +109,9 @@ def build_erase_parser():
     er.add_argument("--base-weight", type=float, default=defaults.base_weight,
                     help="ICE: weight of the broad preserve base (every token of 360 everyday prompts); 0 turns "
                     "it off")  # fmt: skip
+    er.add_argument("--harden-rounds", type=int, default=defaults.harden_rounds,
+                    help="ICE: rounds of closed-form hardening against inputs derived from the edited layers "
+                    "(0: off; 3 measured in docs/benchmarks.md)")  # fmt: skip
     er.add_argument("--overlap", default=defaults.overlap, choices=list(get_args(OverlapKind)),
                     help="ICE, frobenius objective: the overlap projector of erase and preserve")  # fmt: skip
     er.add_argument("--objective", default=defaults.objective, choices=list(get_args(Objective)),
@@ -163,6 +166,7 @@ def _run_erase(cfg) -> int:
             "erase_expansion": cfg.erase_expansion,
             "preserve_expansion": cfg.preserve_expansion,
             "base_weight": cfg.base_weight,
+            "harden_rounds": cfg.harden_rounds,
             "overlap": cfg.overlap,
             "objective": cfg.objective,
         }

@@ -111,3 +111,27 @@ def test_red_team_needs_known_attacks(minilm_pipe):
             RedTeam.from_result(result, attacks=["paraphrase", "gcg"])
     finally:
         result.undo()
+
+
+@pytest.mark.slow
+def test_the_attacks_input_loses_against_the_hardened_edit_where_it_beats_the_plain_one(minilm_pipe):
+    """The benchmark's white-box attack (a norm budget bisected per token, on held-out contexts: not the defence's
+    fixed-ridge adversary on training templates) restores Elon Musk through the plain edit and not through the
+    hardened one, at nearly the same collateral (benchmarks/red_team.py: 0.781 -> 0.438 at budget 0.25)."""
+    from ice_lightning.evaluation.metrics import dev_concept_metrics
+
+    concept = dev_concept("Elon Musk")
+    rates, quality = {}, {}
+    for label, hparams in (("plain", {}), ("hardened", {"harden_rounds": 3})):
+        result = ice_lightning.erase(minilm_pipe, spec=concept.spec(), verify=False, **hparams)
+        try:
+            rates[label] = {b: RedTeam.from_result(result, attacks=["whitebox"], whitebox_budget=b).compute(
+                original=False)["whitebox"] for b in (0.25, 0.5)}  # fmt: skip
+            quality[label] = dev_concept_metrics(result, concept)
+        finally:
+            result.undo()
+    assert rates["plain"][0.25] >= 0.75 and rates["hardened"][0.25] <= 0.5
+    assert rates["plain"][0.5] == 1.0 and rates["hardened"][0.5] <= 0.9
+    assert quality["hardened"]["erasure"] >= quality["plain"]["erasure"] - 0.01
+    assert quality["hardened"]["collateral_near"] <= quality["plain"]["collateral_near"] + 0.02
+    assert quality["hardened"]["collateral_far"] <= quality["plain"]["collateral_far"] + 0.015

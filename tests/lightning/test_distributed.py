@@ -81,3 +81,30 @@ def test_fsdp2_user_module_edits_shards_exports_the_one_process_erasure_and_resu
     assert [r["applications"] for r in resumed] == [r["applications"] for r in train]
     assert [r["final"] for r in resumed] == [r["final"] for r in train]
     assert all(r["metrics"][-1] for r in resumed)  # the probe came back with the checkpoint
+
+
+@pytest.mark.slow
+def test_fsdp2_hardened_erasure_reads_every_ranks_rows_and_equals_the_one_process_one(tmp_path):
+    """Hardening reads the layers' Gram matrix: under FSDP2 each rank sums its own rows and an all-reduce adds the
+    rest, so the sharded run ships exactly the one-process hardened erasure."""
+    from diffusers import DiffusionPipeline
+
+    from ice_lightning import erase
+    from ice_lightning.core.export import load_manifest, verify_export
+    from ice_lightning.core.pipelines import load_pipeline
+    from ice_lightning.core.plan import resolve_layer
+
+    ranks = _fsdp2(tmp_path / "harden", "harden")
+    assert ranks[0]["sharded"] and ranks[0]["applications"] == ranks[1]["applications"]
+    expected = load_pipeline("tiny:sd")
+    result = erase(expected, ["Van Gogh"], family="style", harden_rounds=2)
+    plain = load_pipeline("tiny:sd")
+    erase(plain, ["Van Gogh"], family="style")
+    shipped = DiffusionPipeline.from_pretrained(tmp_path / "harden" / "export")
+    for name in result.layers:
+        a, b = resolve_layer(shipped, name).weight.detach(), resolve_layer(expected, name).weight.detach()
+        assert float((a - b).norm() / b.norm()) < 1e-6, name
+        moved = resolve_layer(plain, name).weight.detach() - b
+        assert float(moved.norm() / b.norm()) > 1e-4  # hardening did change the edit
+    assert load_manifest(tmp_path / "harden" / "export")["erasures"][0]["hparams"]["harden_rounds"] == 2
+    assert all(verify_export(tmp_path / "harden" / "export").values())
