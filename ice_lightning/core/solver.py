@@ -757,14 +757,15 @@ def layer_gram(weights: list[Tensor]) -> Tensor:
     return (G + G.T) / 2
 
 
-def adversarial_inputs(op: DissociationOperator, gram: Tensor, C: Tensor, gamma: float = 0.01) -> Tensor:
+def adversarial_inputs(op: DissociationOperator, gram: Tensor, C: Tensor, gamma: float = 0.01,
+                       gram_norm: float | None = None) -> Tensor:  # fmt: skip
     """The defence's adversary (RECE's closed form, Gong et al. 2024): per row ``c`` of ``C`` (n x d), the input
     ``x = (A^T G A + g I)^-1 A^T G c`` with ``A = I - D`` that best restores the concept's original outputs
     ``W_l c`` through every edited layer ``W_l A`` at once, ``g = gamma * lambda_max(G)`` (a fixed ridge; the
     red-team benchmark's attack instead bisects a norm budget per row, so the two are different objectives).
 
     ``A^T G A = G - D^T G - G D + D^T G D`` is formed from ``D = U M U^T`` in ``O(d^2 k)``; one Cholesky solve
-    of d x d follows."""
+    of d x d follows. ``gram_norm`` is ``lambda_max(G)`` when the caller already has it (rounds reuse it)."""
     G = gram.to(_DTYPE)
     C = C.to(_DTYPE)
     d = G.shape[0]
@@ -773,10 +774,14 @@ def adversarial_inputs(op: DissociationOperator, gram: Tensor, C: Tensor, gamma:
     GD = GU @ op.M @ op.U.T
     H = G - GD - GD.T + Dt @ ((op.U.T @ GU) @ op.M @ op.U.T)
     R = (C @ G) - (C @ GU) @ op.M @ op.U.T  # rows c^T G A
-    scale = float(torch.linalg.matrix_norm(G, ord=2)) or 1.0
+    scale = (gram_norm if gram_norm is not None else _largest_eigenvalue(G)) or 1.0
     H = (H + H.T) / 2 + gamma * scale * torch.eye(d, dtype=_DTYPE)
     L = torch.linalg.cholesky(H)
     return torch.cholesky_solve(R.T, L).T
+
+
+def _largest_eigenvalue(G: Tensor) -> float:
+    return float(torch.linalg.eigvalsh(G.to(_DTYPE))[-1])
 
 
 def _composed(first: DissociationOperator, second: DissociationOperator, method: str,
@@ -805,9 +810,9 @@ def harden(op: DissociationOperator, E_erase: Tensor, gram: Tensor, solve_advers
         return op
     E = E_erase.to(_DTYPE)
     norms = E.norm(dim=-1, keepdim=True)
-    found, current = E[:0], op
+    found, current, top = E[:0], op, _largest_eigenvalue(gram)
     for _ in range(rounds):
-        x = adversarial_inputs(current, gram, E, gamma)
+        x = adversarial_inputs(current, gram, E, gamma, top)
         x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-300) * norms
         found = torch.cat([found, x])
         current = _composed(op, solve_adversary(found), op.method, op.hparams)
@@ -824,9 +829,9 @@ def rece_operator(E_erase: Tensor, E_preserve: Tensor, gram: Tensor, lam: float 
     Ce = _check_states(E_erase, "E_erase")
     guide = None if E_guide is None else _check_states(E_guide, "E_guide")
     op = uce_operator(Ce, E_preserve, lam=lam, preserve_scale=preserve_scale, E_guide=guide)
-    rows, guides = Ce, guide
+    rows, guides, top = Ce, guide, _largest_eigenvalue(gram) if rounds else None
     for _ in range(rounds):
-        x = adversarial_inputs(op, gram, Ce, gamma)
+        x = adversarial_inputs(op, gram, Ce, gamma, top)
         rows = torch.cat([rows, x])
         if guides is not None:
             guides = torch.cat([guides, guide])
