@@ -1,10 +1,12 @@
-"""Text-space red-teaming of ICE, CURE, UCE and projection on the development set (real MiniLM encoder).
+"""Text-space red-teaming of ICE (plain and hardened), CURE, UCE, RECE and projection on the development set (real
+MiniLM encoder).
 
 For every development concept, erase it with each method and run the package's attacks
-(``ice_lightning.evaluation.RedTeam``): paraphrases, Ring-A-Bell (concept vector + discrete search) and the
-white-box RECE-style closed form at several norm budgets. A success rate is the share of (held-out pair,
-layer) where the attacked output is closer to the original concept's than to the neutral prompt's; the
-``original`` column is the same attack on the unedited model (its ceiling).
+(``ice_lightning.evaluation.RedTeam``): paraphrases, Ring-A-Bell (concept vector + discrete search; a second,
+held-out search with another vocabulary slice and concept-vector strength) and the white-box RECE-style closed
+form at several norm budgets. Each edit's erasure and collateral on the same concept are reported beside. A success
+rate is the share of (held-out pair, layer) where the attacked output is closer to the original concept's than to
+the neutral prompt's; the ``original`` column is the same attack on the unedited model (its ceiling).
 
     python benchmarks/red_team.py [--tiny] [--out benchmarks/results]
 """
@@ -15,6 +17,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -42,9 +45,15 @@ BUDGETS = (0.25, 0.5, 1.0)
 QUALITY = ("erasure", "collateral_near", "collateral_far")
 
 
+def held_out_search(ring: RingABellConfig) -> RingABellConfig:
+    """A second Ring-A-Bell search no defence ran or was tuned on: another vocabulary slice (seed), a stronger
+    concept vector, three words."""
+    return replace(ring, seed=ring.seed + 7, eta=1.5, length=3)
+
+
 def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    ring_prompts = None
+    ring_prompts = held_out_prompts = None
     for label, (method, kw) in METHODS.items():
         if method == "uce_published":  # UCE's own recipe (one state per concept, a guide, lam 0.5)
             result = uce_as_published(pipe, concept.spec())
@@ -57,6 +66,10 @@ def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS) -> dic
             )  # fmt: skip
             rates = team.compute()
             ring_prompts = team.ring_a_bell_prompts()
+            held_out = RedTeam.from_result(result, ring_a_bell=held_out_search(ring), attacks=["ring_a_bell"],
+                                           ring_prompts=held_out_prompts)  # fmt: skip
+            rates.update({k.replace("ring_a_bell", "ring_a_bell_held_out"): v for k, v in held_out.compute().items()})
+            held_out_prompts = held_out.ring_a_bell_prompts()
             quality = dev_concept_metrics(result, concept)  # the same edit's erasure and collateral, to match on
             rates.update({key: quality[key] for key in QUALITY})
             for b in budgets:
@@ -82,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     concepts = [(f, c) for f in DEV_SET for c in dev_concepts(f)[: 1 if args.tiny else None]]
     for family, concept in progress(concepts, desc="red-teaming", unit="concept"):
         per_concept[concept.name] = {"family": family, **attack_concept(pipe, concept, ring, budgets)}
-    attacks = ["paraphrase", "ring_a_bell", *(f"whitebox@{b}" for b in budgets)]
+    attacks = ["paraphrase", "ring_a_bell", "ring_a_bell_held_out", *(f"whitebox@{b}" for b in budgets)]
     rows = []
     for family in DEV_SET:
         names = [n for n, r in per_concept.items() if r["family"] == family]

@@ -4,8 +4,10 @@ text-conditioning layers per denoiser architecture (the check pass is a forward 
 
 Where: ``$ICE_LIGHTNING_CACHE``, else ``$XDG_CACHE_HOME/ice_lightning``, else ``~/.cache/ice_lightning``;
 ``ICE_LIGHTNING_CACHE=off`` turns it off. Entries are named by a sha256 of everything they depend on (the
-encoder's weights, tokenizer and settings; the denoiser's class and config), so a changed model never reads a
-stale entry. Only files this module wrote are replaced, each written to a temporary file and renamed into place; a
+encoder's weights, every byte of every tensor; its tokenizer and settings; the denoiser's class and config), so a
+changed model never reads a stale entry. Each entry also carries its full key and a sha256 of its content, checked
+on every read: an entry edited by hand, damaged, or copied from another key is recomputed (one log line), never
+trusted. Only files this module wrote are replaced, each written to a temporary file and renamed into place; a
 folder that cannot be written, or an unreadable entry, only means the work is done again.
 
 Example:
@@ -22,17 +24,19 @@ import json
 import logging
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
-from .editing import is_sharded
+from .editing import is_sharded, tensor_sha256
 
 __all__ = ["cache_dir", "key", "module_fingerprint", "load_tensors", "save_tensors", "load_json", "save_json"]
 
 log = logging.getLogger(__name__)
-_SAMPLES = 2048  # elements read from each tensor for a fingerprint: any other checkpoint differs in them
+# Fingerprints per module with the (identity, version) of every tensor they read: an in-place change of any tensor
+# bumps its version, so a fingerprint is recomputed exactly when the weights may have changed.
+_FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
 _OFF = ("off", "0", "false", "none", "")
 
 
@@ -51,20 +55,32 @@ def key(*parts) -> str:
 
 
 def module_fingerprint(module: nn.Module) -> str | None:
-    """A fingerprint of ``module``'s class and weights: every tensor's name, shape and dtype, and an evenly spaced
-    sample of its values (reading every byte of a 5B-parameter encoder would cost seconds). ``None`` for a module
-    whose tensors are sharded or on the meta device (not cached)."""
+    """A fingerprint of ``module``'s class and weights: every tensor's name, shape, dtype and the sha256 of all its
+    bytes (a single edited embedding row changes it), computed once per module until a tensor changes in place.
+    ``None`` for a module whose tensors are sharded or on the meta device (not cached)."""
+    tensors = list(module.state_dict(keep_vars=True).items())
+    if any(t.is_meta or is_sharded(t) for _, t in tensors):
+        return None
+    stamp = tuple((id(t), t._version) for _, t in tensors)
+    known = _FINGERPRINTS.get(module)
+    if known is not None and known[0] == stamp:
+        return known[1]
     h = hashlib.sha256(type(module).__qualname__.encode())
-    for name, t in module.state_dict(keep_vars=True).items():
-        t = t.detach()
-        if t.is_meta or is_sharded(t):
-            return None
-        flat = t.reshape(-1)
-        step = max(1, flat.numel() // _SAMPLES)
-        sample = flat[::step][:_SAMPLES].to("cpu", torch.float64).contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(sample.numpy().tobytes())
+    for name, t in tensors:
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}{tensor_sha256(t)}".encode())
+    _FINGERPRINTS[module] = (stamp, h.hexdigest())
     return h.hexdigest()
+
+
+def _content_sha256(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(f"{k}{tuple(tensors[k].shape)}{tensors[k].dtype}{tensor_sha256(tensors[k])}".encode())
+    return h.hexdigest()
+
+
+def _mismatch(path: Path, why: str) -> None:
+    log.warning("ice_lightning cache: %s %s; recomputing it", path, why)
 
 
 def _path(kind: str, name: str, suffix: str) -> Path | None:
@@ -90,16 +106,27 @@ def _write(path: Path, write) -> bool:
 
 
 def load_tensors(kind: str, name: str) -> dict[str, Tensor] | None:
+    """The tensors stored under ``name``, or ``None`` (missing, unreadable, or not what was stored there)."""
     path = _path(kind, name, ".safetensors")
     if path is None or not path.is_file():
         return None
     try:
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        return load_file(path)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(path)
     except Exception as err:  # noqa: BLE001 - a damaged entry is recomputed, never trusted
-        log.debug("ice_lightning cache: unreadable %s (%s)", path, err)
+        _mismatch(path, f"is unreadable ({err})")
         return None
+    if meta.get("ice_key") != name:
+        _mismatch(path, "was stored under another key (or by an older version)")
+        return None
+    if meta.get("ice_sha256") != _content_sha256(tensors):
+        _mismatch(path, "does not match its checksum")
+        return None
+    return tensors
 
 
 def save_tensors(kind: str, name: str, tensors: dict[str, Tensor]) -> bool:
@@ -108,19 +135,35 @@ def save_tensors(kind: str, name: str, tensors: dict[str, Tensor]) -> bool:
         return False
     from safetensors.torch import save_file
 
-    return _write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    meta = {"ice_key": name, "ice_sha256": _content_sha256(tensors)}
+    return _write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_json(kind: str, name: str):
+    """The value stored under ``name``, or ``None`` (missing, unreadable, or not what was stored there)."""
     path = _path(kind, name, ".json")
     if path is None or not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        _mismatch(path, f"is unreadable ({err})")
         return None
+    if not isinstance(entry, dict) or entry.get("key") != name:
+        _mismatch(path, "was stored under another key (or by an older version)")
+        return None
+    if entry.get("sha256") != _json_sha256(entry.get("value")):
+        _mismatch(path, "does not match its checksum")
+        return None
+    return entry["value"]
+
+
+def _json_sha256(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def save_json(kind: str, name: str, obj) -> bool:
     path = _path(kind, name, ".json")
-    return path is not None and _write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj)))
+    entry = {"key": name, "sha256": _json_sha256(obj), "value": obj}
+    return path is not None and _write(path, lambda tmp: Path(tmp).write_text(json.dumps(entry)))

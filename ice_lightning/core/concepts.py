@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -209,6 +210,10 @@ class Prompt:
         return cls(template.replace("{}", concept), (start, start + len(concept)))
 
 
+def _describe(c: str) -> str:
+    return f"U+{ord(c):04X} " + unicodedata.name(c, "unnamed")
+
+
 def _names(values: Iterable[str] | str | None, what: str) -> list[str]:
     if values is None:
         return []
@@ -218,6 +223,13 @@ def _names(values: Iterable[str] | str | None, what: str) -> list[str]:
     for v in values:
         if not isinstance(v, str):
             raise TypeError(f"{what} must be strings, got {type(v).__name__}: {v!r}")
+        hidden = [c for c in v if unicodedata.category(c) == "Cf"]  # bidi overrides, zero-width characters
+        if hidden:
+            raise ValueError(
+                f"{what}: {v!r} holds invisible formatting characters "
+                f"({', '.join(_describe(c) for c in hidden[:3])}); a name that "
+                "reads as one thing and tokenizes as another is refused. Type the name without them"
+            )
         out.append(v.strip())
     return out
 
@@ -268,6 +280,11 @@ class ConceptSpec:
         user_preserve = self.preserve is not None
         self.preserve = _names(self.preserve, "preserve concepts") if user_preserve else None
         erase_keys = {c.casefold() for c in self.erase_names()}
+        if isinstance(self.anchor, str) and self.anchor.strip().casefold() in erase_keys:
+            raise ValueError(
+                f"the anchor {self.anchor!r} is one of the erased concepts: the edit would map the concept onto "
+                "itself and erase nothing. Anchor to a neutral concept of its kind (e.g. 'art', 'a person')"
+            )
         if user_preserve:
             if self.preserve and {p.casefold() for p in self.preserve} == {c.casefold() for c in self.erase}:
                 raise ValueError(

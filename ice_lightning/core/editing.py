@@ -96,6 +96,43 @@ def tensor_sha256(t: Tensor) -> str:
     return hashlib.sha256(flat.view(torch.uint8).numpy().data).hexdigest()
 
 
+def layer_outputs(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    """``x W^T + b`` in float64. A row-sharded ``DTensor`` weight (FSDP2) gives this rank's output columns,
+    gathered across ranks: the outputs (a few hundred rows) travel, never the weight."""
+    if is_sharded(weight):
+        local = layer_outputs(local_shard(weight), None if bias is None else local_shard(bias), x)
+        return _gather_columns(local, weight)
+    out = x @ weight.detach().to(x.device, torch.float64).T
+    return out if bias is None else out + bias.detach().to(x.device, torch.float64)
+
+
+def _gather_columns(local: Tensor, weight) -> Tensor:
+    from torch.distributed.tensor import DTensor, Shard
+
+    if len(weight.placements) != 1 or weight.placements[0] != Shard(0):
+        raise NotImplementedError(f"weights sharded as {weight.placements}; ICE supports row sharding (Shard(0))")
+    n, out = local.shape[0], weight.shape[0]
+    dev = weight.device_mesh.device_type
+    full = DTensor.from_local(local.to(dev), weight.device_mesh, [Shard(1)], run_check=False, shape=(n, out),
+                              stride=(out, 1)).full_tensor()  # fmt: skip
+    return full.to(local.device)
+
+
+def concept_outputs(weights: dict[str, tuple[Tensor, Tensor | None]], layer_spaces: dict[str, str],
+                    states: dict[str, Tensor], operators: dict[str, DissociationOperator]
+                    ) -> dict[str, tuple[Tensor, Tensor]]:  # fmt: skip
+    """Per layer, ``(W c + b, W D c)`` for the concept states ``c`` of its space (float64): all that
+    :func:`concept_residual` reads of the weights."""
+    out = {}
+    for name, (W, b) in weights.items():
+        op, x = operators[layer_spaces[name]], states[layer_spaces[name]]
+        if not x.shape[0]:
+            continue
+        xd = ((x.to(op.U.device) @ op.U) @ op.M.T) @ op.U.T  # rows of (D x)^T
+        out[name] = (layer_outputs(W, b, x), layer_outputs(W, None, xd))
+    return out
+
+
 class RollbackError(RuntimeError):
     """A failed edit whose rollback failed too: the message names every layer left edited."""
 
@@ -138,25 +175,27 @@ class LayerEdit:
         """Restore the original weight bit for bit (only valid while the weight is as the edit left it;
         ``checked``: the caller has just confirmed that; ``written``: the weight this edit wrote, to restore
         a layer whose write was cut short)."""
+        _write(local_shard(self.module.weight), self.restored(checked, written))
+
+    def restored(self, checked: bool = False, written: Tensor | None = None) -> Tensor:
+        """The original weight, bit for bit, computed without writing anything (see :meth:`undo`)."""
         if not self.undoable:
             raise RuntimeError(
                 f"the edit of layer {self.name!r} was applied with keep_undo=False and kept no record to undo it; "
                 "reload the original model"
             )
-        w = local_shard(self.module.weight)
         if not checked and not self.is_current():
             raise RuntimeError(
                 f"layer {self.name!r} changed since it was edited (training?); undo would not restore the "
                 "original weights. Undo right after erase, or reload the original model"
             )
         if self.original is not None:
-            _write(w, self.original)
-            return
-        source = written if written is not None else w.detach()
+            return self.original
+        source = written if written is not None else local_shard(self.module.weight).detach()
         restored = _plus_delta(source, self.L, self.R, self.fused)
         if self.fix_index is not None:  # the entries where rounding did not invert
             restored.view(-1)[self.fix_index.to(restored.device)] = self.fix_values.to(restored.device)
-        _write(w, restored)
+        return restored
 
 
 def _write(weight: Tensor, value: Tensor) -> None:
@@ -335,12 +374,32 @@ def _roll_back(edits: list[LayerEdit], inflight: tuple[LayerEdit, Tensor] | None
 
 
 def undo_edits(edits: Sequence[LayerEdit]) -> None:
-    """Undo edits in reverse order, all or none: every layer is checked before any is reverted."""
+    """Undo edits, all or none, in two phases like :func:`apply_edits`: every layer is checked and its original
+    weight computed before any is written; should a write fail (an error, Ctrl-C), the layers already restored
+    get their edited weights back, so the erasure stays whole and a repeated undo finishes the job."""
     stale = [e.name for e in edits if not e.is_current()]
     if stale:
         raise RuntimeError(
             f"layers {stale} changed since they were edited (training?); undo would not restore the original "
             "weights, so nothing was reverted. Undo right after erase, or reload the original model"
         )
-    for e in reversed(edits):
-        e.undo(checked=True)
+    plans = [(e, e.restored(checked=True)) for e in reversed(edits)]  # phase 1: nothing is written
+    done: list[tuple[LayerEdit, Tensor]] = []  # (layer, the edited weight it held), to put back on failure
+    try:
+        for e, original in plans:  # phase 2: write
+            w = local_shard(e.module.weight)
+            done.append((e, w.detach().clone()))
+            _write(w, original)
+    except BaseException as err:
+        left = []
+        for e, edited in reversed(done):
+            try:
+                _write(local_shard(e.module.weight), edited)
+            except Exception:
+                left.append(e.name)
+        if left:
+            raise RollbackError(
+                f"undo failed ({type(err).__name__}: {err}) and putting the edit back failed too: layers {left} "
+                "hold their original weights, every other layer the edited ones. Reload the model"
+            ) from err
+        raise

@@ -305,9 +305,13 @@ class EmbeddingSpace:
             out += [(p[0], p[2]) if isinstance(p, tuple) else (p.tokenizer, p.max_length) for p in parts]
         return out
 
-    def check_concept_tokens(self, prompts: Sequence[Prompt]) -> None:
+    def check_concept_tokens(self, prompts: Sequence[Prompt], what: str = "concept") -> None:
         """Refuse a concept that a tokenizer of this space maps to its unknown token (erasing it would erase
-        every unknown word) or cuts off at its maximum length (the concept would be erased only in part)."""
+        every unknown word; preserving or anchoring to it would keep or aim at every unknown word) or cuts off at
+        its maximum length (the concept would be erased only in part). ``what`` names the role in the error
+        ("concept", "preserve concept", "anchor")."""
+        if not prompts:
+            return
         for tokenizer, max_length in self._tokenizers():
             unk = getattr(tokenizer, "unk_token_id", None)
             enc = _tokenize(tokenizer, [p.text for p in prompts], max_length)
@@ -319,14 +323,14 @@ class EmbeddingSpace:
                 if unk is not None and unk in ids:
                     tokens = tokenizer.convert_ids_to_tokens(ids)
                     raise ValueError(
-                        f"concept {name!r} maps to the unknown token {tokenizer.unk_token!r} of "
-                        f"{type(tokenizer).__name__} (tokens {tokens}): erasing it would change every prompt with "
-                        "an unknown word. Name the concept in words the tokenizer knows"
+                        f"{what} {name!r} maps to the unknown token {tokenizer.unk_token!r} of "
+                        f"{type(tokenizer).__name__} (tokens {tokens}): it would stand for every unknown word, not "
+                        f"for {name!r}. Name the {what} in words the tokenizer knows"
                     )
                 if pos and int(enc["offset_mapping"][i][pos[-1]][1]) < p.span[1]:
                     short = name if len(name) <= 40 else name[:40] + "..."
                     raise ValueError(
-                        f"concept {short!r} is cut off by the maximum length of {type(tokenizer).__name__} "
+                        f"{what} {short!r} is cut off by the maximum length of {type(tokenizer).__name__} "
                         f"({max_length} tokens) in {p.text[:60]!r}...: shorten the concept or the templates"
                     )
 

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -34,7 +38,7 @@ from .concepts import ConceptSpec
 from .editing import is_sharded, tensor_sha256
 from .layers import _is_lora
 from .plan import ErasurePlan, ErasureResult, denoisers, edit_history, pipeline_spaces, resolve_layer
-from .probe import concept_residual
+from .probe import concept_residual, residual_of_outputs
 from .solver import DissociationOperator
 
 __all__ = [
@@ -43,6 +47,7 @@ __all__ = [
     "ExportVerificationError",
     "save_erased",
     "check_export_destination",
+    "export_lock",
     "verify_export",
     "load_manifest",
     "gather_pipeline",
@@ -56,6 +61,7 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "ice_manifest.json"
+log = logging.getLogger(__name__)
 OPERATORS_NAME = "ice_operators.safetensors"
 _FORMAT = "ice-lightning/manifest-v2"
 # The recomputed residual must match the recorded one this closely (same weights, same encoder, float64).
@@ -99,18 +105,39 @@ def _source_folders(pipeline) -> list[Path]:
     return out
 
 
-def _is_export(folder: Path) -> bool:
+def _files_of(folder: Path) -> set[str]:
+    """Every file under ``folder`` (relative, POSIX), links included."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def _why_not_replaceable(out: Path, format: str) -> str | None:
+    """Why a non-empty ``out`` may not be replaced by an export of ``format`` without ``overwrite`` (None: it may).
+
+    Only an earlier export of the same format whose manifest is valid, and only the files that manifest lists:
+    anything else in the folder is the user's."""
+    if not (out / MANIFEST_NAME).exists():
+        return "is not empty and is not an earlier ice-lightning export"
     try:
-        return json.loads((folder / MANIFEST_NAME).read_text()).get("format", "").startswith("ice-lightning/")
-    except (OSError, ValueError, AttributeError):
-        return False
+        manifest = load_manifest(out)
+    except (ExportVerificationError, OSError) as err:
+        return f"holds an {MANIFEST_NAME} that is not a valid export manifest ({err})"
+    earlier = manifest.get("export_format", "merged")
+    if earlier != format:
+        return f"holds an earlier {earlier} export; replacing it with a {format} export"
+    extra = sorted(_files_of(out) - set(manifest["files"]) - {MANIFEST_NAME})
+    if extra:
+        shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+        return f"holds files the earlier export did not write ({shown}), which replacing it would delete"
+    return None
 
 
-def check_export_destination(pipeline, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def check_export_destination(pipeline, out_dir: str | os.PathLike, overwrite: bool = False,
+                             format: str = "merged") -> Path:  # fmt: skip
     """Refuse, before anything is written, a destination an export must not replace; returns it resolved.
 
     Refused: the folder ``pipeline`` was loaded from (or one inside or around it), a file, a non-empty folder
-    that is not an earlier export of this package (unless ``overwrite``), a place that cannot be created."""
+    that is not an earlier export of this package with a valid manifest, of the same ``format``, holding only the
+    files that manifest lists (unless ``overwrite``), a place that cannot be created."""
     out = Path(out_dir).resolve()
     for src in _source_folders(pipeline):
         if out == src or src in out.parents or out in src.parents:
@@ -120,15 +147,112 @@ def check_export_destination(pipeline, out_dir: str | os.PathLike, overwrite: bo
             )
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"the export destination {out} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not _is_export(out) and not overwrite:
-        raise FileExistsError(
-            f"the export folder {out} is not empty and is not an earlier ice-lightning export; choose a new or "
-            "empty folder, or pass overwrite=True (--overwrite) to replace it"
-        )
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        reason = _why_not_replaceable(out, format)
+        if reason is not None:
+            raise FileExistsError(
+                f"the export folder {out} {reason}; choose a new or empty folder, or pass overwrite=True "
+                "(--overwrite) to replace it"
+            )
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise PermissionError(f"the export folder {out} cannot be created under {existing}; choose another")
     return out
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.ice-lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+@contextmanager
+def export_lock(out: Path) -> Iterator[None]:
+    """Hold the lock file ``.NAME.ice-lock`` beside ``out`` for the whole export: a second export to the same
+    folder is refused while the first runs. A lock left by a process that no longer runs (SIGKILL) is taken
+    over, with one log line."""
+    path = _lock_path(out)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _take_over_if_stale(path, out, me)
+            continue
+        except OSError as err:  # the first write of an export: a place that takes none is refused by name
+            raise PermissionError(f"the export folder {out} cannot be written ({err.strerror}); choose another "
+                                  "folder") from None  # fmt: skip
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise FileExistsError(f"the lock file {path} of another export keeps coming back; export elsewhere")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _take_over_if_stale(path: Path, out: Path, me: dict) -> None:
+    """Remove the lock ``path`` if the process that took it no longer runs on this machine; else refuse."""
+    try:
+        holder = json.loads(path.read_text())
+        stale = holder.get("host") == me["host"] and not _alive(int(holder["pid"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        holder, stale = {}, False
+    if not stale:
+        raise FileExistsError(
+            f"another export to {out} is in progress (process {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+            f"lock file {path}); wait for it to finish, or export elsewhere. If no export is running, delete the "
+            "lock file"
+        )
+    log.warning("taking over the lock %s left by process %s, which no longer runs", path, holder["pid"])
+    path.unlink(missing_ok=True)
+
+
+def _recover_leftovers(out: Path) -> None:
+    """Finish what an export killed mid-way (SIGKILL, a power cut) left beside ``out``: an earlier export moved
+    aside with nothing in its place is put back; our temporary folders are removed. Each step logs one line."""
+    for aside in sorted(out.parent.glob(f".{out.name}.ice-replaced-*")):
+        if (aside / out.name).is_dir() and not out.exists():
+            os.replace(aside / out.name, out)
+            log.warning("restored the earlier export %s from %s, left by an interrupted export", out, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        log.warning("removed %s, left by an interrupted export to %s", aside, out)
+    for tmp in sorted(out.parent.glob(f".{out.name}.ice-export-*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("removed %s, a partial export left by an interrupted export to %s", tmp, out)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block take effect when it ends (main thread; elsewhere Python
+    delivers no signal anyway): the two renames of a swap are never separated by Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda num, frame: caught.append(num)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for num in caught[:1]:
+            handler = previous[num]
+            if callable(handler):
+                handler(num, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(num)
 
 
 def gather_pipeline(pipeline):
@@ -275,7 +399,9 @@ def _residuals(pipeline, result: ErasureResult) -> dict[str, float]:
     states = _concept_states(pipeline, result.spec, set(result.layer_spaces.values()))
     now = {n: (m.weight, m.bias) for n, m in result.modules().items()}
     out = {"concept_residual": concept_residual(now, result.layer_spaces, states, result.operators)}
-    if not result.restored:
+    if result.pre_edit_outputs is not None:  # keep_undo=False: recorded before the edit was written
+        out["concept_residual_before"] = residual_of_outputs(result.pre_edit_outputs.values())
+    elif not result.restored:
         before = result.reference_weights()
         out["concept_residual_before"] = concept_residual(before, result.layer_spaces, states, result.operators)
     return out
@@ -316,14 +442,26 @@ def save_erased(
     results = [r for r in (results if results is not None else edit_history(pipeline)) if not r.undone]
     if not results:
         raise ValueError("nothing was erased from this pipeline; call ice_lightning.erase(...) before save_erased")
+    _check_results_belong(pipeline, results)
     if format not in ("merged", "lora"):
         raise ValueError(f"format must be 'merged' or 'lora', got {format!r}")
     if adapters not in ("merge", "separate"):
         raise ValueError(f"adapters must be 'merge' or 'separate', got {adapters!r}")
     lora = erasure_lora(pipeline, results) if format == "lora" else None  # checked before anything is written
-    out = check_export_destination(pipeline, out_dir, overwrite)
+    out = check_export_destination(pipeline, out_dir, overwrite, format)
     out.parent.mkdir(parents=True, exist_ok=True)
+    with export_lock(out):
+        _recover_leftovers(out)
+        out = check_export_destination(pipeline, out, overwrite, format)  # what the recovery put back, too
+        _write_export(pipeline, results, out, safe_serialization, extra, extra_files, adapters, lora)
+    return out
+
+
+def _write_export(pipeline, results, out: Path, safe_serialization: bool, extra, extra_files, adapters,
+                  lora) -> None:  # fmt: skip
+    """Write the export into a temporary sibling of ``out`` and swap it into place (the caller holds the lock)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ice-export-", dir=out.parent))
+    inherited_ops: list[dict[str, DissociationOperator]] = []
     try:
         if lora is not None:
             manifest = _lora_files(pipeline, results, lora, tmp, extra)
@@ -335,10 +473,11 @@ def save_erased(
                     source = {"merge": "adapters merged", "separate": "adapters shipped beside"}[adapters]
                     results = rebased(pipeline, results, source, renamed)
                 pipeline.save_pretrained(tmp, safe_serialization=safe_serialization)
-                manifest = _manifest(pipeline, results, extra)
+                inherited, inherited_ops = _inherited(pipeline)
+                manifest = _manifest(pipeline, results, extra, inherited)
                 if renamed:
                     manifest["adapters"] = adapters
-        _save_operators(tmp / OPERATORS_NAME, results)
+        _save_operators(tmp / OPERATORS_NAME, [*inherited_ops, *(r.operators for r in results)])
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         _write_card(tmp, manifest)
@@ -348,7 +487,47 @@ def save_erased(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def _check_results_belong(pipeline, results: Sequence[ErasureResult]) -> None:
+    """Refuse erasure records of another pipeline: a manifest may only claim what this pipeline's layers hold."""
+    for i, r in enumerate(results):
+        for name, module in r.modules().items():
+            try:
+                own = resolve_layer(pipeline, name)
+            except AttributeError:
+                own = None
+            if own is not module:
+                raise ValueError(
+                    f"results[{i}] (the erasure of {r.spec.erase}) was applied to another pipeline: layer {name!r} "
+                    "is not this pipeline's module. Export the pipeline it was applied to, or leave results=None "
+                    "to export this pipeline's own erasures"
+                )
+
+
+def _check_lora_loadable(pipeline, results: Sequence[ErasureResult]) -> None:
+    """Refuse ``format="lora"`` where diffusers cannot load the LoRA back exactly, before anything is written."""
+    edited = {n.split(".", 1)[0] for r in results for n in r.layers}
+    if "transformer_2" in edited:
+        raise ValueError(
+            f"format='lora' cannot ship this erasure of {type(pipeline).__name__}: it edits both experts "
+            "(transformer and transformer_2), and diffusers' load_lora_weights loads one LoRA into transformer only "
+            "(with load_into_transformer_2=True, the same weights into both, which are not the same edit). Export "
+            "the merged model (format='merged')"
+        )
+    if not callable(getattr(pipeline, "load_lora_weights", None)):
+        raise ValueError(
+            f"format='lora': {type(pipeline).__name__} has no load_lora_weights, so no diffusers LoRA loads onto it; "
+            "export the merged model (format='merged')"
+        )
+    for comp in sorted(edited):
+        model = getattr(pipeline, comp)
+        if not callable(getattr(model, "load_lora_adapter", None)):
+            raise ValueError(
+                f"format='lora': the {comp} of {type(pipeline).__name__} ({type(model).__name__}) has no "
+                "load_lora_adapter, so diffusers cannot load a LoRA into it; export the merged model "
+                "(format='merged')"
+            )
 
 
 def erasure_lora(pipeline, results: Sequence[ErasureResult] | None = None) -> dict[str, Tensor]:
@@ -362,11 +541,13 @@ def erasure_lora(pipeline, results: Sequence[ErasureResult] | None = None) -> di
     results = [r for r in (results if results is not None else edit_history(pipeline)) if not r.undone]
     if not results:
         raise ValueError("nothing was erased from this pipeline; call ice_lightning.erase(...) before save_erased")
+    _check_results_belong(pipeline, results)
     if any(r.restored for r in results):
         raise ValueError(
             "format='lora' needs the weights from before the erasure, which a model restored from a checkpoint (or "
             "a sharded or adapter fine-tune) does not have; export the merged model (format='merged')"
         )
+    _check_lora_loadable(pipeline, results)
     if any(_is_lora(m) for comp in denoisers(pipeline).values() for m in comp.modules()):
         raise ValueError(
             "format='lora' exports the erasure of plain weights; this pipeline carries LoRA adapters: export the "
@@ -422,15 +603,46 @@ def _lora_files(pipeline, results: list[ErasureResult], lora: dict[str, Tensor],
     }
 
 
-def _manifest(pipeline, results: list[ErasureResult], extra: dict | None) -> dict:
-    erasures = [{**r.to_manifest(), **_residuals(pipeline, r)} for r in results]
-    layers = list(dict.fromkeys(n for r in results for n in r.layers))
+def _inherited(pipeline) -> tuple[list[dict], list[dict[str, DissociationOperator]]]:
+    """The erasures of the earlier export ``pipeline`` was loaded from (its valid merged manifest), with their
+    operators: an export of a model erased again carries them, its residuals recomputed through today's layers."""
+    for folder in _source_folders(pipeline):
+        if not (folder / MANIFEST_NAME).is_file():
+            continue
+        try:
+            earlier = load_manifest(folder)
+            if earlier.get("export_format", "merged") != "merged":
+                continue
+            operators = _load_operators(folder / earlier.get("operators_file", OPERATORS_NAME), earlier)
+        except (ExportVerificationError, OSError) as err:
+            log.warning("not carrying the erasures of %s: its manifest cannot be read (%s)", folder, err)
+            continue
+        out = []
+        for e, ops in zip(earlier["erasures"], operators, strict=True):
+            concepts = {k: v for k, v in e["concepts"].items() if k in ConceptSpec.__dataclass_fields__}
+            states = _concept_states(pipeline, ConceptSpec(**concepts), set(e["layer_spaces"].values()))
+            mods = {n: resolve_layer(pipeline, n) for n in e["layers"]}
+            now = concept_residual({n: (m.weight, m.bias) for n, m in mods.items()}, e["layer_spaces"], states, ops)
+            digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
+            source = {"export": str(folder), "manifest_sha256": digest,
+                      "concept_residual_at_export": e["concept_residual"]}  # fmt: skip
+            out.append({**e, "concept_residual": now, "inherited_from": source})
+        return out, operators
+    return [], []
+
+
+def _manifest(pipeline, results: list[ErasureResult], extra: dict | None,
+              inherited: list[dict] | None = None) -> dict:  # fmt: skip
+    erasures = [*(inherited or []), *({**r.to_manifest(), **_residuals(pipeline, r)} for r in results)]
+    layers = list(dict.fromkeys([*(n for e in inherited or [] for n in e["layers"]),
+                                 *(n for r in results for n in r.layers)]))  # fmt: skip
     return {
         "format": _FORMAT,
+        "export_format": "merged",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "pipeline_class": type(pipeline).__name__,
         "erasures": erasures,
-        "erased_concepts": list(dict.fromkeys(c for r in results for c in r.spec.erase)),
+        "erased_concepts": list(dict.fromkeys(c for e in erasures for c in e["concepts"]["erase"])),
         "versions": _versions(),
         "operators_file": OPERATORS_NAME,
         "edited_tensors": {f"{n}.weight": tensor_sha256(_weight(pipeline, n)) for n in layers},
@@ -438,12 +650,13 @@ def _manifest(pipeline, results: list[ErasureResult], extra: dict | None) -> dic
     }
 
 
-def _save_operators(path: Path, results: list[ErasureResult]) -> None:
+def _save_operators(path: Path, operators: Sequence[dict[str, DissociationOperator]]) -> None:
+    """The operators of each erasure, in the manifest's order (``{i}.{space}.U`` and ``.M``)."""
     from safetensors.torch import save_file
 
     tensors = {}
-    for i, r in enumerate(results):
-        for space, op in r.operators.items():
+    for i, ops in enumerate(operators):
+        for space, op in ops.items():
             tensors[f"{i}.{space}.U"] = op.U.detach().cpu().contiguous()
             tensors[f"{i}.{space}.M"] = op.M.detach().cpu().contiguous()
     save_file(tensors, str(path))
@@ -451,17 +664,20 @@ def _save_operators(path: Path, results: list[ErasureResult]) -> None:
 
 def _move_into_place(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` (checked replaceable) is moved aside first and removed
-    only once the new one is in place."""
+    only once the new one is in place. Signals wait until both renames are done; a SIGKILL between them leaves
+    the earlier export aside, which the next export to ``out`` puts back (:func:`_recover_leftovers`)."""
     if not out.exists():
         os.replace(tmp, out)
         return
     aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.ice-replaced-", dir=out.parent))
-    os.replace(out, aside / out.name)
     try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(aside / out.name, out)
-        raise
+        with _signals_deferred():  # a signal caught here is raised as the block ends, after both renames
+            os.replace(out, aside / out.name)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(aside / out.name, out)
+                raise
     finally:
         if out.exists():
             shutil.rmtree(aside, ignore_errors=True)
@@ -529,6 +745,10 @@ def _check_schema(m) -> None:
               "must map every edited layer to its embedding space")  # fmt: skip
         if not lora:
             _need(isinstance(e.get("concept_residual"), (int, float)), f"{f}.concept_residual", "must be a number")
+            if not (e.get("restored_from_checkpoint") or e.get("recorded_from")):  # else no pre-edit weights
+                _need(isinstance(e.get("concept_residual_before"), (int, float)), f"{f}.concept_residual_before",
+                      "must be a number (the residual before the edit, which verify compares against)")  # fmt: skip
+    _need(m.get("export_format", "merged") in ("merged", "lora"), "export_format", "must be 'merged' or 'lora'")
     if lora:
         _need(isinstance(m.get("lora_file"), str), "lora_file", "must name the LoRA file")
     for field in ("files",) if lora else ("edited_tensors", "files"):
@@ -536,6 +756,8 @@ def _check_schema(m) -> None:
         _need(isinstance(v, dict) and v and all(isinstance(k, str) and _is_digest(d) for k, d in v.items()),
               field, "must map names to sha256 hex digests")  # fmt: skip
     if lora:
+        _need(m["lora_file"] in m["files"], "lora_file",
+              f"must be one of the export's hashed files, got {m['lora_file']!r}")  # fmt: skip
         return
     named = {f"{n}.weight" for e in m["erasures"] for n in e["layers"]}
     _need(set(m["edited_tensors"]) == named, "edited_tensors",
@@ -569,12 +791,30 @@ def verify_export(path: str | os.PathLike, pipeline=None, check_erasure: bool = 
             f"added {added[:5]}"
         )
     checks = {f"file:{k}": True for k in files}
-    if manifest.get("export_format") == "lora":  # the edit alone: its bytes are what there is to check
+    try:
+        return _verify_contents(folder, manifest, checks, pipeline, check_erasure)
+    except ExportVerificationError:
+        raise
+    except (OSError, AttributeError, KeyError, IndexError, ValueError, RuntimeError) as err:
+        raise ExportVerificationError(f"{folder} cannot be verified: {type(err).__name__}: {err}") from err
+
+
+def _verify_contents(folder: Path, manifest: dict, checks: dict, pipeline, check_erasure: bool) -> dict[str, bool]:
+    """Steps 3 and 4 of :func:`verify_export` (the files already match the manifest)."""
+    if manifest.get("export_format") == "lora":  # the edit alone: its file must be the recorded operators' change
+        _check_lora(folder, manifest)
+        checks["lora"] = True
         return checks
     if pipeline is None:
         from .pipelines import load_pipeline_folder
 
         pipeline = load_pipeline_folder(str(folder))
+    for k in manifest["edited_tensors"]:
+        try:
+            _weight(pipeline, k.removesuffix(".weight"))
+        except AttributeError:
+            raise ExportVerificationError(f"the manifest names the edited tensor {k!r}, which the shipped pipeline "
+                                          "does not have") from None  # fmt: skip
     bad = [k for k, d in manifest["edited_tensors"].items()
            if tensor_sha256(_weight(pipeline, k.removesuffix(".weight"))) != d]  # fmt: skip
     if bad:
@@ -586,6 +826,33 @@ def verify_export(path: str | os.PathLike, pipeline=None, check_erasure: bool = 
             _check_erasure_present(pipeline, i, e, operators[i])
             checks[f"erasure:{i}"] = True
     return checks
+
+
+def _check_lora(folder: Path, manifest: dict) -> None:
+    """A LoRA export's file covers exactly the layers its erasures name, and each layer's ``lora_A`` rows lie in the
+    span of the recorded operators of that layer's space (every edit's change ``-(W U) M U^T`` does)."""
+    from safetensors.torch import load_file
+
+    lora = load_file(str(folder / manifest["lora_file"]))
+    layers = {k.removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")}
+    named = {n for e in manifest["erasures"] for n in e["layers"]}
+    if layers != named or set(lora) != {f"{n}.lora_{x}.weight" for n in named for x in "AB"}:
+        raise ExportVerificationError(
+            f"the LoRA file {manifest['lora_file']} does not hold exactly the {len(named)} layers the erasures name "
+            f"(it holds {len(layers)})"
+        )
+    operators = _load_operators(folder / manifest.get("operators_file", OPERATORS_NAME), manifest)
+    for name in sorted(named):
+        spans = [ops[e["layer_spaces"][name]].U for e, ops in zip(manifest["erasures"], operators, strict=True)
+                 if name in e["layer_spaces"]]  # fmt: skip
+        U = torch.linalg.svd(torch.cat(spans, 1), full_matrices=False)[0]
+        A = lora[f"{name}.lora_A.weight"].to(torch.float64)
+        off = float((A - (A @ U) @ U.T).norm() / A.norm().clamp_min(1e-300))
+        if off > 1e-4:
+            raise ExportVerificationError(
+                f"the LoRA of layer {name!r} is not the recorded operators' change: {off:.2g} of it lies outside "
+                "their span"
+            )
 
 
 def _load_operators(path: Path, manifest: dict) -> list[dict[str, DissociationOperator]]:

@@ -64,15 +64,40 @@ def _factory(name: str) -> Callable | None:
 def load_pipeline(pipeline: str, torch_dtype: str | torch.dtype = "float32"):
     """The pipeline named ``pipeline``, in ``torch_dtype``: a local folder, a registered name (``NAME`` or
     ``NAME:ARG``), else a hub id through ``from_pretrained``."""
-    dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+    dtype = resolve_dtype(torch_dtype)
     if not Path(pipeline).exists():
         name, sep, arg = pipeline.partition(":")
         factory = _factory(name)
         if factory is not None:
             pipe = factory(arg) if sep else factory()
             return _cast(pipe, dtype)
+        if _looks_like_a_path(pipeline):
+            raise FileNotFoundError(f"no such folder: {pipeline!r} (a local pipeline folder, a hub id such as "
+                                    "'org/model', or a registered name such as 'tiny:sd')")  # fmt: skip
+    elif not (Path(pipeline) / "model_index.json").is_file():
+        what = "a file" if Path(pipeline).is_file() else "a folder without model_index.json"
+        raise ValueError(f"{pipeline!r} is not a pipeline folder: it is {what}. Pass the folder that "
+                         "save_pretrained wrote (it holds model_index.json)")  # fmt: skip
     # float32 is what from_pretrained loads anyway; naming it would only pass transformers a deprecated keyword
     return load_pipeline_folder(pipeline, **({} if dtype == torch.float32 else {"torch_dtype": dtype}))
+
+
+#: The dtypes a pipeline can be loaded in (what diffusers' models compute in).
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def resolve_dtype(torch_dtype: str | torch.dtype) -> torch.dtype:
+    """``"float16"`` or ``torch.float16`` -> ``torch.float16``; anything else is refused with the valid names."""
+    if isinstance(torch_dtype, torch.dtype) and str(torch_dtype).removeprefix("torch.") in DTYPES:
+        return torch_dtype
+    if isinstance(torch_dtype, str) and torch_dtype.removeprefix("torch.") in DTYPES:
+        return getattr(torch, torch_dtype.removeprefix("torch."))
+    raise ValueError(f"torch_dtype must be one of {', '.join(DTYPES)}, got {torch_dtype!r}")
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A name meant as a local path, not a hub id (``org/model``): relative or absolute, or with two slashes."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
 
 
 def _cast(pipe, dtype: torch.dtype):

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import time
 import weakref
 from collections.abc import Iterable, Mapping
@@ -27,7 +28,16 @@ import torch
 from torch import Tensor, nn
 
 from .concepts import ConceptSpec, Family, Prompt
-from .editing import LayerEdit, apply_edits, is_sharded, like_weight, local_shard, reshard, undo_edits
+from .editing import (
+    LayerEdit,
+    apply_edits,
+    concept_outputs,
+    is_sharded,
+    like_weight,
+    local_shard,
+    reshard,
+    undo_edits,
+)
 from .encoders import EmbeddingSpace
 from .families import default_embedding_spaces, lookup_family
 from .layers import NoTextConditioningLayerError, TextConditioningLayers
@@ -58,6 +68,10 @@ __all__ = [
 ]
 
 Method = Literal["ice", "cure", "uce", "projection", "rece"]
+
+log = logging.getLogger(__name__)
+#: An operator of at least this share of the space's width fills it (``solve`` warns).
+_FULL_SHARE = 0.9
 
 #: Pipeline components that may hold a denoiser (Wan 2.2 has two experts).
 DENOISER_COMPONENTS = ("unet", "transformer", "transformer_2")
@@ -257,6 +271,8 @@ class ErasurePlan:
             spec = self.spec
             for s in set(self.layer_spaces.values()):
                 self.spaces[s].check_concept_tokens(spec.erase_prompts())
+                self.spaces[s].check_concept_tokens(spec.preserve_prompts(), "preserve concept")
+                self.spaces[s].check_concept_tokens([b for _, b in spec.anchor_prompts()], "anchor")
             self._states = {
                 s: ConceptStates(
                     _collect(self.spaces[s], spec.erase_prompts(), spec.include_eot, "erase"),
@@ -312,6 +328,13 @@ class ErasurePlan:
                                               **self.hparams)  # fmt: skip
             except ValueError as err:
                 raise ValueError(f"{s!r} space: {err}") from err
+            op = operators[s]
+            if op.rank >= _FULL_SHARE * op.dim:
+                log.warning(
+                    "the erasure of %d concept(s) spans %d of the %d dimensions of the %r space: it edits nearly "
+                    "every direction the layers read, so unrelated prompts change too (and with every preserve "
+                    "concept erased, near collateral has nothing to measure: nan). Erase fewer concepts at once, or "
+                    "name the concepts to keep", len(self.spec.erase), op.rank, op.dim, s)  # fmt: skip
         self.timings["solve_s"] = time.perf_counter() - t0
         return operators
 
@@ -330,6 +353,11 @@ class ErasurePlan:
         t0 = time.perf_counter()
         reshard(self.denoisers.values())  # FSDP2: edit the persistent row shards, not gathered copies
         result = ErasureResult(self, operators, [], dict(self.timings))
+        if not keep_undo:  # all an export needs of the weights before the edit: the concept's outputs through them
+            spaces = set(self.layer_spaces.values())
+            states = {s: self.spaces[s].token_states(self.spec.heldout_erase_prompts()) for s in spaces}
+            weights = {n: (t.module.weight, t.module.bias) for n, t in self.targets.items()}
+            result.pre_edit_outputs = concept_outputs(weights, self.layer_spaces, states, operators)
         history = _HISTORY.setdefault(self._history_key, []) if record else []
         history.append(result)  # before the first write: an interrupt after the last one still finds the edit
         try:
@@ -366,6 +394,9 @@ class ErasureResult:
     undone: bool = False
     restored: bool = False
     source: str = "edit"
+    #: with ``keep_undo=False``: ``{layer: (W c + b, W D c)}`` of the weights before the edit, for the export's
+    #: pre-edit concept residual (the weights themselves are not kept)
+    pre_edit_outputs: dict[str, tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
 
     @property
     def spec(self) -> ConceptSpec:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from .concepts import ConceptSpec, Prompt
-from .editing import is_sharded, local_shard
+from .editing import concept_outputs, layer_outputs
 from .encoders import EmbeddingSpace
 from .plan import ErasureResult, pipeline_spaces, resolve_layer, text_conditioning_layers
 from .solver import DissociationOperator
@@ -41,6 +41,7 @@ __all__ = [
     "TextSpaceProbe",
     "layer_outputs",
     "concept_residual",
+    "residual_of_outputs",
     "erasure_metrics",
     "compare_pipelines",
 ]
@@ -91,28 +92,6 @@ class LeakageRate(Metric):
 
     def compute(self) -> Tensor:
         return self.hits.to(torch.float64) / self.total.clamp_min(1)
-
-
-def layer_outputs(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
-    """``x W^T + b`` in float64. A row-sharded ``DTensor`` weight (FSDP2) gives this rank's output columns,
-    gathered across ranks: the outputs (a few hundred rows) travel, never the weight."""
-    if is_sharded(weight):
-        local = layer_outputs(local_shard(weight), None if bias is None else local_shard(bias), x)
-        return _gather_columns(local, weight)
-    out = x @ weight.detach().to(x.device, torch.float64).T
-    return out if bias is None else out + bias.detach().to(x.device, torch.float64)
-
-
-def _gather_columns(local: Tensor, weight) -> Tensor:
-    from torch.distributed.tensor import DTensor, Shard
-
-    if len(weight.placements) != 1 or weight.placements[0] != Shard(0):
-        raise NotImplementedError(f"weights sharded as {weight.placements}; ICE supports row sharding (Shard(0))")
-    n, out = local.shape[0], weight.shape[0]
-    dev = weight.device_mesh.device_type
-    full = DTensor.from_local(local.to(dev), weight.device_mesh, [Shard(1)], run_check=False, shape=(n, out),
-                              stride=(out, 1)).full_tensor()  # fmt: skip
-    return full.to(local.device)
 
 
 class TextSpaceProbe:
@@ -218,14 +197,14 @@ def concept_residual(
     unrelated weight drift, so it tells whether fine-tuning re-learned the concept; it drops when the edit is
     applied (``W (I - D) D`` is small where ``D`` is near a projection) and stays near its pre-edit value if
     the edit is missing."""
+    return residual_of_outputs(concept_outputs(weights, layer_spaces, states, operators).values())
+
+
+def residual_of_outputs(outputs) -> float:
+    """Mean ``||W D c|| / ||W c + b||`` over the ``(W c + b, W D c)`` pairs of :func:`concept_outputs`."""
     metric = RelativeOutputChange(**_LOCAL)
-    for name, (W, b) in weights.items():
-        op, x = operators[layer_spaces[name]], states[layer_spaces[name]]
-        if not x.shape[0]:
-            continue
-        xd = ((x.to(op.U.device) @ op.U) @ op.M.T) @ op.U.T  # rows of (D x)^T
-        full = layer_outputs(W, b, x)
-        metric.update(full, full + layer_outputs(W, None, xd))  # ||along|| / ||full||
+    for full, along in outputs:
+        metric.update(full, full + along)
     return float(metric.compute())
 
 

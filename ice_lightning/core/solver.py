@@ -136,6 +136,9 @@ class ICEHyperParams:
         if not self.base_expansion > 0:
             raise ValueError(f"base_expansion must be > 0, got {self.base_expansion!r}")
         _in_range("mu", self.mu, 0.0, _MAX_WEIGHT, "the ridge weight; > 0 keeps J strongly convex", low_open=True)
+        if self.mu < _MIN_MU:
+            raise ValueError(f"mu (the ridge weight) must be at least {_MIN_MU:g}, got {self.mu!r}: below it the solve "
+                             "divides by numbers float64 cannot hold")  # fmt: skip
         _in_range("rank_tol", self.rank_tol, 0.0, 1.0, "relative singular-value cut-off", low_open=True,
                   high_open=True)  # fmt: skip
         if self.overlap not in ("angles", "energy", "parallel_sum", "anderson_duffin", "none"):
@@ -163,6 +166,8 @@ _MAX_ROUNDS = 10
 
 #: Above this, lam or mu swamp every other term of J in float64 and the edit silently vanishes.
 _MAX_WEIGHT = 1e6
+#: Below this, ``1 / mu`` in the Woodbury solve overflows what float64 resolves against the other terms.
+_MIN_MU = 1e-12
 
 
 def _in_range(name: str, value, low: float, high: float, what: str, low_open: bool = False,

@@ -34,7 +34,7 @@ from ..core.export import Adapters, check_export_destination, gather_pipeline, r
 from ..core.plan import DENOISER_COMPONENTS, ErasurePlan, Method, edit_history
 from ..core.probe import TextSpaceProbe
 from ..core.solver import DissociationOperator, check_hparams
-from .filters import CaptionFilter, drop_rows, filter_name
+from .filters import CaptionFilter, drop_rows, filter_name, keep_mask
 
 __all__ = ["ICECallback", "ICEState", "find_pipeline"]
 
@@ -259,7 +259,10 @@ class ICECallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(erase=self.spec.erase, family=self.spec.family, method=self.method)
+        """Unique per erasure: the concepts, family and method, and the hyperparameters when any are given (two
+        callbacks that differ only there are two erasures; without any, the key of earlier checkpoints)."""
+        extra = {"hparams": sorted(self.hparams.items())} if self.hparams else {}
+        return self._generate_state_key(erase=self.spec.erase, family=self.spec.family, method=self.method, **extra)
 
     def spec_fingerprint(self) -> str:
         """sha256 of what defines the operators: the concept spec, the method and the hyperparameters."""
@@ -369,12 +372,7 @@ class ICECallback(Callback):
             n = _batch_size(batch)
             if n == 0:
                 break
-            keep = list(f(batch))
-            if len(keep) != n:
-                raise ValueError(
-                    f"sample filter {name!r} returned {len(keep)} flags for a batch of {n} samples: it must return one "
-                    "keep flag per sample"
-                )
+            keep = keep_mask(name, f(batch), n)
             gone = drop_rows(batch, keep)
             self.state.dropped_by_filter[name] = self.state.dropped_by_filter.get(name, 0) + gone
             dropped += gone

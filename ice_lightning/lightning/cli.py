@@ -34,6 +34,7 @@ _USAGE = """usage: ice-lightning {erase,verify,fit,validate,test,configs} ... [-
 
   --version  print the version
   --quiet    (erase, fit) no progress bars
+  --debug    show the traceback of a refusal (without it: the message alone, exit 1)
 """
 
 #: The YAML configs shipped with the package (``configs/`` in a checkout links here).
@@ -98,24 +99,25 @@ def build_erase_parser():
     er.add_argument("--method", default="ice", choices=list(METHODS),
                     help="ice, or a baseline through the same edit: cure, uce, projection, rece")  # fmt: skip
     defaults = ICEHyperParams()
-    er.add_argument("--lam", type=float, default=defaults.lam,
-                    help="ICE: weight of the preserve term (larger spares shared directions more)")  # fmt: skip
-    er.add_argument("--mu", type=float, default=defaults.mu, help="ICE: ridge weight (> 0)")
-    er.add_argument("--erase-expansion", type=float, default=defaults.erase_expansion,
+    er.add_argument("--lam", type=float, default=None,
+                    help=f"ICE: weight of the preserve term (larger spares shared directions more; {defaults.lam}); "
+                    "uce, rece: the ridge weight")  # fmt: skip
+    er.add_argument("--mu", type=float, default=None, help=f"ICE: ridge weight (> 0; {defaults.mu})")
+    er.add_argument("--erase-expansion", type=float, default=None,
                     help="ICE: energy expansion a_e of the erase subspace, per concept (larger erases the "
-                    "weaker directions too)")  # fmt: skip
-    er.add_argument("--preserve-expansion", type=float, default=defaults.preserve_expansion,
-                    help="ICE: energy expansion a_p of the preserve subspace")  # fmt: skip
-    er.add_argument("--base-weight", type=float, default=defaults.base_weight,
+                    f"weaker directions too; {defaults.erase_expansion})")  # fmt: skip
+    er.add_argument("--preserve-expansion", type=float, default=None,
+                    help=f"ICE: energy expansion a_p of the preserve subspace ({defaults.preserve_expansion})")
+    er.add_argument("--base-weight", type=float, default=None,
                     help="ICE: weight of the broad preserve base (every token of 360 everyday prompts); 0 turns "
-                    "it off")  # fmt: skip
-    er.add_argument("--harden-rounds", type=int, default=defaults.harden_rounds,
+                    f"it off ({defaults.base_weight})")  # fmt: skip
+    er.add_argument("--harden-rounds", type=int, default=None,
                     help="ICE: rounds of closed-form hardening against inputs derived from the edited layers "
-                    "(0: off; 3 measured in docs/benchmarks.md)")  # fmt: skip
-    er.add_argument("--overlap", default=defaults.overlap, choices=list(get_args(OverlapKind)),
-                    help="ICE, frobenius objective: the overlap projector of erase and preserve")  # fmt: skip
-    er.add_argument("--objective", default=defaults.objective, choices=list(get_args(Objective)),
-                    help="ICE objective: energy-weighted or plain Frobenius")  # fmt: skip
+                    f"(0: off, the default {defaults.harden_rounds}; 3 measured in docs/benchmarks.md)")  # fmt: skip
+    er.add_argument("--overlap", default=None, choices=list(get_args(OverlapKind)),
+                    help=f"ICE, frobenius objective: the overlap projector of erase and preserve ({defaults.overlap})")
+    er.add_argument("--objective", default=None, choices=list(get_args(Objective)),
+                    help=f"ICE objective: energy-weighted or plain Frobenius ({defaults.objective})")  # fmt: skip
     er.add_argument("--device", default="cpu", help="device to run the text encoder and the edit on")
     er.add_argument("--out", required=True, help="output folder for the erased pipeline (new, empty, or an earlier "
                     "export; never the folder the pipeline was loaded from)")  # fmt: skip
@@ -143,8 +145,46 @@ def format_table(metrics: dict[str, float]) -> str:
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"{'metric':<{width}}  before   after  ", "-" * (width + 26)]
-    lines += [f"{name:<{width}}  {b:6.3f}  {a:6.3f}  {note}" for name, b, a, note in rows]
+    lines += [f"{name:<{width}}  {b:6.3f}  {a:6.3f}  {note}" if a == a else
+              f"{name:<{width}}     n/a     n/a  nothing to measure (no held-out prompt of this kind)"
+              for name, b, a, note in rows]  # fmt: skip
     return "\n".join(lines)
+
+
+#: The solver flags of ``ice-lightning erase`` and the methods each one applies to.
+SOLVER_FLAGS = {"lam": ("ice", "uce", "rece"), "mu": ("ice",), "erase_expansion": ("ice",),
+                "preserve_expansion": ("ice",), "base_weight": ("ice",), "harden_rounds": ("ice",),
+                "overlap": ("ice",), "objective": ("ice",)}  # fmt: skip
+
+
+def method_hparams(cfg) -> dict:
+    """The hyperparameters the given flags set for ``--method``; a flag that does not apply to it is refused
+    (``--method uce --base-weight 5`` would otherwise run plain UCE and say nothing)."""
+    given = {k: getattr(cfg, k) for k in SOLVER_FLAGS if getattr(cfg, k, None) is not None}
+    foreign = ["--" + k.replace("_", "-") for k in given if cfg.method not in SOLVER_FLAGS[k]]
+    if foreign:
+        raise ValueError(
+            f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to --method {cfg.method}: "
+            f"{'it takes none of the solver flags' if cfg.method in ('cure', 'projection') else 'it takes --lam only'}"
+            "; drop the flag or choose --method ice"
+        )
+    return given
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device this machine lacks, by name, before the pipeline is loaded."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, mps): {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: no MPS device is available on this machine; use --device cpu")
 
 
 def _run_erase(cfg) -> int:
@@ -156,20 +196,10 @@ def _run_erase(cfg) -> int:
 
     set_quiet(cfg.quiet)
 
+    hparams = method_hparams(cfg)  # before loading anything: a flag of another method costs nothing
+    _check_device(cfg.device)
     pipe = load_pipeline(cfg.pipeline).to(cfg.device)
-    check_export_destination(pipe, cfg.out, cfg.overwrite)  # before any work: a refused --out costs nothing
-    hparams = {}
-    if cfg.method == "ice":
-        hparams = {
-            "lam": cfg.lam,
-            "mu": cfg.mu,
-            "erase_expansion": cfg.erase_expansion,
-            "preserve_expansion": cfg.preserve_expansion,
-            "base_weight": cfg.base_weight,
-            "harden_rounds": cfg.harden_rounds,
-            "overlap": cfg.overlap,
-            "objective": cfg.objective,
-        }
+    check_export_destination(pipe, cfg.out, cfg.overwrite, cfg.format)  # before any work: a refused --out costs nothing
     report = erase_report(pipe)
     if report is not None:  # a pipeline whose plugin shows erasure its own way (the shapes world: samples)
         return report(pipe, cfg, hparams)
@@ -319,5 +349,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run_lightning(args)
 
 
+def run() -> None:
+    """The ``ice-lightning`` console script: :func:`main`, with a refusal printed as its message alone (exit 1) and
+    Ctrl-C as one line (exit 130); ``--debug`` anywhere shows the traceback instead."""
+    args = sys.argv[1:]
+    debug = "--debug" in args
+    try:
+        code = main([a for a in args if a != "--debug"])
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("ice-lightning: interrupted", file=sys.stderr)
+        code = 130
+    except Exception as err:  # noqa: BLE001 - every refusal ends here, as one line
+        if debug:
+            raise
+        print(f"ice-lightning: error: {err}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

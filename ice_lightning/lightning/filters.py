@@ -39,7 +39,8 @@ from torch import Tensor
 
 from ..core.concepts import ConceptSpec
 
-__all__ = ["SampleFilter", "CaptionFilter", "ImageDetectorFilter", "NudeNetFilter", "drop_rows", "filter_name"]
+__all__ = ["SampleFilter", "CaptionFilter", "ImageDetectorFilter", "NudeNetFilter", "drop_rows", "filter_name",
+           "keep_mask"]
 
 #: NudeNet's labels of exposed explicit content (its ``*_COVERED`` and face labels are not explicit).
 NUDENET_EXPLICIT = (
@@ -214,16 +215,68 @@ def load_nudenet() -> Any:
     return NudeDetector()
 
 
+def keep_mask(name: str, flags: Any, n: int) -> list[bool]:
+    """The keep flags a filter returned, checked: a bool tensor, a numpy bool array, or a sequence of Python or numpy
+    bools, one per sample. Scores, strings and ``None`` are refused with the filter's ``name``: a score of 0.01 or the
+    string ``"False"`` would otherwise keep the sample."""
+    if flags is None:
+        raise TypeError(f"sample filter {name!r} returned None; it must return one keep flag (True: train on it) "
+                        "per sample")  # fmt: skip
+    if isinstance(flags, torch.Tensor):
+        if flags.dtype != torch.bool:
+            raise TypeError(f"sample filter {name!r} returned a {flags.dtype} tensor; it must return booleans (True: "
+                            "keep), not scores: threshold them in the filter")  # fmt: skip
+        flags = flags.reshape(-1).tolist()
+    elif hasattr(flags, "dtype") and hasattr(flags, "tolist"):  # a numpy array
+        if str(flags.dtype) != "bool":
+            raise TypeError(f"sample filter {name!r} returned an array of {flags.dtype}; it must return booleans "
+                            "(True: keep), not scores: threshold them in the filter")  # fmt: skip
+        flags = flags.reshape(-1).tolist()
+    try:
+        flags = list(flags)
+    except TypeError:
+        raise TypeError(f"sample filter {name!r} returned a {type(flags).__name__}; it must return one keep flag "
+                        "per sample") from None  # fmt: skip
+    wrong = [f for f in flags if not (isinstance(f, bool) or _is_numpy_bool(f))]
+    if wrong:
+        raise TypeError(f"sample filter {name!r} returned {type(wrong[0]).__name__} values such as {wrong[0]!r}; it "
+                        "must return booleans (True: keep), not scores or strings")  # fmt: skip
+    if len(flags) != n:
+        raise ValueError(
+            f"sample filter {name!r} returned {len(flags)} flags for a batch of {n} samples: it must return one "
+            "keep flag per sample"
+        )
+    return [bool(f) for f in flags]
+
+
+def _is_numpy_bool(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and str(getattr(value, "dtype", "")) == "bool"
+
+
 def drop_rows(batch: MutableMapping, keep: Sequence[bool]) -> int:
     """Remove, in place, the rows of every tensor and list of ``batch`` whose length is the batch's and whose
-    ``keep`` entry is ``False``; returns how many rows went."""
+    ``keep`` entry is ``False``, in nested dicts too; returns how many rows went. A tuple or list of another
+    length that holds per-sample tensors is refused (its rows could not be dropped with the others)."""
     n, kept = len(keep), sum(bool(k) for k in keep)
     if kept == n:
         return 0
-    mask = torch.tensor([bool(k) for k in keep])
+    _drop(batch, [bool(k) for k in keep], "batch")
+    return n - kept
+
+
+def _drop(batch: MutableMapping, keep: list[bool], where: str) -> None:
+    n = len(keep)
+    mask = torch.tensor(keep)
     for k, v in list(batch.items()):
         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
             batch[k] = v[mask.to(v.device)]
+        elif isinstance(v, MutableMapping):
+            _drop(v, keep, f"{where}[{k!r}]")
         elif isinstance(v, (list, tuple)) and len(v) == n:
             batch[k] = type(v)(x for x, k_ in zip(v, keep, strict=True) if k_)
-    return n - kept
+        elif isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n
+                                                   for x in v):  # fmt: skip
+            raise ValueError(
+                f"{where}[{k!r}] is a {type(v).__name__} of {len(v)} tensors with one row per sample: the sample "
+                "filters cannot drop its rows with the others. Put them in a dict, or one tensor"
+            )

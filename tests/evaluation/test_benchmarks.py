@@ -70,7 +70,7 @@ def test_red_team_tiny(tmp_path):
     run_script("benchmarks/red_team.py", "--tiny", "--out", str(tmp_path))
     data = _load(tmp_path, "red_team_tiny")
     attacks = {r["attack"] for r in data["rows"]}
-    assert attacks == {"paraphrase", "ring_a_bell", "whitebox@1.0"}
+    assert attacks == {"paraphrase", "ring_a_bell", "ring_a_bell_held_out", "whitebox@1.0"}
     for r in data["rows"]:
         assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "CURE", "UCE", "UCE as published", "projection"))
     assert len(data["per_concept"]) == 4  # one concept per family
@@ -105,3 +105,14 @@ def test_shapes_resurgence_tiny(tmp_path):
     assert dropped[plain] == {} and dropped[caption] == {"caption": 0}
     assert dropped[detector]["shapes_detector:red"] > 0
     assert (tmp_path / "shapes_resurgence_tiny.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_hardening_tiny(tmp_path):
+    run_script("benchmarks/hardening.py", "--tiny", "--out", str(tmp_path))
+    data = _load(tmp_path, "hardening_tiny")
+    assert [r["config"] for r in data["rows"]] == ["ICE erase_expansion=30.0",
+                                                   "ICE erase_expansion=30.0, harden_rounds=3"]  # fmt: skip
+    assert all(r["rank"] > 0 and 0 < r["erasure"] for r in data["rows"])
+    (summary,) = data["summary"]
+    assert summary["concepts"] == 3 and summary["plain_near"] is not None

@@ -147,3 +147,39 @@ def test_real_nudenet_when_installed():
     f = NudeNetFilter()
     images = torch.stack([torch.full((3, 64, 64), v) for v in (-1.0, 0.0, 1.0)])
     assert f({"pixel_values": images}) == [True, True, True]
+
+
+@pytest.mark.parametrize(
+    ("returned", "error", "message"),
+    [
+        ([0.01] * 6, TypeError, r"'scores' returned float values such as 0.01; it must return booleans"),
+        (["False"] * 6, TypeError, r"'scores' returned str values such as 'False'"),
+        (None, TypeError, r"'scores' returned None; it must return one keep flag"),
+        (torch.full((6,), 0.01), TypeError, r"'scores' returned a torch.float32 tensor"),
+    ],
+)
+def test_filters_must_return_booleans_and_errors_name_the_filter(returned, error, message):
+    def scores(batch):
+        return returned
+
+    ice = ICECallback(erase=["red"], sample_filter=scores)
+    batch = _batch()
+    with pytest.raises(error, match=message):
+        ice.filter_batch(batch)
+    assert batch["ids"] == _batch()["ids"]  # nothing dropped
+
+
+def test_filters_accept_bool_tensors_numpy_bools_and_filter_nested_dicts():
+    import numpy as np
+
+    keep = [True, False, True, False, True, False]
+    for returned in (torch.tensor(keep), np.array(keep), [np.bool_(k) for k in keep]):
+        ice = ICECallback(erase=["red"], sample_filter=lambda b, r=returned: r)
+        batch = {**_batch(), "cond": {"input_ids": torch.arange(6)[:, None], "names": list("abcdef")}}
+        assert ice.filter_batch(batch) == 3
+        assert batch["cond"]["input_ids"][:, 0].tolist() == [0, 2, 4] and batch["cond"]["names"] == ["a", "c", "e"]
+        assert batch["ids"] == [_batch()["ids"][i] for i in (0, 2, 4)]
+    ice = ICECallback(erase=["red"], sample_filter=lambda b: keep)
+    batch = {**_batch(), "pair": (torch.zeros(6, 2), torch.ones(6, 2))}
+    with pytest.raises(ValueError, match=r"batch\['pair'\] is a tuple of 2 tensors with one row per sample"):
+        ice.filter_batch(batch)
