@@ -294,7 +294,9 @@ def _console(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["ice-lightning", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_cli_refusals_print_the_message_alone_and_exit_1(saved_pipeline, tmp_path):
+def test_cli_refusals_print_the_message_alone_and_exit_1(saved_pipeline, tmp_path, monkeypatch, capsys):
+    from ice_lightning.lightning.cli import run
+
     afile = tmp_path / "afile"
     afile.write_text("x")
     sd = saved_pipeline("sd")
@@ -307,14 +309,20 @@ def test_cli_refusals_print_the_message_alone_and_exit_1(saved_pipeline, tmp_pat
         (["--pipeline", sd, "--mu", "1e-300"], "mu \\(the ridge weight\\) must be at least 1e-12"),
         (["--pipeline", sd, "--out", "/proc/x"], "the export folder /proc/x cannot be written"),
     ]
-    for extra, message in cases:
+    capsys.readouterr()
+    for extra, message in cases:  # the console script's own entry point, in this process
         args = ["erase", "--erase", "Van Gogh", "--family", "style", "--out", str(tmp_path / "out"), *extra]
-        run = _console(*args)
-        assert run.returncode == 1, (extra, run.stderr[-2000:])
-        assert "Traceback" not in run.stderr, extra
-        assert re.search(message, run.stderr), (message, run.stderr[-500:])
-    run = _console("erase", "--erase", "Van\u202eGogh", "--pipeline", sd, "--out", str(tmp_path / "o"), "--debug")
-    assert run.returncode == 1 and "Traceback" in run.stderr and "RIGHT-TO-LEFT OVERRIDE" in run.stderr
+        monkeypatch.setattr(sys, "argv", ["ice-lightning", *args])
+        with pytest.raises(SystemExit) as done:
+            run()
+        err = capsys.readouterr().err
+        assert done.value.code == 1, (extra, err[-2000:])
+        last = err.replace("\r", "\n").strip().splitlines()[-1]  # after any loading bars: the message alone
+        assert last.startswith("ice-lightning: error: ") and "Traceback" not in err, err[-2000:]
+        assert re.search(message, last), (message, last)
+    # the installed console script: --debug shows the traceback of the same kind of refusal
+    run_ = _console("erase", "--erase", "Van\u202eGogh", "--pipeline", sd, "--out", str(tmp_path / "o"), "--debug")
+    assert run_.returncode == 1 and "Traceback" in run_.stderr and "RIGHT-TO-LEFT OVERRIDE" in run_.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -378,7 +386,7 @@ def test_a_base_entry_of_another_encoder_is_recomputed_and_one_edited_row_change
     truth = EmbeddingSpace(b.name, b.sources).base_states(prompts)  # b's own entry, then replaced by a's
     shutil.copy(tmp_path / "base" / f"{key_a}.safetensors", tmp_path / "base" / f"{key_b}.safetensors")
     again = EmbeddingSpace(b.name, b.sources).base_states(prompts)
-    assert "was stored under another key; recomputing it" in caplog.text
+    assert "was stored under another key (or by an older version); recomputing it" in caplog.text
     assert torch.equal(again.s, truth.s) and not torch.equal(again.s, first.s)
 
 
@@ -418,3 +426,24 @@ def test_erasing_an_export_again_keeps_the_earlier_erasures_in_the_manifest(eras
     _rewrite(second, lambda m: m["erasures"][0].update(concept_residual=m["erasures"][0]["concept_residual"] * 0.5))
     with pytest.raises(ExportVerificationError, match=r"erasure 0 \(\['Van Gogh'\]\)"):
         verify_export(second)
+
+
+def test_a_dtype_that_does_not_exist_is_refused_by_name():
+    from ice_lightning.core.pipelines import load_pipeline
+    from ice_lightning.lightning.module import ICEModule
+
+    with pytest.raises(ValueError, match=r"must be one of float32, float16, bfloat16, float64, got 'float8'"):
+        ICEModule("tiny:sd", torch_dtype="float8")
+    with pytest.raises(ValueError, match="torch_dtype must be one of"):
+        load_pipeline("tiny:sd", torch_dtype="int8")
+
+
+def test_two_callbacks_that_differ_only_in_hyperparameters_keep_separate_states():
+    from ice_lightning import ICECallback
+
+    plain = ICECallback(**STYLE)
+    hardened = ICECallback(**STYLE, hparams={"harden_rounds": 3})
+    softer = ICECallback(**STYLE, hparams={"lam": 3.0})
+    assert len({plain.state_key, hardened.state_key, softer.state_key}) == 3
+    # without hyperparameters, the key of checkpoints written before hyperparameters were part of it
+    assert plain.state_key == "ICECallback{'erase': ['Van Gogh'], 'family': 'style', 'method': 'ice'}"
