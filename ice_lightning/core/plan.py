@@ -201,6 +201,16 @@ def _collect(space: EmbeddingSpace, prompts: list[Prompt], include_eot: bool, wh
     return E
 
 
+def _erase_rank(E: Tensor) -> int:
+    """How many directions the erase states span (0 while there are too few of them to fill 90 % of the space,
+    so the common case costs no decomposition)."""
+    n, d = E.shape
+    if n < _FULL_SHARE * d:
+        return 0
+    s = torch.linalg.svdvals(E.to(torch.float64))
+    return int((s > 1e-6 * s[0]).sum())
+
+
 def _anchor_pairs(space: EmbeddingSpace, spec: ConceptSpec) -> tuple[Tensor, Tensor] | None:
     pairs = spec.anchor_prompts()
     if not pairs:
@@ -328,13 +338,14 @@ class ErasurePlan:
                                               **self.hparams)  # fmt: skip
             except ValueError as err:
                 raise ValueError(f"{s!r} space: {err}") from err
-            op = operators[s]
-            if op.rank >= _FULL_SHARE * op.dim:
+            filled = _erase_rank(st.erase)
+            if filled >= _FULL_SHARE * st.erase.shape[1]:
                 log.warning(
-                    "the erasure of %d concept(s) spans %d of the %d dimensions of the %r space: it edits nearly "
-                    "every direction the layers read, so unrelated prompts change too (and with every preserve "
-                    "concept erased, near collateral has nothing to measure: nan). Erase fewer concepts at once, or "
-                    "name the concepts to keep", len(self.spec.erase), op.rank, op.dim, s)  # fmt: skip
+                    "the %d concept(s) to erase span %d of the %d dimensions of the %r space: the edit reaches "
+                    "nearly every direction the layers read, so unrelated prompts change too (and with every "
+                    "preserve concept erased, near collateral has nothing to measure: nan). Erase fewer concepts at "
+                    "once, or name the concepts to keep", len(self.spec.erase), filled, st.erase.shape[1],
+                    s)  # fmt: skip
         self.timings["solve_s"] = time.perf_counter() - t0
         return operators
 

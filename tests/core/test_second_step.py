@@ -399,7 +399,11 @@ def test_filling_the_whole_space_is_said_once_and_the_table_says_n_a(load_pipeli
     result = ice_lightning.erase(pipe, erase=words, family="style")
     op = result.operators["text"]
     assert op.rank >= 0.9 * op.dim
-    assert caplog.text.count("dimensions of the 'text' space: it edits nearly every direction") == 1
+    assert caplog.text.count("dimensions of the 'text' space: the edit reaches nearly every direction") == 1
+    caplog.clear()
+    result.undo()
+    ice_lightning.erase(pipe, **STYLE)  # one concept: nothing to say
+    assert "dimensions of the" not in caplog.text
     table = format_table({"erasure": 0.9, "collateral_near": float("nan"), "collateral_far": 0.3, "leakage": 0.0})
     assert "nan" not in table and "n/a" in table
 
