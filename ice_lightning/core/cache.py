@@ -112,11 +112,10 @@ def load_tensors(kind: str, name: str) -> dict[str, Tensor] | None:
         return None
     try:
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one read: the metadata and the tensors
             meta = f.metadata() or {}
-        tensors = load_file(path)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
     except Exception as err:  # noqa: BLE001 - a damaged entry is recomputed, never trusted
         _mismatch(path, f"is unreadable ({err})")
         return None

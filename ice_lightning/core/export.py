@@ -619,10 +619,7 @@ def _inherited(pipeline) -> tuple[list[dict], list[dict[str, DissociationOperato
             continue
         out = []
         for e, ops in zip(earlier["erasures"], operators, strict=True):
-            concepts = {k: v for k, v in e["concepts"].items() if k in ConceptSpec.__dataclass_fields__}
-            states = _concept_states(pipeline, ConceptSpec(**concepts), set(e["layer_spaces"].values()))
-            mods = {n: resolve_layer(pipeline, n) for n in e["layers"]}
-            now = concept_residual({n: (m.weight, m.bias) for n, m in mods.items()}, e["layer_spaces"], states, ops)
+            _, now = _recorded_residual_now(pipeline, e, ops)
             digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
             source = {"export": str(folder), "manifest_sha256": digest,
                       "concept_residual_at_export": e["concept_residual"]}  # fmt: skip
@@ -871,12 +868,17 @@ def _load_operators(path: Path, manifest: dict) -> list[dict[str, DissociationOp
     return out
 
 
-def _check_erasure_present(pipeline, i: int, e: dict, operators: dict[str, DissociationOperator]) -> None:
-    concepts = {k: v for k, v in e["concepts"].items() if k in ConceptSpec.__dataclass_fields__}
-    spec = ConceptSpec(**concepts)
+def _recorded_residual_now(pipeline, e: dict, operators: dict[str, DissociationOperator]) -> tuple[ConceptSpec, float]:
+    """The spec of a manifest's erasure record ``e`` and its concept residual through ``pipeline``'s layers now."""
+    spec = ConceptSpec(**{k: v for k, v in e["concepts"].items() if k in ConceptSpec.__dataclass_fields__})
     states = _concept_states(pipeline, spec, set(e["layer_spaces"].values()))
     mods = {n: resolve_layer(pipeline, n) for n in e["layers"]}
-    now = concept_residual({n: (m.weight, m.bias) for n, m in mods.items()}, e["layer_spaces"], states, operators)
+    return spec, concept_residual({n: (m.weight, m.bias) for n, m in mods.items()}, e["layer_spaces"], states,
+                                  operators)  # fmt: skip
+
+
+def _check_erasure_present(pipeline, i: int, e: dict, operators: dict[str, DissociationOperator]) -> None:
+    spec, now = _recorded_residual_now(pipeline, e, operators)
     recorded, before = e["concept_residual"], e.get("concept_residual_before")
     if abs(now - recorded) > _RESIDUAL_ATOL + _RESIDUAL_RTOL * abs(recorded):
         raise ExportVerificationError(
