@@ -1,5 +1,5 @@
-"""Text-space red-teaming of ICE (plain and hardened), CURE, UCE, RECE and projection on the development set (real
-MiniLM encoder).
+"""Text-space red-teaming of ICE (default, hardened, and in the output metric with one hardening round), CURE, UCE,
+RECE and projection on the development set (real MiniLM encoder).
 
 For every development concept, erase it with each method and run the package's attacks
 (``ice_lightning.evaluation.RedTeam``): paraphrases, Ring-A-Bell (concept vector + discrete search; a second,
@@ -31,9 +31,15 @@ from ice_lightning.evaluation.devset import DEV_SET, dev_concepts  # noqa: E402
 from ice_lightning.evaluation.metrics import dev_concept_metrics  # noqa: E402
 
 #: Each method at a setting of similar collateral on held-out nearby concepts (benchmarks/tradeoff.py).
+#: The robust settings of ``docs/benchmarks.md``, section 2 (not the default: see there): ICE in the output metric
+#: with one hardening round, and the default's token-state erasure with one round erased in the output metric.
+OUTPUT_METRIC = {"metric": "output", "harden_rounds": 1, "erase_expansion": 2.0}
+OUTPUT_ADVERSARY = {"harden_rounds": 1, "harden_metric": "output", "harden_expansion": 0.3, "erase_expansion": 10.0}
 METHODS = {
     "ICE": ("ice", {}),
     "ICE hardened": ("ice", {"harden_rounds": 3}),
+    "ICE output metric": ("ice", OUTPUT_METRIC),
+    "ICE output-metric adversary": ("ice", OUTPUT_ADVERSARY),
     "CURE": ("cure", {}),
     "UCE": ("uce", {"lam": 30.0}),
     "UCE as published": ("uce_published", {}),

@@ -198,6 +198,31 @@ def _expand_lora(name: str, module: nn.Module, space: str) -> dict[str, tuple[nn
     return out
 
 
+def lora_wrappers(models: Iterable[nn.Module]) -> dict[int, nn.Module]:
+    """``{id(linear): wrapper}`` for the base layer and every ``lora_A`` of each PEFT LoRA wrapper in ``models``."""
+    out = {}
+    for model in models:
+        for m in model.modules():
+            if _is_lora(m):
+                out[id(m.base_layer)] = m
+                out.update({id(lin): m for lin in m.lora_A.values()})
+    return out
+
+
+@torch.no_grad()
+def adapted_weight(wrapper: nn.Module) -> Tensor:
+    """The weight a PEFT LoRA wrapper applies to its input, ``W + sum_a s_a B_a A_a`` over its active, unmerged
+    adapters (float64): the layer as it reads the text states, for the output metric's Gram matrix."""
+    W = wrapper.base_layer.weight.detach().to(torch.float64)
+    if getattr(wrapper, "merged", False) or getattr(wrapper, "disable_adapters", False):
+        return W
+    for a in wrapper.active_adapters:
+        if a in wrapper.lora_A and isinstance(wrapper.lora_A[a], nn.Linear):
+            B, A = wrapper.lora_B[a].weight.detach(), wrapper.lora_A[a].weight.detach()
+            W = W + wrapper.scaling[a] * (B.to(torch.float64) @ A.to(torch.float64))
+    return W
+
+
 def _recorder(store: list[Tensor]) -> Callable:
     def hook(module: nn.Module, args: tuple) -> None:
         if args:

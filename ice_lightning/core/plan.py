@@ -40,7 +40,7 @@ from .editing import (
 )
 from .encoders import EmbeddingSpace
 from .families import default_embedding_spaces, lookup_family
-from .layers import NoTextConditioningLayerError, TextConditioningLayers
+from .layers import NoTextConditioningLayerError, TextConditioningLayers, adapted_weight, lora_wrappers
 from .solver import (
     METHODS,
     DissociationOperator,
@@ -302,7 +302,8 @@ class ErasurePlan:
 
     @property
     def needs_gram(self) -> bool:
-        """Whether :meth:`solve` reads the target layers' weights (RECE, hardened ICE): see :meth:`grams`."""
+        """Whether :meth:`solve` reads the target layers' weights (RECE; ICE hardened or in the output metric): see
+        :meth:`grams`."""
         return needs_gram(self.method, self.hparams)
 
     @torch.no_grad()
@@ -315,14 +316,33 @@ class ErasurePlan:
             t0 = time.perf_counter()
             reshard(self.denoisers.values())
             spaces = sorted(set(self.layer_spaces.values()))
-            weights = {s: [local_shard(t.module.weight) for t in self.targets.values() if t.space == s] for s in spaces}
+            sharded = any(is_sharded(t.module.weight) for t in self.targets.values())
+            weights = {s: self._reader_weights(s, sharded) for s in spaces}
             grams = {s: layer_gram(w) for s, w in weights.items()}
-            if any(is_sharded(t.module.weight) for t in self.targets.values()):
+            if sharded:
                 for G in grams.values():
                     torch.distributed.all_reduce(G)
             self._grams = grams
             self.timings["gram_s"] = time.perf_counter() - t0
         return self._grams
+
+    def _reader_weights(self, space: str, sharded: bool) -> list[Tensor]:
+        """The weights of the layers reading ``space`` as they act on it: a LoRA-wrapped layer counts once, as
+        ``W + s B A`` (its base and ``lora_A`` are edited apart but read the states together), so an erasure of
+        the adapted model solves the same operator as one of the fused model. Sharded: each rank's own rows, with
+        base and ``lora_A`` as separate readers (their rows do not align across ranks)."""
+        targets = [t for t in self.targets.values() if t.space == space]
+        if sharded:
+            return [local_shard(t.module.weight) for t in targets]
+        wrappers = lora_wrappers(self.denoisers.values())
+        out = []
+        for t in targets:
+            wrapper = wrappers.get(id(t.module))
+            if wrapper is None:
+                out.append(t.module.weight)
+            elif t.module is wrapper.base_layer:
+                out.append(adapted_weight(wrapper))
+        return out
 
     def solve(self) -> dict[str, DissociationOperator]:
         """One operator per embedding space, from :meth:`states` (and :meth:`grams` where the method reads the

@@ -61,6 +61,7 @@ __all__ = [
 _DTYPE = torch.float64
 OverlapKind = Literal["angles", "energy", "parallel_sum", "anderson_duffin", "none"]
 Objective = Literal["weighted", "frobenius"]
+Metric = Literal["input", "output"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,17 @@ class ICEHyperParams:
             eigenvalue: smaller finds shorter, more targeted inputs.
         harden_expansion: ``a_e`` of the adversarial rows' own erase subspace (they are solved as their own
             ICE erasure, with the same preserve sets, so they never dilute the concept's energy shares).
+        metric: ``"input"`` measures energies, overlaps and the preserve terms on the token states themselves;
+            ``"output"`` on the states as the edited layers see them, ``sum_l ||W_l x||^2`` (the solve runs on
+            ``X L`` with ``L L^T = G / g + metric_ridge I``, :func:`metric_factor`, and ``D = L^-T D~ L^T``). What an
+            output-metric erasure removes with eigenvalue 1 is orthogonal to every output the edited layers can
+            produce, so no input of any norm brings it back; it needs the layers' Gram matrix (``erase()`` passes
+            it).
+        metric_ridge: the ridge of the output metric, relative to the Gram matrix's mean eigenvalue (directions
+            no layer reads keep this much weight).
+        harden_metric: the metric in which the hardening rounds' adversarial rows are erased (``None``: the
+            erasure's own ``metric``). ``"output"`` under a token-state erasure keeps the default's erasure and
+            removes what the adversary uses in the layers' own norm (``docs/method.md``, section 9).
     """
 
     objective: Objective = "weighted"
@@ -125,6 +137,9 @@ class ICEHyperParams:
     harden_rounds: int = 0
     harden_gamma: float = 0.01
     harden_expansion: float = 3.0
+    metric: Metric = "input"
+    metric_ridge: float = 0.05
+    harden_metric: Metric | None = None
 
     def __post_init__(self) -> None:
         if self.objective not in ("weighted", "frobenius"):
@@ -150,6 +165,14 @@ class ICEHyperParams:
         _check_hardening(self.harden_rounds, self.harden_gamma)
         if not (isinstance(self.harden_expansion, (int, float)) and self.harden_expansion > 0):
             raise ValueError(f"harden_expansion must be > 0, got {self.harden_expansion!r}")
+        if self.metric not in ("input", "output"):
+            raise ValueError(f"unknown metric {self.metric!r}; use 'input' (token states) or 'output' (the layers' "
+                             "outputs)")  # fmt: skip
+        if self.harden_metric not in (None, "input", "output"):
+            raise ValueError(f"unknown harden_metric {self.harden_metric!r}; use None (the erasure's own metric), "
+                             "'input' or 'output'")  # fmt: skip
+        _in_range("metric_ridge", self.metric_ridge, 0.0, 1.0, "the output metric's ridge, relative to the Gram's "
+                  "mean eigenvalue", low_open=True)  # fmt: skip
 
 
 def _check_hardening(rounds, gamma) -> None:
@@ -525,14 +548,8 @@ def _with_anchor(op: DissociationOperator, anchor: tuple[Tensor, Tensor] | None)
     return _operator_from([op.U, dst_T], apply, op.method, hp)
 
 
-def ice_components(
-    E_erase: Tensor, E_preserve: Tensor, hparams: ICEHyperParams, E_base: Tensor | Spectrum | None = None
-) -> tuple[EnergySubspace, Overlap, Overlap | None]:
-    """The ingredients of ``D*``: the energy-weighted erase subspace ``P_e``; by objective, the overlap projector
-    ``P_ov`` (``frobenius``) or the energy-weighted preserve operator ``P_p`` (``weighted``); and the broad preserve
-    base ``P_b`` (``weighted`` with base states and ``base_weight > 0``; ``None`` otherwise), all as
-    ``Q diag(w) Q^T``. With the ``frobenius`` objective, base states join the preserve states."""
-    hp = hparams
+def _checked_inputs(E_erase: Tensor, E_preserve: Tensor, E_base: Tensor | Spectrum | None):
+    """The states, checked (finite, 2-d, non-empty) and of one width; float64."""
     E_erase = _check_states(E_erase, "E_erase")
     E_preserve = _check_states(E_preserve, "E_preserve")
     if isinstance(E_base, Spectrum):  # an SVD's output: finite unless its singular values are not
@@ -543,6 +560,18 @@ def ice_components(
         width = None if E is None else (E.Vh if isinstance(E, Spectrum) else E).shape[1]
         if width is not None and width != E_erase.shape[1]:
             raise ValueError(f"dimension mismatch: erase states are {E_erase.shape[1]}-d, {name} states {width}-d")
+    return E_erase, E_preserve, E_base
+
+
+def ice_components(
+    E_erase: Tensor, E_preserve: Tensor, hparams: ICEHyperParams, E_base: Tensor | Spectrum | None = None
+) -> tuple[EnergySubspace, Overlap, Overlap | None]:
+    """The ingredients of ``D*``: the energy-weighted erase subspace ``P_e``; by objective, the overlap projector
+    ``P_ov`` (``frobenius``) or the energy-weighted preserve operator ``P_p`` (``weighted``); and the broad preserve
+    base ``P_b`` (``weighted`` with base states and ``base_weight > 0``; ``None`` otherwise), all as
+    ``Q diag(w) Q^T``. With the ``frobenius`` objective, base states join the preserve states."""
+    hp = hparams
+    E_erase, E_preserve, E_base = _checked_inputs(E_erase, E_preserve, E_base)
     if E_base is not None and hp.objective != "weighted":
         rows = E_base.rows() if isinstance(E_base, Spectrum) else E_base
         E_preserve, E_base = torch.cat([E_preserve, rows.to(_DTYPE)]), None
@@ -603,6 +632,8 @@ def dissociation_operator(
     if not (isinstance(concepts, int) and concepts >= 1):
         raise ValueError(f"concepts must be a positive integer, got {concepts!r}")
     hp = _merge(hparams, overrides)
+    if hp.metric == "output":
+        return _in_output_metric(E_erase, E_preserve, hp, anchor, concepts, E_base, gram)
     if concepts > 1:
         hp = _merge(hp, {"erase_expansion": hp.erase_expansion * concepts})
     Pe, second, base = ice_components(E_erase, E_preserve, hp, E_base)
@@ -644,10 +675,68 @@ def dissociation_operator(
         raise ValueError("harden_rounds > 0 reads the edited layers: pass gram=layer_gram(weights)")
     if gram.shape != (op.dim, op.dim):
         raise ValueError(f"dimension mismatch: the Gram matrix is {tuple(gram.shape)}, the states are {op.dim}-d")
-    plain = {"harden_rounds": 0, "erase_expansion": hp.harden_expansion}
+    plain = {"harden_rounds": 0, "erase_expansion": hp.harden_expansion, "metric": hp.harden_metric or hp.metric}
 
     def solve_adversary(rows: Tensor) -> DissociationOperator:
-        return dissociation_operator(rows, E_preserve, hp, concepts=concepts, E_base=E_base, **plain)
+        return dissociation_operator(rows, E_preserve, hp, concepts=concepts, E_base=E_base, gram=gram, **plain)
+
+    return harden(op, E_erase, gram, solve_adversary, hp.harden_rounds, hp.harden_gamma)
+
+
+def metric_factor(gram: Tensor, ridge: float) -> Tensor:
+    """The lower Cholesky factor ``L`` of ``G_r = G / g + ridge I`` (``g = trace(G) / d``, the mean eigenvalue):
+    ``sum_l ||W_l x||^2 = g ||L^T x||^2`` up to the ridge, so states mapped by ``L^T`` (rows: ``X L``) are measured
+    as the layers see them. Any square root of ``G_r`` would do: ICE's solve is equivariant under orthogonal
+    changes of coordinates, and ``L^T`` is the symmetric root times an orthogonal matrix (a Cholesky of d = 4096
+    takes about a second where an eigendecomposition takes half a minute)."""
+    G = gram.to(_DTYPE)
+    d = G.shape[0]
+    scale = float(torch.diagonal(G).sum()) / d
+    G_r = (G + G.T) / (2 * scale if scale > 0 else 2.0) + ridge * torch.eye(d, dtype=_DTYPE)
+    return torch.linalg.cholesky(G_r)
+
+
+def _in_output_metric(E_erase, E_preserve, hp: ICEHyperParams, anchor, concepts, E_base, gram) -> DissociationOperator:
+    """ICE solved on the states as the edited layers see them (``metric="output"``): with ``L`` from
+    :func:`metric_factor`, ``D = L^-T D~ L^T`` where ``D~`` is ICE's operator for the states ``X L``. Every energy
+    share, overlap and preserve weight is then measured in ``sum_l ||W_l x||^2``, and the layers' outputs of the
+    edited input, ``W (I - D) x``, are orthogonal (over all layers) to what ``D~`` removed whenever ``D~`` is a
+    projector there: no input of any norm brings that part back (``docs/method.md``, section 9)."""
+    E_erase, E_preserve, E_base = _checked_inputs(E_erase, E_preserve, E_base)
+    if gram is None:
+        raise ValueError("metric='output' reads the edited layers: pass gram=layer_gram(weights), or "
+                         "metric='input' to measure the token states themselves")
+    d = E_erase.shape[-1]
+    if gram.shape != (d, d):
+        raise ValueError(f"dimension mismatch: the Gram matrix is {tuple(gram.shape)}, the states are {d}-d")
+    L = metric_factor(gram, hp.metric_ridge)
+
+    def mapped(E):  # rows x^T -> (L^T x)^T = x^T L
+        if E is None:
+            return None
+        if isinstance(E, Spectrum):
+            return compress_states(E.rows().to(_DTYPE) @ L)
+        return E.to(_DTYPE) @ L
+
+    inner = _merge(hp, {"metric": "input", "harden_rounds": 0})
+    anchor_t = None if anchor is None else (mapped(anchor[0]), mapped(anchor[1]))
+    tilde = dissociation_operator(mapped(E_erase), mapped(E_preserve), inner, anchor=anchor_t, concepts=concepts,
+                                  E_base=mapped(E_base))  # fmt: skip
+
+    def back(Y: Tensor) -> Tensor:  # L^-T Y
+        return torch.linalg.solve_triangular(L.T, Y, upper=True)
+
+    def apply(X: Tensor) -> Tensor:  # D X = L^-T D~ L^T X
+        return back(tilde.U @ (tilde.M @ (tilde.U.T @ (L.T @ X))))
+
+    hparams = {**_asdict(hp), "concepts": concepts, **({"anchor": True} if anchor is not None else {})}
+    op = _operator_from([_orth(back(tilde.U)), L @ tilde.U], apply, "ice", hparams)
+    if hp.harden_rounds == 0:
+        return op
+    plain = {"harden_rounds": 0, "erase_expansion": hp.harden_expansion, "metric": hp.harden_metric or hp.metric}
+
+    def solve_adversary(rows: Tensor) -> DissociationOperator:
+        return dissociation_operator(rows, E_preserve, hp, concepts=concepts, E_base=E_base, gram=gram, **plain)
 
     return harden(op, E_erase, gram, solve_adversary, hp.harden_rounds, hp.harden_gamma)
 
@@ -853,8 +942,12 @@ NEEDS_GRAM = ("rece",)
 
 
 def needs_gram(method: str, hparams: dict) -> bool:
-    """Whether ``build_operator(method, ...)`` needs ``gram=``: RECE always, ICE with ``harden_rounds > 0``."""
-    return method in NEEDS_GRAM or (method == "ice" and hparams.get("harden_rounds", 0) > 0)
+    """Whether ``build_operator(method, ...)`` needs ``gram=``: RECE always, ICE in the output metric or with
+    ``harden_rounds > 0``."""
+    if method != "ice":
+        return method in NEEDS_GRAM
+    hp = ICEHyperParams(**hparams)
+    return hp.harden_rounds > 0 or hp.metric == "output"
 
 
 def build_operator(

@@ -77,7 +77,7 @@ def build_erase_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from ..core.concepts import FAMILIES
-    from ..core.solver import METHODS, ICEHyperParams, Objective, OverlapKind
+    from ..core.solver import METHODS, ICEHyperParams, Metric, Objective, OverlapKind
 
     er = ArgumentParser(
         prog="ice-lightning erase", description="Erase concepts from a diffusers pipeline and export it."
@@ -114,6 +114,12 @@ def build_erase_parser():
     er.add_argument("--harden-rounds", type=int, default=None,
                     help="ICE: rounds of closed-form hardening against inputs derived from the edited layers "
                     f"(0: off, the default {defaults.harden_rounds}; 3 measured in docs/benchmarks.md)")  # fmt: skip
+    er.add_argument("--metric", default=None, choices=list(get_args(Metric)),
+                    help="ICE: measure the states as the token states themselves (input) or as the edited layers "
+                    f"see them (output: no input restores what the edit removed; {defaults.metric})")  # fmt: skip
+    er.add_argument("--harden-metric", default=None, choices=list(get_args(Metric)),
+                    help="ICE: the metric in which the hardening rounds' adversarial rows are erased (default: "
+                    "--metric's)")  # fmt: skip
     er.add_argument("--overlap", default=None, choices=list(get_args(OverlapKind)),
                     help=f"ICE, frobenius objective: the overlap projector of erase and preserve ({defaults.overlap})")
     er.add_argument("--objective", default=None, choices=list(get_args(Objective)),
@@ -154,7 +160,7 @@ def format_table(metrics: dict[str, float]) -> str:
 #: The solver flags of ``ice-lightning erase`` and the methods each one applies to.
 SOLVER_FLAGS = {"lam": ("ice", "uce", "rece"), "mu": ("ice",), "erase_expansion": ("ice",),
                 "preserve_expansion": ("ice",), "base_weight": ("ice",), "harden_rounds": ("ice",),
-                "overlap": ("ice",), "objective": ("ice",)}  # fmt: skip
+                "metric": ("ice",), "harden_metric": ("ice",), "overlap": ("ice",), "objective": ("ice",)}  # fmt: skip
 
 
 def method_hparams(cfg) -> dict:

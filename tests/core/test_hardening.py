@@ -70,21 +70,23 @@ def test_hardened_operator_is_the_plain_edit_composed_with_the_adversaries_erasu
     assert harden(dissociation_operator(E_e, E_p), E_e, G, None, rounds=0).rank == dissociation_operator(E_e, E_p).rank
 
 
+def _restored(Ws, E_e, D):
+    """The share of the concept's outputs that the adversary's best input (at the concept token's norm) restores
+    through the edited layers, over all of them."""
+    eye = torch.eye(E_e.shape[1], dtype=F64)
+    x = _dense_adversary(Ws, D, E_e, 0.01)
+    x = x / x.norm(dim=-1, keepdim=True) * E_e.norm(dim=-1, keepdim=True)
+    return sum(((x @ (W @ (eye - D)).T) * (E_e @ W.T)).sum() for W in Ws) / sum((E_e @ W.T).square().sum()
+                                                                              for W in Ws)  # fmt: skip
+
+
 def test_hardening_weakens_the_closed_form_adversary():
     """The adversary's best input restores less of the concept's outputs through the hardened layers."""
     Ws, E_e, E_p = _setting(2)
     G = layer_gram(Ws)
-    eye = torch.eye(E_e.shape[1], dtype=F64)
-
-    def restored(D):
-        x = _dense_adversary(Ws, D, E_e, 0.01)
-        x = x / x.norm(dim=-1, keepdim=True) * E_e.norm(dim=-1, keepdim=True)  # same norm as the concept token
-        return sum(((x @ (W @ (eye - D)).T) * (E_e @ W.T)).sum() for W in Ws) / sum((E_e @ W.T).square().sum()
-                                                                                  for W in Ws)  # fmt: skip
-
     plain = dissociation_operator(E_e, E_p).dense()
     hard = dissociation_operator(E_e, E_p, harden_rounds=3, gram=G).dense()
-    assert restored(hard) < restored(plain) - 0.05  # 0.750 against 0.838
+    assert _restored(Ws, E_e, hard) < _restored(Ws, E_e, plain) - 0.05  # 0.750 against 0.838
 
 
 def test_hardening_needs_the_layers_and_checks_its_settings():
@@ -120,3 +122,84 @@ def test_rece_equals_its_rounds_of_uce_written_densely():
         edited = [uce_dense_edit(W, rows, E_p, lam=2.0) for W in Ws]
     for W, We in zip(Ws, edited, strict=True):
         assert torch.allclose(op.apply(W), We, atol=1e-8)
+
+
+def _dense_metric_roots(Ws, ridge):
+    """The symmetric root ``T = (G / g + ridge I)^1/2``, ``g`` the mean eigenvalue, and its inverse."""
+    lam, V = torch.linalg.eigh(sum(W.T @ W for W in Ws))
+    r = (lam.clamp_min(0) / lam.mean() + ridge).sqrt()
+    return V @ torch.diag(r) @ V.T, V @ torch.diag(1 / r) @ V.T
+
+
+@pytest.mark.parametrize("ridge", [1e-3, 0.1])
+def test_output_metric_solves_ice_on_the_states_as_the_layers_see_them(ridge):
+    """``metric="output"``: ``D = T^-1 D~ T`` with the symmetric ``T = (G / g + ridge I)^1/2`` and ``D~`` ICE's
+    operator of the mapped states ``X T`` (written densely from the layers' weights; the solver's Cholesky factor
+    gives the same ``D``, ICE being equivariant under rotations)."""
+    Ws, E_e, E_p = _setting(4)
+    E_b = torch.randn(40, E_e.shape[1], generator=torch.Generator().manual_seed(5), dtype=F64)
+    T, T_inv = _dense_metric_roots(Ws, ridge)
+    got = dissociation_operator(E_e, E_p, E_base=E_b, metric="output", metric_ridge=ridge,
+                                gram=layer_gram(Ws))  # fmt: skip
+    tilde = dissociation_operator(E_e @ T, E_p @ T, E_base=E_b @ T).dense()
+    assert torch.allclose(got.dense(), T_inv @ tilde @ T, atol=1e-9)
+    assert got.hparams["metric"] == "output" and got.rank <= 2 * dissociation_operator(E_e @ T, E_p @ T).rank
+
+
+def test_a_hard_erasure_in_the_output_metric_leaves_nothing_for_any_input_to_restore():
+    """With eigenvalue 1 on the concept (``erase_expansion=inf``, no preserve pull), the layers' outputs of *any*
+    edited input are orthogonal, over every layer at once, to the concept outputs the edit removed; the same
+    erasure in the input metric leaves a part an input can bring back."""
+    d = 16
+    g = torch.Generator().manual_seed(6)
+    Ws = [torch.randn(rows, d, generator=g, dtype=F64) for rows in (12, 14, 16)]  # G full rank
+    E_e = torch.randn(3, d, generator=g, dtype=F64)
+    E_p = torch.randn(20, d, generator=g, dtype=F64)
+    X = torch.randn(50, d, generator=g, dtype=F64)  # arbitrary attack inputs
+    eye = torch.eye(d, dtype=F64)
+
+    def cosine_to_removed(D):
+        out = torch.cat([X @ (W @ (eye - D)).T for W in Ws], dim=1)
+        removed = torch.cat([E_e @ (W @ D).T for W in Ws], dim=1)
+        return float((out @ torch.linalg.pinv(removed) @ removed).norm() / out.norm())
+
+    hard = {"erase_expansion": float("inf"), "lam": 0.0, "base_weight": 0.0, "mu": 1e-6, "metric_ridge": 1e-9}
+    output = dissociation_operator(E_e, E_p, metric="output", gram=layer_gram(Ws), **hard).dense()
+    plain = dissociation_operator(E_e, E_p, **hard).dense()
+    assert cosine_to_removed(output) < 1e-5
+    assert cosine_to_removed(plain) > 0.1  # 6e-7 against 0.245
+
+
+def test_output_metric_weakens_the_closed_form_adversary_and_needs_the_layers():
+    Ws, E_e, E_p = _setting(2)
+    G = layer_gram(Ws)
+    plain = dissociation_operator(E_e, E_p).dense()
+    output = dissociation_operator(E_e, E_p, metric="output", harden_rounds=1, gram=G).dense()
+    adversary = dissociation_operator(E_e, E_p, harden_rounds=1, harden_metric="output", gram=G).dense()
+    assert _restored(Ws, E_e, output) < _restored(Ws, E_e, plain) - 0.05  # 0.707 against 0.838
+    assert _restored(Ws, E_e, adversary) < _restored(Ws, E_e, plain) - 0.05  # 0.763
+    with pytest.raises(ValueError, match="metric='output' reads the edited layers: pass gram="):
+        dissociation_operator(E_e, E_p, metric="output")
+    with pytest.raises(ValueError, match="unknown metric 'outputs'"):
+        ICEHyperParams(metric="outputs")
+    with pytest.raises(ValueError, match="metric_ridge"):
+        ICEHyperParams(metric_ridge=0.0)
+    assert build_operator("ice", E_e, E_p, gram=G, metric="output").hparams["metric"] == "output"
+
+
+def test_hardening_can_erase_the_adversary_in_the_output_metric():
+    """``harden_metric="output"`` under a token-state erasure: the plain edit composed with the adversary's rows
+    erased in the output metric (``T^-1 D~ T``), written densely."""
+    Ws, E_e, E_p = _setting(7)
+    G = layer_gram(Ws)
+    T, T_inv = _dense_metric_roots(Ws, 0.05)
+    got = dissociation_operator(E_e, E_p, harden_rounds=1, harden_metric="output", harden_expansion=0.5, gram=G)
+    plain = dissociation_operator(E_e, E_p).dense()
+    x = _dense_adversary(Ws, plain, E_e, 0.01)
+    rows = x / x.norm(dim=-1, keepdim=True) * E_e.norm(dim=-1, keepdim=True)
+    adversary = T_inv @ dissociation_operator(rows @ T, E_p @ T, erase_expansion=0.5).dense() @ T
+    eye = torch.eye(E_e.shape[1], dtype=F64)
+    assert torch.allclose(got.dense(), eye - (eye - plain) @ (eye - adversary), atol=1e-9)
+    assert got.hparams["harden_metric"] == "output" and got.hparams["metric"] == "input"
+    with pytest.raises(ValueError, match="unknown harden_metric 'outputs'"):
+        ICEHyperParams(harden_metric="outputs")

@@ -117,12 +117,16 @@ def test_red_team_needs_known_attacks(minilm_pipe):
 def test_the_attacks_input_loses_against_the_hardened_edit_where_it_beats_the_plain_one(minilm_pipe):
     """The benchmark's white-box attack (a norm budget bisected per token, on held-out contexts: not the defence's
     fixed-ridge adversary on training templates) restores Elon Musk through the plain edit and not through the
-    hardened one, at nearly the same collateral (benchmarks/red_team.py: 0.781 -> 0.438 at budget 0.25)."""
+    hardened one, at nearly the same collateral (benchmarks/red_team.py: 0.781 -> 0.438 at budget 0.25), nor
+    through the output-metric edit with one round (0.375 at 0.25, 0.688 at 0.5; it erases this concept less,
+    0.762 against 0.864, at less collateral)."""
     from ice_lightning.evaluation.metrics import dev_concept_metrics
 
     concept = dev_concept("Elon Musk")
     rates, quality = {}, {}
-    for label, hparams in (("plain", {}), ("hardened", {"harden_rounds": 3})):
+    settings = {"plain": {}, "hardened": {"harden_rounds": 3},
+                "output": {"metric": "output", "harden_rounds": 1, "erase_expansion": 2.0}}  # fmt: skip
+    for label, hparams in settings.items():
         result = ice_lightning.erase(minilm_pipe, spec=concept.spec(), verify=False, **hparams)
         try:
             rates[label] = {b: RedTeam.from_result(result, attacks=["whitebox"], whitebox_budget=b).compute(
@@ -135,3 +139,7 @@ def test_the_attacks_input_loses_against_the_hardened_edit_where_it_beats_the_pl
     assert quality["hardened"]["erasure"] >= quality["plain"]["erasure"] - 0.01
     assert quality["hardened"]["collateral_near"] <= quality["plain"]["collateral_near"] + 0.02
     assert quality["hardened"]["collateral_far"] <= quality["plain"]["collateral_far"] + 0.015
+    assert rates["output"][0.25] <= 0.45 and rates["output"][0.5] <= 0.75
+    assert quality["output"]["erasure"] >= 0.7
+    for key in ("collateral_near", "collateral_far"):
+        assert quality["output"][key] <= quality["plain"][key]

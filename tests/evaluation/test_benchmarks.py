@@ -72,18 +72,20 @@ def test_red_team_tiny(tmp_path):
     attacks = {r["attack"] for r in data["rows"]}
     assert attacks == {"paraphrase", "ring_a_bell", "ring_a_bell_held_out", "whitebox@1.0"}
     for r in data["rows"]:
-        assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "CURE", "UCE", "UCE as published", "projection"))
+        assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "ICE hardened", "ICE output metric",
+                                            "ICE output-metric adversary", "CURE",
+                                            "UCE", "UCE as published", "RECE", "projection"))  # fmt: skip
     assert len(data["per_concept"]) == 4  # one concept per family
 
 
 @pytest.mark.slow
 def test_shapes_tiny(tmp_path):
-    run_script("benchmarks/shapes.py", "--tiny", "--out", str(tmp_path))
+    run_script("benchmarks/shapes.py", "--tiny", "--methods", "uce", "ice", "--out", str(tmp_path))
     rows = _load(tmp_path, "shapes_tiny")["rows"]
     assert [(r["model"], r["concept"], r["split"]) for r in rows] == [
-        ("shapes-image", "red", s) for _ in ("ice", "cure", "uce") for s in ("seen", "paraphrase")
+        ("shapes-image", "red", s) for _ in ("ice", "uce") for s in ("seen", "paraphrase")
     ]
-    assert [r["method"] for r in rows[::2]] == ["ice", "cure", "uce"]
+    assert [r["method"] for r in rows[::2]] == ["ice", "uce"]  # in the report's order, not the command's
     for r in rows:
         assert 0 <= r["presence_after"] <= 1 and r["min_retention"] >= 0
         assert r["erased_blank"] + r["erased_garbled"] + r["erased_replaced"] + r["presence_after"] == pytest.approx(1)
@@ -111,8 +113,8 @@ def test_shapes_resurgence_tiny(tmp_path):
 def test_hardening_tiny(tmp_path):
     run_script("benchmarks/hardening.py", "--tiny", "--out", str(tmp_path))
     data = _load(tmp_path, "hardening_tiny")
-    assert [r["config"] for r in data["rows"]] == ["ICE erase_expansion=30.0",
-                                                   "ICE erase_expansion=30.0, harden_rounds=3"]  # fmt: skip
+    configs = [r["config"] for r in data["rows"]]
+    assert configs == ["ICE erase_expansion=30.0", "ICE erase_expansion=2.0, metric=output, harden_rounds=1"]
     assert all(r["rank"] > 0 and 0 < r["erasure"] for r in data["rows"])
     (summary,) = data["summary"]
-    assert summary["concepts"] == 3 and summary["plain_near"] is not None
+    assert summary["concepts"] == 3 and summary["default_near"] is not None

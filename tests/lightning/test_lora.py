@@ -90,3 +90,20 @@ def test_merged_export_equals_the_fused_adapter_erased_and_the_separate_export_f
     for n in expected:
         torch.testing.assert_close(base.unet.get_submodule(n).base_layer.weight, merged.unet.get_submodule(n).weight,
                                    rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_the_layers_gram_sees_an_adapted_layer_as_its_fused_weight():
+    """The output metric and hardening read the layers' Gram matrix: an adapted layer ``W + s B A`` counts as that
+    one weight (not as ``W`` and ``A`` apart), so erasing the adapted model equals erasing the fused one."""
+    from ice_lightning.core.layers import adapted_weight
+
+    module = _lora_module("sd", 0.0, lora_init=False)
+    fused = _lora_module("sd", 0.0, lora_init=False)  # the same base and adapters
+    robust = {"metric": "output", "harden_rounds": 1, "erase_expansion": 5.0}
+    erase(module.pipeline, **STYLE, **robust)
+    with without_adapters(fused.pipeline, "merge"):
+        erase(fused.pipeline, **STYLE, **robust)
+        expected = {n: m.weight.detach().clone() for n, m in fused.unet.named_modules() if n.endswith("attn2.to_k")}
+    assert expected
+    for n, w in expected.items():
+        torch.testing.assert_close(adapted_weight(module.unet.get_submodule(n)).float(), w, rtol=1e-5, atol=1e-6)
