@@ -617,9 +617,10 @@ def dissociation_operator(
             per concept and is applied as ``k * erase_expansion``.
         E_base: (n_b, d) states of the broad preserve base (every token of everyday prompts), weighted by
             ``base_weight``: ``S`` below gains ``lam_b P_b``.
-        gram: with ``harden_rounds > 0``, :func:`layer_gram` of the layers the operator will edit; the operator
-            is then hardened (:func:`harden`), its adversarial rows solved as their own ICE erasure with
-            ``erase_expansion = harden_expansion`` and the same preserve sets.
+        gram: with ``harden_rounds > 0`` or ``metric="output"``, :func:`layer_gram` of the layers the operator will
+            edit; the operator is then solved in the layers' metric and/or hardened (:func:`harden`), its adversarial
+            rows solved as their own ICE erasure with ``erase_expansion = harden_expansion`` and the same preserve
+            sets.
 
     ``weighted`` (default): ``D* = P_e^2 S^-1`` with ``S = P_e + lam P_p + lam_b P_b + mu I``. ``B = lam_b P_b +
     mu I`` is diagonal in the base's own basis and ``P_e + lam P_p = A A^T`` is low rank, so ``S^-1`` applied to
@@ -669,6 +670,14 @@ def dissociation_operator(
 
         row_space = Q @ (h[:, None] * (Q.T @ V))
     op = _with_anchor(_operator_from([V, row_space], apply, "ice", {**_asdict(hp), "concepts": concepts}), anchor)
+    return _hardened(op, E_erase, E_preserve, hp, concepts, E_base, gram)
+
+
+def _hardened(op: DissociationOperator, E_erase: Tensor, E_preserve: Tensor, hp: ICEHyperParams, concepts: int,
+              E_base, gram: Tensor | None) -> DissociationOperator:  # fmt: skip
+    """``op`` after ``hp.harden_rounds`` rounds of :func:`harden`, each round's adversarial rows solved as their own
+    ICE erasure with ``erase_expansion = harden_expansion``, in ``harden_metric`` (default: the erasure's own), with
+    the same preserve sets."""
     if hp.harden_rounds == 0:
         return op
     if gram is None:
@@ -731,14 +740,7 @@ def _in_output_metric(E_erase, E_preserve, hp: ICEHyperParams, anchor, concepts,
 
     hparams = {**_asdict(hp), "concepts": concepts, **({"anchor": True} if anchor is not None else {})}
     op = _operator_from([_orth(back(tilde.U)), L @ tilde.U], apply, "ice", hparams)
-    if hp.harden_rounds == 0:
-        return op
-    plain = {"harden_rounds": 0, "erase_expansion": hp.harden_expansion, "metric": hp.harden_metric or hp.metric}
-
-    def solve_adversary(rows: Tensor) -> DissociationOperator:
-        return dissociation_operator(rows, E_preserve, hp, concepts=concepts, E_base=E_base, gram=gram, **plain)
-
-    return harden(op, E_erase, gram, solve_adversary, hp.harden_rounds, hp.harden_gamma)
+    return _hardened(op, E_erase, E_preserve, hp, concepts, E_base, gram)
 
 
 def cure_operator(
