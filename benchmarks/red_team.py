@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, minilm_pipeline, table, write_report  # noqa: E402
+from _common import OUTPUT_ADVERSARY, OUTPUT_METRIC, RESULTS, minilm_pipeline, table, write_report  # noqa: E402
 
 import ice_lightning  # noqa: E402
 from ice_lightning.core.progress import progress  # noqa: E402
@@ -31,10 +31,6 @@ from ice_lightning.evaluation.devset import DEV_SET, dev_concepts  # noqa: E402
 from ice_lightning.evaluation.metrics import dev_concept_metrics  # noqa: E402
 
 #: Each method at a setting of similar collateral on held-out nearby concepts (benchmarks/tradeoff.py).
-#: The robust settings of ``docs/benchmarks.md``, section 2 (not the default: see there): ICE in the output metric
-#: with one hardening round, and the default's token-state erasure with one round erased in the output metric.
-OUTPUT_METRIC = {"metric": "output", "harden_rounds": 1, "erase_expansion": 2.0}
-OUTPUT_ADVERSARY = {"harden_rounds": 1, "harden_metric": "output", "harden_expansion": 0.3, "erase_expansion": 10.0}
 METHODS = {
     "ICE": ("ice", {}),
     "ICE hardened": ("ice", {"harden_rounds": 3}),

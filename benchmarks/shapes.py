@@ -23,7 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import RESULTS, table, write_report
+from _common import OUTPUT_METRIC, RESULTS, table, write_report
 
 from ice_lightning import erase
 from ice_lightning.evaluation.attacks import embedding_attack
@@ -42,7 +42,7 @@ from ice_lightning.shapes.evaluation import (
 
 #: label -> (method, hyperparameters); "ice output metric" is the robust setting of docs/benchmarks.md, section 2.
 METHODS = {"ice": ("ice", {}), "cure": ("cure", {}), "uce": ("uce", {}),
-           "ice output metric": ("ice", {"metric": "output", "harden_rounds": 1, "erase_expansion": 2.0})}
+           "ice output metric": ("ice", OUTPUT_METRIC)}
 CONCEPTS = {"shapes-image": ("red", "circle"), "shapes-video": ("left", "red")}
 TARGET_PRESENCE, TARGET_RETENTION = 0.05, 0.90
 MIN_BASE_ACCURACY = 0.5

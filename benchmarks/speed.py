@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, median_time, table, write_report  # noqa: E402
+from _common import OUTPUT_METRIC, RESULTS, median_time, table, write_report  # noqa: E402
 
 from ice_lightning.core.concepts import ConceptSpec  # noqa: E402
 from ice_lightning.core.editing import apply_edits, dense_is_cheaper, undo_edits  # noqa: E402
@@ -327,8 +327,7 @@ def case_sd15(tiny: bool, counts: list[int], repeats: int) -> dict:
 
     def end_to_end_output_metric():  # the robust setting of docs/benchmarks.md, section 2
         pipeline_spaces(pipe)["text"].clear_cache()
-        result = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style", metric="output", harden_rounds=1,
-                                     erase_expansion=2.0)  # fmt: skip
+        result = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style", **OUTPUT_METRIC)
         timings = dict(result.timings)
         result.undo()
         return timings

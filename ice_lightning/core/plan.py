@@ -317,7 +317,8 @@ class ErasurePlan:
             reshard(self.denoisers.values())
             spaces = sorted(set(self.layer_spaces.values()))
             sharded = any(is_sharded(t.module.weight) for t in self.targets.values())
-            weights = {s: self._reader_weights(s, sharded) for s in spaces}
+            wrappers = None if sharded else lora_wrappers(self.denoisers.values())
+            weights = {s: self._reader_weights(s, wrappers) for s in spaces}
             grams = {s: layer_gram(w) for s, w in weights.items()}
             if sharded:
                 for G in grams.values():
@@ -326,15 +327,15 @@ class ErasurePlan:
             self.timings["gram_s"] = time.perf_counter() - t0
         return self._grams
 
-    def _reader_weights(self, space: str, sharded: bool) -> list[Tensor]:
-        """The weights of the layers reading ``space`` as they act on it: a LoRA-wrapped layer counts once, as
-        ``W + s B A`` (its base and ``lora_A`` are edited apart but read the states together), so an erasure of
-        the adapted model solves the same operator as one of the fused model. Sharded: each rank's own rows, with
-        base and ``lora_A`` as separate readers (their rows do not align across ranks)."""
+    def _reader_weights(self, space: str, wrappers: dict[int, nn.Module] | None) -> list[Tensor]:
+        """The weights of the layers reading ``space`` as they act on it: a LoRA-wrapped layer (``wrappers``, from
+        :func:`lora_wrappers`) counts once, as ``W + s B A`` (its base and ``lora_A`` are edited apart but read the
+        states together), so an erasure of the adapted model solves the same operator as one of the fused model.
+        Sharded (``wrappers=None``): each rank's own rows, with base and ``lora_A`` as separate readers (their rows
+        do not align across ranks)."""
         targets = [t for t in self.targets.values() if t.space == space]
-        if sharded:
+        if wrappers is None:
             return [local_shard(t.module.weight) for t in targets]
-        wrappers = lora_wrappers(self.denoisers.values())
         out = []
         for t in targets:
             wrapper = wrappers.get(id(t.module))

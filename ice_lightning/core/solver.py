@@ -673,6 +673,14 @@ def dissociation_operator(
     return _hardened(op, E_erase, E_preserve, hp, concepts, E_base, gram)
 
 
+def _check_gram(gram: Tensor | None, d: int, missing: str) -> None:
+    """Refuse a missing Gram matrix (``missing`` says why it is needed) or one of another width than the states."""
+    if gram is None:
+        raise ValueError(missing)
+    if gram.shape != (d, d):
+        raise ValueError(f"dimension mismatch: the Gram matrix is {tuple(gram.shape)}, the states are {d}-d")
+
+
 def _hardened(op: DissociationOperator, E_erase: Tensor, E_preserve: Tensor, hp: ICEHyperParams, concepts: int,
               E_base, gram: Tensor | None) -> DissociationOperator:  # fmt: skip
     """``op`` after ``hp.harden_rounds`` rounds of :func:`harden`, each round's adversarial rows solved as their own
@@ -680,10 +688,7 @@ def _hardened(op: DissociationOperator, E_erase: Tensor, E_preserve: Tensor, hp:
     the same preserve sets."""
     if hp.harden_rounds == 0:
         return op
-    if gram is None:
-        raise ValueError("harden_rounds > 0 reads the edited layers: pass gram=layer_gram(weights)")
-    if gram.shape != (op.dim, op.dim):
-        raise ValueError(f"dimension mismatch: the Gram matrix is {tuple(gram.shape)}, the states are {op.dim}-d")
+    _check_gram(gram, op.dim, "harden_rounds > 0 reads the edited layers: pass gram=layer_gram(weights)")
     plain = {"harden_rounds": 0, "erase_expansion": hp.harden_expansion, "metric": hp.harden_metric or hp.metric}
 
     def solve_adversary(rows: Tensor) -> DissociationOperator:
@@ -712,12 +717,8 @@ def _in_output_metric(E_erase, E_preserve, hp: ICEHyperParams, anchor, concepts,
     edited input, ``W (I - D) x``, are orthogonal (over all layers) to what ``D~`` removed whenever ``D~`` is a
     projector there: no input of any norm brings that part back (``docs/method.md``, section 9)."""
     E_erase, E_preserve, E_base = _checked_inputs(E_erase, E_preserve, E_base)
-    if gram is None:
-        raise ValueError("metric='output' reads the edited layers: pass gram=layer_gram(weights), or "
-                         "metric='input' to measure the token states themselves")
-    d = E_erase.shape[-1]
-    if gram.shape != (d, d):
-        raise ValueError(f"dimension mismatch: the Gram matrix is {tuple(gram.shape)}, the states are {d}-d")
+    _check_gram(gram, E_erase.shape[-1], "metric='output' reads the edited layers: pass gram=layer_gram(weights), "
+                "or metric='input' to measure the token states themselves")  # fmt: skip
     L = metric_factor(gram, hp.metric_ridge)
 
     def mapped(E):  # rows x^T -> (L^T x)^T = x^T L
