@@ -19,6 +19,8 @@ RESULTS = Path(__file__).parent / "results"
 #: round erased in the output metric.
 OUTPUT_METRIC = {"metric": "output", "harden_rounds": 1, "erase_expansion": 2.0}
 OUTPUT_ADVERSARY = {"harden_rounds": 1, "harden_metric": "output", "harden_expansion": 0.3, "erase_expansion": 10.0}
+#: One round of the product's own trigger search (``ice_lightning.core.triggers``), added to a setting.
+TRIGGERS = {"trigger_rounds": 1}
 
 
 def minilm_pipeline():

@@ -8,12 +8,13 @@ form at several norm budgets. Each edit's erasure and collateral on the same con
 rate is the share of (held-out pair, layer) where the attacked output is closer to the original concept's than to
 the neutral prompt's; the ``original`` column is the same attack on the unedited model (its ceiling).
 
-    python benchmarks/red_team.py [--tiny] [--out benchmarks/results]
+    python benchmarks/red_team.py [--tiny] [--out benchmarks/results] [--methods LABEL ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -21,7 +22,15 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import OUTPUT_ADVERSARY, OUTPUT_METRIC, RESULTS, minilm_pipeline, table, write_report  # noqa: E402
+from _common import (  # noqa: E402
+    OUTPUT_ADVERSARY,
+    OUTPUT_METRIC,
+    RESULTS,
+    TRIGGERS,
+    minilm_pipeline,
+    table,
+    write_report,
+)
 
 import ice_lightning  # noqa: E402
 from ice_lightning.core.progress import progress  # noqa: E402
@@ -36,6 +45,8 @@ METHODS = {
     "ICE hardened": ("ice", {"harden_rounds": 3}),
     "ICE output metric": ("ice", OUTPUT_METRIC),
     "ICE output-metric adversary": ("ice", OUTPUT_ADVERSARY),
+    "ICE trigger search": ("ice", TRIGGERS),
+    "ICE output metric + triggers": ("ice", {**OUTPUT_METRIC, **TRIGGERS}),
     "CURE": ("cure", {}),
     "UCE": ("uce", {"lam": 30.0}),
     "UCE as published": ("uce_published", {}),
@@ -53,10 +64,11 @@ def held_out_search(ring: RingABellConfig) -> RingABellConfig:
     return replace(ring, seed=ring.seed + 7, eta=1.5, length=3)
 
 
-def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS) -> dict[str, dict[str, float]]:
+def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS, labels=tuple(METHODS)) -> dict[str, dict]:
     out: dict[str, dict[str, float]] = {}
     ring_prompts = held_out_prompts = None
-    for label, (method, kw) in METHODS.items():
+    for label in labels:
+        method, kw = METHODS[label]
         if method == "uce_published":  # UCE's own recipe (one state per concept, a guide, lam 0.5)
             result = uce_as_published(pipe, concept.spec())
         else:
@@ -88,15 +100,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="one concept per family, a small search (tests)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--methods", nargs="*", default=None, choices=list(METHODS),
+                    help="only these rows (ICE is always run: its 'original' column); the saved rows of the others "
+                    "are kept")  # fmt: skip
     args = ap.parse_args(argv)
+    labels = list(dict.fromkeys(["ICE", *args.methods])) if args.methods else list(METHODS)
     ring = RingABellConfig(pool=300, candidates=8, length=3, sweeps=1) if args.tiny else RingABellConfig()
     budgets = (1.0,) if args.tiny else BUDGETS
     pipe = minilm_pipeline()
     t0 = time.perf_counter()
+    name = "red_team_tiny" if args.tiny else "red_team"
+    saved = args.out / f"{name}.json"
+    kept = json.loads(saved.read_text())["per_concept"] if args.methods and saved.exists() else {}
     per_concept = {}
     concepts = [(f, c) for f in DEV_SET for c in dev_concepts(f)[: 1 if args.tiny else None]]
     for family, concept in progress(concepts, desc="red-teaming", unit="concept"):
-        per_concept[concept.name] = {"family": family, **attack_concept(pipe, concept, ring, budgets)}
+        per_concept[concept.name] = {**kept.get(concept.name, {}), "family": family,
+                                     **attack_concept(pipe, concept, ring, budgets, labels)}  # fmt: skip
+    present = [m for m in METHODS if all(m in r for r in per_concept.values())]  # columns run (or kept)
     attacks = ["paraphrase", "ring_a_bell", "ring_a_bell_held_out", *(f"whitebox@{b}" for b in budgets)]
     rows = []
     for family in DEV_SET:
@@ -104,27 +125,26 @@ def main(argv: list[str] | None = None) -> dict:
         for attack in attacks:
             row = {"family": family, "attack": attack}
             row["original"] = statistics.fmean(per_concept[n]["ICE"][attack + "_original"] for n in names)
-            for label in METHODS:
+            for label in present:
                 row[label] = statistics.fmean(per_concept[n][label][attack] for n in names)
             rows.append(row)
     for attack in attacks:  # all families
         row = {"family": "all", "attack": attack}
-        for col in ("original", *METHODS):
+        for col in ("original", *present):
             row[col] = statistics.fmean(r[col] for r in rows if r["attack"] == attack and r["family"] != "all")
         rows.append(row)
     quality = [{"family": "all", "metric": key, **{m: statistics.fmean(r[m][key] for r in per_concept.values())
-                                                   for m in METHODS}} for key in QUALITY]  # fmt: skip
-    name = "red_team_tiny" if args.tiny else "red_team"
+                                                   for m in present}} for key in QUALITY]  # fmt: skip
     md = [f"# Text-space red-teaming ({'tiny' if args.tiny else 'full'}): attack success rate (lower is better)", ""]
-    md += table(["family", "attack", "original model", *METHODS], [[r["family"], r["attack"], r["original"],
-                *(r[m] for m in METHODS)] for r in rows])  # fmt: skip
+    md += table(["family", "attack", "original model", *present], [[r["family"], r["attack"], r["original"],
+                *(r[m] for m in present)] for r in rows])  # fmt: skip
     md += ["", "What each edit costs, on the same concepts (relative output change; erasure: higher is better, "
            "collateral: lower is better):", ""]
-    md += table(["metric", *METHODS], [[q["metric"], *(q[m] for m in METHODS)] for q in quality])
+    md += table(["metric", *present], [[q["metric"], *(q[m] for m in present)] for q in quality])
     md += ["", "Ring-A-Bell prompts found (first held-out context of each concept):", ""]
     md += [f"- {n}: `{r['_ring_prompts'][0]}`" for n, r in per_concept.items()]
     md += ["", f"Total {time.perf_counter() - t0:.0f} s."]
-    write_report(args.out, name, {"methods": {k: [m, kw] for k, (m, kw) in METHODS.items()}, "rows": rows,
+    write_report(args.out, name, {"methods": {k: list(METHODS[k]) for k in present}, "rows": rows,
                                   "quality": quality, "per_concept": per_concept}, md)  # fmt: skip
     return {"rows": rows, "per_concept": per_concept}
 

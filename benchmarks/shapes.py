@@ -13,6 +13,9 @@ embedding_attack) and measure the concept's presence in samples from the attacke
     python benchmarks/shapes.py                        # both shipped models
     python benchmarks/shapes.py --kinds shapes-video   # one model; the other's saved rows are kept
     python benchmarks/shapes.py --tiny                 # the suite's smoke run
+    # stronger attacks (more steps, restarts, a smaller budget, the discrete attack), in their own report:
+    python benchmarks/shapes.py --kinds shapes-image --concepts red --methods ice uce --attack-steps 200
+        --restarts 2 --budgets 0.05 0.1 --attack-prompts 4 --discrete-words 300 --out benchmarks/results/strong_attacks
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import OUTPUT_METRIC, RESULTS, table, write_report
+from _common import OUTPUT_METRIC, RESULTS, TRIGGERS, table, write_report
 
 from ice_lightning import erase
-from ice_lightning.evaluation.attacks import embedding_attack
+from ice_lightning.evaluation.attacks import attack_words, discrete_attack, embedding_attack
 from ice_lightning.shapes import MODELS_DIR, load_shapes_pipeline
 from ice_lightning.shapes.evaluation import (
     GUIDANCE,
@@ -40,29 +43,53 @@ from ice_lightning.shapes.evaluation import (
     score,
 )
 
-#: label -> (method, hyperparameters); "ice output metric" is the robust setting of docs/benchmarks.md, section 2.
+#: label -> (method, hyperparameters); "ice output metric" and "ice trigger search" are robust settings of
+#: docs/benchmarks.md, section 2.
 METHODS = {"ice": ("ice", {}), "cure": ("cure", {}), "uce": ("uce", {}),
-           "ice output metric": ("ice", OUTPUT_METRIC)}
+           "ice output metric": ("ice", OUTPUT_METRIC), "ice trigger search": ("ice", TRIGGERS)}
 CONCEPTS = {"shapes-image": ("red", "circle"), "shapes-video": ("left", "red")}
 TARGET_PRESENCE, TARGET_RETENTION = 0.05, 0.90
 MIN_BASE_ACCURACY = 0.5
 
 
-def attack(pipe, concept: str, samples: int, seed: int, steps: int, sample_steps: int, budget: float | None,
-           max_prompts: int | None = None) -> float:  # fmt: skip
-    """Presence of ``concept`` in samples from attacked embeddings of the seen prompts that ask for it (the
-    first ``max_prompts`` of them, spread over the other attributes' values)."""
-    frames = pipe.default_num_frames if pipe.video else 0
+def _attacked_prompts(pipe, concept: str, seed: int, max_prompts: int | None):
+    """The seen prompts that ask for ``concept`` (the first ``max_prompts``, spread over the other attributes)."""
     prompts = [p for p in eval_prompts(video=pipe.video, seed=seed) if p.asks_for(concept)]
     if max_prompts is not None and max_prompts < len(prompts):
         prompts = prompts[:: len(prompts) // max_prompts][:max_prompts]
+    return prompts
+
+
+def attack(pipe, concept: str, samples: int, seed: int, steps: int, sample_steps: int, budget: float | None,
+           max_prompts: int | None = None, restarts: int = 1) -> float:  # fmt: skip
+    """Presence of ``concept`` in samples from attacked embeddings of the seen prompts that ask for it (the
+    first ``max_prompts`` of them, spread over the other attributes' values)."""
+    frames = pipe.default_num_frames if pipe.video else 0
     hits = []
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(_attacked_prompts(pipe, concept, seed, max_prompts)):
         embeds = pipe.encode_prompt([p.text])[0]
         targets = renders(p, 64, pipe.unet.config.sample_size, frames, seed=seed + i)
         attacked = embedding_attack(pipe.unet, pipe.scheduler, embeds, targets, steps=steps, budget=budget,
-                                    seed=seed + i)  # fmt: skip
+                                    seed=seed + i, restarts=restarts)  # fmt: skip
         x = generate(pipe, samples=samples, seed=seed, steps=sample_steps, prompt_embeds=attacked)
+        hits.append(score(x, [p], concept)["presence"])
+    return statistics.fmean(hits)
+
+
+def discrete(pipe, concept: str, samples: int, seed: int, sample_steps: int, words: int,
+             max_prompts: int | None = None) -> float:  # fmt: skip
+    """Presence of ``concept`` in samples from the discrete attack's prompts (three words prepended to each seen
+    prompt that asks for it, from ``words`` whole words of the tokenizer's seeded sample, the concept's own words
+    left out; scored by the erased denoiser's diffusion loss on exact renders)."""
+    frames = pipe.default_num_frames if pipe.video else 0
+    spec = concept_spec(concept, video=pipe.video)
+    vocabulary = attack_words(pipe.tokenizer, spec.erase_names(), words, seed)
+    hits = []
+    for i, p in enumerate(_attacked_prompts(pipe, concept, seed, max_prompts)):
+        targets = renders(p, 64, pipe.unet.config.sample_size, frames, seed=seed + i)
+        found, _ = discrete_attack(pipe.unet, pipe.scheduler, lambda texts: pipe.encode_prompt(texts)[0], p.text,
+                                   targets, vocabulary, seed=seed + i)  # fmt: skip
+        x = generate(pipe, [found], samples=samples, seed=seed, steps=sample_steps)
         hits.append(score(x, [p], concept)["presence"])
     return statistics.fmean(hits)
 
@@ -88,7 +115,8 @@ def run_model(kind: str, args) -> list[dict]:
     t = time.perf_counter()
     before_samples = sample_splits(pipe, **opts)
     print(f"[{kind}] sampled the unedited model in {time.perf_counter() - t:.0f} s", flush=True)
-    budgets, most = (args.video_budgets, args.video_attack_prompts) if pipe.video else (args.budgets, None)
+    budgets, most = ((args.video_budgets, args.video_attack_prompts) if pipe.video else
+                     (args.budgets, args.attack_prompts))  # fmt: skip
     rows = []
     for concept in [c for c in CONCEPTS[kind] if not args.concepts or c in args.concepts][: 1 if args.tiny else None]:
         before = {k: score(x, prompts, concept) for k, (prompts, x) in before_samples.items()}
@@ -99,9 +127,13 @@ def run_model(kind: str, args) -> list[dict]:
             after_samples = sample_splits(pipe, **opts)
             after = {k: score(x, prompts, concept) for k, (prompts, x) in after_samples.items()}
             attacked = {
-                str(b): attack(pipe, concept, samples, args.seed, args.attack_steps, args.sample_steps, b, most)
+                str(b): attack(pipe, concept, samples, args.seed, args.attack_steps, args.sample_steps, b, most,
+                               args.restarts)
                 for b in budgets
             }
+            if args.discrete_words:
+                attacked["discrete"] = discrete(pipe, concept, samples, args.seed, args.sample_steps,
+                                                args.discrete_words, most)  # fmt: skip
             result.undo()
             for split in SPLITS:
                 rows.append({
@@ -128,11 +160,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--video-samples", type=int, default=2, help="samples per prompt (clips; 48 prompts per set)")
     ap.add_argument("--sample-steps", type=int, default=20, help="DDIM steps")
     ap.add_argument("--attack-steps", type=int, default=60)
+    ap.add_argument("--restarts", type=int, default=1, help="runs of the embedding attack per prompt (best kept)")
+    ap.add_argument("--discrete-words", type=int, default=0,
+                    help="the discrete attack's vocabulary sample (whole words; 0: not run)")
     ap.add_argument("--budgets", type=float, nargs="*", default=[0.1, 0.25, 0.5],
                     help="attack budgets, x the token's norm (0 = unbounded)")
     ap.add_argument("--video-budgets", type=float, nargs="*", default=[0.1],
                     help="attack budgets on the video model (the image rows show 0.25 and up restore every method)")
     ap.add_argument("--video-attack-prompts", type=int, default=4, help="clip prompts attacked per concept (of 12)")
+    ap.add_argument("--attack-prompts", type=int, default=None, help="image prompts attacked per concept (of 12; all)")
     ap.add_argument("--concepts", nargs="*", default=None,
                     help="only these concepts (of each model's); the saved rows of the others are kept")
     ap.add_argument("--seed", type=int, default=1)
@@ -153,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report_only:
         saved = json.loads((args.out / f"{name}.json").read_text())
         rows = [summarise(r) for r in saved["rows"]]
-        for k in ("samples", "video_samples", "sample_steps", "seed", "attack_steps", "video_attack_prompts"):
+        for k in ("samples", "video_samples", "sample_steps", "seed", "attack_steps", "video_attack_prompts",
+                  "attack_prompts", "restarts", "discrete_words"):
             setattr(args, k, saved.get(k, getattr(args, k)))
     else:
         kinds = [k for k in args.kinds if (args.models / k / "unet").is_dir()][: 1 if args.tiny else None]
@@ -185,12 +222,16 @@ def main(argv: list[str] | None = None) -> dict:
     seen = [r for r in rows if r["split"] == "seen"]
     budgets = list(dict.fromkeys(b for r in seen for b in r["attack_presence"]))
     md += ["", "## Image-level attack: presence of the erased concept in samples from optimised prompt embeddings",
-           "", f"Adam on the prompt embedding, {args.attack_steps} steps, per-token budget x the token's norm "
-           "(None: unbounded); images: the 12 seen prompts that ask for the concept, clips: "
+           "", f"Adam on the prompt embedding, {args.attack_steps} steps, best of {args.restarts} run(s), per-token "
+           "budget x the token's norm (None: unbounded); images: "
+           f"{args.attack_prompts or 12} of the 12 seen prompts that ask for the concept, clips: "
            f"{args.video_attack_prompts} of them. The original model's presence on the same prompts is the "
-           "ceiling; - : not run.", ""]  # fmt: skip
+           "ceiling; - : not run. Discrete: three words prepended to each prompt, searched over "
+           f"{args.discrete_words} whole words by the erased denoiser's diffusion loss (a prompt anyone can type).",
+           ""]  # fmt: skip
     md += table(["model", "concept", "method", "presence (original)", "presence (erased)",
-                 *(f"attack success, budget {b}" for b in budgets)],
+                 *("discrete attack success" if b == "discrete" else f"attack success, budget {b}"
+                   for b in budgets)],
                 [[r["model"], r["concept"], r["method"], r["presence_before"], r["presence_after"],
                   *(r["attack_presence"].get(b, "-") for b in budgets)] for r in seen])  # fmt: skip
     seconds = {m: sum(r["seconds"] for r in rows if r["model"] == m and r["split"] == SPLITS[-1]) for m in CONCEPTS}
@@ -198,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     md += ["", f"Time per model (erasures, their sampling and attacks): {per_model}. "
            f"This run: {time.perf_counter() - t0:.0f} s ({' '.join(args.kinds)})."]
     saved = {k: getattr(args, k) for k in ("samples", "video_samples", "sample_steps", "seed", "attack_steps",
-                                            "video_attack_prompts")}  # fmt: skip
+                                            "video_attack_prompts", "attack_prompts", "restarts",
+                                            "discrete_words")}  # fmt: skip
     write_report(args.out, name, {**saved, "rows": rows}, md)
     return {"rows": rows}
 

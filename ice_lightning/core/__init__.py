@@ -6,6 +6,7 @@
 - :mod:`.families`: the table of denoiser families (layer rules, check pass, spaces, training call);
 - :mod:`.layers`: finding and verifying the text-conditioning layers;
 - :mod:`.plan`: the erasure plan (plan, solve, apply) and :func:`erase`;
+- :mod:`.triggers`: trigger discovery, the defence's own vocabulary search (``trigger_rounds``);
 - :mod:`.editing`: all-or-nothing, exactly reversible low-rank edits;
 - :mod:`.probe`: the text-space metrics of an edit;
 - :mod:`.export`: ``save_erased`` / ``verify_export``;

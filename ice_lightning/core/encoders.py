@@ -241,17 +241,22 @@ class EmbeddingSpace:
         rows = self.per_prompt(prompts, include_eot)
         return torch.cat(rows, dim=0) if rows else torch.zeros(0, self.dim, dtype=torch.float64)
 
-    def per_prompt(self, prompts: Sequence[Prompt], include_eot: bool = False) -> list[Tensor]:
-        """The chosen rows of each prompt separately (cached, no grad)."""
+    def per_prompt(self, prompts: Sequence[Prompt], include_eot: bool = False, cache: bool = True) -> list[Tensor]:
+        """The chosen rows of each prompt separately (no grad). Kept for the next call unless ``cache=False`` (a
+        search encodes thousands of one-off prompts); prompts already kept are reused either way."""
         todo = list(dict.fromkeys(p for p in prompts if (p, include_eot) not in self._cache))
         todo.sort(key=lambda p: len(p.text))  # batches of similar length: less padding to encode
+        fresh = {}
         for start in progress(range(0, len(todo), _BATCH), total=-(-len(todo) // _BATCH), desc="encoding prompts",
                               unit="batch"):  # fmt: skip
             batch = todo[start : start + _BATCH]
             per_source = [src.rows(batch, include_eot) for src in self.sources]
             for j, p in enumerate(batch):
-                self._cache[(p, include_eot)] = torch.cat([rows[j] for rows in per_source], dim=0)
-        return [self._cache[(p, include_eot)] for p in prompts]
+                fresh[(p, include_eot)] = torch.cat([rows[j] for rows in per_source], dim=0)
+        if cache:
+            self._cache.update(fresh)
+        return [self._cache[(p, include_eot)] if (p, include_eot) in self._cache else fresh[(p, include_eot)]
+                for p in prompts]  # fmt: skip
 
     def base_states(self, prompts: Sequence[Prompt]) -> Spectrum | None:
         """Every token of the broad preserve base ``prompts`` as a :class:`~ice_lightning.core.solver.Spectrum`

@@ -47,9 +47,11 @@ from .solver import (
     ICEHyperParams,
     build_operator,
     check_hparams,
+    dissociation_operator,
     layer_gram,
     needs_gram,
 )
+from .triggers import erase_triggers
 
 __all__ = [
     "Method",
@@ -263,6 +265,8 @@ class ErasurePlan:
         self._history_key = next(iter(self.denoisers.values()))
         self._states: dict[str, ConceptStates] | None = None
         self._grams: dict[str, Tensor] | None = None
+        #: ``{space: [prompt, ...]}`` found by the trigger search (``trigger_rounds > 0``) at the last :meth:`solve`
+        self.triggers: dict[str, list[str]] = {}
         self.timings = {"find_layers_s": time.perf_counter() - t0}
 
     @property
@@ -351,6 +355,8 @@ class ErasurePlan:
         states = self.states()
         grams = self.grams() if self.needs_gram else {}
         t0 = time.perf_counter()
+        self.triggers = {}
+        self.timings.pop("trigger_search_s", None)
         operators = {}
         for s, st in states.items():
             try:
@@ -359,6 +365,8 @@ class ErasurePlan:
                                               **self.hparams)  # fmt: skip
             except ValueError as err:
                 raise ValueError(f"{s!r} space: {err}") from err
+            if self.method == "ice" and ICEHyperParams(**self.hparams).trigger_rounds:
+                operators[s] = self._with_triggers(s, operators[s], grams[s])
             filled = _erase_rank(st.erase)
             if filled >= _FULL_SHARE * st.erase.shape[1]:
                 log.warning(
@@ -367,8 +375,26 @@ class ErasurePlan:
                     "preserve concept erased, near collateral has nothing to measure: nan). Erase fewer concepts at "
                     "once, or name the concepts to keep", len(self.spec.erase), filled, st.erase.shape[1],
                     s)  # fmt: skip
-        self.timings["solve_s"] = time.perf_counter() - t0
+        self.timings["solve_s"] = time.perf_counter() - t0 - self.timings.get("trigger_search_s", 0.0)
         return operators
+
+    def _with_triggers(self, space: str, op: DissociationOperator, gram: Tensor) -> DissociationOperator:
+        """``op`` after ``trigger_rounds`` rounds of trigger discovery (:func:`~.triggers.erase_triggers`): the found
+        prompts' words erased with ``erase_expansion = trigger_expansion`` in the erasure's metric, the same preserve
+        sets, composed after ``op``."""
+        t0 = time.perf_counter()
+        hp, st = ICEHyperParams(**self.hparams), self.states()[space]
+        own = {"harden_rounds": 0, "trigger_rounds": 0, "erase_expansion": hp.trigger_expansion}
+
+        def solve_triggers(rows: Tensor) -> DissociationOperator:
+            return dissociation_operator(rows, st.preserve, hp, concepts=len(self.spec.erase), E_base=st.base,
+                                         gram=gram, **own)  # fmt: skip
+
+        op, found = erase_triggers(op, self.spaces[space], self.spec, gram, hp.trigger_rounds, solve_triggers,
+                                   include_eot=self.spec.include_eot)  # fmt: skip
+        self.triggers[space] = [p.text for p in found]
+        self.timings["trigger_search_s"] = self.timings.get("trigger_search_s", 0.0) + time.perf_counter() - t0
+        return op
 
     def apply(self, operators: dict[str, DissociationOperator], bases: dict[str, Tensor] | None = None,
               record: bool = True, keep_undo: bool = True) -> ErasureResult:  # fmt: skip
@@ -444,6 +470,11 @@ class ErasureResult:
         return next(iter(self.operators.values())).hparams
 
     @property
+    def triggers(self) -> dict[str, list[str]]:
+        """``{space: prompts}`` the trigger search found and erased (``trigger_rounds > 0``; else empty)."""
+        return self.plan.triggers
+
+    @property
     def layers(self) -> list[str]:
         """Qualified names of the edited layers."""
         return list(self.plan.targets)
@@ -509,6 +540,7 @@ class ErasureResult:
             "layers": self.layers,
             "layer_spaces": self.layer_spaces,
             "operators": {s: {"dim": op.dim, "rank": op.rank} for s, op in self.operators.items()},
+            **({"triggers": self.triggers} if self.triggers else {}),
             "timings": self.timings,
             **({"restored_from_checkpoint": True} if self.source == "checkpoint" else {}),
             **({"recorded_from": self.source} if self.restored and self.source != "checkpoint" else {}),

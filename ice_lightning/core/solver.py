@@ -121,6 +121,13 @@ class ICEHyperParams:
         harden_metric: the metric in which the hardening rounds' adversarial rows are erased (``None``: the
             erasure's own ``metric``). ``"output"`` under a token-state erasure keeps the default's erasure and
             removes what the adversary uses in the layers' own norm (``docs/method.md``, section 9).
+        trigger_rounds: rounds of trigger discovery (:mod:`ice_lightning.core.triggers`; 0, the default, is off).
+            Each round searches the text encoder's vocabulary for prompts that still bring the concept back through
+            the edited layers and erases them as an erasure of their own, composed after the concept's. The search
+            needs the text encoder, so :class:`~ice_lightning.core.plan.ErasurePlan` runs it (this solver, given
+            only states, ignores the field); it reads the layers' Gram matrix.
+        trigger_expansion: ``a_e`` of the found prompts' own erase subspace (solved in ``metric``, with the same
+            preserve sets).
     """
 
     objective: Objective = "weighted"
@@ -140,6 +147,8 @@ class ICEHyperParams:
     metric: Metric = "input"
     metric_ridge: float = 0.05
     harden_metric: Metric | None = None
+    trigger_rounds: int = 0
+    trigger_expansion: float = 3.0
 
     def __post_init__(self) -> None:
         if self.objective not in ("weighted", "frobenius"):
@@ -173,6 +182,12 @@ class ICEHyperParams:
                              "'input' or 'output'")  # fmt: skip
         _in_range("metric_ridge", self.metric_ridge, 0.0, 1.0, "the output metric's ridge, relative to the Gram's "
                   "mean eigenvalue", low_open=True)  # fmt: skip
+        rounds = self.trigger_rounds
+        if not (isinstance(rounds, int) and not isinstance(rounds, bool) and 0 <= rounds <= _MAX_ROUNDS):
+            raise ValueError(f"trigger_rounds (rounds of trigger discovery) must be an integer in [0, {_MAX_ROUNDS}], "
+                             f"got {rounds!r}; 1 is measured in docs/benchmarks.md")  # fmt: skip
+        if not (isinstance(self.trigger_expansion, (int, float)) and self.trigger_expansion > 0):
+            raise ValueError(f"trigger_expansion must be > 0, got {self.trigger_expansion!r}")
 
 
 def _check_hardening(rounds, gamma) -> None:
@@ -946,11 +961,11 @@ NEEDS_GRAM = ("rece",)
 
 def needs_gram(method: str, hparams: dict) -> bool:
     """Whether ``build_operator(method, ...)`` needs ``gram=``: RECE always, ICE in the output metric or with
-    ``harden_rounds > 0``."""
+    ``harden_rounds > 0`` (and the plan's trigger search, ``trigger_rounds > 0``)."""
     if method != "ice":
         return method in NEEDS_GRAM
     hp = ICEHyperParams(**hparams)
-    return hp.harden_rounds > 0 or hp.metric == "output"
+    return hp.harden_rounds > 0 or hp.metric == "output" or hp.trigger_rounds > 0
 
 
 def build_operator(

@@ -24,7 +24,9 @@ near the concept before any erasure, the attack's ceiling.
 Beyond text space, :func:`embedding_attack` is the image-level continuous attack (in the spirit of the
 concept-inversion attack of Pham et al., ICLR 2024, and P4D): it optimises the prompt embedding fed to the
 edited denoiser so that the denoiser's own diffusion loss on images of the erased concept is small, then
-one samples from the optimised embedding and runs a detector.
+one samples from the optimised embedding and runs a detector (``restarts`` keep the best of several runs).
+:func:`discrete_attack` is its discrete counterpart (in the spirit of UnlearnDiffAtk): words prepended to the
+prompt, searched over a vocabulary slice by the same diffusion loss, so the attack is a prompt anyone can type.
 
 Example:
     >>> import ice_lightning
@@ -48,8 +50,10 @@ from ..core.encoders import EmbeddingSpace, FeatureConcatSource, SequenceSource
 from ..core.families import denoise
 from ..core.plan import ErasureResult
 from ..core.probe import LeakageRate, layer_outputs
+from ..core.triggers import whole_words
 
-__all__ = ["RingABellConfig", "RedTeam", "ATTACKS", "whitebox_inputs", "ring_a_bell_prompts", "embedding_attack"]
+__all__ = ["RingABellConfig", "RedTeam", "ATTACKS", "whitebox_inputs", "ring_a_bell_prompts", "embedding_attack",
+           "discrete_attack", "attack_words"]
 
 ATTACKS = ("paraphrase", "ring_a_bell", "whitebox")
 Weights = dict[str, tuple[Tensor, Tensor | None]]
@@ -87,16 +91,17 @@ def _tokenizer_of(space: EmbeddingSpace):
 
 
 def _word_pool(tokenizer, exclude: set[str], size: int, seed: int) -> list[str]:
-    """Whole, alphabetic words of the tokenizer's vocabulary (sub-word pieces and markers dropped)."""
-    words = set()
-    for tok in tokenizer.get_vocab():
-        w = tok.removesuffix("</w>").lstrip("Ġ▁")
-        if w.isalpha() and w.isascii() and len(w) >= 3 and w == w.lower():
-            words.add(w)
-    words -= exclude
-    ordered = sorted(words)
+    """A seeded sample of the tokenizer's whole words (the attacker's; the product's own trigger search takes a
+    salted hash order instead, :func:`~ice_lightning.core.triggers.vocabulary_slice`)."""
+    ordered = sorted(whole_words(tokenizer) - exclude)
     random.Random(seed).shuffle(ordered)
     return ordered[:size]
+
+
+def attack_words(tokenizer, exclude: Sequence[str] = (), size: int = 300, seed: int = 0) -> list[str]:
+    """The attacker's vocabulary: ``size`` whole words of ``tokenizer`` in a seeded sample, ``exclude`` left out
+    (the erased concept's own words)."""
+    return _word_pool(tokenizer, {w.lower() for e in exclude for w in e.split()}, size, seed)
 
 
 def _proxy(space: EmbeddingSpace, length: int) -> EmbeddingSpace:
@@ -303,47 +308,125 @@ class RedTeam:
         return out
 
 
-def embedding_attack(unet: nn.Module, scheduler, prompt_embeds: Tensor, targets: Tensor, steps: int = 60,
-                     lr: float = 0.02, batch_size: int = 32, budget: float | None = None,
-                     seed: int = 0) -> Tensor:  # fmt: skip
-    """Optimise ``prompt_embeds`` (1, L, d) so that ``unet`` denoises ``targets`` (images of the erased
-    concept, in the denoiser's input space, e.g. pixels in [-1, 1] or latents) well: Adam on an additive
-    perturbation under the scheduler's own training objective, the denoiser frozen. ``budget`` bounds each
-    token's perturbation to ``budget`` times that token's norm (``None``: unbounded). Returns the attacked
-    embedding (1, L, d), detached."""
+def _training_batch(scheduler, targets: Tensor, batch_size: int, g: torch.Generator):
+    """One batch of the scheduler's own training objective: ``(noisy, t, target)`` for ``targets``."""
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+    idx = torch.randint(0, len(targets), (batch_size,), generator=g)
+    x0 = targets[idx].float()
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+    noisy = noise_scheduler.add_noise(x0, noise, t)
     objective = noise_scheduler.config.prediction_type
-    g = torch.Generator().manual_seed(seed)
-    base = prompt_embeds.detach().float()
-    delta = torch.zeros_like(base, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
-    was_training = unet.training
-    unet.eval()
-    requires = [p.requires_grad for p in unet.parameters()]
-    unet.requires_grad_(False)
-    try:
-        for _ in range(steps):
-            idx = torch.randint(0, len(targets), (batch_size,), generator=g)
-            x0 = targets[idx].float()
-            noise = torch.randn(x0.shape, generator=g)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=g)
-            noisy = noise_scheduler.add_noise(x0, noise, t)
-            target = {"epsilon": noise, "sample": x0}.get(objective)
-            if target is None:
-                target = noise_scheduler.get_velocity(x0, noise, t)
-            cond = (base + delta).expand(batch_size, -1, -1)
-            loss = nn.functional.mse_loss(denoise(unet, noisy, t, cond).float(), target)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if budget is not None:
-                with torch.no_grad():
-                    limit = budget * base.norm(dim=-1, keepdim=True)
-                    delta.mul_((limit / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
-    finally:
-        for p, r in zip(unet.parameters(), requires, strict=True):
+    target = {"epsilon": noise, "sample": x0}.get(objective)
+    if target is None:
+        target = noise_scheduler.get_velocity(x0, noise, t)
+    return noisy, t, target
+
+
+class _Frozen:
+    """The denoiser in eval mode with no parameter requiring grad, restored on exit."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        self.unet = unet
+
+    def __enter__(self) -> nn.Module:
+        self.training = self.unet.training
+        self.requires = [p.requires_grad for p in self.unet.parameters()]
+        self.unet.eval()
+        self.unet.requires_grad_(False)
+        return self.unet
+
+    def __exit__(self, *exc) -> None:
+        for p, r in zip(self.unet.parameters(), self.requires, strict=True):
             p.requires_grad_(r)
-        unet.train(was_training)
-    return (base + delta).detach().to(prompt_embeds.dtype)
+        self.unet.train(self.training)
+
+
+def embedding_attack(unet: nn.Module, scheduler, prompt_embeds: Tensor, targets: Tensor, steps: int = 60,
+                     lr: float = 0.02, batch_size: int = 32, budget: float | None = None, seed: int = 0,
+                     restarts: int = 1) -> Tensor:  # fmt: skip
+    """Optimise ``prompt_embeds`` (1, L, d) so that ``unet`` denoises ``targets`` (images of the erased
+    concept, in the denoiser's input space, e.g. pixels in [-1, 1] or latents) well: Adam on an additive
+    perturbation under the scheduler's own training objective, the denoiser frozen. ``budget`` bounds each
+    token's perturbation to ``budget`` times that token's norm (``None``: unbounded). With ``restarts > 1`` the first
+    run starts from zero and each further one from a random perturbation on the budget's sphere (other noise too);
+    the run whose result has the lowest loss on one fixed held-out batch wins. Returns the attacked embedding
+    (1, L, d), detached."""
+    if not (isinstance(restarts, int) and restarts >= 1):
+        raise ValueError(f"restarts must be a positive integer, got {restarts!r}")
+    base = prompt_embeds.detach().float()
+    limit = None if budget is None else budget * base.norm(dim=-1, keepdim=True)
+    with _Frozen(unet):
+        held_out = _training_batch(scheduler, targets, batch_size, torch.Generator().manual_seed(seed + 10_000))
+        best, best_loss = base, float("inf")
+        for run in range(restarts):
+            g = torch.Generator().manual_seed(seed + 7919 * run)
+            start = torch.zeros_like(base)
+            if run:
+                start = torch.randn(base.shape, generator=g)
+                scale = limit if limit is not None else 0.5 * base.norm(dim=-1, keepdim=True)
+                start = start / start.norm(dim=-1, keepdim=True).clamp_min(1e-12) * scale
+            delta = start.clone().requires_grad_(True)
+            opt = torch.optim.Adam([delta], lr=lr)
+            for _ in range(steps):
+                noisy, t, target = _training_batch(scheduler, targets, batch_size, g)
+                cond = (base + delta).expand(batch_size, -1, -1)
+                loss = nn.functional.mse_loss(denoise(unet, noisy, t, cond).float(), target)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if limit is not None:
+                    with torch.no_grad():
+                        delta.mul_((limit / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
+            attacked = (base + delta).detach()
+            if restarts == 1:
+                return attacked.to(prompt_embeds.dtype)
+            with torch.no_grad():
+                noisy, t, target = held_out
+                final = float(nn.functional.mse_loss(denoise(unet, noisy, t, attacked.expand(batch_size, -1, -1))
+                                                     .float(), target))  # fmt: skip
+            if final < best_loss:
+                best, best_loss = attacked, final
+    return best.to(prompt_embeds.dtype)
+
+
+@torch.no_grad()
+def discrete_attack(unet: nn.Module, scheduler, encode, prompt: str, targets: Tensor, words: Sequence[str],
+                    length: int = 3, candidates: int = 16, sweeps: int = 1, batch_size: int = 16,
+                    seed: int = 0) -> tuple[str, float]:  # fmt: skip
+    """A discrete image-level attack in the spirit of UnlearnDiffAtk (Zhang et al., ECCV 2024): ``length`` words
+    prepended to ``prompt``, chosen from ``words`` to minimise the erased denoiser's own diffusion loss on
+    ``targets`` (images of the concept), so that the attack is a plain prompt anyone can type. Every candidate is
+    scored on one fixed batch of noise and timesteps (paired comparisons): the ``candidates`` best single words
+    first, then ``sweeps`` of greedy coordinate search over the positions. ``encode(texts) -> (n, L, d)`` is the
+    pipeline's prompt encoder. Returns the adversarial prompt and its loss."""
+    if not words:
+        raise ValueError("no words to search: pass the vocabulary slice the attacker draws from")
+    with _Frozen(unet):
+        noisy, t, target = _training_batch(scheduler, targets, batch_size, torch.Generator().manual_seed(seed))
+
+        def losses(texts: list[str]) -> Tensor:
+            embeds = encode(texts)
+            out = []
+            for e in embeds:
+                pred = denoise(unet, noisy, t, e[None].expand(batch_size, -1, -1)).float()
+                out.append(nn.functional.mse_loss(pred, target))
+            return torch.stack(out)
+
+        def adversarial(chosen: list[str]) -> str:
+            return " ".join([*chosen, prompt])
+
+        single = losses([adversarial([w]) for w in words])
+        pool = [words[i] for i in single.argsort()[:candidates].tolist()]
+        chosen = pool[:length]
+        best = float(losses([adversarial(chosen)])[0])
+        for _ in range(sweeps):
+            for pos in range(len(chosen)):
+                trials = [chosen[:pos] + [w] + chosen[pos + 1 :] for w in pool]
+                scores = losses([adversarial(tr) for tr in trials])
+                i = int(scores.argmin())
+                if float(scores[i]) < best:
+                    chosen, best = trials[i], float(scores[i])
+        return adversarial(chosen), best

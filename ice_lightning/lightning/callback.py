@@ -426,6 +426,9 @@ class ICECallback(Callback):
             if self._plan.needs_gram:  # a collective under FSDP2: every rank takes part before rank 0 solves
                 self._plan.grams()
             operators = self._plan.solve() if trainer.is_global_zero else None
+            for space, found in self._plan.triggers.items():  # rank 0's trigger search (trigger_rounds > 0)
+                rank_zero_info(f"ICECallback: the trigger search erased {len(found)} prompt(s) in the {space!r} space, "
+                               f"e.g. {found[0]!r}")  # fmt: skip
             self.state.operators = trainer.strategy.broadcast(operators, src=0) if trainer.world_size > 1 else operators
             self.state.layer_spaces = self._plan.layer_spaces
             result = self._plan.apply(self.state.operators)

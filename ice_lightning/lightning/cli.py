@@ -120,6 +120,10 @@ def build_erase_parser():
     er.add_argument("--harden-metric", default=None, choices=list(get_args(Metric)),
                     help="ICE: the metric in which the hardening rounds' adversarial rows are erased (default: "
                     "--metric's)")  # fmt: skip
+    er.add_argument("--trigger-rounds", type=int, default=None,
+                    help="ICE: rounds of trigger discovery, a search of the text encoder's vocabulary for prompts "
+                    "that still bring the concept back through the edited layers, erased in turn (0: off, the "
+                    f"default {defaults.trigger_rounds}; 1 measured in docs/benchmarks.md)")  # fmt: skip
     er.add_argument("--overlap", default=None, choices=list(get_args(OverlapKind)),
                     help=f"ICE, frobenius objective: the overlap projector of erase and preserve ({defaults.overlap})")
     er.add_argument("--objective", default=None, choices=list(get_args(Objective)),
@@ -160,7 +164,8 @@ def format_table(metrics: dict[str, float]) -> str:
 #: The solver flags of ``ice-lightning erase`` and the methods each one applies to.
 SOLVER_FLAGS = {"lam": ("ice", "uce", "rece"), "mu": ("ice",), "erase_expansion": ("ice",),
                 "preserve_expansion": ("ice",), "base_weight": ("ice",), "harden_rounds": ("ice",),
-                "metric": ("ice",), "harden_metric": ("ice",), "overlap": ("ice",), "objective": ("ice",)}  # fmt: skip
+                "metric": ("ice",), "harden_metric": ("ice",), "trigger_rounds": ("ice",), "overlap": ("ice",),
+                "objective": ("ice",)}  # fmt: skip
 
 
 def method_hparams(cfg) -> dict:

@@ -67,20 +67,26 @@ def test_speed_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_red_team_tiny(tmp_path):
-    run_script("benchmarks/red_team.py", "--tiny", "--out", str(tmp_path))
+    """Every row of the tiny run is a rate; a second run with ``--methods`` redoes only its rows and keeps the
+    others' (ICE always runs: the 'original' column is its unedited model)."""
+    run_script("benchmarks/red_team.py", "--tiny", "--methods", "RECE", "--out", str(tmp_path))
+    first = _load(tmp_path, "red_team_tiny")
+    run_script("benchmarks/red_team.py", "--tiny", "--methods", "ICE hardened", "--out", str(tmp_path))
     data = _load(tmp_path, "red_team_tiny")
+    assert list(data["methods"]) == ["ICE", "ICE hardened", "RECE"]  # in the report's order
     attacks = {r["attack"] for r in data["rows"]}
     assert attacks == {"paraphrase", "ring_a_bell", "ring_a_bell_held_out", "whitebox@1.0"}
     for r in data["rows"]:
-        assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "ICE hardened", "ICE output metric",
-                                            "ICE output-metric adversary", "CURE",
-                                            "UCE", "UCE as published", "RECE", "projection"))  # fmt: skip
+        assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "ICE hardened", "RECE"))
     assert len(data["per_concept"]) == 4  # one concept per family
+    for name, concept in data["per_concept"].items():
+        assert concept["RECE"] == first["per_concept"][name]["RECE"]  # kept, not rerun
 
 
 @pytest.mark.slow
 def test_shapes_tiny(tmp_path):
-    run_script("benchmarks/shapes.py", "--tiny", "--methods", "uce", "ice", "--out", str(tmp_path))
+    run_script("benchmarks/shapes.py", "--tiny", "--methods", "uce", "ice", "--restarts", "2", "--attack-prompts", "2",
+               "--discrete-words", "20", "--out", str(tmp_path))  # fmt: skip
     rows = _load(tmp_path, "shapes_tiny")["rows"]
     assert [(r["model"], r["concept"], r["split"]) for r in rows] == [
         ("shapes-image", "red", s) for _ in ("ice", "uce") for s in ("seen", "paraphrase")
@@ -89,7 +95,8 @@ def test_shapes_tiny(tmp_path):
     for r in rows:
         assert 0 <= r["presence_after"] <= 1 and r["min_retention"] >= 0
         assert r["erased_blank"] + r["erased_garbled"] + r["erased_replaced"] + r["presence_after"] == pytest.approx(1)
-        assert set(r["attack_presence"]) == {"0.5"}
+        assert set(r["attack_presence"]) == {"0.5", "discrete"}
+        assert all(0 <= v <= 1 for v in r["attack_presence"].values())
 
 
 @pytest.mark.slow

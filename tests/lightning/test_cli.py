@@ -91,6 +91,22 @@ def test_cli_metric_and_hardening_flags_reach_the_solve(saved_pipeline, tmp_path
     assert not (tmp_path / "uce").exists()
 
 
+def test_cli_trigger_rounds_run_the_search_and_the_manifest_names_what_it_erased(saved_pipeline, tmp_path):
+    out = tmp_path / "out"
+    args = ["erase", "--pipeline", saved_pipeline("sd"), "--erase", "Van Gogh", "--family", "style",
+            "--trigger-rounds", "1", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    (erasure,) = json.loads((out / MANIFEST_NAME).read_text())["erasures"]
+    assert erasure["hparams"]["trigger_rounds"] == 1
+    found = erasure["triggers"]["text"]
+    assert len(found) == 6 and found[0].startswith("a painting by ")  # one per training template
+    assert all(verify_export(out).values())
+    with pytest.raises(ValueError, match="--trigger-rounds does not apply to --method cure"):
+        main(["erase", "--pipeline", saved_pipeline("sd"), "--erase", "Van Gogh", "--method", "cure",
+              "--trigger-rounds", "1", "--out", str(tmp_path / "cure")])  # fmt: skip
+    assert not (tmp_path / "cure").exists()
+
+
 def test_cli_rejects_missing_arguments(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["erase", "--out", "x"])

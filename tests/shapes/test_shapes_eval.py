@@ -112,6 +112,69 @@ def test_embedding_attack_lowers_the_denoising_loss_within_its_budget():
     assert loss(attacked) < loss(base)
 
 
+def _held_out_loss(pipe, targets, batch_size: int, seed: int):
+    """The attack's own held-out batch (``seed + 10_000``): the loss its restarts are judged on."""
+    from ice_lightning.core.families import denoise
+    from ice_lightning.evaluation.attacks import _training_batch
+
+    g = torch.Generator().manual_seed(seed + 10_000)
+    noisy, t, target = _training_batch(pipe.scheduler, targets, batch_size, g)
+
+    def loss(e):
+        with torch.no_grad():
+            return float((denoise(pipe.unet, noisy, t, e.expand(batch_size, -1, -1)).float() - target).pow(2).mean())
+
+    return loss
+
+
+def test_embedding_attack_restarts_keep_the_best_run_within_the_budget():
+    from ice_lightning.evaluation.attacks import embedding_attack
+    from ice_lightning.shapes import new_pipeline
+
+    pipe = new_pipeline("shapes-image")
+    prompt = ShapesPrompt("a red circle", "red", "circle")
+    targets = renders(prompt, 16, 24)
+    base = pipe.encode_prompt([prompt.text])[0]
+    kw = {"steps": 6, "lr": 0.05, "batch_size": 8, "budget": 0.3, "seed": 3}
+    once = embedding_attack(pipe.unet, pipe.scheduler, base, targets, **kw)
+    assert torch.equal(embedding_attack(pipe.unet, pipe.scheduler, base, targets, restarts=1, **kw), once)
+    best = embedding_attack(pipe.unet, pipe.scheduler, base, targets, restarts=3, **kw)
+    loss = _held_out_loss(pipe, targets, 8, 3)
+    assert loss(best) <= loss(once) + 1e-9
+    assert ((best - base).norm(dim=-1) <= 0.3 * base.norm(dim=-1) + 1e-5).all()  # random starts stay in budget
+    with pytest.raises(ValueError, match="restarts"):
+        embedding_attack(pipe.unet, pipe.scheduler, base, targets, restarts=0)
+
+
+def test_discrete_attack_prepends_words_that_lower_the_diffusion_loss():
+    from ice_lightning.core.families import denoise
+    from ice_lightning.evaluation.attacks import _training_batch, attack_words, discrete_attack
+    from ice_lightning.shapes import new_pipeline
+
+    pipe = new_pipeline("shapes-image")
+    prompt = ShapesPrompt("a red circle", "red", "circle")
+    targets = renders(prompt, 16, 24)
+    words = attack_words(pipe.tokenizer, ["red"], 40, seed=0)
+    assert len(words) == 40 and "red" not in words
+    encode = lambda texts: pipe.encode_prompt(texts)[0]  # noqa: E731
+    found, found_loss = discrete_attack(pipe.unet, pipe.scheduler, encode, prompt.text, targets, words, length=2,
+                                        candidates=6, batch_size=8, seed=1)  # fmt: skip
+    prefix = found.removesuffix(" " + prompt.text).split()
+    assert found.endswith(" a red circle") and len(prefix) == 2 and set(prefix) <= set(words)
+    noisy, t, target = _training_batch(pipe.scheduler, targets, 8, torch.Generator().manual_seed(1))
+
+    def loss(text):
+        with torch.no_grad():
+            return float((denoise(pipe.unet, noisy, t, encode([text]).expand(8, -1, -1)).float() - target).pow(2)
+                         .mean())  # fmt: skip
+
+    assert found_loss == pytest.approx(loss(found), rel=1e-5)  # scored on one fixed batch
+    singles = sorted(words, key=lambda w: loss(f"{w} {prompt.text}"))
+    assert found_loss <= loss(" ".join([*singles[:2], prompt.text])) + 1e-7  # never worse than where it starts
+    with pytest.raises(ValueError, match="no words"):
+        discrete_attack(pipe.unet, pipe.scheduler, encode, prompt.text, targets, [])
+
+
 shipped = pytest.mark.skipif(not (MODELS_DIR / "shapes-image" / "unet").is_dir(), reason="no shipped image model")
 
 
