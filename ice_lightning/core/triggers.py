@@ -21,10 +21,13 @@ gain it shows holds against searches it never ran:
   the metrics and the benchmark's attacks use.
 
 Example:
-    >>> import ice_lightning  # doctest: +SKIP
+    >>> from ice_lightning.testing import word_tokenizer
+    >>> vocabulary_slice(word_tokenizer(["boat", "harbour", "sky", "lighthouse", "Gogh"]), exclude=["sky"], size=3)
+    ['lighthouse', 'boat', 'harbour']
+    >>> import ice_lightning
     >>> result = ice_lightning.erase(pipe, erase=["nudity"], family="explicit", trigger_rounds=1)  # doctest: +SKIP
     >>> result.triggers["text"][:1]  # doctest: +SKIP
-    ['a photo of circumstances unaware encounter abducted']
+    ['a photo of cooked rape availability']
 """
 
 from __future__ import annotations
