@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import _moved
 from ._lazy import lazy_attributes
 
 __version__ = "0.1.0"
@@ -100,5 +99,3 @@ __all__ = [
     "ICEHyperParams",
     "dissociation_operator",
 ]
-
-_moved.install()

@@ -1,5 +1,5 @@
 """The layout holds: the core imports no Lightning, the product loads no evaluation, shapes or test-pipeline
-module, and the module paths from before the layout still import (with a FutureWarning)."""
+module, and the top-level names are the product's."""
 
 import ast
 import importlib
@@ -77,21 +77,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("ice_lightning"))
     assert not [m for m in loaded if m.startswith(BESIDE)], loaded
 
 
-@pytest.mark.parametrize(
-    ("old", "name", "new"),
-    [
-        ("ice_lightning.attacks", "RedTeam", "ice_lightning.evaluation.attacks"),
-        ("ice_lightning.callback", "SavePipeline", "ice_lightning.lightning.save"),
-        ("ice_lightning.callback", "ICECallback", "ice_lightning.lightning.callback"),
-        ("ice_lightning.solver", "dissociation_operator", "ice_lightning.core.solver"),
-        ("ice_lightning.shapes_eval", "concept_spec", "ice_lightning.shapes.evaluation"),
-    ],
-)
-def test_module_paths_from_before_the_layout_still_import(old, name, new):
-    sys.modules.pop(old, None)
-    with pytest.warns(FutureWarning, match=f"{old} moved to"):
-        module = importlib.import_module(old)
-    assert getattr(module, name) is getattr(importlib.import_module(new), name)
+def test_the_top_level_erase_is_the_function():
     import ice_lightning
 
     assert callable(ice_lightning.erase) and ice_lightning.erase.__module__ == "ice_lightning.core.plan"

@@ -22,7 +22,7 @@ import time
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -42,14 +42,11 @@ from .encoders import EmbeddingSpace
 from .families import default_embedding_spaces, lookup_family
 from .layers import NoTextConditioningLayerError, TextConditioningLayers, adapted_weight, lora_wrappers
 from .solver import (
-    METHODS,
     DissociationOperator,
     ICEHyperParams,
-    build_operator,
-    check_hparams,
     dissociation_operator,
     layer_gram,
-    needs_gram,
+    method_params,
 )
 from .triggers import erase_triggers
 
@@ -69,7 +66,8 @@ __all__ = [
     "DENOISER_COMPONENTS",
 ]
 
-Method = Literal["ice", "cure", "uce", "projection", "rece"]
+#: A name in :data:`~ice_lightning.core.solver.METHODS` (the registry: ICE and the baselines, or one you registered).
+Method = str
 
 log = logging.getLogger(__name__)
 #: An operator of at least this share of the space's width fills it (``solve`` warns).
@@ -237,8 +235,8 @@ class ErasurePlan:
         pipeline: a diffusers pipeline, or any object holding a denoiser (``unet``, ``transformer``) and the
             tokenizers and text encoders its family reads.
         spec: what to erase and keep.
-        method: ``"ice"`` or a baseline.
-        hparams: solver hyperparameters (``ICEHyperParams`` fields for ICE).
+        method: a name in :data:`~ice_lightning.core.solver.METHODS` (``"ice"`` or a baseline).
+        hparams: the method's hyperparameters (fields of its dataclass: ``ICEHyperParams`` for ICE).
         layers: explicit qualified layer names instead of the family table.
         verify: confirm the layers with the family's check pass.
     """
@@ -246,9 +244,8 @@ class ErasurePlan:
     def __init__(self, pipeline, spec: ConceptSpec, method: Method = "ice", hparams: dict | None = None,
                  layers: Iterable[str] | None = None, verify: bool = True) -> None:  # fmt: skip
         t0 = time.perf_counter()
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-        check_hparams(method, dict(hparams or {}))
+        #: the method's typed hyperparameters (:func:`~ice_lightning.core.solver.method_params`), validated
+        self.params = method_params(method, dict(hparams or {}))
         self.spec, self.method, self.hparams = spec, method, dict(hparams or {})
         self.targets = text_conditioning_layers(pipeline, verify=verify, layers=layers)
         self.spaces = pipeline_spaces(pipeline)
@@ -302,13 +299,13 @@ class ErasurePlan:
     def _uses_base(self) -> bool:
         """Whether the solver reads the broad preserve base: ICE with a positive ``base_weight`` (else the 360
         everyday prompts are not encoded at all)."""
-        return self.method == "ice" and ICEHyperParams(**self.hparams).base_weight > 0
+        return getattr(self.params, "base_weight", 0) > 0
 
     @property
     def needs_gram(self) -> bool:
         """Whether :meth:`solve` reads the target layers' weights (RECE; ICE hardened or in the output metric): see
         :meth:`grams`."""
-        return needs_gram(self.method, self.hparams)
+        return self.params.needs_gram
 
     @torch.no_grad()
     def grams(self) -> dict[str, Tensor]:
@@ -360,12 +357,11 @@ class ErasurePlan:
         operators = {}
         for s, st in states.items():
             try:
-                operators[s] = build_operator(self.method, st.erase, st.preserve, anchor=st.anchor,
-                                              concepts=len(self.spec.erase), E_base=st.base, gram=grams.get(s),
-                                              **self.hparams)  # fmt: skip
+                operators[s] = self.params.build(st.erase, st.preserve, anchor=st.anchor,
+                                                 concepts=len(self.spec.erase), E_base=st.base, gram=grams.get(s))
             except ValueError as err:
                 raise ValueError(f"{s!r} space: {err}") from err
-            if self.method == "ice" and ICEHyperParams(**self.hparams).trigger_rounds:
+            if isinstance(self.params, ICEHyperParams) and self.params.trigger_rounds:
                 operators[s] = self._with_triggers(s, operators[s], grams[s])
             filled = _erase_rank(st.erase)
             if filled >= _FULL_SHARE * st.erase.shape[1]:
@@ -383,7 +379,7 @@ class ErasurePlan:
         prompts' words erased with ``erase_expansion = trigger_expansion`` in the erasure's metric, the same preserve
         sets, composed after ``op``."""
         t0 = time.perf_counter()
-        hp, st = ICEHyperParams(**self.hparams), self.states()[space]
+        hp, st = self.params, self.states()[space]
         own = {"harden_rounds": 0, "trigger_rounds": 0, "erase_expansion": hp.trigger_expansion}
 
         def solve_triggers(rows: Tensor) -> DissociationOperator:
@@ -571,12 +567,14 @@ def erase(
             CogVideoX, Wan, LTX) or any pipeline of those denoisers built around another text encoder.
         erase, preserve, family, synonyms, anchor, templates, include_eot: the concept spec (see
             :class:`~ice_lightning.core.concepts.ConceptSpec`); or pass a ready ``spec``.
-        method: ``"ice"`` (default) or a baseline: ``"cure"``, ``"uce"``, ``"projection"``, ``"rece"``.
+        method: ``"ice"`` (default), a baseline (``"cure"``, ``"uce"``, ``"projection"``, ``"rece"``) or any name
+            registered with :func:`~ice_lightning.core.solver.register_method`.
         layers: explicit qualified layer names instead of the family table.
         verify: confirm the layers with a forward hook.
         keep_undo: keep what :meth:`ErasureResult.undo` needs (the smaller of a low-rank record and a copy of the
             edited weights); ``False`` holds no extra memory afterwards, for a model you reload to undo.
-        **hparams: solver hyperparameters (``ICEHyperParams`` fields for ICE).
+        **hparams: the method's hyperparameters (the fields of its dataclass in
+            :data:`~ice_lightning.core.solver.METHODS`: ``ICEHyperParams`` for ICE).
 
     Returns:
         An :class:`ErasureResult`. On any error the pipeline is left exactly as it was.

@@ -41,7 +41,8 @@ from torch import Tensor
 
 from .concepts import NEUTRAL_WORD, ConceptSpec, Prompt
 from .encoders import EmbeddingSpace
-from .solver import DissociationOperator, _composed
+from .solver import DissociationOperator
+from .solver.spectral import _composed
 
 __all__ = ["TriggerSearch", "whole_words", "vocabulary_slice", "find_triggers", "erase_triggers"]
 

@@ -581,8 +581,6 @@ class ICECallback(Callback):
         continues: the export's manifest would not describe them."""
         mine = [c for c in trainer.callbacks if isinstance(c, ICECallback)]
         states = checkpoint.get("callbacks", {})
-        if "ICECallback" in states and len(mine) == 1 and mine[0] is self:  # written before state keys had specs
-            states.setdefault(self.state_key, states.pop("ICECallback"))
         ours = {c.state_key for c in mine}
         foreign = [k for k in states if k.startswith("ICECallback") and k not in ours]
         if foreign:

@@ -13,10 +13,13 @@ shapes world's samples images before and after the edit.
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 # Only the standard library at import time: ``ice-lightning --help``, ``--version`` and ``configs`` answer at
 # once; torch, diffusers and Lightning load with the command that needs them.
@@ -77,7 +80,7 @@ def build_erase_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from ..core.concepts import FAMILIES
-    from ..core.solver import METHODS, ICEHyperParams, Metric, Objective, OverlapKind
+    from ..core.solver import METHODS
 
     er = ArgumentParser(
         prog="ice-lightning erase", description="Erase concepts from a diffusers pipeline and export it."
@@ -97,37 +100,9 @@ def build_erase_parser():
                     help="prompt template with one {} for the concept (repeat); default: the family's")  # fmt: skip
     er.add_argument("--include-eot", action="store_true", help="also use the end-of-text token's state")
     er.add_argument("--method", default="ice", choices=list(METHODS),
-                    help="ice, or a baseline through the same edit: cure, uce, projection, rece")  # fmt: skip
-    defaults = ICEHyperParams()
-    er.add_argument("--lam", type=float, default=None,
-                    help=f"ICE: weight of the preserve term (larger spares shared directions more; {defaults.lam}); "
-                    "uce, rece: the ridge weight")  # fmt: skip
-    er.add_argument("--mu", type=float, default=None, help=f"ICE: ridge weight (> 0; {defaults.mu})")
-    er.add_argument("--erase-expansion", type=float, default=None,
-                    help="ICE: energy expansion a_e of the erase subspace, per concept (larger erases the "
-                    f"weaker directions too; {defaults.erase_expansion})")  # fmt: skip
-    er.add_argument("--preserve-expansion", type=float, default=None,
-                    help=f"ICE: energy expansion a_p of the preserve subspace ({defaults.preserve_expansion})")
-    er.add_argument("--base-weight", type=float, default=None,
-                    help="ICE: weight of the broad preserve base (every token of 360 everyday prompts); 0 turns "
-                    f"it off ({defaults.base_weight})")  # fmt: skip
-    er.add_argument("--harden-rounds", type=int, default=None,
-                    help="ICE: rounds of closed-form hardening against inputs derived from the edited layers "
-                    f"(0: off, the default {defaults.harden_rounds}; 3 measured in docs/benchmarks.md)")  # fmt: skip
-    er.add_argument("--metric", default=None, choices=list(get_args(Metric)),
-                    help="ICE: measure the states as the token states themselves (input) or as the edited layers "
-                    f"see them (output: no input restores what the edit removed; {defaults.metric})")  # fmt: skip
-    er.add_argument("--harden-metric", default=None, choices=list(get_args(Metric)),
-                    help="ICE: the metric in which the hardening rounds' adversarial rows are erased (default: "
-                    "--metric's)")  # fmt: skip
-    er.add_argument("--trigger-rounds", type=int, default=None,
-                    help="ICE: rounds of trigger discovery, a search of the text encoder's vocabulary for prompts "
-                    "that still bring the concept back through the edited layers, erased in turn (0: off, the "
-                    f"default {defaults.trigger_rounds}; 1 measured in docs/benchmarks.md)")  # fmt: skip
-    er.add_argument("--overlap", default=None, choices=list(get_args(OverlapKind)),
-                    help=f"ICE, frobenius objective: the overlap projector of erase and preserve ({defaults.overlap})")
-    er.add_argument("--objective", default=None, choices=list(get_args(Objective)),
-                    help=f"ICE objective: energy-weighted or plain Frobenius ({defaults.objective})")  # fmt: skip
+                    help="ice, or a baseline through the same edit (cure, uce, projection, rece), or a method "
+                    "registered with ice_lightning.core.solver.register_method")  # fmt: skip
+    add_method_arguments(er)
     er.add_argument("--device", default="cpu", help="device to run the text encoder and the edit on")
     er.add_argument("--out", required=True, help="output folder for the erased pipeline (new, empty, or an earlier "
                     "export; never the folder the pipeline was loaded from)")  # fmt: skip
@@ -161,23 +136,80 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-#: The solver flags of ``ice-lightning erase`` and the methods each one applies to.
-SOLVER_FLAGS = {"lam": ("ice", "uce", "rece"), "mu": ("ice",), "erase_expansion": ("ice",),
-                "preserve_expansion": ("ice",), "base_weight": ("ice",), "harden_rounds": ("ice",),
-                "metric": ("ice",), "harden_metric": ("ice",), "trigger_rounds": ("ice",), "overlap": ("ice",),
-                "objective": ("ice",)}  # fmt: skip
+def _field_docs(params: type) -> dict[str, str]:
+    """``{field: its description}`` from the ``Attributes:`` section of a dataclass's Google-style docstring (the
+    first sentence, whitespace collapsed): the hyperparameters are documented once, where they are defined."""
+    docs, name, lines = {}, None, (params.__doc__ or "").splitlines()
+    inside = False
+    for line in lines:
+        if line.strip() == "Attributes:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        head = re.match(r"^ {8}(\w+): (.*)$", line)
+        if head:
+            name, docs[head.group(1)] = head.group(1), head.group(2)
+        elif name and line.startswith(" " * 12):
+            docs[name] += " " + line.strip()
+        elif line.strip():
+            break
+    return {k: re.split(r"(?<=[a-z)`])\. ", v, maxsplit=1)[0].rstrip(".") for k, v in docs.items()}
+
+
+def solver_flags() -> dict[str, tuple[str, ...]]:
+    """``{hyperparameter: the methods that take it}`` over every registered method: one ``--flag`` each."""
+    from ..core.solver import METHODS
+
+    flags: dict[str, tuple[str, ...]] = {}
+    for method, params in METHODS.items():
+        for name in params.__dataclass_fields__:
+            flags[name] = (*flags.get(name, ()), method)
+    return flags
+
+
+def add_method_arguments(parser) -> None:
+    """One ``--flag`` per hyperparameter field of the registered methods' dataclasses (``lam`` -> ``--lam``), its
+    type and choices from the field's annotation, its help from the dataclass's docstring, per method. Nothing is
+    typed here: a field added to a dataclass, or a method registered, is a flag."""
+    import dataclasses
+
+    from ..core.solver import METHODS
+
+    helps: dict[str, dict[str, list[str]]] = {}  # field -> {its help: the methods it reads so}
+    kinds: dict[str, dict] = {}
+    for method, params in METHODS.items():
+        hints, docs = get_type_hints(params), _field_docs(params)
+        for f in dataclasses.fields(params):
+            hint = hints[f.name]
+            args = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, UnionType) else []
+            hint = args[0] if len(args) == 1 else hint
+            if get_origin(hint) is Literal:
+                kind = {"choices": [a for a in get_args(hint)]}
+            else:
+                kind = {"type": hint if hint in (int, float, bool, str) else str}
+            kinds.setdefault(f.name, kind)
+            default = "inf" if f.default == math.inf else f.default
+            text = re.sub(r":\w+:`~?([^`]*)`", r"\1", docs.get(f.name, f.name)).replace("``", "")
+            helps.setdefault(f.name, {}).setdefault(f"({default}): {text}", []).append(method)
+    for name, kind in kinds.items():
+        text = "; ".join(f"{', '.join(methods)} {doc}" for doc, methods in helps[name].items())
+        parser.add_argument("--" + name.replace("_", "-"), default=None, help=text, **kind)
 
 
 def method_hparams(cfg) -> dict:
     """The hyperparameters the given flags set for ``--method``; a flag that does not apply to it is refused
     (``--method uce --base-weight 5`` would otherwise run plain UCE and say nothing)."""
-    given = {k: getattr(cfg, k) for k in SOLVER_FLAGS if getattr(cfg, k, None) is not None}
-    foreign = ["--" + k.replace("_", "-") for k in given if cfg.method not in SOLVER_FLAGS[k]]
+    flags = solver_flags()
+    given = {k: getattr(cfg, k) for k in flags if getattr(cfg, k, None) is not None}
+    foreign = ["--" + k.replace("_", "-") for k in given if cfg.method not in flags[k]]
     if foreign:
+        own = ", ".join("--" + k.replace("_", "-") for k, ms in flags.items() if cfg.method in ms)
+        takers = sorted({m for k in given if cfg.method not in flags[k] for m in flags[k]})
         raise ValueError(
             f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to --method {cfg.method}: "
-            f"{'it takes none of the solver flags' if cfg.method in ('cure', 'projection') else 'it takes --lam only'}"
-            "; drop the flag or choose --method ice"
+            f"it takes {own or 'none of the solver flags'}; drop the flag or choose --method "
+            f"{' or '.join(takers)}"
         )
     return given
 

@@ -1,0 +1,392 @@
+"""ICE's dissociation operator: the closed-form minimiser of the spectral unlearning objective, in the token
+states' metric or the edited layers' output metric, optionally hardened (``docs/method.md`` derives it).
+
+Example:
+    >>> import torch
+    >>> from ice_lightning.core.solver import dissociation_operator
+    >>> g = torch.Generator().manual_seed(0)
+    >>> E_erase, E_preserve = torch.randn(12, 64, generator=g), torch.randn(40, 64, generator=g)
+    >>> op = dissociation_operator(E_erase, E_preserve)
+    >>> W = torch.randn(32, 64, generator=g)
+    >>> op.apply(W).shape
+    torch.Size([32, 64])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .hardening import _MAX_ROUNDS, _check_gram, _check_hardening, harden, metric_factor
+from .spectral import (
+    _DTYPE,
+    _MAX_WEIGHT,
+    _MIN_MU,
+    DissociationOperator,
+    EnergySubspace,
+    Overlap,
+    OverlapKind,
+    Spectrum,
+    _add_direction,
+    _checked_inputs,
+    _in_range,
+    _operator_from,
+    _orth,
+    _with_anchor,
+    compress_states,
+    energy_subspace,
+    overlap_projector,
+)
+
+__all__ = [
+    "ICEHyperParams",
+    "ice_components",
+    "dissociation_operator",
+    "spectral_unlearning_objective",
+    "dense_minimizer",
+]
+
+Objective = Literal["weighted", "frobenius"]
+Metric = Literal["input", "output"]
+
+
+@dataclass(frozen=True)
+class ICEHyperParams:
+    """Hyperparameters of ICE (defaults chosen on the MiniLM development prompts, see docs/method.md).
+
+    Attributes:
+        objective: ``"weighted"`` (default) measures the erasure fidelity in the erase energy metric and
+            the preservation in the preserve energy metric,
+            ``J = ||(D - P_e) P_e^1/2||^2 + lam ||D P_p^1/2||^2 + mu ||D||^2``, minimiser
+            ``D* = P_e^2 (P_e + lam P_p + mu I)^-1`` (the overlap enters as the parallel-sum interaction of
+            ``P_e`` and ``lam P_p``); ``"frobenius"`` is the method file's
+            ``J = ||D - P_e||^2 + lam ||D P_ov||^2 + mu ||D||^2`` with an explicit overlap projector
+            (``overlap``), minimiser ``D* = P_e ((1 + mu) I + lam P_ov^2)^-1``. ``docs/benchmarks.md`` shows
+            why the weighted form is the default.
+        erase_expansion: ``a_e`` of the expansion ``f(r; a)`` for the erase subspace; larger removes
+            low-energy directions of the concept more completely (``inf`` is a hard projector). The main
+            knob of the erasure/collateral trade-off.
+        preserve_expansion: ``a_p`` for the preserve subspace; larger lets weak preserve directions
+            count as fully preserved.
+        lam: weight of the preservation term; larger spares preserved (shared) directions more.
+        mu: ridge weight ``mu ||D||^2`` (``mu > 0`` makes ``J`` strongly convex).
+        overlap: with ``objective="frobenius"``, how the overlap projector ``P_ov`` is built (see
+            :func:`overlap_projector`):
+            ``"energy"`` (default: share of preserve energy per erase direction), ``"angles"``
+            (energy-weighted principal angles, the method file's generalisation), ``"parallel_sum"``
+            (``P_e (P_e + P_p)^+ P_p``), ``"anderson_duffin"`` (``2 P (P + Q)^+ Q`` of the exact
+            projectors) or ``"none"``.
+        overlap_threshold: with ``overlap="angles"``, ``None`` weighs a shared direction by its
+            squared (energy-weighted) cosine; a number in (0, 1] keeps directions whose cosine is at
+            least that value with weight 1 and drops the rest.
+        center: build the subspaces from states centred on the preserve mean and add the mean
+            direction to the overlap (``frobenius``) or the preserve operator (``weighted``) with weight 1,
+            so the component every token shares is kept (and so is that part of the concept's tokens).
+        rank_tol: singular values below ``rank_tol * s_max`` are treated as zero.
+        base_weight: weight ``lam_b`` of the broad preserve base (``weighted`` objective): with base states
+            ``E_b`` (every token of everyday prompts), ``J`` gains ``lam_b ||D P_b^1/2||^2`` with
+            ``P_b = energy_subspace(E_b, base_expansion)``, so the directions everyday tokens use are spared on
+            top of the named preserve concepts. Without base states it has no effect.
+        base_expansion: ``a_b`` of the base's expansion ``f(r; a_b)``; large values weigh every direction the
+            base uses nearly alike (the base stands for "everything else", not for its strongest direction).
+        harden_rounds: rounds of closed-form hardening (:func:`harden`; 0, the default, is plain ICE). Each
+            round derives, from the edited layers themselves, the inputs that best bring the concept's original
+            outputs back, and erases them too; it needs the layers' Gram matrix (``erase()`` passes it).
+        harden_gamma: the ridge of the adversary's closed form, relative to the Gram matrix's largest
+            eigenvalue: smaller finds shorter, more targeted inputs.
+        harden_expansion: ``a_e`` of the adversarial rows' own erase subspace (they are solved as their own
+            ICE erasure, with the same preserve sets, so they never dilute the concept's energy shares).
+        metric: ``"input"`` measures energies, overlaps and the preserve terms on the token states themselves;
+            ``"output"`` on the states as the edited layers see them, ``sum_l ||W_l x||^2`` (the solve runs on
+            ``X L`` with ``L L^T = G / g + metric_ridge I``, :func:`metric_factor`, and ``D = L^-T D~ L^T``). What an
+            output-metric erasure removes with eigenvalue 1 is orthogonal to every output the edited layers can
+            produce, so no input of any norm brings it back; it needs the layers' Gram matrix (``erase()`` passes
+            it).
+        metric_ridge: the ridge of the output metric, relative to the Gram matrix's mean eigenvalue (directions
+            no layer reads keep this much weight).
+        harden_metric: the metric in which the hardening rounds' adversarial rows are erased (``None``: the
+            erasure's own ``metric``). ``"output"`` under a token-state erasure keeps the default's erasure and
+            removes what the adversary uses in the layers' own norm (``docs/method.md``, section 9).
+        trigger_rounds: rounds of trigger discovery (:mod:`ice_lightning.core.triggers`; 0, the default, is off).
+            Each round searches the text encoder's vocabulary for prompts that still bring the concept back through
+            the edited layers and erases them as an erasure of their own, composed after the concept's. The search
+            needs the text encoder, so :class:`~ice_lightning.core.plan.ErasurePlan` runs it (this solver, given
+            only states, ignores the field); it reads the layers' Gram matrix.
+        trigger_expansion: ``a_e`` of the found prompts' own erase subspace (solved in ``metric``, with the same
+            preserve sets).
+    """
+
+    objective: Objective = "weighted"
+    erase_expansion: float = 30.0
+    preserve_expansion: float = 1.0
+    lam: float = 10.0
+    mu: float = 0.01
+    overlap: OverlapKind = "energy"
+    overlap_threshold: float | None = None
+    center: bool = False
+    rank_tol: float = 1e-6
+    base_weight: float = 30.0
+    base_expansion: float = 1.0
+    harden_rounds: int = 0
+    harden_gamma: float = 0.01
+    harden_expansion: float = 3.0
+    metric: Metric = "input"
+    metric_ridge: float = 0.05
+    harden_metric: Metric | None = None
+    trigger_rounds: int = 0
+    trigger_expansion: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("weighted", "frobenius"):
+            raise ValueError(f"unknown objective {self.objective!r}; use 'weighted' or 'frobenius'")
+        if not (self.erase_expansion > 0 and self.preserve_expansion > 0):
+            raise ValueError("erase_expansion and preserve_expansion must be > 0 (use math.inf for a hard projector)")
+        _in_range("lam", self.lam, 0.0, _MAX_WEIGHT, "the overlap weight")
+        _in_range("base_weight", self.base_weight, 0.0, _MAX_WEIGHT, "the broad preserve base's weight")
+        if not self.base_expansion > 0:
+            raise ValueError(f"base_expansion must be > 0, got {self.base_expansion!r}")
+        _in_range("mu", self.mu, 0.0, _MAX_WEIGHT, "the ridge weight; > 0 keeps J strongly convex", low_open=True)
+        if self.mu < _MIN_MU:
+            raise ValueError(f"mu (the ridge weight) must be at least {_MIN_MU:g}, got {self.mu!r}: below it the solve "
+                             "divides by numbers float64 cannot hold")  # fmt: skip
+        _in_range("rank_tol", self.rank_tol, 0.0, 1.0, "relative singular-value cut-off", low_open=True,
+                  high_open=True)  # fmt: skip
+        if self.overlap not in ("angles", "energy", "parallel_sum", "anderson_duffin", "none"):
+            raise ValueError(
+                f"unknown overlap {self.overlap!r}; use 'angles', 'parallel_sum', 'anderson_duffin' or 'none'"
+            )
+        if self.overlap_threshold is not None and not 0 < self.overlap_threshold <= 1:
+            raise ValueError(f"overlap_threshold must lie in (0, 1], got {self.overlap_threshold}")
+        _check_hardening(self.harden_rounds, self.harden_gamma)
+        if not (isinstance(self.harden_expansion, (int, float)) and self.harden_expansion > 0):
+            raise ValueError(f"harden_expansion must be > 0, got {self.harden_expansion!r}")
+        if self.metric not in ("input", "output"):
+            raise ValueError(f"unknown metric {self.metric!r}; use 'input' (token states) or 'output' (the layers' "
+                             "outputs)")  # fmt: skip
+        if self.harden_metric not in (None, "input", "output"):
+            raise ValueError(f"unknown harden_metric {self.harden_metric!r}; use None (the erasure's own metric), "
+                             "'input' or 'output'")  # fmt: skip
+        _in_range("metric_ridge", self.metric_ridge, 0.0, 1.0, "the output metric's ridge, relative to the Gram's "
+                  "mean eigenvalue", low_open=True)  # fmt: skip
+        rounds = self.trigger_rounds
+        if not (isinstance(rounds, int) and not isinstance(rounds, bool) and 0 <= rounds <= _MAX_ROUNDS):
+            raise ValueError(f"trigger_rounds (rounds of trigger discovery) must be an integer in [0, {_MAX_ROUNDS}], "
+                             f"got {rounds!r}; 1 is measured in docs/benchmarks.md")  # fmt: skip
+        if not (isinstance(self.trigger_expansion, (int, float)) and self.trigger_expansion > 0):
+            raise ValueError(f"trigger_expansion must be > 0, got {self.trigger_expansion!r}")
+
+    @property
+    def needs_gram(self) -> bool:
+        """Whether the solve reads the edited layers' Gram matrix: in the output metric, hardened, or with the
+        plan's trigger search."""
+        return self.harden_rounds > 0 or self.metric == "output" or self.trigger_rounds > 0
+
+    def build(self, E_erase: Tensor, E_preserve: Tensor, anchor: tuple[Tensor, Tensor] | None = None,
+              concepts: int = 1, E_base: Tensor | Spectrum | None = None,
+              gram: Tensor | None = None) -> DissociationOperator:  # fmt: skip
+        """ICE's operator with these hyperparameters (:func:`dissociation_operator`)."""
+        return dissociation_operator(E_erase, E_preserve, self, anchor=anchor, concepts=concepts, E_base=E_base,
+                                     gram=gram)  # fmt: skip
+
+
+def spectral_unlearning_objective(
+    D: Tensor, P_e: Tensor, P_2: Tensor, lam: float, mu: float, objective: Objective = "frobenius"
+) -> Tensor:
+    """The spectral unlearning objective (dense; used to verify D*).
+
+    ``frobenius``: ``||D - P_e||_F^2 + lam ||D P_ov||_F^2 + mu ||D||_F^2`` with ``P_2 = P_ov``;
+    ``weighted``: ``tr((D - P_e) P_e (D - P_e)^T) + lam tr(D P_p D^T) + mu ||D||_F^2`` with ``P_2 = P_p``.
+    """
+    if objective == "weighted":
+        R = D - P_e
+        return (R @ P_e * R).sum() + lam * (D @ P_2 * D).sum() + mu * D.square().sum()
+    return (D - P_e).square().sum() + lam * (D @ P_2).square().sum() + mu * D.square().sum()
+
+
+def dense_minimizer(P_e: Tensor, P_2: Tensor, lam: float, mu: float, objective: Objective = "frobenius") -> Tensor:
+    """The unique minimiser by a dense solve (reference for tests): ``frobenius``:
+    ``P_e ((1 + mu) I + lam P_ov^2)^-1``; ``weighted``: ``P_e^2 (P_e + lam P_p + mu I)^-1``."""
+    d = P_e.shape[0]
+    eye = torch.eye(d, dtype=P_e.dtype, device=P_e.device)
+    if objective == "weighted":
+        S, rhs = P_e + lam * P_2 + mu * eye, P_e @ P_e
+    else:
+        S, rhs = (1 + mu) * eye + lam * P_2 @ P_2, P_e
+    return torch.linalg.solve(S.T, rhs.T).T
+
+
+
+def ice_components(
+    E_erase: Tensor, E_preserve: Tensor, hparams: ICEHyperParams, E_base: Tensor | Spectrum | None = None
+) -> tuple[EnergySubspace, Overlap, Overlap | None]:
+    """The ingredients of ``D*``: the energy-weighted erase subspace ``P_e``; by objective, the overlap projector
+    ``P_ov`` (``frobenius``) or the energy-weighted preserve operator ``P_p`` (``weighted``); and the broad preserve
+    base ``P_b`` (``weighted`` with base states and ``base_weight > 0``; ``None`` otherwise), all as
+    ``Q diag(w) Q^T``. With the ``frobenius`` objective, base states join the preserve states."""
+    hp = hparams
+    E_erase, E_preserve, E_base = _checked_inputs(E_erase, E_preserve, E_base)
+    if E_base is not None and hp.objective != "weighted":
+        rows = E_base.rows() if isinstance(E_base, Spectrum) else E_base
+        E_preserve, E_base = torch.cat([E_preserve, rows.to(_DTYPE)]), None
+    mean = E_preserve.mean(0) if hp.center else None
+    if mean is not None:  # subspaces of what is specific to the concept, not of the common token state
+        E_erase, E_preserve = E_erase - mean, E_preserve - mean
+    Pe = energy_subspace(E_erase, hp.erase_expansion, hp.rank_tol)
+    Pp = energy_subspace(E_preserve, hp.preserve_expansion, hp.rank_tol)
+    if hp.objective == "weighted":
+        second = Overlap(basis=Pp.basis, weights=Pp.weights)
+    else:
+        second = overlap_projector(Pe, Pp, hp.overlap, hp.overlap_threshold, E_erase, E_preserve)
+    if mean is not None:  # every token shares the mean direction: it is kept with weight 1
+        second = _add_direction(second, mean)
+    base = None
+    if E_base is not None and hp.base_weight > 0:
+        Pb = energy_subspace(E_base, hp.base_expansion, hp.rank_tol)
+        base = Overlap(basis=Pb.basis, weights=Pb.weights)
+    return Pe, second, base
+
+
+def dissociation_operator(
+    E_erase: Tensor,
+    E_preserve: Tensor,
+    hparams: ICEHyperParams | None = None,
+    anchor: tuple[Tensor, Tensor] | None = None,
+    concepts: int = 1,
+    E_base: Tensor | Spectrum | None = None,
+    gram: Tensor | None = None,
+    **overrides,
+) -> DissociationOperator:
+    """ICE's dissociation operator, the unique minimiser of the spectral unlearning objective, in low-rank form.
+
+    Args:
+        E_erase: (n_e, d) token states of the concept(s) to erase.
+        E_preserve: (n_p, d) token states to preserve.
+        hparams: an :class:`ICEHyperParams`; keyword ``overrides`` replace single fields
+            (``dissociation_operator(E, P, lam=5.0)``).
+        anchor: optional pair ``(E_src, E_dst)`` of (m, d) paired states; the removed component of
+            ``E_src`` is replaced by ``E_dst``'s (UCE-style guide concept).
+        concepts: how many concepts ``E_erase`` holds. Energy shares are taken over all erase tokens, so
+            with k concepts each one's directions carry about 1/k of the energy; ``erase_expansion`` is meant
+            per concept and is applied as ``k * erase_expansion``.
+        E_base: (n_b, d) states of the broad preserve base (every token of everyday prompts), weighted by
+            ``base_weight``: ``S`` below gains ``lam_b P_b``.
+        gram: with ``harden_rounds > 0`` or ``metric="output"``, :func:`layer_gram` of the layers the operator will
+            edit; the operator is then solved in the layers' metric and/or hardened (:func:`harden`), its adversarial
+            rows solved as their own ICE erasure with ``erase_expansion = harden_expansion`` and the same preserve
+            sets.
+
+    ``weighted`` (default): ``D* = P_e^2 S^-1`` with ``S = P_e + lam P_p + lam_b P_b + mu I``. ``B = lam_b P_b +
+    mu I`` is diagonal in the base's own basis and ``P_e + lam P_p = A A^T`` is low rank, so ``S^-1`` applied to
+    ``V_e`` is a Woodbury update of ``B^-1``: one m x m solve (m <= rank P_e + rank P_p), no d x d matrix even
+    when the base spans every direction.
+    ``frobenius``: ``D* = P_e ((1 + mu) I + lam P_ov^2)^-1`` with ``P_ov = Q diag(g) Q^T``; the inverse is a
+    Woodbury update ``(I - Q diag(h) Q^T) / (1 + mu)``, ``h = lam g^2 / (1 + mu + lam g^2)``.
+    In both, ``D*``'s row space is ``span(S^-1 V_e)`` (S symmetric): at most 2 rank(P_e) directions.
+    """
+    if not (isinstance(concepts, int) and concepts >= 1):
+        raise ValueError(f"concepts must be a positive integer, got {concepts!r}")
+    hp = _merge(hparams, overrides)
+    if hp.metric == "output":
+        return _in_output_metric(E_erase, E_preserve, hp, anchor, concepts, E_base, gram)
+    if concepts > 1:
+        hp = _merge(hp, {"erase_expansion": hp.erase_expansion * concepts})
+    Pe, second, base = ice_components(E_erase, E_preserve, hp, E_base)
+    V, f, Q, w = Pe.basis, Pe.weights, second.basis, second.weights
+
+    if hp.objective == "weighted":
+        # S = B + A A^T with B = mu I + lam_b P_b (diagonal in the base's basis: inverted in closed form, so a
+        # base spanning all d directions costs no d x d solve) and A = [V f^1/2, Q (lam w)^1/2]; Woodbury:
+        # S^-1 X = B^-1 X - B^-1 A (I + A^T B^-1 A)^-1 A^T B^-1 X, an m x m solve (m = rank P_e + rank P_p).
+        if base is None:
+            Qb, g = V[:, :0], f[:0]
+        else:
+            Qb, g = base.basis, hp.base_weight * base.weights
+
+        def B_inv(X: Tensor) -> Tensor:
+            return X / hp.mu + Qb @ ((1.0 / (g + hp.mu) - 1.0 / hp.mu)[:, None] * (Qb.T @ X))
+
+        A = torch.cat([V * f.sqrt(), Q * (hp.lam * w).sqrt()], dim=1)
+        BA = B_inv(A)
+        K = torch.eye(A.shape[1], dtype=A.dtype) + A.T @ BA
+        BV = B_inv(V)
+        row_space = BV - BA @ torch.linalg.solve((K + K.T) / 2, A.T @ BV)  # S^-1 V
+
+        def apply(X: Tensor) -> Tensor:  # D* X = V f^2 V^T S^-1 X = V f^2 (S^-1 V)^T X  (S symmetric)
+            return V @ (f.square()[:, None] * (row_space.T @ X))
+
+    else:
+        h = hp.lam * w.square() / (1 + hp.mu + hp.lam * w.square())
+
+        def apply(X: Tensor) -> Tensor:  # D* X = P_e (X - Q diag(h) Q^T X) / (1 + mu)
+            Y = X - Q @ (h[:, None] * (Q.T @ X))
+            return V @ (f[:, None] * (V.T @ Y)) / (1 + hp.mu)
+
+        row_space = Q @ (h[:, None] * (Q.T @ V))
+    op = _with_anchor(_operator_from([V, row_space], apply, "ice", {**_asdict(hp), "concepts": concepts}), anchor)
+    return _hardened(op, E_erase, E_preserve, hp, concepts, E_base, gram)
+
+
+def _hardened(op: DissociationOperator, E_erase: Tensor, E_preserve: Tensor, hp: ICEHyperParams, concepts: int,
+              E_base, gram: Tensor | None) -> DissociationOperator:  # fmt: skip
+    """``op`` after ``hp.harden_rounds`` rounds of :func:`harden`, each round's adversarial rows solved as their own
+    ICE erasure with ``erase_expansion = harden_expansion``, in ``harden_metric`` (default: the erasure's own), with
+    the same preserve sets."""
+    if hp.harden_rounds == 0:
+        return op
+    _check_gram(gram, op.dim, "harden_rounds > 0 reads the edited layers: pass gram=layer_gram(weights)")
+    plain = {"harden_rounds": 0, "erase_expansion": hp.harden_expansion, "metric": hp.harden_metric or hp.metric}
+
+    def solve_adversary(rows: Tensor) -> DissociationOperator:
+        return dissociation_operator(rows, E_preserve, hp, concepts=concepts, E_base=E_base, gram=gram, **plain)
+
+    return harden(op, E_erase, gram, solve_adversary, hp.harden_rounds, hp.harden_gamma)
+
+
+
+def _in_output_metric(E_erase, E_preserve, hp: ICEHyperParams, anchor, concepts, E_base, gram) -> DissociationOperator:
+    """ICE solved on the states as the edited layers see them (``metric="output"``): with ``L`` from
+    :func:`metric_factor`, ``D = L^-T D~ L^T`` where ``D~`` is ICE's operator for the states ``X L``. Every energy
+    share, overlap and preserve weight is then measured in ``sum_l ||W_l x||^2``, and the layers' outputs of the
+    edited input, ``W (I - D) x``, are orthogonal (over all layers) to what ``D~`` removed whenever ``D~`` is a
+    projector there: no input of any norm brings that part back (``docs/method.md``, section 9)."""
+    E_erase, E_preserve, E_base = _checked_inputs(E_erase, E_preserve, E_base)
+    _check_gram(gram, E_erase.shape[-1], "metric='output' reads the edited layers: pass gram=layer_gram(weights), "
+                "or metric='input' to measure the token states themselves")  # fmt: skip
+    L = metric_factor(gram, hp.metric_ridge)
+
+    def mapped(E):  # rows x^T -> (L^T x)^T = x^T L
+        if E is None:
+            return None
+        if isinstance(E, Spectrum):
+            return compress_states(E.rows().to(_DTYPE) @ L)
+        return E.to(_DTYPE) @ L
+
+    inner = _merge(hp, {"metric": "input", "harden_rounds": 0})
+    anchor_t = None if anchor is None else (mapped(anchor[0]), mapped(anchor[1]))
+    tilde = dissociation_operator(mapped(E_erase), mapped(E_preserve), inner, anchor=anchor_t, concepts=concepts,
+                                  E_base=mapped(E_base))  # fmt: skip
+
+    def back(Y: Tensor) -> Tensor:  # L^-T Y
+        return torch.linalg.solve_triangular(L.T, Y, upper=True)
+
+    def apply(X: Tensor) -> Tensor:  # D X = L^-T D~ L^T X
+        return back(tilde.U @ (tilde.M @ (tilde.U.T @ (L.T @ X))))
+
+    hparams = {**_asdict(hp), "concepts": concepts, **({"anchor": True} if anchor is not None else {})}
+    op = _operator_from([_orth(back(tilde.U)), L @ tilde.U], apply, "ice", hparams)
+    return _hardened(op, E_erase, E_preserve, hp, concepts, E_base, gram)
+
+
+def _asdict(hp: ICEHyperParams) -> dict:
+    return {k: getattr(hp, k) for k in hp.__dataclass_fields__}
+
+
+def _merge(hparams: ICEHyperParams | None, overrides: dict) -> ICEHyperParams:
+    base = _asdict(hparams or ICEHyperParams())
+    unknown = set(overrides) - set(base)
+    if unknown:
+        raise TypeError(f"unknown ICE hyperparameter(s) {sorted(unknown)}; valid: {sorted(base)}")
+    return ICEHyperParams(**{**base, **overrides})

@@ -1,0 +1,361 @@
+"""The spectral pieces every method shares: energy-weighted subspaces, overlap projectors and the low-rank
+operator ``D = U M U^T`` that edits a layer as ``W <- W (I - D)``.
+
+Pure torch, float64. Notation (rows are token states): ``E_e`` (n_e x d) erase states, ``E_p`` (n_p x d)
+preserve states. ``docs/method.md`` derives every formula.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EnergySubspace",
+    "Spectrum",
+    "compress_states",
+    "Overlap",
+    "DissociationOperator",
+    "expansion",
+    "energy_subspace",
+    "overlap_projector",
+    "energy_overlap",
+    "anderson_duffin",
+]
+
+_DTYPE = torch.float64
+OverlapKind = Literal["angles", "energy", "parallel_sum", "anderson_duffin", "none"]
+
+
+
+#: Above this, lam or mu swamp every other term of J in float64 and the edit silently vanishes.
+_MAX_WEIGHT = 1e6
+#: Below this, ``1 / mu`` in the Woodbury solve overflows what float64 resolves against the other terms.
+_MIN_MU = 1e-12
+
+
+def _in_range(name: str, value, low: float, high: float, what: str, low_open: bool = False,
+              high_open: bool = False) -> None:  # fmt: skip
+    """Refuse a hyperparameter outside ``[low, high]`` (or the open ends), NaN and inf included."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} ({what}) must lie in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+
+
+def expansion(r: Tensor, a: float) -> Tensor:
+    """Anisotropic energy expansion ``f(r; a) = a r / ((a - 1) r + 1)``.
+
+    ``f(0) = 0``, ``f(1) = 1``, ``a = 1`` gives ``f = r``, ``a -> inf`` gives the indicator ``r > 0``.
+    """
+    if math.isinf(a):
+        return (r > 0).to(r.dtype)
+    return a * r / ((a - 1.0) * r + 1.0)
+
+
+@dataclass
+class EnergySubspace:
+    """``P = V diag(weights) V^T``: an orthonormal basis ``V`` (d x k) with energy-expanded weights."""
+
+    basis: Tensor
+    weights: Tensor
+    energy: Tensor
+
+    @property
+    def dim(self) -> int:
+        return self.basis.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    def dense(self) -> Tensor:
+        """The d x d operator (for tests and small d only)."""
+        return (self.basis * self.weights) @ self.basis.T
+
+
+def _check_states(E: Tensor, name: str) -> Tensor:
+    if not isinstance(E, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (n, d), got {type(E).__name__}")
+    if E.ndim != 2:
+        raise ValueError(f"{name} must have shape (n, d) (one row per token state), got shape {tuple(E.shape)}")
+    if E.shape[0] == 0:
+        raise ValueError(f"{name} is empty: no token states were collected for it")
+    if not torch.isfinite(E).all():
+        raise ValueError(
+            f"{name} contains NaN or inf; the text encoder produced non-finite states "
+            "(run it in float32, or check its weights)"
+        )
+    return E.detach().to(_DTYPE)
+
+
+class Spectrum(NamedTuple):
+    """States given by their SVD, ``diag(s) Vh`` (at most d rows with the Gram matrix of the states they stand
+    for): :func:`energy_subspace` reads them without decomposing again, which matters for a large base at
+    d = 4096 (an SVD there takes seconds)."""
+
+    s: Tensor
+    Vh: Tensor
+
+    def rows(self) -> Tensor:
+        return self.s[:, None] * self.Vh
+
+
+def compress_states(E: Tensor) -> Spectrum:
+    """The rows of ``E`` (n x d) as a :class:`Spectrum`: the same Gram matrix, hence the same energy subspace."""
+    _, s, Vh = torch.linalg.svd(_check_states(E, "E"), full_matrices=False)
+    return Spectrum(s, Vh)
+
+
+def energy_subspace(E: Tensor | Spectrum, a: float, rank_tol: float = 1e-6) -> EnergySubspace:
+    """Energy-weighted subspace of the rows of ``E`` (n x d, or a :class:`Spectrum`): SVD, energy shares,
+    expansion ``f(r; a)``."""
+    if isinstance(E, Spectrum):
+        s, Vh = E.s.to(_DTYPE), E.Vh.to(_DTYPE)
+    else:
+        _, s, Vh = torch.linalg.svd(_check_states(E, "E"), full_matrices=False)
+    if s.numel() == 0 or s[0] <= 0:
+        raise ValueError("the token states are all zero; nothing spans a subspace")
+    n = int((s > rank_tol * s[0]).sum())  # singular values come sorted: the kept ones are a prefix (a view)
+    s, V = s[:n], Vh[:n].T
+    r = s.square() / s.square().sum()
+    return EnergySubspace(basis=V, weights=expansion(r, a), energy=r)
+
+
+@dataclass
+class Overlap:
+    """``P_ov = Q diag(weights) Q^T`` with ``Q`` (d x k) orthonormal and weights in [0, 1]."""
+
+    basis: Tensor
+    weights: Tensor
+
+    def dense(self) -> Tensor:
+        return (self.basis * self.weights) @ self.basis.T
+
+
+def _orth(X: Tensor, tol: float = 1e-10) -> Tensor:
+    """Orthonormal basis of the column span of X (d x m), by SVD (rank-revealing)."""
+    if X.shape[1] == 0:
+        return X
+    U, s, _ = torch.linalg.svd(X, full_matrices=False)
+    if s.numel() == 0 or s[0] == 0:
+        return X[:, :0]
+    return U[:, s > tol * s[0]]
+
+
+def _extend(V: Tensor, X: Tensor, tol: float = 1e-10) -> Tensor:
+    """Orthonormal basis of span(V, X) for an orthonormal ``V`` (d x k): ``V`` followed by an orthonormal basis
+    of ``X``'s part orthogonal to it (SVD of that d x m residual only, not of the d x (k + m) block)."""
+    if X.shape[1] == 0:
+        return V
+    Rm = X - V @ (V.T @ X)
+    Rm = Rm - V @ (V.T @ Rm)  # second pass: orthogonal to V to working precision
+    U, s, _ = torch.linalg.svd(Rm, full_matrices=False)
+    scale = float(X.norm(dim=0).max()) if X.numel() else 0.0
+    return torch.cat([V, U[:, s > tol * max(scale, 1e-300)]], dim=1)
+
+
+def _low_rank_from_span(basis: Tensor, op_on_basis: Tensor) -> tuple[Tensor, Tensor]:
+    """Given an orthonormal ``basis`` (d x k) and the k x k matrix of a symmetric operator in it, return
+    the eigen-decomposition (Q, w) with w > 0 kept, Q orthonormal in R^d."""
+    op_on_basis = (op_on_basis + op_on_basis.T) / 2
+    w, A = torch.linalg.eigh(op_on_basis)
+    keep = w > 1e-8  # weights live in [0, 1]; below this is round-off of an empty overlap
+    return basis @ A[:, keep], w[keep].clamp(max=1.0)
+
+
+def anderson_duffin(P: Tensor, Q: Tensor, rcond: float = 1e-10) -> Tensor:
+    """Dense ``2 P (P + Q)^+ Q``: the orthogonal projector onto range(P) ∩ range(Q) for projectors P, Q."""
+    return 2 * P @ torch.linalg.pinv(P + Q, rtol=rcond, hermitian=True) @ Q
+
+
+def overlap_projector(
+    erase: EnergySubspace,
+    preserve: EnergySubspace,
+    kind: OverlapKind = "angles",
+    threshold: float | None = None,
+    E_erase: Tensor | None = None,
+    E_preserve: Tensor | None = None,
+) -> Overlap:
+    """Closed-form projector onto the directions the erase and preserve subspaces share.
+
+    ``"angles"``: with ``B_e = V_e diag(sqrt f_e)`` and ``B_p = V_p diag(sqrt f_p)``, the SVD
+    ``B_e^T B_p = A diag(c) C^T`` gives energy-weighted cosines ``c``; ``P_ov = (V_e A) diag(g(c)) (V_e A)^T``
+    with ``g = c^2`` or a threshold. With exact projectors (f = 1) ``c`` are the cosines of the principal
+    angles, so ``P_ov`` is the projector onto the intersection when the angles are 0 or 90 degrees.
+    ``"parallel_sum"`` is ``P_e (P_e + P_p)^+ P_p`` (symmetrised), ``"anderson_duffin"`` the same formula
+    (times 2) on the exact projectors ``V V^T``. All are computed inside span(V_e, V_p), never as d x d.
+    ``"energy"`` needs the states themselves (``E_erase``, ``E_preserve``): see :func:`energy_overlap`.
+    """
+    d = erase.dim
+    if kind == "none":
+        return Overlap(basis=erase.basis[:, :0], weights=erase.weights[:0])
+    if kind == "energy":
+        if E_erase is None or E_preserve is None:
+            raise ValueError("overlap='energy' needs the token states E_erase and E_preserve")
+        return energy_overlap(erase, E_erase, E_preserve)
+    if kind == "angles":
+        cross = (erase.basis.T @ preserve.basis) * erase.weights.sqrt()[:, None] * preserve.weights.sqrt()
+        A, c, _ = torch.linalg.svd(cross, full_matrices=False)
+        c = c.clamp(0.0, 1.0)
+        g = c.square() if threshold is None else (c >= threshold - 1e-12).to(c.dtype)
+        keep = g > 0
+        return Overlap(basis=erase.basis @ A[:, keep], weights=g[keep])
+    # Both Anderson-Duffin forms live in span(V_e, V_p): write the operators in that basis (k x k).
+    Z = _orth(torch.cat([erase.basis, preserve.basis], dim=1))
+    if kind == "anderson_duffin":
+        Pe = (Z.T @ erase.basis) @ (erase.basis.T @ Z)
+        Pp = (Z.T @ preserve.basis) @ (preserve.basis.T @ Z)
+        ov = anderson_duffin(Pe, Pp)
+    elif kind == "parallel_sum":
+        Ze, Zp = Z.T @ erase.basis, Z.T @ preserve.basis
+        Pe = (Ze * erase.weights) @ Ze.T
+        Pp = (Zp * preserve.weights) @ Zp.T
+        ov = Pe @ torch.linalg.pinv(Pe + Pp, rtol=1e-10, hermitian=True) @ Pp
+    else:
+        raise ValueError(f"unknown overlap kind {kind!r}")
+    basis, weights = _low_rank_from_span(Z, ov)
+    assert basis.shape[0] == d
+    return Overlap(basis=basis, weights=weights)
+
+
+def energy_overlap(erase: EnergySubspace, E_erase: Tensor, E_preserve: Tensor) -> Overlap:
+    """Share of preserve energy in each direction of the erase subspace.
+
+    In the erase basis V, with mean token energies ``B = V^T E_e^T E_e V / n_e`` and
+    ``A = V^T E_p^T E_p V / n_p``, ``P_ov = V (A + B)^{-1/2} A (A + B)^{-1/2} V^T``: symmetric, eigenvalues
+    in [0, 1], 1 where only preserve tokens live, 0 where only the concept does (a normalised parallel
+    sum of the two energy operators).
+    """
+    V = erase.basis
+    Xe, Xp = E_erase @ V, E_preserve @ V
+    B = Xe.T @ Xe / E_erase.shape[0]
+    A = Xp.T @ Xp / E_preserve.shape[0]
+    w, Y = torch.linalg.eigh(A + B)
+    inv_sqrt = (Y / w.clamp_min(1e-12 * float(w.max())).sqrt()) @ Y.T
+    g, Z = torch.linalg.eigh(inv_sqrt @ A @ inv_sqrt)
+    g = g.clamp(0.0, 1.0)
+    keep = g > 1e-8
+    return Overlap(basis=V @ Z[:, keep], weights=g[keep])
+
+
+def _add_direction(ov: Overlap, v: Tensor) -> Overlap:
+    """Overlap with the direction ``v`` added at weight 1 (its part orthogonal to the current basis)."""
+    r = v - ov.basis @ (ov.basis.T @ v)
+    if r.norm() <= 1e-10 * max(float(v.norm()), 1e-300):
+        return ov
+    basis = torch.cat([ov.basis, (r / r.norm())[:, None]], dim=1)
+    return Overlap(basis=basis, weights=torch.cat([ov.weights, ov.weights.new_ones(1)]))
+
+
+@dataclass
+class DissociationOperator:
+    """A d x d operator ``D = U M U^T`` in low-rank form, applied to a layer as ``W <- W - (W U)(M U^T)``.
+
+    ``U`` (d x k) has orthonormal columns and ``M`` is k x k, both float64. ``method`` and ``hparams``
+    record how it was made (they go into the export manifest).
+    """
+
+    U: Tensor
+    M: Tensor
+    method: str = "ice"
+    hparams: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return self.U.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    def dense(self) -> Tensor:
+        """The d x d matrix D (for tests and small d only)."""
+        return self.U @ self.M @ self.U.T
+
+    def factors(self, W: Tensor) -> tuple[Tensor, Tensor]:
+        """Low-rank factors ``(L, R)`` of the weight change, ``W_new = W - L @ R``, in float64."""
+        if W.ndim != 2 or W.shape[1] != self.dim:
+            raise ValueError(
+                f"dimension mismatch: the operator acts on {self.dim}-d text states but the layer weight "
+                f"has shape {tuple(W.shape)} (in_features {W.shape[-1]}); embed the prompts with the "
+                "text encoder whose states this layer reads"
+            )
+        L = W.detach().to(self.U.device, _DTYPE) @ self.U
+        return L, self.M @ self.U.T
+
+    def apply(self, W: Tensor) -> Tensor:
+        """``W (I - D)`` computed in float64 and cast back to W's dtype and device."""
+        L, R = self.factors(W)
+        return (W.detach().to(self.U.device, _DTYPE) - L @ R).to(W.device, W.dtype)
+
+    def to(self, device: torch.device | str) -> DissociationOperator:
+        return DissociationOperator(self.U.to(device), self.M.to(device), self.method, dict(self.hparams))
+
+
+def _operator_from(spans: list[Tensor], D_apply, method: str, hparams: dict) -> DissociationOperator:
+    """Build ``U, M`` from spans known to contain D's row and column spaces; ``D_apply(X) = D @ X``.
+    ``spans[0]`` has orthonormal columns (it is extended, not re-decomposed)."""
+    U = _extend(spans[0], torch.cat(spans[1:], dim=1)) if len(spans) > 1 else spans[0]
+    M = U.T @ D_apply(U)
+    return DissociationOperator(U=U, M=M, method=method, hparams=hparams)
+
+
+def _anchor_map(anchor: tuple[Tensor, Tensor] | None, d: int) -> tuple[Tensor, Tensor] | None:
+    """``T = E_dst^T (E_src^T)^+``, returned as the pair (E_dst^T, pinv(E_src^T)), rank <= m."""
+    if anchor is None:
+        return None
+    src, dst = (_check_states(x, n) for x, n in zip(anchor, ("anchor source states", "anchor states"), strict=True))
+    if src.shape != dst.shape or src.shape[1] != d:
+        raise ValueError(
+            f"anchor pairs must be two (m, {d}) tensors of paired states, got {tuple(src.shape)} and {tuple(dst.shape)}"
+        )
+    return dst.T, torch.linalg.pinv(src.T, rtol=1e-8)
+
+
+def _with_anchor(op: DissociationOperator, anchor: tuple[Tensor, Tensor] | None) -> DissociationOperator:
+    """Replace the removed component by the anchor's: ``D -> (I - T) D`` with ``T c_src ≈ c_dst``."""
+    pair = _anchor_map(anchor, op.dim)
+    if pair is None:
+        return op
+    dst_T, src_pinv = pair
+    D = op
+
+    def apply(X: Tensor) -> Tensor:
+        DX = D.U @ (D.M @ (D.U.T @ X))
+        return DX - dst_T @ (src_pinv @ DX)
+
+    hp = dict(op.hparams, anchor=True)
+    return _operator_from([op.U, dst_T], apply, op.method, hp)
+
+
+def _checked_inputs(E_erase: Tensor, E_preserve: Tensor, E_base: Tensor | Spectrum | None):
+    """The states, checked (finite, 2-d, non-empty) and of one width; float64."""
+    E_erase = _check_states(E_erase, "E_erase")
+    E_preserve = _check_states(E_preserve, "E_preserve")
+    if isinstance(E_base, Spectrum):  # an SVD's output: finite unless its singular values are not
+        _check_states(E_base.s[:, None], "E_base")
+    elif E_base is not None:
+        E_base = _check_states(E_base, "E_base")
+    for name, E in (("preserve", E_preserve), ("base", E_base)):
+        width = None if E is None else (E.Vh if isinstance(E, Spectrum) else E).shape[1]
+        if width is not None and width != E_erase.shape[1]:
+            raise ValueError(f"dimension mismatch: erase states are {E_erase.shape[1]}-d, {name} states {width}-d")
+    return E_erase, E_preserve, E_base
+
+
+def _composed(first: DissociationOperator, second: DissociationOperator, method: str,
+              hparams: dict) -> DissociationOperator:  # fmt: skip
+    """``I - D = (I - D_first)(I - D_second)``: ``D = D_second + D_first (I - D_second)``, in span(U_1, U_2)."""
+
+    def apply(X: Tensor) -> Tensor:
+        Y = second.U @ (second.M @ (second.U.T @ X))
+        Z = X - Y
+        return Y + first.U @ (first.M @ (first.U.T @ Z))
+
+    return _operator_from([first.U, second.U], apply, method, hparams)
