@@ -2,7 +2,6 @@
 module, and the top-level names are the product's."""
 
 import ast
-import importlib
 import json
 import subprocess
 import sys

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from .editing import is_sharded, tensor_sha256
+from .editing import tensor_sha256
+from .sharding import is_sharded
 
 __all__ = ["cache_dir", "key", "module_fingerprint", "load_tensors", "save_tensors", "load_json", "save_json"]
 

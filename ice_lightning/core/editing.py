@@ -10,7 +10,8 @@ first checks every layer against the exact hash of the weight it wrote, then rev
 
 Sharded weights (torch FSDP2's ``DTensor`` parameters, sharded by rows) are edited shard by shard: the edit
 ``W (I - D)`` mixes a weight's input columns only, so each rank edits the rows it holds with the same
-operator (:func:`local_shard`), and no rank ever gathers a full weight. Hashes are then per shard.
+operator (:func:`~ice_lightning.core.sharding.local_shard`),
+and no rank ever gathers a full weight. Hashes are then per shard.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .sharding import gather_columns, is_sharded, local_shard
 from .solver import DissociationOperator
 
 __all__ = [
@@ -30,62 +32,12 @@ __all__ = [
     "undo_edits",
     "tensor_sha256",
     "RollbackError",
-    "local_shard",
-    "like_weight",
-    "is_sharded",
-    "reshard",
     "dense_is_cheaper",
 ]
 
 _F64 = torch.float64
 # Above this share of non-invertible entries a dense copy of the original is cheaper than indices.
 _DENSE_FIXUP_SHARE = 0.25
-
-
-def _dtensor_type():
-    if not torch.distributed.is_available():
-        return ()
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
-
-def is_sharded(t: Tensor) -> bool:
-    """Whether ``t`` is a ``DTensor`` (a parameter of a module sharded with FSDP2's ``fully_shard``)."""
-    return isinstance(t, _dtensor_type())
-
-
-def reshard(models) -> None:
-    """Put every FSDP2 unit inside ``models`` back in its sharded state. FSDP2 swaps a unit's parameters for
-    gathered copies during a forward pass, and keeps the root unit's gathered after a forward without backward
-    (a check pass, a validation step): an edit written there would be lost at the next reshard. After this,
-    each ``module.weight`` is the persistent row shard."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2: nothing can be sharded
-        return
-    for model in models:
-        for unit in model.modules():
-            if isinstance(unit, FSDPModule):
-                unit.reshard()
-
-
-def local_shard(t: Tensor) -> Tensor:
-    """The rows of a sharded ``DTensor`` weight this rank holds (a view: writing it writes the parameter);
-    any other tensor as it is."""
-    return t.to_local() if is_sharded(t) else t
-
-
-def like_weight(value: Tensor, weight: Tensor) -> Tensor:
-    """``value``, computed from :func:`local_shard` of ``weight``, as a tensor laid out like ``weight`` (a
-    ``DTensor`` with its mesh and placements when ``weight`` is one), so code that multiplies by whole weights
-    works on shards unchanged."""
-    if not is_sharded(weight):
-        return value
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(value, weight.device_mesh, weight.placements, run_check=False, shape=weight.shape,
-                              stride=weight.stride())  # fmt: skip
 
 
 def tensor_sha256(t: Tensor) -> str:
@@ -101,21 +53,9 @@ def layer_outputs(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
     gathered across ranks: the outputs (a few hundred rows) travel, never the weight."""
     if is_sharded(weight):
         local = layer_outputs(local_shard(weight), None if bias is None else local_shard(bias), x)
-        return _gather_columns(local, weight)
+        return gather_columns(local, weight)
     out = x @ weight.detach().to(x.device, torch.float64).T
     return out if bias is None else out + bias.detach().to(x.device, torch.float64)
-
-
-def _gather_columns(local: Tensor, weight) -> Tensor:
-    from torch.distributed.tensor import DTensor, Shard
-
-    if len(weight.placements) != 1 or weight.placements[0] != Shard(0):
-        raise NotImplementedError(f"weights sharded as {weight.placements}; ICE supports row sharding (Shard(0))")
-    n, out = local.shape[0], weight.shape[0]
-    dev = weight.device_mesh.device_type
-    full = DTensor.from_local(local.to(dev), weight.device_mesh, [Shard(1)], run_check=False, shape=(n, out),
-                              stride=(out, 1)).full_tensor()  # fmt: skip
-    return full.to(local.device)
 
 
 def concept_outputs(weights: dict[str, tuple[Tensor, Tensor | None]], layer_spaces: dict[str, str],

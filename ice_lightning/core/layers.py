@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from . import cache
 from .families import DenoiserFamily, LayerRule, NoTextConditioningLayerError, family_of, lookup_family
 
-__all__ = ["TextConditioningLayers", "NoTextConditioningLayerError"]
+__all__ = ["TextConditioningLayers", "NoTextConditioningLayerError", "is_lora"]
+
 
 def _reads(inp: Tensor, ref: Tensor) -> bool:
     """True if every row of ``inp`` equals some row of ``ref`` (up to the model dtype's rounding)."""
@@ -91,7 +92,7 @@ class TextConditioningLayers:
             layers = {}
             for n, m in model.named_modules():
                 for r in rules:
-                    if r.matches(n) and (isinstance(m, nn.Linear) or _is_lora(m)):
+                    if r.matches(n) and (isinstance(m, nn.Linear) or is_lora(m)):
                         layers.update(_expand_lora(n, m, r.space))
         bad = [n for n, (m, _) in layers.items() if not isinstance(m, nn.Linear)]
         if bad:
@@ -180,7 +181,7 @@ def _check_key(model: nn.Module, family: DenoiserFamily, fit: dict, dims: dict[s
                      family.name, [(r.space, r.pattern, r.exclude) for r in family.rules], shapes, dims)  # fmt: skip
 
 
-def _is_lora(module: nn.Module) -> bool:
+def is_lora(module: nn.Module) -> bool:
     """A PEFT LoRA wrapper (``base_layer`` + ``lora_A``) around a linear layer."""
     return isinstance(getattr(module, "base_layer", None), nn.Linear) and hasattr(module, "lora_A")
 
@@ -189,7 +190,7 @@ def _expand_lora(name: str, module: nn.Module, space: str) -> dict[str, tuple[nn
     """A plain linear layer maps to itself. A LoRA-wrapped one ``W x + B A x`` maps to its base layer and
     every ``lora_A`` (both read the text states): editing ``W <- W (I - D)`` and ``A <- A (I - D)`` edits
     the adapted layer ``W + B A`` exactly, with the adapters left unmerged."""
-    if not _is_lora(module):
+    if not is_lora(module):
         return {name: (module, space)}
     out = {f"{name}.base_layer": (module.base_layer, space)}
     for adapter, lin in module.lora_A.items():
@@ -203,7 +204,7 @@ def lora_wrappers(models: Iterable[nn.Module]) -> dict[int, nn.Module]:
     out = {}
     for model in models:
         for m in model.modules():
-            if _is_lora(m):
+            if is_lora(m):
                 out[id(m.base_layer)] = m
                 out.update({id(lin): m for lin in m.lora_A.values()})
     return out

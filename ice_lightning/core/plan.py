@@ -32,15 +32,12 @@ from .editing import (
     LayerEdit,
     apply_edits,
     concept_outputs,
-    is_sharded,
-    like_weight,
-    local_shard,
-    reshard,
     undo_edits,
 )
 from .encoders import EmbeddingSpace
 from .families import default_embedding_spaces, lookup_family
 from .layers import NoTextConditioningLayerError, TextConditioningLayers, adapted_weight, lora_wrappers
+from .sharding import is_sharded, like_weight, local_shard, reshard
 from .solver import (
     DissociationOperator,
     ICEHyperParams,

@@ -29,10 +29,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..core.concepts import ConceptSpec, Family
-from ..core.editing import is_sharded, local_shard, reshard, tensor_sha256
-from ..core.export import Adapters, check_export_destination, gather_pipeline, rebased, save_erased
+from ..core.editing import tensor_sha256
+from ..core.export import Adapters, check_export_destination, rebased, save_erased
 from ..core.plan import DENOISER_COMPONENTS, ErasurePlan, Method, edit_history
 from ..core.probe import TextSpaceProbe
+from ..core.sharding import gather_pipeline, is_sharded, local_shard, reshard
 from ..core.solver import DissociationOperator, check_hparams
 from .filters import CaptionFilter, drop_rows, filter_name, keep_mask
 

@@ -16,7 +16,7 @@ from helpers import changed, snapshot
 
 import ice_lightning
 import ice_lightning.core.editing as editing
-import ice_lightning.core.export as export
+import ice_lightning.core.export.save as export
 from ice_lightning.core.export import MANIFEST_NAME, save_erased, verify_export
 from ice_lightning.core.plan import edit_history
 from ice_lightning.lightning.cli import main as cli

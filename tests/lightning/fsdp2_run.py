@@ -20,8 +20,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from ice_lightning import ICECallback  # noqa: E402
-from ice_lightning.core.editing import local_shard  # noqa: E402
 from ice_lightning.core.pipelines import load_pipeline  # noqa: E402
+from ice_lightning.core.sharding import local_shard  # noqa: E402
 
 GATHERED = []  # shapes of every DTensor made whole during the callback's applications
 _full_tensor = DTensor.full_tensor

@@ -1,0 +1,119 @@
+"""The erasure alone as the diffusers/PEFT LoRA it exactly is (``format="lora"``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..editing import tensor_sha256
+from ..layers import is_lora
+from ..plan import ErasureResult, denoisers, edit_history
+from .manifest import _FORMAT, OPERATORS_NAME, _check_results_belong, _versions
+
+__all__ = ["LORA_NAME", "erasure_lora"]
+
+
+#: The LoRA file of ``format="lora"`` (the name ``pipe.load_lora_weights(folder)`` looks for).
+LORA_NAME = "pytorch_lora_weights.safetensors"
+
+
+def _check_lora_loadable(pipeline, results: Sequence[ErasureResult]) -> None:
+    """Refuse ``format="lora"`` where diffusers cannot load the LoRA back exactly, before anything is written."""
+    edited = {n.split(".", 1)[0] for r in results for n in r.layers}
+    if "transformer_2" in edited:
+        raise ValueError(
+            f"format='lora' cannot ship this erasure of {type(pipeline).__name__}: it edits both experts "
+            "(transformer and transformer_2), and diffusers' load_lora_weights loads one LoRA into transformer only "
+            "(with load_into_transformer_2=True, the same weights into both, which are not the same edit). Export "
+            "the merged model (format='merged')"
+        )
+    if not callable(getattr(pipeline, "load_lora_weights", None)):
+        raise ValueError(
+            f"format='lora': {type(pipeline).__name__} has no load_lora_weights, so no diffusers LoRA loads onto it; "
+            "export the merged model (format='merged')"
+        )
+    for comp in sorted(edited):
+        model = getattr(pipeline, comp)
+        if not callable(getattr(model, "load_lora_adapter", None)):
+            raise ValueError(
+                f"format='lora': the {comp} of {type(pipeline).__name__} ({type(model).__name__}) has no "
+                "load_lora_adapter, so diffusers cannot load a LoRA into it; export the merged model "
+                "(format='merged')"
+            )
+
+
+def erasure_lora(pipeline, results: Sequence[ErasureResult] | None = None) -> dict[str, Tensor]:
+    """The erasures ``results`` (default: every live one of ``pipeline``) as one LoRA in diffusers' format,
+    ``{"<component>.<layer>.lora_A.weight": U^T, "<component>.<layer>.lora_B.weight": Delta W U}`` (float32).
+
+    Each edit of a layer changes it by ``-(X U) M U^T``: its rows lie in the span of the operator's ``U``. The
+    total change since before the first erasure, ``Delta W`` (rebuilt from the undo records, float64), therefore
+    equals ``(Delta W U) U^T`` with ``U`` an orthonormal basis of every erasure's span for that layer, a LoRA of
+    that rank with scale 1. Successive erasures (several ``erase()`` calls) give one LoRA."""
+    results = [r for r in (results if results is not None else edit_history(pipeline)) if not r.undone]
+    if not results:
+        raise ValueError("nothing was erased from this pipeline; call ice_lightning.erase(...) before save_erased")
+    _check_results_belong(pipeline, results)
+    if any(r.restored for r in results):
+        raise ValueError(
+            "format='lora' needs the weights from before the erasure, which a model restored from a checkpoint (or "
+            "a sharded or adapter fine-tune) does not have; export the merged model (format='merged')"
+        )
+    _check_lora_loadable(pipeline, results)
+    if any(is_lora(m) for comp in denoisers(pipeline).values() for m in comp.modules()):
+        raise ValueError(
+            "format='lora' exports the erasure of plain weights; this pipeline carries LoRA adapters: export the "
+            "merged model (format='merged') or the adapters beside it (adapters='separate')"
+        )
+    if not all(e.undoable for r in results for e in r.edits):
+        raise ValueError(
+            "format='lora' rebuilds each edit from its undo record, and an erasure was applied with keep_undo=False; "
+            "erase again with keep_undo=True, or export format='merged'"
+        )
+    out: dict[str, Tensor] = {}
+    layers = list(dict.fromkeys(n for r in results for n in r.layers))
+    for name in layers:
+        chain = [(r, next(e for e in r.edits if e.name == name)) for r in results if name in r.layer_spaces]
+        module = chain[-1][1].module
+        if tensor_sha256(module.weight) != chain[-1][1].fingerprint:
+            raise ValueError(
+                f"layer {name!r} changed since it was erased (training?): its erasure is no longer the difference "
+                "from the original weights; export the merged model (format='merged')"
+            )
+        now = module.weight.detach().to(torch.float64)
+        w = now
+        for _, edit in reversed(chain):  # walk back to the weight before the first erasure
+            w = edit.before(after=w)
+        spans = [r.operators[r.layer_spaces[name]].U.to(torch.float64) for r, _ in chain]
+        U = spans[0] if len(spans) == 1 else torch.linalg.svd(torch.cat(spans, 1), full_matrices=False)[0]
+        delta = now - w.to(now.device)
+        out[f"{name}.lora_A.weight"] = U.T.to(torch.float32).contiguous().cpu()
+        out[f"{name}.lora_B.weight"] = (delta @ U.to(now.device)).to(torch.float32).contiguous().cpu()
+    return out
+
+
+def _lora_files(pipeline, results: list[ErasureResult], lora: dict[str, Tensor], folder: Path,
+                extra: dict | None) -> dict:  # fmt: skip
+    """Write the LoRA file of ``format="lora"`` into ``folder``; return its manifest (files not yet hashed)."""
+    from safetensors.torch import save_file
+
+    save_file(lora, str(folder / LORA_NAME), metadata={"format": "pt", "ice_lightning": _FORMAT})
+    return {
+        "format": _FORMAT,
+        "export_format": "lora",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pipeline_class": type(pipeline).__name__,
+        "erasures": [r.to_manifest() for r in results],
+        "erased_concepts": list(dict.fromkeys(c for r in results for c in r.spec.erase)),
+        "versions": _versions(),
+        "operators_file": OPERATORS_NAME,
+        "lora_file": LORA_NAME,
+        "lora_bytes": (folder / LORA_NAME).stat().st_size,
+        "lora_ranks": {k.removesuffix(".lora_A.weight"): int(v.shape[0]) for k, v in lora.items()
+                       if k.endswith(".lora_A.weight")},  # fmt: skip
+        **(extra or {}),
+    }

@@ -1,0 +1,279 @@
+"""The export's manifest: what was erased (concepts, method, hyperparameters, layers and the space each reads),
+the library versions, the sha256 of every file and of each edited tensor, each erasure's concept residual through
+the shipped layers; the operators file beside it; its schema; the model card's section."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..concepts import ConceptSpec
+from ..editing import tensor_sha256
+from ..plan import ErasureResult, pipeline_spaces, resolve_layer
+from ..probe import concept_residual, residual_of_outputs
+from ..solver import DissociationOperator
+
+__all__ = ["MANIFEST_NAME", "OPERATORS_NAME", "ExportVerificationError", "load_manifest"]
+
+log = logging.getLogger(__name__)
+
+
+MANIFEST_NAME = "ice_manifest.json"
+
+
+OPERATORS_NAME = "ice_operators.safetensors"
+
+
+_FORMAT = "ice-lightning/manifest-v2"
+
+
+_CARD_MARK = "<!-- ice-lightning -->"
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("ice-lightning", "torch", "diffusers", "transformers", "safetensors"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+class ExportVerificationError(ValueError):
+    """An export does not match its manifest, or its manifest is malformed; the message says where."""
+
+
+def _weight(pipeline, qualified: str) -> Tensor:
+    return resolve_layer(pipeline, qualified).weight
+
+
+def _source_folders(pipeline) -> list[Path]:
+    """Local folders ``pipeline`` (or one of its components) was loaded from."""
+    paths = [getattr(getattr(pipeline, "config", None), "_name_or_path", None)]
+    for comp in getattr(pipeline, "components", {}).values():
+        paths.append(getattr(getattr(comp, "config", None), "_name_or_path", None))
+    out = []
+    for p in paths:
+        if isinstance(p, (str, os.PathLike)) and str(p) and Path(p).is_dir():
+            out.append(Path(p).resolve())
+    return out
+
+
+def _check_results_belong(pipeline, results: Sequence[ErasureResult]) -> None:
+    """Refuse erasure records of another pipeline: a manifest may only claim what this pipeline's layers hold."""
+    for i, r in enumerate(results):
+        for name, module in r.modules().items():
+            try:
+                own = resolve_layer(pipeline, name)
+            except AttributeError:
+                own = None
+            if own is not module:
+                raise ValueError(
+                    f"results[{i}] (the erasure of {r.spec.erase}) was applied to another pipeline: layer {name!r} "
+                    "is not this pipeline's module. Export the pipeline it was applied to, or leave results=None "
+                    "to export this pipeline's own erasures"
+                )
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            h = hashlib.sha256()
+            with p.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            out[p.relative_to(folder).as_posix()] = h.hexdigest()
+    return out
+
+
+def _concept_states(pipeline, spec: ConceptSpec, spaces: set[str]) -> dict[str, Tensor]:
+    all_spaces = pipeline_spaces(pipeline)
+    return {s: all_spaces[s].token_states(spec.heldout_erase_prompts()) for s in spaces}
+
+
+def _residuals(pipeline, result: ErasureResult) -> dict[str, float]:
+    """The concept residual of ``result`` through the current layers (and, when known, through the weights
+    it started from)."""
+    states = _concept_states(pipeline, result.spec, set(result.layer_spaces.values()))
+    now = {n: (m.weight, m.bias) for n, m in result.modules().items()}
+    out = {"concept_residual": concept_residual(now, result.layer_spaces, states, result.operators)}
+    if result.pre_edit_outputs is not None:  # keep_undo=False: recorded before the edit was written
+        out["concept_residual_before"] = residual_of_outputs(result.pre_edit_outputs.values())
+    elif not result.restored:
+        before = result.reference_weights()
+        out["concept_residual_before"] = concept_residual(before, result.layer_spaces, states, result.operators)
+    return out
+
+
+def _inherited(pipeline) -> tuple[list[dict], list[dict[str, DissociationOperator]]]:
+    """The erasures of the earlier export ``pipeline`` was loaded from (its valid merged manifest), with their
+    operators: an export of a model erased again carries them, its residuals recomputed through today's layers."""
+    for folder in _source_folders(pipeline):
+        if not (folder / MANIFEST_NAME).is_file():
+            continue
+        try:
+            earlier = load_manifest(folder)
+            if earlier.get("export_format", "merged") != "merged":
+                continue
+            operators = _load_operators(folder / earlier.get("operators_file", OPERATORS_NAME), earlier)
+        except (ExportVerificationError, OSError) as err:
+            log.warning("not carrying the erasures of %s: its manifest cannot be read (%s)", folder, err)
+            continue
+        out = []
+        for e, ops in zip(earlier["erasures"], operators, strict=True):
+            _, now = _recorded_residual_now(pipeline, e, ops)
+            digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
+            source = {"export": str(folder), "manifest_sha256": digest,
+                      "concept_residual_at_export": e["concept_residual"]}  # fmt: skip
+            out.append({**e, "concept_residual": now, "inherited_from": source})
+        return out, operators
+    return [], []
+
+
+def _manifest(pipeline, results: list[ErasureResult], extra: dict | None,
+              inherited: list[dict] | None = None) -> dict:  # fmt: skip
+    erasures = [*(inherited or []), *({**r.to_manifest(), **_residuals(pipeline, r)} for r in results)]
+    layers = list(dict.fromkeys([*(n for e in inherited or [] for n in e["layers"]),
+                                 *(n for r in results for n in r.layers)]))  # fmt: skip
+    return {
+        "format": _FORMAT,
+        "export_format": "merged",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pipeline_class": type(pipeline).__name__,
+        "erasures": erasures,
+        "erased_concepts": list(dict.fromkeys(c for e in erasures for c in e["concepts"]["erase"])),
+        "versions": _versions(),
+        "operators_file": OPERATORS_NAME,
+        "edited_tensors": {f"{n}.weight": tensor_sha256(_weight(pipeline, n)) for n in layers},
+        **(extra or {}),
+    }
+
+
+def _save_operators(path: Path, operators: Sequence[dict[str, DissociationOperator]]) -> None:
+    """The operators of each erasure, in the manifest's order (``{i}.{space}.U`` and ``.M``)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, ops in enumerate(operators):
+        for space, op in ops.items():
+            tensors[f"{i}.{space}.U"] = op.U.detach().cpu().contiguous()
+            tensors[f"{i}.{space}.M"] = op.M.detach().cpu().contiguous()
+    save_file(tensors, str(path))
+
+
+def _load_operators(path: Path, manifest: dict) -> list[dict[str, DissociationOperator]]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    out = []
+    for i, e in enumerate(manifest["erasures"]):
+        ops = {}
+        for space in set(e["layer_spaces"].values()):
+            U, M = tensors.get(f"{i}.{space}.U"), tensors.get(f"{i}.{space}.M")
+            if U is None or M is None:
+                raise ExportVerificationError(f"{path.name} has no operator for erasures[{i}], space {space!r}")
+            ops[space] = DissociationOperator(U.to(torch.float64), M.to(torch.float64), e.get("method", "ice"), {})
+        out.append(ops)
+    return out
+
+
+def _recorded_residual_now(pipeline, e: dict, operators: dict[str, DissociationOperator]) -> tuple[ConceptSpec, float]:
+    """The spec of a manifest's erasure record ``e`` and its concept residual through ``pipeline``'s layers now."""
+    spec = ConceptSpec(**{k: v for k, v in e["concepts"].items() if k in ConceptSpec.__dataclass_fields__})
+    states = _concept_states(pipeline, spec, set(e["layer_spaces"].values()))
+    mods = {n: resolve_layer(pipeline, n) for n in e["layers"]}
+    return spec, concept_residual({n: (m.weight, m.bias) for n, m in mods.items()}, e["layer_spaces"], states,
+                                  operators)  # fmt: skip
+
+
+def _write_card(out: Path, manifest: dict) -> None:
+    lines = [
+        _CARD_MARK,
+        "## Concept erasure (ICE)",
+        "",
+        "This model was edited with [ice-lightning](https://pypi.org/project/ice-lightning/) "
+        "(Instant Concept Erasure): a closed-form edit of the layers that read the text encoder's states.",
+        "",
+        "| erased | family | method | edited layers |",
+        "|---|---|---|---|",
+    ]
+    for e in manifest["erasures"]:
+        c = e["concepts"]
+        lines.append(f"| {', '.join(c['erase'])} | {c['family']} | {e['method']} | {len(e['layers'])} |")
+    lines += ["", f"Hashes of the edited tensors are in `{MANIFEST_NAME}`.", ""]
+    card = out / "README.md"
+    text = card.read_text() if card.exists() else ""
+    if _CARD_MARK in text:
+        text = text[: text.index(_CARD_MARK)]
+    card.write_text((text.rstrip() + "\n\n" if text.strip() else "") + "\n".join(lines))
+
+
+def load_manifest(path: str | os.PathLike) -> dict:
+    """Read ``ice_manifest.json`` from an exported folder (checked against the manifest's schema)."""
+    p = Path(path) / MANIFEST_NAME
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found: {path} was not exported with ice_lightning.save_erased")
+    try:
+        manifest = json.loads(p.read_text())
+    except ValueError as err:
+        raise ExportVerificationError(f"{p} is not valid JSON ({err})") from err
+    _check_schema(manifest)
+    return manifest
+
+
+def _need(cond: bool, field: str, what: str) -> None:
+    if not cond:
+        raise ExportVerificationError(f"malformed manifest: field {field!r} {what}; re-export the model")
+
+
+def _is_digest(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def _check_schema(m) -> None:
+    _need(isinstance(m, dict), "(top level)", f"must be an object, got {type(m).__name__}")
+    _need(m.get("format") == _FORMAT, "format", f"must be {_FORMAT!r}, got {m.get('format')!r}")
+    _need(isinstance(m.get("pipeline_class"), str), "pipeline_class", "must be a string")
+    _need(isinstance(m.get("erasures"), list) and len(m["erasures"]) > 0, "erasures", "must be a non-empty list")
+    lora = m.get("export_format") == "lora"
+    for i, e in enumerate(m["erasures"]):
+        f = f"erasures[{i}]"
+        _need(isinstance(e, dict), f, "must be an object")
+        _need(isinstance(e.get("concepts"), dict) and isinstance(e["concepts"].get("erase"), list),
+              f"{f}.concepts", "must be an object with an 'erase' list")  # fmt: skip
+        _need(isinstance(e.get("layers"), list) and all(isinstance(n, str) for n in e["layers"]) and e["layers"],
+              f"{f}.layers", "must be a non-empty list of layer names")  # fmt: skip
+        spaces = e.get("layer_spaces")
+        _need(isinstance(spaces, dict) and set(spaces) == set(e["layers"]), f"{f}.layer_spaces",
+              "must map every edited layer to its embedding space")  # fmt: skip
+        if not lora:
+            _need(isinstance(e.get("concept_residual"), (int, float)), f"{f}.concept_residual", "must be a number")
+            if not (e.get("restored_from_checkpoint") or e.get("recorded_from")):  # else no pre-edit weights
+                _need(isinstance(e.get("concept_residual_before"), (int, float)), f"{f}.concept_residual_before",
+                      "must be a number (the residual before the edit, which verify compares against)")  # fmt: skip
+    _need(m.get("export_format", "merged") in ("merged", "lora"), "export_format", "must be 'merged' or 'lora'")
+    if lora:
+        _need(isinstance(m.get("lora_file"), str), "lora_file", "must name the LoRA file")
+    for field in ("files",) if lora else ("edited_tensors", "files"):
+        v = m.get(field)
+        _need(isinstance(v, dict) and v and all(isinstance(k, str) and _is_digest(d) for k, d in v.items()),
+              field, "must map names to sha256 hex digests")  # fmt: skip
+    if lora:
+        _need(m["lora_file"] in m["files"], "lora_file",
+              f"must be one of the export's hashed files, got {m['lora_file']!r}")  # fmt: skip
+        return
+    named = {f"{n}.weight" for e in m["erasures"] for n in e["layers"]}
+    _need(set(m["edited_tensors"]) == named, "edited_tensors",
+          f"must list exactly the layers the erasures name ({len(named)}), got {len(m['edited_tensors'])}")  # fmt: skip
