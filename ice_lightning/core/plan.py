@@ -41,6 +41,7 @@ from .sharding import is_sharded, like_weight, local_shard, reshard
 from .solver import (
     DissociationOperator,
     ICEHyperParams,
+    build_operator,
     dissociation_operator,
     layer_gram,
     method_params,
@@ -354,8 +355,9 @@ class ErasurePlan:
         operators = {}
         for s, st in states.items():
             try:
-                operators[s] = self.params.build(st.erase, st.preserve, anchor=st.anchor,
-                                                 concepts=len(self.spec.erase), E_base=st.base, gram=grams.get(s))
+                operators[s] = build_operator(self.method, st.erase, st.preserve, anchor=st.anchor,
+                                              concepts=len(self.spec.erase), E_base=st.base, gram=grams.get(s),
+                                              **self.hparams)  # fmt: skip
             except ValueError as err:
                 raise ValueError(f"{s!r} space: {err}") from err
             if isinstance(self.params, ICEHyperParams) and self.params.trigger_rounds:
