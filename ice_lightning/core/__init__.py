@@ -3,7 +3,7 @@
 - :mod:`.solver`: the mathematics (energy subspaces, overlap projector, ``D*`` in low-rank form, baselines);
 - :mod:`.concepts`: concept specs, templates, default preserve and synonym sets;
 - :mod:`.encoders`: text-encoder states per embedding space;
-- :mod:`.families`: the table of denoiser families (layer rules, check pass, spaces, training call);
+- :mod:`.architectures`: the table of denoiser architectures (layer rules, check pass, spaces, training call);
 - :mod:`.layers`: finding and verifying the text-conditioning layers;
 - :mod:`.plan`: the erasure plan (plan, solve, apply) and :func:`erase`;
 - :mod:`.triggers`: trigger discovery, the defence's own vocabulary search (``trigger_rounds``);
@@ -25,11 +25,11 @@ _NAMES = {
     "load_manifest": ".export",
     "save_erased": ".export",
     "verify_export": ".export",
-    "FAMILIES": ".families",
-    "DenoiserFamily": ".families",
-    "LayerRule": ".families",
-    "family_of": ".families",
-    "register_family": ".families",
+    "ARCHITECTURES": ".architectures",
+    "Architecture": ".architectures",
+    "LayerRule": ".architectures",
+    "architecture_of": ".architectures",
+    "register_architecture": ".architectures",
     "NoTextConditioningLayerError": ".layers",
     "TextConditioningLayers": ".layers",
     "load_pipeline": ".pipelines",
@@ -48,6 +48,13 @@ _NAMES = {
 __getattr__, __dir__ = lazy_attributes(__name__, _NAMES)
 
 if TYPE_CHECKING:  # the names for type checkers and editors; at run time each loads on first use
+    from .architectures import (
+        ARCHITECTURES,
+        Architecture,
+        LayerRule,
+        architecture_of,
+        register_architecture,
+    )
     from .concepts import (
         ConceptSpec,
         Prompt,
@@ -56,13 +63,6 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time each l
         load_manifest,
         save_erased,
         verify_export,
-    )
-    from .families import (
-        FAMILIES,
-        DenoiserFamily,
-        LayerRule,
-        family_of,
-        register_family,
     )
     from .layers import (
         NoTextConditioningLayerError,
@@ -95,11 +95,11 @@ __all__ = [
     "load_manifest",
     "save_erased",
     "verify_export",
-    "FAMILIES",
-    "DenoiserFamily",
+    "ARCHITECTURES",
+    "Architecture",
     "LayerRule",
-    "family_of",
-    "register_family",
+    "architecture_of",
+    "register_architecture",
     "NoTextConditioningLayerError",
     "TextConditioningLayers",
     "load_pipeline",

@@ -1,11 +1,11 @@
-"""How each denoiser family is trained: its latents, its text conditioning and its model call.
+"""How each denoiser architecture is trained: its latents, its text conditioning and its model call.
 
-The family table (:mod:`ice_lightning.core.families`) puts these functions into each family's entry; this
+The architecture table (:mod:`ice_lightning.core.architectures`) puts these functions into each entry; this
 module holds them, with the flow-matching sigma schedule that SD3, Flux, Wan and LTX-Video share. Each
-family follows a published training script, named in its function's docstring:
+architecture follows a published training script, named in its function's docstring:
 
 ======================  ============================================================================
-family                  follows
+architecture            follows
 ======================  ============================================================================
 UNet2D (SD, SDXL)       diffusers ``train_text_to_image.py`` / ``train_text_to_image_sdxl.py``
 SD3                     diffusers ``train_dreambooth_sd3.py`` (flow matching, ``--weighting_scheme``)
@@ -16,11 +16,11 @@ Wan 2.1 / 2.2           finetrainers ``models/wan`` (flow matching; 2.2's expert
 LTX-Video               finetrainers ``models/ltx_video`` (flow matching, packed latents, rope scale)
 ======================  ============================================================================
 
-Layouts: a family's ``latents`` returns what its pipeline's denoising loop holds before packing, images
+Layouts: an architecture's ``latents`` returns what its pipeline's denoising loop holds before packing, images
 ``(B, C, H, W)``; clips ``(B, C, F, H, W)``, except CogVideoX ``(B, F, C, H, W)``. Its ``denoise`` takes and
 returns that layout (packing and unpacking inside), with timesteps on the schedulers' ``[0, 1000]`` scale.
 Its ``conditioning`` calls the pipeline's own ``encode_prompt`` and returns the keyword arguments of
-``denoise``: ``encoder_hidden_states`` and whatever else the family's model reads (pooled projections,
+``denoise``: ``encoder_hidden_states`` and whatever else the architecture's model reads (pooled projections,
 attention masks, text ids, rope scale).
 """
 

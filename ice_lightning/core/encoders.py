@@ -1,8 +1,8 @@
 """Text-encoder states per embedding space, collected through each pipeline's own tokenizer and encoder.
 
-Each denoiser family reads one or two *embedding spaces* (``"text"``: per-token states; ``"pooled"``: one
-vector per prompt), built from the pipeline's own tokenizers and encoders by that family's entry in
-:mod:`ice_lightning.core.families` out of the sources defined here: :class:`SequenceSource` (one encoder's
+Each denoiser architecture reads one or two *embedding spaces* (``"text"``: per-token states; ``"pooled"``: one
+vector per prompt), built from the pipeline's own tokenizers and encoders by that architecture's entry in
+:mod:`ice_lightning.core.architectures` out of the sources defined here: :class:`SequenceSource` (one encoder's
 per-token states), :class:`FeatureConcatSource` (several encoders concatenated per token, as SDXL and SD3
 do) and :class:`PooledSource` (pooled prompt embeddings).
 

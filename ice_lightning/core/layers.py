@@ -1,8 +1,8 @@
 """The linear layers of a denoiser that read raw text-encoder states, found by rule and confirmed by a hook.
 
-The rules come from the denoiser's entry in the family table (:mod:`ice_lightning.core.families`): name
+The rules come from the denoiser's entry in the architecture table (:mod:`ice_lightning.core.architectures`): name
 patterns of the layers and the embedding space (``"text"`` or ``"pooled"``) they read.
-:meth:`TextConditioningLayers.find` applies them, then runs the family's check pass (one small forward pass
+:meth:`TextConditioningLayers.find` applies them, then runs the architecture's check pass (one small forward pass
 with distinctive random text states) and keeps only layers whose input rows are exactly those states
 (UNet3D repeats the text per frame; the rows still match). A model where nothing is found is refused.
 """
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import cache
-from .families import DenoiserFamily, LayerRule, NoTextConditioningLayerError, family_of, lookup_family
+from .architectures import Architecture, LayerRule, NoTextConditioningLayerError, architecture_of, lookup_architecture
 
 __all__ = ["TextConditioningLayers", "NoTextConditioningLayerError", "is_lora"]
 
@@ -79,7 +79,7 @@ class TextConditioningLayers:
                 candidate of another width is not confirmed (default: the candidates' own widths).
         """
         kind = type(model).__name__
-        family = lookup_family(model)
+        arch = lookup_architecture(model)
         if names is not None:
             modules = dict(model.named_modules())
             missing = [n for n in names if n not in modules]
@@ -88,7 +88,7 @@ class TextConditioningLayers:
             layers = {n: (modules[n], names[n] if isinstance(names, Mapping) else "text") for n in names}
         else:
             if rules is None:
-                rules = (family or family_of(model)).rules  # family_of raises for a class outside the table
+                rules = (arch or architecture_of(model)).rules  # architecture_of raises for a class outside the table
             layers = {}
             for n, m in model.named_modules():
                 for r in rules:
@@ -103,12 +103,12 @@ class TextConditioningLayers:
                 f"{[r.pattern for r in rules or ()]}; is this a text-conditioned model?"
             )
         found = cls(model, layers)
-        if verify and family is not None:
-            found = found._verified(family, dims or found.spaces)
+        if verify and arch is not None:
+            found = found._verified(arch, dims or found.spaces)
         return found
 
-    def _verified(self, family: DenoiserFamily, dims: dict[str, int]) -> TextConditioningLayers:
-        """The found layers that receive the text states (of widths ``dims``) in the family's check pass."""
+    def _verified(self, arch: Architecture, dims: dict[str, int]) -> TextConditioningLayers:
+        """The found layers that receive the text states (of widths ``dims``) in the architecture's check pass."""
         fit = {n: (lin, s) for n, (lin, s) in self.layers.items() if lin.in_features == dims.get(s)}
         if not fit:
             widths = sorted({lin.in_features for lin, _ in self.layers.values()})
@@ -116,7 +116,7 @@ class TextConditioningLayers:
                 f"dimension mismatch: the text-conditioning layers of {type(self.model).__name__} read {widths}-d "
                 f"states but the text states are {dims}-d; the denoiser and the text encoder do not belong together"
             )
-        check_key = _check_key(self.model, family, fit, dims)
+        check_key = _check_key(self.model, arch, fit, dims)
         known = _CHECKED.get(check_key) if check_key else None
         if check_key and known is None:
             known = cache.load_json("layers", check_key)
@@ -125,7 +125,7 @@ class TextConditioningLayers:
             return TextConditioningLayers(self.model, {n: fit[n] for n in known})
         p = next(self.model.parameters())
         g = torch.Generator().manual_seed(0)
-        length = {"text": family.text_length_of(self.model), "pooled": 1}
+        length = {"text": arch.text_length_of(self.model), "pooled": 1}
         states = {s: torch.randn(1, length[s], dims[s], generator=g).to(p.device, p.dtype) for s in self.spaces}
         if "pooled" in states:
             states["pooled"] = states["pooled"][:, 0]
@@ -135,7 +135,7 @@ class TextConditioningLayers:
         self.model.eval()  # dropout (LoRA's included) would hide that a layer reads the states
         try:
             with torch.no_grad():
-                family.check_pass(self.model, states)
+                arch.check_pass(self.model, states)
         except (NotImplementedError, RuntimeError, TypeError, KeyError) as err:
             raise NoTextConditioningLayerError(
                 f"cannot run the check forward pass of {type(self.model).__name__} ({err}); pass verify=False "
@@ -161,9 +161,9 @@ class TextConditioningLayers:
 _CHECKED: dict[str, list[str]] = {}
 
 
-def _check_key(model: nn.Module, family: DenoiserFamily, fit: dict, dims: dict[str, int]) -> str | None:
+def _check_key(model: nn.Module, arch: Architecture, fit: dict, dims: dict[str, int]) -> str | None:
     """What the check pass's answer depends on: the denoiser's class and config (diffusers models carry one), the
-    diffusers version (its forward code), the family's rules and the candidate layers with their shapes. ``None``
+    diffusers version (its forward code), the architecture's rules and the candidate layers with their shapes. ``None``
     for a model without a config (checked every time)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "items"):
@@ -178,7 +178,7 @@ def _check_key(model: nn.Module, family: DenoiserFamily, fit: dict, dims: dict[s
     shapes = [(n, s, type(lin).__name__, lin.in_features, lin.out_features) for n, (lin, s) in fit.items()]
     config = {k: v for k, v in config.items() if not k.startswith("_")}  # "_use_default_values": set order
     return cache.key("layer-check", 1, f"{cls.__module__}.{cls.__qualname__}", config, version,
-                     family.name, [(r.space, r.pattern, r.exclude) for r in family.rules], shapes, dims)  # fmt: skip
+                     arch.name, [(r.space, r.pattern, r.exclude) for r in arch.rules], shapes, dims)  # fmt: skip
 
 
 def is_lora(module: nn.Module) -> bool:

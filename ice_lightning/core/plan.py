@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .architectures import default_embedding_spaces, lookup_architecture
 from .concepts import ConceptSpec, Family, Prompt
 from .editing import (
     LayerEdit,
@@ -35,7 +36,6 @@ from .editing import (
     undo_edits,
 )
 from .encoders import EmbeddingSpace
-from .families import default_embedding_spaces, lookup_family
 from .layers import NoTextConditioningLayerError, TextConditioningLayers, adapted_weight, lora_wrappers
 from .sharding import is_sharded, like_weight, local_shard, reshard
 from .solver import (
@@ -128,7 +128,7 @@ def find_text_conditioning(
     spaces = dict(layers) if isinstance(layers, Mapping) else None  # {name: space}: spaces given, not "text"
     names = list(layers) if layers is not None else None
     dens = denoisers(pipeline)
-    known = verify and all(lookup_family(m) is not None for m in dens.values())  # else nothing is verified
+    known = verify and all(lookup_architecture(m) is not None for m in dens.values())  # else nothing is verified
     dims = {s: space.dim for s, space in pipeline_spaces(pipeline).items()} if known else None
     for comp, model in dens.items():
         if names is not None:
@@ -156,14 +156,14 @@ def text_conditioning_layers(
 
 
 def pipeline_spaces(pipeline) -> dict[str, EmbeddingSpace]:
-    """Embedding spaces of ``pipeline``, built by its denoiser's family once and cached (the text encoders are
+    """Embedding spaces of ``pipeline``, built by its denoiser's architecture once and cached (the text encoders are
     frozen). The cache is keyed by the identity of the tokenizers and text encoders: swapping one rebuilds it."""
     denoiser = next(iter(denoisers(pipeline).values()))
     key = tuple(id(getattr(pipeline, n, None)) for n in _ENCODER_PARTS)
     cached = _SPACES.get(denoiser)
     if cached is None or cached[0] != key:
-        family = lookup_family(denoiser)  # None: a class outside the table, its layers named explicitly
-        build = family.embedding_spaces if family is not None else default_embedding_spaces
+        arch = lookup_architecture(denoiser)  # None: a class outside the table, its layers named explicitly
+        build = arch.embedding_spaces if arch is not None else default_embedding_spaces
         cached = (key, build(pipeline, denoiser))
         _SPACES[denoiser] = cached
     return cached[1]
@@ -231,12 +231,12 @@ class ErasurePlan:
 
     Args:
         pipeline: a diffusers pipeline, or any object holding a denoiser (``unet``, ``transformer``) and the
-            tokenizers and text encoders its family reads.
+            tokenizers and text encoders its architecture reads.
         spec: what to erase and keep.
         method: a name in :data:`~ice_lightning.core.solver.METHODS` (``"ice"`` or a baseline).
         hparams: the method's hyperparameters (fields of its dataclass: ``ICEHyperParams`` for ICE).
-        layers: explicit qualified layer names instead of the family table.
-        verify: confirm the layers with the family's check pass.
+        layers: explicit qualified layer names instead of the architecture table.
+        verify: confirm the layers with the architecture's check pass.
     """
 
     def __init__(self, pipeline, spec: ConceptSpec, method: Method = "ice", hparams: dict | None = None,
@@ -568,7 +568,7 @@ def erase(
             :class:`~ice_lightning.core.concepts.ConceptSpec`); or pass a ready ``spec``.
         method: ``"ice"`` (default), a baseline (``"cure"``, ``"uce"``, ``"projection"``, ``"rece"``) or any name
             registered with :func:`~ice_lightning.core.solver.register_method`.
-        layers: explicit qualified layer names instead of the family table.
+        layers: explicit qualified layer names instead of the architecture table.
         verify: confirm the layers with a forward hook.
         keep_undo: keep what :meth:`ErasureResult.undo` needs (the smaller of a low-rank record and a copy of the
             edited weights); ``False`` holds no extra memory afterwards, for a model you reload to undo.

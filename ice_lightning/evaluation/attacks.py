@@ -45,9 +45,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from ..core.architectures import denoise
 from ..core.concepts import ConceptSpec, Prompt
 from ..core.encoders import EmbeddingSpace, FeatureConcatSource, SequenceSource
-from ..core.families import denoise
 from ..core.plan import ErasureResult
 from ..core.probe import LeakageRate, layer_outputs
 from ..core.triggers import whole_words

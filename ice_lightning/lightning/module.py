@@ -8,9 +8,9 @@ Example:
     >>> ICEModule(pipeline="tiny:flux", lora_rank=4).objective
     'flow_matching'
 
-Every family of the table (:mod:`ice_lightning.core.families`) trains: UNets (SD, SDXL, TextToVideoSD,
+Every architecture of the table (:mod:`ice_lightning.core.architectures`) trains: UNets (SD, SDXL, TextToVideoSD,
 AnimateDiff, SVD) and transformers (SD3, Flux, PixArt, CogVideoX, Wan 2.1 and 2.2, LTX-Video), each with its
-family's latents, text conditioning and model call (:mod:`ice_lightning.core.denoising` names the training
+architecture's latents, text conditioning and model call (:mod:`ice_lightning.core.denoising` names the training
 script each follows). The VAE and text encoders are frozen (and left out of checkpoints); the denoiser, or
 with ``lora_rank`` only its PEFT adapters, is trained with the scheduler's own objective (epsilon,
 v-prediction or flow matching with the scheduler's shift and a weighting scheme) and classifier-free-guidance
@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics import Metric
 
+from ..core.architectures import architecture_of
 from ..core.concepts import NEUTRAL_WORD, ConceptSpec
 from ..core.denoising import WeightingScheme, experts, flow_loss_weights, sample_flow_sigmas, shift_sigmas
-from ..core.families import family_of
 from ..core.pipelines import load_pipeline
 from ..core.plan import denoisers, pipeline_spaces, text_conditioning_layers
 from ..core.probe import TextSpaceProbe
@@ -178,7 +178,7 @@ class ICEModule(LightningModule):
         pipe.set_progress_bar_config(disable=True)
         self.pipeline = pipe
         self.denoisers = denoisers(pipe)  # {component name: denoiser}; plain dict: registered below by name
-        self.family = family_of(self.denoiser)
+        self.architecture = architecture_of(self.denoiser)
         for name, model in self.denoisers.items():
             setattr(self, name, model)
         for name in _FROZEN_COMPONENTS:  # registered, so Lightning moves them; frozen, and not checkpointed
@@ -191,7 +191,7 @@ class ICEModule(LightningModule):
         if gradient_checkpointing:
             for model in self.denoisers.values():
                 model.enable_gradient_checkpointing()
-        self.video = self.family.video
+        self.video = self.architecture.video
         self._text_cache: OrderedDict[tuple, dict] = OrderedDict()
         self.objective = self._objective(pipe.scheduler)
         self.spec = ConceptSpec(**validation_concepts) if validation_concepts else None
@@ -290,11 +290,11 @@ class ICEModule(LightningModule):
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> dict[str, Any]:
         """The denoiser's keyword arguments for ``captions`` from the pipeline's own ``encode_prompt`` (the
-        family's ``conditioning``); cached per caption set (the text encoders are frozen)."""
+        architecture's ``conditioning``); cached per caption set (the text encoders are frozen)."""
         key = tuple(captions)
         cond = self._text_cache.get(key)
         if cond is None:
-            cond = self.family.conditioning(self.pipeline, list(captions), self.device, self.denoiser)
+            cond = self.architecture.conditioning(self.pipeline, list(captions), self.device, self.denoiser)
             if self.hparams.text_cache_size > 0:
                 self._text_cache[key] = cond
                 while len(self._text_cache) > self.hparams.text_cache_size:
@@ -305,11 +305,11 @@ class ICEModule(LightningModule):
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Normalised latents in the family's layout (:mod:`ice_lightning.core.denoising`), through its image
+        """Normalised latents in the architecture's layout (:mod:`ice_lightning.core.denoising`), through its image
         or video VAE; a pixel-space model denoises the pixels themselves (clips as ``(B, C, F, H, W)``)."""
         if self.vae is None:
             return pixels.permute(0, 2, 1, 3, 4) if self.video else pixels
-        return self.family.latents(self.vae, pixels, generator)
+        return self.architecture.latents(self.vae, pixels, generator)
 
     def timestep_weights(self, n: int) -> torch.Tensor:
         """Sampling weights of the ``n`` training timesteps under ``timestep_bias`` (diffusers' scheme)."""
@@ -334,7 +334,7 @@ class ICEModule(LightningModule):
                                    hp.mode_scale).to(x0.dtype)  # fmt: skip
             if hp.timestep_bias != "none":  # the bin the bias draws, then uniform inside it
                 u = (self.draw_timesteps(b, 1000, generator).to(u) + u) / 1000
-            tokens = self.family.tokens(x0) if self.family.tokens else x0.shape[2:].numel()
+            tokens = self.architecture.tokens(x0) if self.architecture.tokens else x0.shape[2:].numel()
             sigma = shift_sigmas(self.pipeline.scheduler.config, u, tokens)
             s = sigma.view(-1, *([1] * (x0.dim() - 1)))
             weights = None if hp.weighting_scheme == "none" else flow_loss_weights(hp.weighting_scheme, sigma)
@@ -351,14 +351,14 @@ class ICEModule(LightningModule):
         return noisy, t, target, None
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        """The denoiser's prediction through the family's call; Wan 2.2 routes each sample to its expert."""
+        """The denoiser's prediction through the architecture's call; Wan 2.2 routes each sample to its expert."""
         routes = experts(self.pipeline, self.denoisers, t)
         if len(routes) == 1:
-            return self.family.denoise(routes[0][0], noisy, t, **cond)
+            return self.architecture.denoise(routes[0][0], noisy, t, **cond)
         pred = None
         for model, mask in routes:
             if mask.any():
-                part = self.family.denoise(model, noisy[mask], t[mask], **_rows(cond, mask, len(t)))
+                part = self.architecture.denoise(model, noisy[mask], t[mask], **_rows(cond, mask, len(t)))
                 pred = part.new_zeros(noisy.shape) if pred is None else pred
                 pred[mask] = part
         return pred

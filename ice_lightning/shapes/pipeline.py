@@ -24,7 +24,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from ..core.families import denoise, family_of
+from ..core.architectures import architecture_of, denoise
 
 __all__ = [
     "PixelDiffusionPipeline",
@@ -60,7 +60,7 @@ class PixelDiffusionPipeline(DiffusionPipeline):
 
     @property
     def video(self) -> bool:
-        return family_of(self.unet).video
+        return architecture_of(self.unet).video
 
     @torch.no_grad()
     def _encode(self, texts: list[str], device) -> torch.Tensor:

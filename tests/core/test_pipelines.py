@@ -201,7 +201,7 @@ def test_lora_adapted_layers_are_edited_exactly(load_pipeline):
 def test_svd_unet_is_called_in_its_own_layout_and_its_temporal_text_layers_are_found():
     from diffusers import UNetSpatioTemporalConditionModel
 
-    from ice_lightning.core.families import denoise
+    from ice_lightning.core.architectures import denoise
     from ice_lightning.core.layers import TextConditioningLayers
 
     torch.manual_seed(0)

@@ -114,7 +114,7 @@ def test_embedding_attack_lowers_the_denoising_loss_within_its_budget():
 
 def _held_out_loss(pipe, targets, batch_size: int, seed: int):
     """The attack's own held-out batch (``seed + 10_000``): the loss its restarts are judged on."""
-    from ice_lightning.core.families import denoise
+    from ice_lightning.core.architectures import denoise
     from ice_lightning.evaluation.attacks import _training_batch
 
     g = torch.Generator().manual_seed(seed + 10_000)
@@ -147,7 +147,7 @@ def test_embedding_attack_restarts_keep_the_best_run_within_the_budget():
 
 
 def test_discrete_attack_prepends_words_that_lower_the_diffusion_loss():
-    from ice_lightning.core.families import denoise
+    from ice_lightning.core.architectures import denoise
     from ice_lightning.evaluation.attacks import _training_batch, attack_words, discrete_attack
     from ice_lightning.shapes import new_pipeline
 

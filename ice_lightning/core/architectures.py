@@ -1,6 +1,6 @@
-"""The table of denoiser families: everything this package knows about each denoiser class, in one entry.
+"""The table of denoiser architectures: everything this package knows about each denoiser class, in one entry.
 
-A :class:`DenoiserFamily` says, for one denoiser class:
+A :class:`Architecture` says, for one denoiser class:
 
 - ``rules``: which linear layers read the text-encoder states, and from which embedding space
   (``"text"``: per-token states; ``"pooled"``: one vector per prompt);
@@ -8,25 +8,25 @@ A :class:`DenoiserFamily` says, for one denoiser class:
   found layer really receives them (:mod:`ice_lightning.core.layers`);
 - ``embedding_spaces``: how the pipeline's own tokenizers and encoders produce those spaces
   (:mod:`ice_lightning.core.encoders`);
-- ``denoise``: the model call used for training and sampling, in the family's latent layout
+- ``denoise``: the model call used for training and sampling, in the architecture's latent layout
   (``None``: erasable, not trainable by ``ICEModule``);
 - ``conditioning``: the keyword arguments of ``denoise`` from the pipeline's own ``encode_prompt``;
-- ``latents``: pixels to the family's normalised latents (image or video VAE); ``tokens``: the length of
+- ``latents``: pixels to the architecture's normalised latents (image or video VAE); ``tokens``: the length of
   the latent sequence that a dynamically shifted flow-matching schedule depends on (Flux, LTX);
-- ``follows``: the training script the family's objective and call follow;
+- ``follows``: the training script the architecture's objective and call follow;
 - ``video``: whether it denoises clips.
 
 The functions live in :mod:`ice_lightning.core.denoising`, which documents the layouts.
 
-:func:`family_of` finds the entry of a model by its class, or by the nearest base class in the table (a
-user's subclass of ``UNet2DConditionModel`` is a UNet2D). Adding a family is one
-:func:`register_family` call; ``docs/architecture.md`` shows one.
+:func:`architecture_of` finds the entry of a model by its class, or by the nearest base class in the table (a
+user's subclass of ``UNet2DConditionModel`` is a UNet2D). Adding an architecture is one
+:func:`register_architecture` call; ``docs/architecture.md`` shows one.
 
 Example:
-    >>> from ice_lightning.core.families import family_of, FAMILIES
-    >>> sorted(FAMILIES)[:3]
+    >>> from ice_lightning.core.architectures import architecture_of, ARCHITECTURES
+    >>> sorted(ARCHITECTURES)[:3]
     ['CogVideoXTransformer3DModel', 'FluxTransformer2DModel', 'LTXVideoTransformer3DModel']
-    >>> FAMILIES["UNet2DConditionModel"].trainable, FAMILIES["FluxTransformer2DModel"].follows
+    >>> ARCHITECTURES["UNet2DConditionModel"].trainable, ARCHITECTURES["FluxTransformer2DModel"].follows
     (True, 'diffusers train_dreambooth_flux.py')
 """
 
@@ -53,11 +53,11 @@ from .encoders import (
 
 __all__ = [
     "LayerRule",
-    "DenoiserFamily",
-    "FAMILIES",
-    "register_family",
-    "family_of",
-    "lookup_family",
+    "Architecture",
+    "ARCHITECTURES",
+    "register_architecture",
+    "architecture_of",
+    "lookup_architecture",
     "denoise",
     "unet_denoise",
     "default_embedding_spaces",
@@ -86,8 +86,8 @@ SpacesBuilder = Callable[[object, nn.Module], dict[str, EmbeddingSpace]]
 
 
 @dataclass(frozen=True)
-class DenoiserFamily:
-    """One entry of the family table (see the module docstring for each field)."""
+class Architecture:
+    """One entry of the architecture table (see the module docstring for each field)."""
 
     name: str
     rules: tuple[LayerRule, ...]
@@ -103,7 +103,7 @@ class DenoiserFamily:
 
     @property
     def trainable(self) -> bool:
-        """Whether ``ICEModule`` can fine-tune this family (it has a training call)."""
+        """Whether ``ICEModule`` can fine-tune this architecture (it has a training call)."""
         return self.denoise is not None
 
     def text_length_of(self, model: nn.Module) -> int:
@@ -111,41 +111,42 @@ class DenoiserFamily:
         return int(getattr(getattr(model, "config", None), "max_text_seq_length", None) or self.text_length)
 
 
-#: The table, keyed by denoiser class name. Use :func:`register_family` to add to it.
-FAMILIES: dict[str, DenoiserFamily] = {}
+#: The table, keyed by denoiser class name. Use :func:`register_architecture` to add to it.
+ARCHITECTURES: dict[str, Architecture] = {}
 
 
-def register_family(family: DenoiserFamily, replace: bool = False) -> DenoiserFamily:
-    """Add ``family`` to the table (``replace=True`` to override an entry of the same class name)."""
-    if family.name in FAMILIES and not replace:
-        raise ValueError(f"a denoiser family for {family.name!r} is already registered; pass replace=True")
-    FAMILIES[family.name] = family
-    return family
+def register_architecture(architecture: Architecture, replace: bool = False) -> Architecture:
+    """Add ``architecture`` to the table (``replace=True`` to override an entry of the same class name)."""
+    if architecture.name in ARCHITECTURES and not replace:
+        raise ValueError(f"a denoiser architecture for {architecture.name!r} is already registered; pass "
+                         "replace=True")  # fmt: skip
+    ARCHITECTURES[architecture.name] = architecture
+    return architecture
 
 
-def lookup_family(model: nn.Module) -> DenoiserFamily | None:
+def lookup_architecture(model: nn.Module) -> Architecture | None:
     """The table entry of ``model``: its class, else the nearest base class with an entry; ``None`` if none."""
-    return next((FAMILIES[c.__name__] for c in type(model).__mro__ if c.__name__ in FAMILIES), None)
+    return next((ARCHITECTURES[c.__name__] for c in type(model).__mro__ if c.__name__ in ARCHITECTURES), None)
 
 
-def family_of(model: nn.Module) -> DenoiserFamily:
-    """:func:`lookup_family`, refusing a class outside the table."""
-    family = lookup_family(model)
-    if family is not None:
-        return family
+def architecture_of(model: nn.Module) -> Architecture:
+    """:func:`lookup_architecture`, refusing a class outside the table."""
+    architecture = lookup_architecture(model)
+    if architecture is not None:
+        return architecture
     raise NoTextConditioningLayerError(
         f"no text-conditioning layer found: {type(model).__name__} is not a supported denoiser "
-        f"({', '.join(sorted(FAMILIES))}); pass layers=[...] with the names of the linear layers that read "
-        "the text-encoder states, or add its family with ice_lightning.core.families.register_family"
+        f"({', '.join(sorted(ARCHITECTURES))}); pass layers=[...] with the names of the linear layers that read "
+        "the text-encoder states, or add its architecture with ice_lightning.core.architectures.register_architecture"
     )
 
 
 def denoise(model: nn.Module, sample: Tensor, timestep: Tensor | int, encoder_hidden_states: Tensor,
             **kwargs) -> Tensor:  # fmt: skip
-    """The prediction of a trainable denoiser through its family's training call."""
-    fam = family_of(model)
+    """The prediction of a trainable denoiser through its architecture's training call."""
+    fam = architecture_of(model)
     if fam.denoise is None:
-        raise NotImplementedError(f"{type(model).__name__} has no training call in the family table")
+        raise NotImplementedError(f"{type(model).__name__} has no training call in the architecture table")
     return fam.denoise(model, sample, timestep, encoder_hidden_states, **kwargs)
 
 
@@ -191,7 +192,7 @@ def _unet_check(video: bool) -> Callable[[nn.Module, dict[str, Tensor]], object]
             kw["added_cond_kwargs"] = {"text_embeds": _rnd(model, 1, n_text), "time_ids": _rnd(model, 1, 6)}
         elif getattr(cfg, "addition_embed_type", None) is not None or getattr(cfg, "class_embed_type", None):
             raise NotImplementedError(f"{type(model).__name__} with addition_embed_type={cfg.addition_embed_type!r}")
-        return family_of(model).denoise(model, _rnd(model, *shape), _t(model), states["text"], **kw)
+        return architecture_of(model).denoise(model, _rnd(model, *shape), _t(model), states["text"], **kw)
 
     return run
 
@@ -211,23 +212,23 @@ def _unet_spaces(pipeline, denoiser) -> dict[str, EmbeddingSpace]:
 _ATTN2_KV = r"(^|\.)attn2\.to_[kv]$"
 
 _UNET = {"conditioning": dn.unet_conditioning, "follows": "diffusers train_text_to_image.py"}
-register_family(DenoiserFamily(
+register_architecture(Architecture(
     "UNet2DConditionModel", rules=(LayerRule("text", _ATTN2_KV),), check_pass=_unet_check(False),
     embedding_spaces=_unet_spaces, denoise=unet_denoise, latents=dn.image_latents, **_UNET,
 ))  # fmt: skip
 # Temporal transformers reuse the name attn2 for self-attention over frames: not text.
-register_family(DenoiserFamily(
+register_architecture(Architecture(
     "UNet3DConditionModel", rules=(LayerRule("text", _ATTN2_KV, exclude=r"temp_attentions|transformer_in"),),
     check_pass=_unet_check(True), embedding_spaces=default_embedding_spaces, denoise=unet_denoise, video=True,
     latents=dn.frame_latents, **_UNET,
 ))  # fmt: skip
-register_family(DenoiserFamily(
+register_architecture(Architecture(
     "UNetMotionModel", rules=(LayerRule("text", _ATTN2_KV, exclude=r"motion_modules"),),
     check_pass=_unet_check(True), embedding_spaces=default_embedding_spaces, denoise=dn.motion_denoise, video=True,
     latents=dn.frame_latents, **_UNET,
 ))  # fmt: skip
 # SVD's temporal blocks cross-attend to the text too (their attn2 reads the text states).
-register_family(DenoiserFamily(
+register_architecture(Architecture(
     "UNetSpatioTemporalConditionModel", rules=(LayerRule("text", _ATTN2_KV),), check_pass=_unet_check(True),
     embedding_spaces=default_embedding_spaces, denoise=dn.svd_denoise, video=True, latents=dn.frame_latents, **_UNET,
 ))  # fmt: skip
@@ -310,35 +311,35 @@ def _ltx_check(model: nn.Module, states: dict[str, Tensor]) -> object:
                  num_frames=1, height=2, width=2)  # fmt: skip
 
 
-register_family(DenoiserFamily(
+register_architecture(Architecture(
     "SD3Transformer2DModel", rules=(LayerRule("text", r"^context_embedder$"), _POOLED), check_pass=_sd3_check,
     embedding_spaces=_sd3_spaces, denoise=dn.sd3_denoise, conditioning=dn.sd3_conditioning, latents=dn.image_latents,
     follows="diffusers train_dreambooth_sd3.py",
 ))  # fmt: skip
-register_family(DenoiserFamily(
+register_architecture(Architecture(
     "FluxTransformer2DModel", rules=(LayerRule("text", r"^context_embedder$"), _POOLED), check_pass=_flux_check,
     embedding_spaces=_flux_spaces, denoise=dn.flux_denoise, conditioning=dn.flux_conditioning,
     latents=dn.image_latents, tokens=dn.flux_tokens, follows="diffusers train_dreambooth_flux.py",
 ))  # fmt: skip
 # caption_projection's output feeds attn2: edit its first layer only.
-register_family(DenoiserFamily(
+register_architecture(Architecture(
     "PixArtTransformer2DModel", rules=(LayerRule("text", r"^caption_projection\.linear_1$"),),
     check_pass=_pixart_check, embedding_spaces=_t5_text(120, pass_mask=True), denoise=dn.pixart_denoise,
     conditioning=dn.masked_conditioning, latents=dn.image_latents,
     follows="PixArt-alpha train_scripts/train_pixart_lora_hf.py",
 ))  # fmt: skip
-register_family(DenoiserFamily(
+register_architecture(Architecture(
     "LTXVideoTransformer3DModel", rules=(LayerRule("text", r"^caption_projection\.linear_1$"),),
     check_pass=_ltx_check, embedding_spaces=_t5_text(226, pass_mask=False), video=True, denoise=dn.ltx_denoise,
     conditioning=dn.ltx_conditioning, latents=dn.ltx_latents, tokens=dn.ltx_tokens,
     follows="finetrainers models/ltx_video",
 ))  # fmt: skip
-register_family(DenoiserFamily(
+register_architecture(Architecture(
     "WanTransformer3DModel", rules=(LayerRule("text", r"^condition_embedder\.text_embedder\.linear_1$"),),
     check_pass=_wan_check, embedding_spaces=_t5_text(120, pass_mask=True), video=True, denoise=dn.wan_denoise,
     conditioning=dn.text_only_conditioning, latents=dn.wan_latents, follows="finetrainers models/wan",
 ))  # fmt: skip
-register_family(DenoiserFamily(
+register_architecture(Architecture(
     "CogVideoXTransformer3DModel", rules=(LayerRule("text", r"^patch_embed\.text_proj$"),),
     check_pass=_cogvideox_check, embedding_spaces=_t5_text(226, pass_mask=False), video=True,
     denoise=dn.cogvideox_denoise, conditioning=dn.text_only_conditioning, latents=dn.cogvideox_latents,

@@ -9,8 +9,14 @@ from torch import nn
 
 import ice_lightning
 import ice_lightning.core.pipelines as pipelines
+from ice_lightning.core.architectures import (
+    ARCHITECTURES,
+    Architecture,
+    LayerRule,
+    architecture_of,
+    register_architecture,
+)
 from ice_lightning.core.encoders import EmbeddingSpace, SequenceSource
-from ice_lightning.core.families import FAMILIES, DenoiserFamily, LayerRule, family_of, register_family
 from ice_lightning.core.layers import NoTextConditioningLayerError
 from ice_lightning.core.pipelines import load_pipeline, register_pipeline, registered_pipelines
 from ice_lightning.core.plan import edit_history
@@ -41,11 +47,11 @@ def _spaces(pipeline, denoiser) -> dict:
 
 @pytest.fixture
 def tiny_family():
-    family = register_family(
-        DenoiserFamily("TinyTextDenoiser", (LayerRule("text", r"_proj$"),), _check_pass, _spaces)
+    family = register_architecture(
+        Architecture("TinyTextDenoiser", (LayerRule("text", r"_proj$"),), _check_pass, _spaces)
     )
     yield family
-    FAMILIES.pop("TinyTextDenoiser")
+    ARCHITECTURES.pop("TinyTextDenoiser")
 
 
 def test_a_new_denoiser_family_is_one_table_entry(tiny_family):
@@ -71,21 +77,21 @@ def test_family_lookup_follows_the_class_hierarchy_and_refuses_unknown_classes(t
     class MyDenoiser(TinyTextDenoiser):
         pass
 
-    assert family_of(MyDenoiser()) is tiny_family
-    with pytest.raises(NoTextConditioningLayerError, match="register_family"):
-        family_of(nn.Linear(2, 2))
+    assert architecture_of(MyDenoiser()) is tiny_family
+    with pytest.raises(NoTextConditioningLayerError, match="register_architecture"):
+        architecture_of(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="already registered"):
-        register_family(tiny_family)
-    assert register_family(tiny_family, replace=True) is tiny_family
+        register_architecture(tiny_family)
+    assert register_architecture(tiny_family, replace=True) is tiny_family
 
 
 def test_every_family_entry_is_complete():
-    for name, fam in FAMILIES.items():
+    for name, fam in ARCHITECTURES.items():
         assert fam.name == name and fam.rules and callable(fam.check_pass) and callable(fam.embedding_spaces)
     # every built-in family trains: a model call, a text conditioning, latents and the script it follows
-    for fam in FAMILIES.values():
+    for fam in ARCHITECTURES.values():
         assert fam.trainable and callable(fam.conditioning) and callable(fam.latents) and fam.follows
-    assert {n for n, f in FAMILIES.items() if f.video} >= {"WanTransformer3DModel", "UNet3DConditionModel"}
+    assert {n for n, f in ARCHITECTURES.items() if f.video} >= {"WanTransformer3DModel", "UNet3DConditionModel"}
 
 
 def test_pipeline_registry_names_folders_and_run_time_registrations(tmp_path, monkeypatch):
