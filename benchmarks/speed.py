@@ -297,7 +297,7 @@ def cold_starts(tiny: bool, runs: int = 3) -> dict:
 
 def case_sd15(tiny: bool, counts: list[int], repeats: int) -> dict:
     import ice_lightning
-    from ice_lightning.core.plan import pipeline_spaces, resolve_layer
+    from ice_lightning.core.parts import pipeline_spaces, resolve_layer
 
     cold = cold_starts(tiny)
     t = time.perf_counter()

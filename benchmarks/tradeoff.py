@@ -26,7 +26,7 @@ from _common import RESULTS, minilm_pipeline, table, write_report  # noqa: E402
 
 import ice_lightning  # noqa: E402
 from ice_lightning.core.concepts import EVAL_TEMPLATES, UNRELATED_PROMPTS, ConceptSpec, Prompt  # noqa: E402
-from ice_lightning.core.plan import pipeline_spaces  # noqa: E402
+from ice_lightning.core.parts import pipeline_spaces  # noqa: E402
 from ice_lightning.core.progress import progress  # noqa: E402
 from ice_lightning.evaluation.baselines import uce_as_published  # noqa: E402
 from ice_lightning.evaluation.devset import DEV_SET, MANY_ARTISTS, dev_concepts  # noqa: E402

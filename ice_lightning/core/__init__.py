@@ -37,7 +37,7 @@ _NAMES = {
     "ErasurePlan": ".plan",
     "ErasureResult": ".plan",
     "TargetLayer": ".plan",
-    "edit_history": ".plan",
+    "edit_history": ".parts",
     "erase": ".plan",
     "find_text_conditioning": ".plan",
     "TextSpaceProbe": ".probe",
@@ -68,6 +68,9 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time each l
         NoTextConditioningLayerError,
         TextConditioningLayers,
     )
+    from .parts import (
+        edit_history,
+    )
     from .pipelines import (
         load_pipeline,
         register_pipeline,
@@ -76,7 +79,6 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time each l
         ErasurePlan,
         ErasureResult,
         TargetLayer,
-        edit_history,
         erase,
         find_text_conditioning,
     )

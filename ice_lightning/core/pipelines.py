@@ -8,8 +8,9 @@ Everything that is not a plain ``from_pretrained`` comes from a registry, filled
   untrained shapes-world pipeline and ``tiny:KIND`` for the tiny test pipelines);
 - group ``ice_lightning.pipeline_classes``: pipeline classes that diffusers does not know, by the class
   name written in a saved folder's ``model_index.json`` (this package registers ``PixelDiffusionPipeline``);
-- group ``ice_lightning.erase_reports``: by pipeline class name, what ``ice-lightning erase`` prints for
-  such a pipeline instead of the text-space table (the shapes world samples images before and after).
+- group ``ice_lightning.erase_reports``: by pipeline class name, a report hook (:class:`EraseReport`): what
+  ``ice-lightning erase`` shows for such a pipeline instead of the text-space table (the shapes world samples
+  images before and after). It reports; the command itself erases and exports.
 
 A local folder always wins over a registered name of the same spelling.
 
@@ -27,10 +28,16 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-__all__ = ["load_pipeline", "load_pipeline_folder", "register_pipeline", "registered_pipelines", "erase_report"]
+if TYPE_CHECKING:
+    from .concepts import ConceptSpec
+    from .plan import ErasureResult
+
+__all__ = ["load_pipeline", "load_pipeline_folder", "register_pipeline", "registered_pipelines", "erase_report",
+           "EraseReport"]  # fmt: skip
 
 _NAMES_GROUP = "ice_lightning.pipelines"
 _CLASSES_GROUP = "ice_lightning.pipeline_classes"
@@ -144,11 +151,27 @@ def _other_text_encoders_welcome():
         log.removeFilter(notice)
 
 
-def erase_report(pipeline) -> Callable | None:
-    """The erase report registered for ``pipeline``'s class (or a base class), or ``None``.
+class EraseReport(Protocol):
+    """What ``ice-lightning erase`` shows of one erasure of a pipeline, made by the factory registered for its class
+    as ``factory(pipeline, samples=N, seed=S)``. The command calls :meth:`concept_spec`, :meth:`before`, erases,
+    calls :meth:`after`, prints its text and ships its files in the export."""
 
-    A report is called as ``report(pipeline, options, hparams)`` with the parsed ``ice-lightning erase``
-    options and the solver hyperparameters; it erases, prints, exports and returns the exit code."""
+    def concept_spec(self, **given) -> ConceptSpec:
+        """The spec to erase with, from the :class:`~ice_lightning.core.concepts.ConceptSpec` fields the command's
+        flags give (``None``: not given). A world of its own adds its synonyms, contexts and guide concept; the
+        flags the user gave win."""
+
+    def before(self) -> None:
+        """Called just before the edit (sample the unedited model)."""
+
+    def after(self, result: ErasureResult) -> tuple[str, dict[str, bytes]]:
+        """Called after the edit: the text to print, and ``{file name: bytes}`` to ship in the export (an image
+        grid, ``before_after.png``)."""
+
+
+def erase_report(pipeline) -> Callable[..., EraseReport] | None:
+    """The erase report factory registered for ``pipeline``'s class (or a base class), or ``None``: see
+    :class:`EraseReport`."""
     reports = _entry_points(_REPORTS_GROUP)
     for cls in type(pipeline).__mro__:
         if cls.__name__ in reports:

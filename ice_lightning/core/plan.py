@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -27,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .architectures import default_embedding_spaces, lookup_architecture
+from .architectures import lookup_architecture
 from .concepts import ConceptSpec, Family, Prompt
 from .editing import (
     LayerEdit,
@@ -37,6 +36,8 @@ from .editing import (
 )
 from .encoders import EmbeddingSpace
 from .layers import NoTextConditioningLayerError, TextConditioningLayers, adapted_weight, lora_wrappers
+from .parts import denoisers, history_of, pipeline_spaces
+from .record import ErasureRecord
 from .sharding import is_sharded, like_weight, local_shard, reshard
 from .solver import (
     DissociationOperator,
@@ -55,13 +56,8 @@ __all__ = [
     "ErasurePlan",
     "ErasureResult",
     "erase",
-    "edit_history",
     "find_text_conditioning",
     "text_conditioning_layers",
-    "pipeline_spaces",
-    "denoisers",
-    "resolve_layer",
-    "DENOISER_COMPONENTS",
 ]
 
 #: A name in :data:`~ice_lightning.core.solver.METHODS` (the registry: ICE and the baselines, or one you registered).
@@ -70,17 +66,6 @@ Method = str
 log = logging.getLogger(__name__)
 #: An operator of at least this share of the space's width fills it (``solve`` warns).
 _FULL_SHARE = 0.9
-
-#: Pipeline components that may hold a denoiser (Wan 2.2 has two experts).
-DENOISER_COMPONENTS = ("unet", "transformer", "transformer_2")
-_ENCODER_PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3")
-
-# Kept beside the pipeline, never on it: keyed weakly by the pipeline's first denoiser, which nothing stored
-# here refers to (the values hold the edited linear layers and the encoders, not their parent), so a dropped
-# pipeline is freed with its entries.
-_HISTORY: weakref.WeakKeyDictionary[nn.Module, list[ErasureResult]] = weakref.WeakKeyDictionary()
-_SPACES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, EmbeddingSpace]]] = weakref.WeakKeyDictionary()
-
 
 class TargetLayer(NamedTuple):
     """A text-conditioning layer to edit and the embedding space it reads."""
@@ -97,23 +82,6 @@ class ConceptStates(NamedTuple):
     preserve: Tensor
     anchor: tuple[Tensor, Tensor] | None
     base: Tensor | None = None
-
-
-def denoisers(pipeline) -> dict[str, nn.Module]:
-    """``{component: denoiser}`` of ``pipeline`` (``unet``, ``transformer``, ``transformer_2``)."""
-    found = {n: getattr(pipeline, n) for n in DENOISER_COMPONENTS if getattr(pipeline, n, None) is not None}
-    if not found:
-        raise NoTextConditioningLayerError(
-            f"{type(pipeline).__name__} has no denoiser component ({', '.join(DENOISER_COMPONENTS)}); "
-            "no text-conditioning layer found"
-        )
-    return found
-
-
-def resolve_layer(pipeline, qualified: str) -> nn.Module:
-    """The module named ``"component.path.in.component"`` (e.g. ``"unet.mid_block...attn2.to_k"``)."""
-    comp, sub = qualified.split(".", 1)
-    return getattr(pipeline, comp).get_submodule(sub)
 
 
 def find_text_conditioning(
@@ -153,25 +121,6 @@ def text_conditioning_layers(
         for comp, found in find_text_conditioning(pipeline, verify=verify, layers=layers).items()
         for name, (lin, space) in found.layers.items()
     }
-
-
-def pipeline_spaces(pipeline) -> dict[str, EmbeddingSpace]:
-    """Embedding spaces of ``pipeline``, built by its denoiser's architecture once and cached (the text encoders are
-    frozen). The cache is keyed by the identity of the tokenizers and text encoders: swapping one rebuilds it."""
-    denoiser = next(iter(denoisers(pipeline).values()))
-    key = tuple(id(getattr(pipeline, n, None)) for n in _ENCODER_PARTS)
-    cached = _SPACES.get(denoiser)
-    if cached is None or cached[0] != key:
-        arch = lookup_architecture(denoiser)  # None: a class outside the table, its layers named explicitly
-        build = arch.embedding_spaces if arch is not None else default_embedding_spaces
-        cached = (key, build(pipeline, denoiser))
-        _SPACES[denoiser] = cached
-    return cached[1]
-
-
-def edit_history(pipeline) -> list[ErasureResult]:
-    """The live (not undone) erasures applied to ``pipeline`` with :func:`erase`, oldest first."""
-    return list(_HISTORY.get(next(iter(denoisers(pipeline).values())), []))
 
 
 def _collect(space: EmbeddingSpace, prompts: list[Prompt], include_eot: bool, what: str) -> Tensor:
@@ -411,7 +360,7 @@ class ErasurePlan:
             states = {s: self.spaces[s].token_states(self.spec.heldout_erase_prompts()) for s in spaces}
             weights = {n: (t.module.weight, t.module.bias) for n, t in self.targets.items()}
             result.pre_edit_outputs = concept_outputs(weights, self.layer_spaces, states, operators)
-        history = _HISTORY.setdefault(self._history_key, []) if record else []
+        history = history_of(self._history_key) if record else []
         history.append(result)  # before the first write: an interrupt after the last one still finds the edit
         try:
             apply_edits([(n, t.module, operators[t.space]) for n, t in self.targets.items()], bases=bases,
@@ -432,7 +381,7 @@ class ErasurePlan:
         ``record=False``). Its original weights are not known, so it cannot be undone."""
         result = ErasureResult(self, operators, [], dict(self.timings), restored=True, source=source)
         if record:
-            _HISTORY.setdefault(self._history_key, []).append(result)
+            history_of(self._history_key).append(result)
         return result
 
 
@@ -504,7 +453,7 @@ class ErasureResult:
                 "this erasure was applied with keep_undo=False and kept no record of the original weights; reload "
                 "the original model instead"
             )
-        history = _HISTORY.get(self.plan._history_key, [])
+        history = history_of(self.plan._history_key)
         if history and history[-1] is not self and self in history:
             raise RuntimeError("undo the later erasures of this pipeline first (undo in reverse order)")
         undo_edits(self.edits)
@@ -526,20 +475,16 @@ class ErasureResult:
             out[e.name] = (like_weight(e.before(), e.module.weight), e.module.bias)
         return out
 
+    @property
+    def record(self) -> ErasureRecord:
+        """This erasure as plain data (what the export, the manifest, the LoRA and ``verify`` read)."""
+        return ErasureRecord(self.spec, self.method, self.hparams, dict(self.layer_spaces), dict(self.operators),
+                             {k: list(v) for k, v in self.triggers.items()}, self.timings,
+                             {e.name: e.fingerprint for e in self.edits}, self.source)  # fmt: skip
+
     def to_manifest(self) -> dict:
         """JSON-ready record of this erasure (export manifest)."""
-        return {
-            "concepts": self.spec.to_dict(),
-            "method": self.method,
-            "hparams": self.hparams,
-            "layers": self.layers,
-            "layer_spaces": self.layer_spaces,
-            "operators": {s: {"dim": op.dim, "rank": op.rank} for s, op in self.operators.items()},
-            **({"triggers": self.triggers} if self.triggers else {}),
-            "timings": self.timings,
-            **({"restored_from_checkpoint": True} if self.source == "checkpoint" else {}),
-            **({"recorded_from": self.source} if self.restored and self.source != "checkpoint" else {}),
-        }
+        return self.record.to_manifest()
 
 
 def erase(

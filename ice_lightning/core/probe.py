@@ -32,7 +32,8 @@ from torchmetrics import Metric
 from .concepts import ConceptSpec, Prompt
 from .editing import concept_outputs, layer_outputs
 from .encoders import EmbeddingSpace
-from .plan import ErasureResult, pipeline_spaces, resolve_layer, text_conditioning_layers
+from .parts import pipeline_spaces, resolve_layer
+from .plan import ErasureResult, text_conditioning_layers
 from .solver import DissociationOperator
 
 __all__ = [
@@ -103,7 +104,7 @@ class TextSpaceProbe:
 
     Args:
         layers: ``{name: (linear module, space name)}``.
-        spaces: the pipeline's embedding spaces (:func:`~ice_lightning.core.plan.pipeline_spaces`).
+        spaces: the pipeline's embedding spaces (:func:`~ice_lightning.core.parts.pipeline_spaces`).
         spec: the concept spec whose held-out prompts are measured.
         reference: ``{name: (weight, bias)}`` of the model before erasure; default: the current weights.
     """

@@ -30,8 +30,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..core.concepts import ConceptSpec, Family
 from ..core.editing import tensor_sha256
-from ..core.export import Adapters, check_export_destination, rebased, save_erased
-from ..core.plan import DENOISER_COMPONENTS, ErasurePlan, Method, edit_history
+from ..core.export import Adapters, check_export_destination, save_erased
+from ..core.parts import DENOISER_COMPONENTS, edit_history
+from ..core.plan import ErasurePlan, Method
 from ..core.probe import TextSpaceProbe
 from ..core.sharding import gather_pipeline, is_sharded, local_shard, reshard
 from ..core.solver import DissociationOperator, check_hparams
@@ -405,7 +406,7 @@ class ICECallback(Callback):
         if any(is_sharded(m.weight) for m in self._plan.modules().values()):
             whole = gather_pipeline(pipe)  # None on every rank but 0
             if whole is not None:
-                results = rebased(whole, [r for r in edit_history(pipe) if not r.undone], "gathered shards")
+                results = [r.record.renamed({}, "gathered shards") for r in edit_history(pipe) if not r.undone]
             pipe = whole
         if trainer.is_global_zero:
             save_erased(pipe, self.export_dir, results=results, extra=extra, overwrite=self.overwrite_export,

@@ -113,9 +113,10 @@ def build_erase_parser():
                     help="replace a non-empty --out folder that is not an earlier export")  # fmt: skip
     er.add_argument("--samples", type=int, default=4,
                     help="shapes world: samples per prompt for the before/after detection rates")  # fmt: skip
-    er.add_argument("--seed", type=int, default=0, help="shapes world: seed of the samples")
+    er.add_argument("--seed", type=int, default=0, help="seed of the report's samples (shapes world)")
     er.add_argument("--grid", default=None,
-                    help="shapes world: before/after image grid (PNG); default OUT/before_after.png")  # fmt: skip
+                    help="where to write the report's before/after image grid (PNG, for pipelines whose plugin "
+                    "draws one, as the shapes world's); default: inside the export, OUT/before_after.png")  # fmt: skip
     er.add_argument("--quiet", action="store_true", help="no progress bars")
     return er
 
@@ -231,6 +232,7 @@ def _check_device(device: str) -> None:
 
 
 def _run_erase(cfg) -> int:
+    from ..core.concepts import ConceptSpec
     from ..core.export import LORA_NAME, check_export_destination, save_erased
     from ..core.pipelines import erase_report, load_pipeline
     from ..core.plan import erase
@@ -241,35 +243,36 @@ def _run_erase(cfg) -> int:
 
     hparams = method_hparams(cfg)  # before loading anything: a flag of another method costs nothing
     _check_device(cfg.device)
+    given = {"erase": cfg.erase, "preserve": cfg.preserve, "family": cfg.family, "anchor": cfg.anchor,
+             "templates": cfg.template, "include_eot": cfg.include_eot}  # fmt: skip
     pipe = load_pipeline(cfg.pipeline).to(cfg.device)
     check_export_destination(pipe, cfg.out, cfg.overwrite, cfg.format)  # before any work: a refused --out costs nothing
-    report = erase_report(pipe)
-    if report is not None:  # a pipeline whose plugin shows erasure its own way (the shapes world: samples)
-        return report(pipe, cfg, hparams)
-    result = erase(
-        pipe,
-        erase=cfg.erase,
-        preserve=cfg.preserve,
-        family=cfg.family,
-        anchor=cfg.anchor,
-        templates=cfg.template,
-        include_eot=cfg.include_eot,
-        method=cfg.method,
-        **hparams,
-    )
-    out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite, format=cfg.format)
+    factory = erase_report(pipe)  # a pipeline whose plugin shows erasure its own way (the shapes world: samples)
+    report = factory(pipe, samples=cfg.samples, seed=cfg.seed) if factory is not None else None
+    spec = report.concept_spec(**given) if report is not None else ConceptSpec(**given)
+    if report is not None:
+        report.before()
+    result = erase(pipe, spec=spec, method=cfg.method, **hparams)
     print(
         f"erased {result.spec.erase} ({cfg.method}) from {len(result.layers)} layers "
         f"in {result.timings['total_s']:.2f} s; operator ranks "
         f"{ {s: op.rank for s, op in result.operators.items()} }"
     )
-    print(format_table(erasure_metrics(result)))
+    text, files = report.after(result) if report is not None else (format_table(erasure_metrics(result)), {})
+    print(text)
+    grid = files.pop("before_after.png", None) if cfg.grid else None
+    out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite, format=cfg.format, extra_files=files)
     if cfg.format == "lora":
         lora_bytes = (out / LORA_NAME).stat().st_size
         print(f"saved the erasure as a LoRA to {out} ({_size(lora_bytes)}; the merged model's weights take "
               f"{_size(_weights_bytes(pipe))}): pipe.load_lora_weights({str(out)!r}); pipe.fuse_lora()")  # fmt: skip
     else:
         print(f"saved to {out}")
+    if grid is not None:  # a place of the user's choosing, not shipped
+        Path(cfg.grid).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.grid).write_bytes(grid)
+    if "before_after.png" in files or grid is not None:
+        print(f"before/after grid: {cfg.grid or out / 'before_after.png'}")
     return 0
 
 

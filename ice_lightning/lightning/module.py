@@ -35,8 +35,9 @@ from torchmetrics import Metric
 from ..core.architectures import architecture_of
 from ..core.concepts import NEUTRAL_WORD, ConceptSpec
 from ..core.denoising import WeightingScheme, experts, flow_loss_weights, sample_flow_sigmas, shift_sigmas
+from ..core.parts import denoisers, pipeline_spaces
 from ..core.pipelines import load_pipeline
-from ..core.plan import denoisers, pipeline_spaces, text_conditioning_layers
+from ..core.plan import text_conditioning_layers
 from ..core.probe import TextSpaceProbe
 
 __all__ = ["ICEModule", "LRSchedule", "TimestepBias", "DEFAULT_LORA_TARGETS"]

@@ -68,7 +68,7 @@ __all__ = [
     "retention",
     "save_grid",
     "ShapesProbe",
-    "erase_report",
+    "ShapesEraseReport",
 ]
 
 #: Classifier-free guidance of every shapes-world measurement: the small pixel models draw clean, on-palette
@@ -392,45 +392,44 @@ class ShapesProbe(Callback):
         self.history = list(state_dict["history"])
 
 
-def erase_report(pipe, cfg, hparams: dict) -> int:
-    """``ice-lightning erase`` on a shapes-world pipeline (registered as its erase report): erase with the
-    world's concept spec, print before/after detection rates of generated samples (seen prompts and
-    paraphrases), export, and write a before/after image grid."""
-    from ..core.export import save_erased
-    from ..core.plan import erase
-    from ..core.progress import DELAY_S, is_quiet
+class ShapesEraseReport:
+    """The shapes world's report for ``ice-lightning erase`` (registered as its erase report): the world's concept
+    spec, before/after detection rates of generated samples (seen prompts and paraphrases) and a before/after image
+    grid shipped in the export (see :class:`~ice_lightning.core.pipelines.EraseReport`)."""
 
-    if len(cfg.erase) != 1:
-        raise ValueError(f"the shapes world report erases one concept at a time, got {cfg.erase}")
-    concept = cfg.erase[0]
-    spec = concept_spec(concept, video=pipe.video, anchor=cfg.anchor or "default")
-    if cfg.preserve or cfg.template:
-        spec = type(spec)(erase=[concept], preserve=cfg.preserve or spec.preserve, anchor=spec.anchor,
-                          templates=cfg.template or spec.templates, synonyms=spec.synonyms)  # fmt: skip
-    opts = {"samples": cfg.samples, "seed": cfg.seed}
-    bar = {"disable": is_quiet(), "leave": False, "delay": DELAY_S, "dynamic_ncols": True}
-    pipe.set_progress_bar_config(desc="sampling before the edit", **bar)
-    before = sample_splits(pipe, **opts)
-    result = erase(pipe, spec=spec, method=cfg.method, **hparams)
-    pipe.set_progress_bar_config(desc="sampling after the edit", **bar)
-    after = sample_splits(pipe, **opts)
-    print(
-        f"erased {concept!r} ({cfg.method}) from {len(result.layers)} layers in {result.timings['total_s']:.2f} s; "
-        f"detection on {cfg.samples} samples per prompt (seed {cfg.seed})"
-    )
-    scores = [{k: score(x, prompts, concept) for k, (prompts, x) in d.items()} for d in (before, after)]
-    print(f"guide concept (anchor): {spec.anchor!r}")
-    print(format_report(concept, *scores))
-    prompts, x0 = before["seen"]
-    rows = grid_rows(prompts, x0, after["seen"][1], concept)
-    if cfg.grid:  # a place of the user's choosing
-        out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite, format=cfg.format)
-        grid = save_grid(rows, cfg.grid)
-    else:  # shipped inside the export, covered by its manifest
+    def __init__(self, pipe, samples: int = 4, seed: int = 0) -> None:
+        self.pipe, self.samples, self.seed = pipe, samples, seed
+        self._before: dict | None = None
+
+    def concept_spec(self, erase: list[str], preserve: list[str] | None = None, anchor: str | None = None,
+                     templates: list[str] | None = None, include_eot: bool = False, **_) -> ConceptSpec:  # fmt: skip
+        """The world's spec for the one concept (its training synonyms, every caption context, the next value as
+        guide); the preserve set, templates and anchor the user gave win, and ``include_eot`` is the user's (the
+        concept family is the world's own)."""
+        if len(erase) != 1:
+            raise ValueError(f"the shapes world report erases one concept at a time, got {erase}")
+        world = concept_spec(erase[0], video=self.pipe.video, anchor=anchor or "default")
+        return ConceptSpec(erase=world.erase, preserve=preserve or world.preserve, anchor=world.anchor,
+                           templates=templates or world.templates, synonyms=world.synonyms,
+                           include_eot=include_eot)  # fmt: skip
+
+    def _sample(self, when: str) -> dict:
+        from ..core.progress import DELAY_S, is_quiet
+
+        bar = {"disable": is_quiet(), "leave": False, "delay": DELAY_S, "dynamic_ncols": True}
+        self.pipe.set_progress_bar_config(desc=f"sampling {when} the edit", **bar)
+        return sample_splits(self.pipe, samples=self.samples, seed=self.seed)
+
+    def before(self) -> None:
+        self._before = self._sample("before")
+
+    def after(self, result) -> tuple[str, dict[str, bytes]]:
+        after = self._sample("after")
+        concept = result.spec.erase[0]
+        scores = [{k: score(x, prompts, concept) for k, (prompts, x) in d.items()} for d in (self._before, after)]
+        prompts, x0 = self._before["seen"]
         with tempfile.TemporaryDirectory() as tmp:
-            png = save_grid(rows, Path(tmp) / "before_after.png").read_bytes()
-        out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite, extra_files={"before_after.png": png},
-                          format=cfg.format)  # fmt: skip
-        grid = out / "before_after.png"
-    print(f"saved to {out}; before/after grid: {grid}")
-    return 0
+            png = save_grid(grid_rows(prompts, x0, after["seen"][1], concept), Path(tmp) / "grid.png").read_bytes()
+        text = (f"detection on {self.samples} samples per prompt (seed {self.seed}); guide concept (anchor): "
+                f"{result.spec.anchor!r}\n{format_report(concept, *scores)}")  # fmt: skip
+        return text, {"before_after.png": png}

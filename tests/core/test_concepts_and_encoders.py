@@ -5,7 +5,7 @@ import torch
 
 from ice_lightning.core.concepts import DEFAULT_PRESERVE, DEFAULT_SYNONYMS, ConceptSpec, Prompt
 from ice_lightning.core.encoders import _tokenize, select_tokens
-from ice_lightning.core.plan import pipeline_spaces
+from ice_lightning.core.parts import pipeline_spaces
 from ice_lightning.testing import TEXT_DIM, minilm_path, word_tokenizer
 
 

@@ -9,7 +9,7 @@ import ice_lightning
 from ice_lightning.core import cache, layers
 from ice_lightning.core.editing import apply_edits, dense_is_cheaper, undo_edits
 from ice_lightning.core.encoders import EmbeddingSpace
-from ice_lightning.core.plan import pipeline_spaces
+from ice_lightning.core.parts import pipeline_spaces
 from ice_lightning.core.solver import DissociationOperator
 
 F64 = torch.float64

@@ -14,10 +14,11 @@ from helpers import changed, snapshot
 
 import ice_lightning
 import ice_lightning.core.editing as editing
+import ice_lightning.core.parts as parts
 import ice_lightning.core.plan as plan
 from ice_lightning.core.editing import RollbackError
 from ice_lightning.core.export import MANIFEST_NAME, ExportVerificationError, save_erased, verify_export
-from ice_lightning.core.plan import edit_history
+from ice_lightning.core.parts import edit_history
 from ice_lightning.lightning.cli import main as cli
 
 STYLE = {"erase": ["Van Gogh"], "family": "style"}
@@ -177,7 +178,7 @@ def test_verify_sees_unerased_weights_even_with_a_forged_manifest(sd, tmp_path):
     pipe.unet.save_pretrained(out / "unet")  # ... shipped in place of the erased weights,
     m = json.loads((out / MANIFEST_NAME).read_text())  # and every hash forged to match them
     for key in m["edited_tensors"]:
-        m["edited_tensors"][key] = editing.tensor_sha256(plan.resolve_layer(pipe, key.removesuffix(".weight")).weight)
+        m["edited_tensors"][key] = editing.tensor_sha256(parts.resolve_layer(pipe, key.removesuffix(".weight")).weight)
     m["files"] = {k: h for k, h in tree(out).items() if k != MANIFEST_NAME}
     (out / MANIFEST_NAME).write_text(json.dumps(m))
     assert verify_export(out, check_erasure=False)  # the bytes match the forged manifest ...

@@ -8,7 +8,7 @@ from diffusers import DiffusionPipeline
 
 import ice_lightning
 from ice_lightning.core.export import LORA_NAME, MANIFEST_NAME, ExportVerificationError
-from ice_lightning.core.plan import resolve_layer
+from ice_lightning.core.parts import resolve_layer
 from ice_lightning.lightning.cli import main as cli
 
 

@@ -18,7 +18,7 @@ import ice_lightning
 import ice_lightning.core.editing as editing
 import ice_lightning.core.export.save as export
 from ice_lightning.core.export import MANIFEST_NAME, save_erased, verify_export
-from ice_lightning.core.plan import edit_history
+from ice_lightning.core.parts import edit_history
 from ice_lightning.lightning.cli import main as cli
 
 STYLE = {"erase": ["Van Gogh"], "family": "style"}
@@ -369,7 +369,7 @@ def test_a_base_entry_of_another_encoder_is_recomputed_and_one_edited_row_change
     import torch
 
     from ice_lightning.core.encoders import EmbeddingSpace
-    from ice_lightning.core.plan import pipeline_spaces
+    from ice_lightning.core.parts import pipeline_spaces
 
     monkeypatch.setenv("ICE_LIGHTNING_CACHE", str(tmp_path))
     prompts = ice_lightning.ConceptSpec(erase=["x"]).base_prompts()[:30]

@@ -44,8 +44,8 @@ def test_fsdp2_user_module_edits_shards_exports_the_one_process_erasure_and_resu
 
     from ice_lightning import erase
     from ice_lightning.core.export import verify_export
+    from ice_lightning.core.parts import resolve_layer
     from ice_lightning.core.pipelines import load_pipeline
-    from ice_lightning.core.plan import resolve_layer
 
     ranks = _fsdp2(tmp_path / "lr0", "lr0")
     for r in ranks:
@@ -91,8 +91,8 @@ def test_fsdp2_hardened_erasure_reads_every_ranks_rows_and_equals_the_one_proces
 
     from ice_lightning import erase
     from ice_lightning.core.export import load_manifest, verify_export
+    from ice_lightning.core.parts import resolve_layer
     from ice_lightning.core.pipelines import load_pipeline
-    from ice_lightning.core.plan import resolve_layer
 
     ranks = _fsdp2(tmp_path / "harden", "harden")
     assert ranks[0]["sharded"] and ranks[0]["applications"] == ranks[1]["applications"]

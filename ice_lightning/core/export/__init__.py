@@ -16,7 +16,7 @@ match.
 
 from __future__ import annotations
 
-from .adapters import ADAPTERS_DIR, Adapters, rebased, without_adapters
+from .adapters import ADAPTERS_DIR, Adapters, without_adapters
 from .lora import LORA_NAME, erasure_lora
 from .manifest import MANIFEST_NAME, OPERATORS_NAME, ExportVerificationError, load_manifest
 from .save import ExportFormat, check_export_destination, export_lock, save_erased
@@ -31,7 +31,6 @@ __all__ = [
     "export_lock",
     "verify_export",
     "load_manifest",
-    "rebased",
     "without_adapters",
     "ADAPTERS_DIR",
     "Adapters",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from ..layers import is_lora
-from ..plan import ErasurePlan, ErasureResult, denoisers
+from ..parts import denoisers
 
-__all__ = ["ADAPTERS_DIR", "Adapters", "without_adapters", "rebased"]
+__all__ = ["ADAPTERS_DIR", "Adapters", "without_adapters"]
 
 
 #: Where ``adapters="separate"`` puts each denoiser's LoRA weights: ``ice_adapters/<component>/``.
@@ -94,17 +94,3 @@ def _adapter_files(pipeline, folder: Path) -> None:
                 out.mkdir(parents=True, exist_ok=True)
                 state = get_peft_model_state_dict(model, adapter_name=adapter)
                 save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / weight_name))
-
-
-def rebased(pipeline, results: Sequence[ErasureResult], source: str,
-            renamed: dict[str, str | None] | None = None) -> list[ErasureResult]:  # fmt: skip
-    """The erasures of ``results`` described over the layers ``pipeline`` holds now (renamed by
-    :func:`without_adapters`, or whole copies made by :func:`gather_pipeline`), recording nothing; ``source``
-    says which (the manifest's ``recorded_from``)."""
-    renamed = renamed or {}
-    out = []
-    for r in results:
-        spaces = {renamed.get(n, n): s for n, s in r.layer_spaces.items() if renamed.get(n, n) is not None}
-        plan = ErasurePlan(pipeline, r.spec, method=r.method, hparams=r.plan.hparams, layers=spaces, verify=False)
-        out.append(plan.restore(r.operators, source=source, record=False))
-    return out

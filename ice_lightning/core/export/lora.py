@@ -5,14 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..editing import tensor_sha256
 from ..layers import is_lora
-from ..plan import ErasureResult, denoisers, edit_history
-from .manifest import _FORMAT, OPERATORS_NAME, _check_results_belong, _versions
+from ..parts import denoisers, resolve_layer
+from ..record import ErasureRecord
+from .manifest import _FORMAT, OPERATORS_NAME, _check_results_belong, _to_export, _versions, record_of
+
+if TYPE_CHECKING:
+    from ..plan import ErasureResult
 
 __all__ = ["LORA_NAME", "erasure_lora"]
 
@@ -54,9 +59,7 @@ def erasure_lora(pipeline, results: Sequence[ErasureResult] | None = None) -> di
     total change since before the first erasure, ``Delta W`` (rebuilt from the undo records, float64), therefore
     equals ``(Delta W U) U^T`` with ``U`` an orthonormal basis of every erasure's span for that layer, a LoRA of
     that rank with scale 1. Successive erasures (several ``erase()`` calls) give one LoRA."""
-    results = [r for r in (results if results is not None else edit_history(pipeline)) if not r.undone]
-    if not results:
-        raise ValueError("nothing was erased from this pipeline; call ice_lightning.erase(...) before save_erased")
+    results = _to_export(pipeline, results)
     _check_results_belong(pipeline, results)
     if any(r.restored for r in results):
         raise ValueError(
@@ -69,7 +72,7 @@ def erasure_lora(pipeline, results: Sequence[ErasureResult] | None = None) -> di
             "format='lora' exports the erasure of plain weights; this pipeline carries LoRA adapters: export the "
             "merged model (format='merged') or the adapters beside it (adapters='separate')"
         )
-    if not all(e.undoable for r in results for e in r.edits):
+    if not all(e.undoable for r in results if not isinstance(r, ErasureRecord) for e in r.edits):
         raise ValueError(
             "format='lora' rebuilds each edit from its undo record, and an erasure was applied with keep_undo=False; "
             "erase again with keep_undo=True, or export format='merged'"
@@ -77,23 +80,42 @@ def erasure_lora(pipeline, results: Sequence[ErasureResult] | None = None) -> di
     out: dict[str, Tensor] = {}
     layers = list(dict.fromkeys(n for r in results for n in r.layers))
     for name in layers:
-        chain = [(r, next(e for e in r.edits if e.name == name)) for r in results if name in r.layer_spaces]
-        module = chain[-1][1].module
-        if tensor_sha256(module.weight) != chain[-1][1].fingerprint:
+        chain = [r for r in results if name in r.layer_spaces]
+        weight = resolve_layer(pipeline, name).weight
+        if tensor_sha256(weight) != _written(chain[-1], name):
             raise ValueError(
                 f"layer {name!r} changed since it was erased (training?): its erasure is no longer the difference "
                 "from the original weights; export the merged model (format='merged')"
             )
-        now = module.weight.detach().to(torch.float64)
+        now = weight.detach().to(torch.float64)
         w = now
-        for _, edit in reversed(chain):  # walk back to the weight before the first erasure
-            w = edit.before(after=w)
-        spans = [r.operators[r.layer_spaces[name]].U.to(torch.float64) for r, _ in chain]
+        for r in reversed(chain):  # walk back to the weight before the first erasure
+            w = _before(r, name, w)
+        spans = [r.operators[r.layer_spaces[name]].U.to(torch.float64) for r in chain]
         U = spans[0] if len(spans) == 1 else torch.linalg.svd(torch.cat(spans, 1), full_matrices=False)[0]
         delta = now - w.to(now.device)
         out[f"{name}.lora_A.weight"] = U.T.to(torch.float32).contiguous().cpu()
         out[f"{name}.lora_B.weight"] = (delta @ U.to(now.device)).to(torch.float32).contiguous().cpu()
     return out
+
+
+def _written(result: ErasureResult | ErasureRecord, name: str) -> str | None:
+    """The sha256 of the weight of layer ``name`` as the erasure left it (``None``: not known)."""
+    if isinstance(result, ErasureRecord):
+        return result.hashes.get(name)
+    return next(e for e in result.edits if e.name == name).fingerprint
+
+
+def _before(result: ErasureResult | ErasureRecord, name: str, after: Tensor) -> Tensor:
+    """The weight of layer ``name`` before the erasure, from the weight it wrote (``after``, float64): from the live
+    result's undo record, or from a plain record's operator (:meth:`ErasureRecord.weight_before`)."""
+    if not isinstance(result, ErasureRecord):
+        return next(e for e in result.edits if e.name == name).before(after=after)
+    try:
+        return result.weight_before(name, after)
+    except ValueError as err:
+        raise ValueError(f"{err}: pass the live result of erase(), or export the merged model "
+                         "(format='merged')") from None  # fmt: skip
 
 
 def _lora_files(pipeline, results: list[ErasureResult], lora: dict[str, Tensor], folder: Path,
@@ -107,7 +129,7 @@ def _lora_files(pipeline, results: list[ErasureResult], lora: dict[str, Tensor],
         "export_format": "lora",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "pipeline_class": type(pipeline).__name__,
-        "erasures": [r.to_manifest() for r in results],
+        "erasures": [record_of(r).to_manifest() for r in results],
         "erased_concepts": list(dict.fromkeys(c for r in results for c in r.spec.erase)),
         "versions": _versions(),
         "operators_file": OPERATORS_NAME,

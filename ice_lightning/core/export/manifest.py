@@ -13,15 +13,21 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..concepts import ConceptSpec
 from ..editing import tensor_sha256
-from ..plan import ErasureResult, pipeline_spaces, resolve_layer
+from ..parts import edit_history, pipeline_spaces, resolve_layer
 from ..probe import concept_residual, residual_of_outputs
+from ..record import ErasureRecord
+from ..sharding import like_weight, local_shard
 from ..solver import DissociationOperator
+
+if TYPE_CHECKING:
+    from ..plan import ErasureResult
 
 __all__ = ["MANIFEST_NAME", "OPERATORS_NAME", "ExportVerificationError", "load_manifest"]
 
@@ -70,9 +76,27 @@ def _source_folders(pipeline) -> list[Path]:
     return out
 
 
-def _check_results_belong(pipeline, results: Sequence[ErasureResult]) -> None:
-    """Refuse erasure records of another pipeline: a manifest may only claim what this pipeline's layers hold."""
+def _to_export(pipeline, results: Sequence[ErasureResult | ErasureRecord] | None) -> list:
+    """``results`` (default: the pipeline's erasure history) without the undone ones; refused when empty."""
+    results = [r for r in (results if results is not None else edit_history(pipeline)) if not getattr(r, "undone", 0)]
+    if not results:
+        raise ValueError("nothing was erased from this pipeline; call ice_lightning.erase(...) before save_erased")
+    return results
+
+
+def record_of(result: ErasureResult | ErasureRecord) -> ErasureRecord:
+    """The plain record of an erasure (an :class:`ErasureRecord` is its own)."""
+    return result if isinstance(result, ErasureRecord) else result.record
+
+
+def _check_results_belong(pipeline, results: Sequence[ErasureResult | ErasureRecord]) -> None:
+    """Refuse erasure records of another pipeline: a manifest may only claim what this pipeline's layers hold. A
+    live result names its modules (they must be this pipeline's); a plain record names layers, which must exist
+    here and read states of its operators' width."""
     for i, r in enumerate(results):
+        if isinstance(r, ErasureRecord):
+            _check_record_fits(pipeline, i, r)
+            continue
         for name, module in r.modules().items():
             try:
                 own = resolve_layer(pipeline, name)
@@ -103,17 +127,56 @@ def _concept_states(pipeline, spec: ConceptSpec, spaces: set[str]) -> dict[str, 
     return {s: all_spaces[s].token_states(spec.heldout_erase_prompts()) for s in spaces}
 
 
-def _residuals(pipeline, result: ErasureResult) -> dict[str, float]:
-    """The concept residual of ``result`` through the current layers (and, when known, through the weights
-    it started from)."""
-    states = _concept_states(pipeline, result.spec, set(result.layer_spaces.values()))
-    now = {n: (m.weight, m.bias) for n, m in result.modules().items()}
-    out = {"concept_residual": concept_residual(now, result.layer_spaces, states, result.operators)}
+def _check_record_fits(pipeline, i: int, record: ErasureRecord) -> None:
+    for name, space in record.layer_spaces.items():
+        try:
+            width = resolve_layer(pipeline, name).weight.shape[-1]
+        except AttributeError:
+            width = None
+        if width != record.operators[space].dim:
+            raise ValueError(
+                f"results[{i}] (the erasure of {record.spec.erase}) names layer {name!r}, which this pipeline "
+                f"{'lacks' if width is None else f'has reading {width}-d states, not {record.operators[space].dim}-d'}"
+                ": export the pipeline it describes"
+            )
+
+
+def _residuals(pipeline, result: ErasureResult | ErasureRecord) -> dict[str, float]:
+    """The concept residual of ``result`` through the pipeline's layers now (and, for a live result that knows
+    them, through the weights it started from)."""
+    record = record_of(result)
+    states = _concept_states(pipeline, record.spec, set(record.layer_spaces.values()))
+    modules = {n: resolve_layer(pipeline, n) for n in record.layers}
+    now = {n: (m.weight, m.bias) for n, m in modules.items()}
+    out = {"concept_residual": concept_residual(now, record.layer_spaces, states, record.operators)}
+    if isinstance(result, ErasureRecord):
+        before = _record_before(pipeline, result)
+        if before is not None:
+            out["concept_residual_before"] = concept_residual(before, record.layer_spaces, states, record.operators)
+        elif not record.restored:  # the layers changed since, or a direction was erased completely
+            out["recorded_from"] = "a record whose pre-edit weights are not known"
+        return out
     if result.pre_edit_outputs is not None:  # keep_undo=False: recorded before the edit was written
         out["concept_residual_before"] = residual_of_outputs(result.pre_edit_outputs.values())
     elif not result.restored:
         before = result.reference_weights()
         out["concept_residual_before"] = concept_residual(before, result.layer_spaces, states, result.operators)
+    return out
+
+
+def _record_before(pipeline, record: ErasureRecord) -> dict[str, tuple[Tensor, Tensor | None]] | None:
+    """``{layer: (weight, bias)}`` before a plain record's erasure, rebuilt from the weights it wrote (checked by
+    hash) and its operators; ``None`` when the layers changed since or the erasure cannot be inverted."""
+    out = {}
+    for name in record.layers:
+        module = resolve_layer(pipeline, name)
+        if record.restored or tensor_sha256(module.weight) != record.hashes.get(name):
+            return None
+        try:
+            w = record.weight_before(name, local_shard(module.weight).detach())
+        except ValueError:
+            return None
+        out[name] = (like_weight(w, module.weight), module.bias)
     return out
 
 
@@ -142,9 +205,9 @@ def _inherited(pipeline) -> tuple[list[dict], list[dict[str, DissociationOperato
     return [], []
 
 
-def _manifest(pipeline, results: list[ErasureResult], extra: dict | None,
+def _manifest(pipeline, results: list[ErasureResult | ErasureRecord], extra: dict | None,
               inherited: list[dict] | None = None) -> dict:  # fmt: skip
-    erasures = [*(inherited or []), *({**r.to_manifest(), **_residuals(pipeline, r)} for r in results)]
+    erasures = [*(inherited or []), *({**record_of(r).to_manifest(), **_residuals(pipeline, r)} for r in results)]
     layers = list(dict.fromkeys([*(n for e in inherited or [] for n in e["layers"]),
                                  *(n for r in results for n in r.layers)]))  # fmt: skip
     return {

@@ -16,11 +16,10 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from ..plan import ErasureResult, edit_history
 from ..solver import DissociationOperator
-from .adapters import Adapters, _adapter_files, rebased, without_adapters
+from .adapters import Adapters, _adapter_files, without_adapters
 from .lora import _lora_files, erasure_lora
 from .manifest import (
     MANIFEST_NAME,
@@ -32,9 +31,15 @@ from .manifest import (
     _manifest,
     _save_operators,
     _source_folders,
+    _to_export,
     _write_card,
     load_manifest,
+    record_of,
 )
+
+if TYPE_CHECKING:
+    from ..plan import ErasureResult
+    from ..record import ErasureRecord
 
 __all__ = ["ExportFormat", "save_erased", "check_export_destination", "export_lock"]
 
@@ -197,7 +202,7 @@ def _signals_deferred() -> Iterator[None]:
 def save_erased(
     pipeline,
     out_dir: str | os.PathLike,
-    results: Sequence[ErasureResult] | None = None,
+    results: Sequence[ErasureResult | ErasureRecord] | None = None,
     safe_serialization: bool = True,
     extra: dict | None = None,
     overwrite: bool = False,
@@ -208,7 +213,8 @@ def save_erased(
     """Save ``pipeline`` with ``save_pretrained``, its operators, the ICE manifest and a model card.
 
     Args:
-        results: the erasures to record; default: every live erasure applied to ``pipeline``.
+        results: the erasures to record (live results or plain :class:`~ice_lightning.core.record.ErasureRecord`
+            s of the layers ``pipeline`` holds); default: every live erasure applied to ``pipeline``.
         extra: more JSON-ready entries for the manifest (the callback records its applications here).
         overwrite: replace a non-empty ``out_dir`` that is not an earlier export (refused otherwise).
         extra_files: ``{relative name: bytes}`` shipped with the export and covered by its hashes (a report).
@@ -226,9 +232,7 @@ def save_erased(
         the output directory. Everything is written to a temporary sibling folder first and renamed into
         place at the end, so an error or an interrupt leaves ``out_dir`` as it was.
     """
-    results = [r for r in (results if results is not None else edit_history(pipeline)) if not r.undone]
-    if not results:
-        raise ValueError("nothing was erased from this pipeline; call ice_lightning.erase(...) before save_erased")
+    results = _to_export(pipeline, results)
     _check_results_belong(pipeline, results)
     if format not in ("merged", "lora"):
         raise ValueError(f"format must be 'merged' or 'lora', got {format!r}")
@@ -258,7 +262,7 @@ def _write_export(pipeline, results, out: Path, safe_serialization: bool, extra,
             with without_adapters(pipeline, adapters) as renamed:
                 if renamed:
                     source = {"merge": "adapters merged", "separate": "adapters shipped beside"}[adapters]
-                    results = rebased(pipeline, results, source, renamed)
+                    results = [record_of(r).renamed(renamed, source) for r in results]
                 pipeline.save_pretrained(tmp, safe_serialization=safe_serialization)
                 inherited, inherited_ops = _inherited(pipeline)
                 manifest = _manifest(pipeline, results, extra, inherited)
