@@ -9,15 +9,11 @@ Nothing here plans, solves or writes: the plan (:mod:`ice_lightning.core.plan`) 
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .architectures import NoTextConditioningLayerError, default_embedding_spaces, lookup_architecture
 from .encoders import EmbeddingSpace
-
-if TYPE_CHECKING:
-    from .plan import ErasureResult
 
 __all__ = ["DENOISER_COMPONENTS", "denoisers", "resolve_layer", "pipeline_spaces", "edit_history", "history_of"]
 
@@ -28,7 +24,7 @@ _ENCODER_PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", 
 # Kept beside the pipeline, never on it: keyed weakly by the pipeline's first denoiser, which nothing stored
 # here refers to (the values hold the edited linear layers and the encoders, not their parent), so a dropped
 # pipeline is freed with its entries.
-_HISTORY: weakref.WeakKeyDictionary[nn.Module, list[ErasureResult]] = weakref.WeakKeyDictionary()
+_HISTORY: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 _SPACES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, EmbeddingSpace]]] = weakref.WeakKeyDictionary()
 
 
@@ -63,15 +59,15 @@ def pipeline_spaces(pipeline) -> dict[str, EmbeddingSpace]:
     return cached[1]
 
 
-def edit_history(pipeline) -> list[ErasureResult]:
-    """The live (not undone) erasures applied to ``pipeline`` with :func:`~ice_lightning.core.plan.erase`, oldest
+def edit_history(pipeline) -> list:
+    """The :class:`~ice_lightning.core.plan.ErasureResult` s of the live (not undone) erasures applied to ``pipeline`` with :func:`~ice_lightning.core.plan.erase`, oldest
     first."""
     return list(_HISTORY.get(next(iter(denoisers(pipeline).values())), []))
 
 
 
 
-def history_of(denoiser: nn.Module) -> list[ErasureResult]:
+def history_of(denoiser: nn.Module) -> list:
     """The history list itself, keyed by the pipeline's first denoiser (created empty): the plan appends to it, an
     undo removes from it."""
     return _HISTORY.setdefault(denoiser, [])

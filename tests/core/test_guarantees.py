@@ -16,10 +16,10 @@ import ice_lightning
 import ice_lightning.core.editing as editing
 import ice_lightning.core.parts as parts
 import ice_lightning.core.plan as plan
+from ice_lightning.cli import main as cli
 from ice_lightning.core.editing import RollbackError
 from ice_lightning.core.export import MANIFEST_NAME, ExportVerificationError, save_erased, verify_export
 from ice_lightning.core.parts import edit_history
-from ice_lightning.lightning.cli import main as cli
 
 STYLE = {"erase": ["Van Gogh"], "family": "style"}
 

@@ -7,9 +7,9 @@ import torch
 from diffusers import DiffusionPipeline
 
 import ice_lightning
+from ice_lightning.cli import main as cli
 from ice_lightning.core.export import LORA_NAME, MANIFEST_NAME, ExportVerificationError
 from ice_lightning.core.parts import resolve_layer
-from ice_lightning.lightning.cli import main as cli
 
 
 def _load(folder):

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import ice_lightning
+from ice_lightning.cli import build_erase_parser, main
 from ice_lightning.core import solver
 from ice_lightning.core.export import MANIFEST_NAME, save_erased, verify_export
 from ice_lightning.core.solver import DissociationOperator, energy_subspace, method_params, register_method
-from ice_lightning.lightning.cli import build_erase_parser, main
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from helpers import changed, snapshot
 import ice_lightning
 import ice_lightning.core.editing as editing
 import ice_lightning.core.export.save as export
+from ice_lightning.cli import main as cli
 from ice_lightning.core.export import MANIFEST_NAME, save_erased, verify_export
 from ice_lightning.core.parts import edit_history
-from ice_lightning.lightning.cli import main as cli
 
 STYLE = {"erase": ["Van Gogh"], "family": "style"}
 
@@ -295,7 +295,7 @@ def _console(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_refusals_print_the_message_alone_and_exit_1(saved_pipeline, tmp_path, monkeypatch, capsys):
-    from ice_lightning.lightning.cli import run
+    from ice_lightning.cli import run
 
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -391,7 +391,7 @@ def test_a_base_entry_of_another_encoder_is_recomputed_and_one_edited_row_change
 
 
 def test_filling_the_whole_space_is_said_once_and_the_table_says_n_a(load_pipeline, caplog):
-    from ice_lightning.lightning.cli import format_table
+    from ice_lightning.cli import format_table
     from ice_lightning.testing import default_vocabulary
 
     pipe = load_pipeline("sd")

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from ice_lightning.cli import format_table, main
 from ice_lightning.core.export import MANIFEST_NAME, verify_export
-from ice_lightning.lightning.cli import format_table, main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import ice_lightning
-from ice_lightning.lightning.cli import main, packaged_configs, resolve_config
+from ice_lightning.cli import main, packaged_configs, resolve_config
 
 ROOT = Path(__file__).parents[2]
 PACKAGE = Path(ice_lightning.__file__).parent
@@ -40,7 +40,7 @@ def _options(help_text: str) -> dict[str, str]:
 
 
 def test_top_level_help_version_and_configs_answer_without_loading_torch():
-    code = ("import sys; from ice_lightning.lightning.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from ice_lightning.cli import main; rc = main(sys.argv[1:]); "
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'); sys.exit(rc)")  # fmt: skip
     for args, expect in ((["--help"], "configs"), (["--version"], f"ice-lightning {ice_lightning.__version__}"),
                          (["configs"], "tiny_t2i")):  # fmt: skip

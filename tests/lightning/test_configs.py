@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ice_lightning.lightning.cli import main
+from ice_lightning.cli import main
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 ROOT = Path(__file__).parents[2]

@@ -226,8 +226,8 @@ def test_shipped_video_model_draws_colour_shape_and_direction_and_ice_erases_lef
 def test_main_job_command_erases_red_and_writes_the_grid(tmp_path, capsys):
     from PIL import Image
 
+    from ice_lightning.cli import main
     from ice_lightning.core.export import verify_export
-    from ice_lightning.lightning.cli import main
 
     assert main(["erase", "--erase", "red", "--out", str(tmp_path / "no-red"), "--samples", "2"]) == 0
     out = capsys.readouterr().out

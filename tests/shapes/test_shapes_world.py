@@ -109,8 +109,8 @@ def test_pixel_pipeline_round_trip_and_erasure(kind, tmp_path):
 
 @pytest.mark.slow
 def test_shapes_model_trains_through_the_cli_and_reloads(tmp_path):
+    from ice_lightning.cli import main
     from ice_lightning.core.pipelines import load_pipeline_folder
-    from ice_lightning.lightning.cli import main
 
     out = tmp_path / "pipeline"
     rc = main(["fit", "--config", "configs/shapes_t2i.yaml", "--trainer.max_epochs", "1",
