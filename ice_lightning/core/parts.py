@@ -60,8 +60,8 @@ def pipeline_spaces(pipeline) -> dict[str, EmbeddingSpace]:
 
 
 def edit_history(pipeline) -> list:
-    """The :class:`~ice_lightning.core.plan.ErasureResult` s of the live (not undone) erasures applied to ``pipeline`` with :func:`~ice_lightning.core.plan.erase`, oldest
-    first."""
+    """The live (not undone) erasures applied to ``pipeline`` with :func:`~ice_lightning.core.plan.erase`, oldest
+    first (their :class:`~ice_lightning.core.plan.ErasureResult` objects)."""
     return list(_HISTORY.get(next(iter(denoisers(pipeline).values())), []))
 
 
