@@ -4,9 +4,9 @@ held-out words "ruby", "cherry"), with sample filters and without.
 
 Every run erases at setup through ICECallback (ICE defaults, the world's concept spec) and re-applies the edit
 after every epoch. The runs differ in what keeps red out of the fine-tune: nothing; the caption filter
-(``drop_concept_samples=True``: red and its training synonyms by name); the shapes detector on the images
-(``sample_filter=ShapesDetectorFilter("red")``). A ShapesProbe after the callback samples every seen prompt after
-every epoch and records red's presence on its prompts and the mean accuracy of the other concepts.
+(``SampleFilterCallback(drop_concepts=spec)``: red and its training synonyms by name); the shapes detector on
+the images (``SampleFilterCallback(ShapesDetectorFilter("red"))``). A ShapesProbe after the callback samples every
+seen prompt after every epoch and records red's presence on its prompts and the mean accuracy of the other concepts.
 
     python benchmarks/shapes_resurgence.py          # about 10 minutes on 2 CPU cores
     python benchmarks/shapes_resurgence.py --tiny   # the suite's smoke run
@@ -23,7 +23,7 @@ from pathlib import Path
 from _common import RESULTS, table, write_report
 from lightning.pytorch import Trainer, seed_everything
 
-from ice_lightning import ICECallback, ICEModule
+from ice_lightning import ICECallback, ICEModule, SampleFilterCallback
 from ice_lightning.shapes import ShapesDataModule, ShapesDetectorFilter
 from ice_lightning.shapes.evaluation import ShapesProbe, concept_spec
 
@@ -41,20 +41,19 @@ def fine_tune(concept: str, every_n_epochs: int | None, args, drop: bool = False
     seed_everything(args.seed, verbose=False)
     module = ICEModule(pipeline=str(args.pipeline), learning_rate=args.lr, weight_decay=0.0, seed=args.seed)
     spec = concept_spec(concept)
-    ice = ICECallback(erase=spec.erase, preserve=spec.preserve, synonyms=spec.synonyms, templates=spec.templates,
-                      anchor=spec.anchor,
-                      every_n_epochs=every_n_epochs, at_fit_end=False, log_metrics=False,
-                      drop_concept_samples=drop,
-                      sample_filter=ShapesDetectorFilter(concept) if detector else None)  # fmt: skip
+    ice = ICECallback(spec=spec, every_n_epochs=every_n_epochs, at_fit_end=False, log_metrics=False)
+    guard = SampleFilterCallback(ShapesDetectorFilter(concept) if detector else None,
+                                 drop_concepts=spec if drop else None) if drop or detector else None  # fmt: skip
     probe = ShapesProbe(concept, samples=args.samples, seed=args.seed, steps=args.sample_steps, splits=SPLITS)
     data = ShapesDataModule(size=module.unet.config.sample_size, train_size=args.train_size, val_size=64,
                             batch_size=64, seed=args.seed + 100, disguise=[concept])  # fmt: skip
-    trainer = Trainer(accelerator="cpu", max_epochs=args.epochs, callbacks=[ice, probe], logger=False,
+    callbacks = [c for c in (guard, ice, probe) if c is not None]
+    trainer = Trainer(accelerator="cpu", max_epochs=args.epochs, callbacks=callbacks, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=0, num_sanity_val_steps=0)  # fmt: skip
     trainer.fit(module, datamodule=data)
-    return {"history": probe.history, "dropped_by_filter": dict(ice.state.dropped_by_filter),
-            "dropped_samples": ice.dropped_samples}
+    return {"history": probe.history, "dropped_by_filter": dict(guard.state.dropped_by_filter) if guard else {},
+            "dropped_samples": guard.dropped_samples if guard else 0}
 
 
 def plot(runs: dict[str, list[dict]], path: Path, concept: str) -> None:

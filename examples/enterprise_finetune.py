@@ -47,7 +47,7 @@ def main() -> None:
 
     seed_everything(0)
     module = ICEModule(args.pipeline, learning_rate=3e-4, validation_concepts=CONCEPT)
-    ice = ICECallback(**CONCEPT, every_n_epochs=1, export_dir=args.out)  # checked writable before training
+    ice = ICECallback(**CONCEPT, every_n_epochs=1, export=args.out)  # checked writable before training
     trainer = Trainer(
         max_epochs=args.epochs, accelerator=args.accelerator, callbacks=[ice], logger=False, enable_checkpointing=False
     )

@@ -39,6 +39,7 @@ _NAMES = {
     "NudeNetFilter": ".lightning",
     "NudeNetPresence": ".lightning",
     "SampleFilter": ".lightning",
+    "SampleFilterCallback": ".lightning",
     "SavePipeline": ".lightning",
 }
 __getattr__, __dir__ = lazy_attributes(__name__, _NAMES)
@@ -70,6 +71,7 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time each l
         NudeNetFilter,
         NudeNetPresence,
         SampleFilter,
+        SampleFilterCallback,
         SavePipeline,
     )
 
@@ -80,6 +82,7 @@ __all__ = [
     "ImageDetectorFilter",
     "NudeNetFilter",
     "SampleFilter",
+    "SampleFilterCallback",
     "ConceptPresence",
     "CLIPConceptPresence",
     "NudeNetPresence",

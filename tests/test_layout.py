@@ -61,7 +61,7 @@ style = {{"erase": ["Van Gogh"], "family": "style"}}
 pipe = DiffusionPipeline.from_pretrained({str(folder)!r})
 ice_lightning.erase(pipe, **style).undo()
 module = ice_lightning.ICEModule({str(folder)!r}, validation_concepts=style)
-ice = ice_lightning.ICECallback(**style, every_n_epochs=1, export_dir={str(tmp_path / "out")!r})
+ice = ice_lightning.ICECallback(**style, every_n_epochs=1, export={str(tmp_path / "out")!r})
 data = ice_lightning.CaptionFolderDataModule({str(data)!r}, resolution=16, batch_size=4)
 Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[ice],

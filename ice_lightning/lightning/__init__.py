@@ -18,6 +18,9 @@ _NAMES = {
     "ImageDetectorFilter": ".filters",
     "NudeNetFilter": ".filters",
     "SampleFilter": ".filters",
+    "SampleFilterCallback": ".filters",
+    "ExportOptions": ".callback",
+    "LayerTargets": ".callback",
     "drop_rows": ".filters",
     "ICEModule": ".module",
     "CLIPConceptPresence": ".sample_metrics",
@@ -29,8 +32,10 @@ __getattr__, __dir__ = lazy_attributes(__name__, _NAMES)
 
 if TYPE_CHECKING:  # the names for type checkers and editors; at run time each loads on first use
     from .callback import (
+        ExportOptions,
         ICECallback,
         ICEState,
+        LayerTargets,
         find_pipeline,
     )
     from .data import (
@@ -41,6 +46,7 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time each l
         ImageDetectorFilter,
         NudeNetFilter,
         SampleFilter,
+        SampleFilterCallback,
         drop_rows,
     )
     from .module import (
@@ -64,6 +70,9 @@ __all__ = [
     "ImageDetectorFilter",
     "NudeNetFilter",
     "SampleFilter",
+    "SampleFilterCallback",
+    "ExportOptions",
+    "LayerTargets",
     "drop_rows",
     "ICEModule",
     "ConceptPresence",

@@ -3,7 +3,7 @@
 Example:
     >>> from lightning.pytorch import Trainer
     >>> from ice_lightning import ICECallback
-    >>> ice = ICECallback(erase=["Van Gogh"], family="style", every_n_epochs=1, export_dir="erased-model")
+    >>> ice = ICECallback(erase=["Van Gogh"], family="style", every_n_epochs=1, export="erased-model")
     >>> trainer = Trainer(callbacks=[ice], max_epochs=2, logger=False)  # then trainer.fit(module, data)
     >>> ice.state_key
     "ICECallback{'erase': ['Van Gogh'], 'family': 'style', 'method': 'ice'}"
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import weakref
-from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,9 +36,9 @@ from ..core.plan import ErasurePlan, Method
 from ..core.probe import TextSpaceProbe
 from ..core.sharding import gather_pipeline, is_sharded, local_shard, reshard
 from ..core.solver import DissociationOperator, check_hparams
-from .filters import CaptionFilter, drop_rows, filter_name, keep_mask
+from .filters import filtering_summary
 
-__all__ = ["ICECallback", "ICEState", "find_pipeline"]
+__all__ = ["ICECallback", "ICEState", "ExportOptions", "LayerTargets", "find_pipeline"]
 
 # Lightning's FSDPStrategy (FSDP1: flat parameters) and DeepSpeed hide the weights' rows behind flattened
 # buffers; ModelParallelStrategy (FSDP2, fully_shard) keeps each weight a row-sharded DTensor, which the edit
@@ -65,40 +65,6 @@ def find_pipeline(pl_module: LightningModule) -> Any:
     )
 
 
-def _filters(sample_filter: Any) -> list[Callable]:
-    if sample_filter is None:
-        return []
-    filters = list(sample_filter) if isinstance(sample_filter, (list, tuple)) else [sample_filter]
-    bad = [type(f).__name__ for f in filters if not callable(f)]
-    if bad:
-        raise TypeError(f"sample_filter must be callables from a batch to a keep mask (one bool per sample), got {bad}")
-    return filters
-
-
-def _unique_names(filters: list[Callable]) -> list[str]:
-    """Each filter's name, numbered where two share one (``detector``, ``detector#2``)."""
-    names: list[str] = []
-    for f in filters:
-        base, k = filter_name(f), 1
-        name = base
-        while name in names:
-            k += 1
-            name = f"{base}#{k}"
-        names.append(name)
-    return names
-
-
-def _batch_size(batch: MutableMapping) -> int:
-    """The batch's number of samples: the length of its captions, else of its first tensor or list."""
-    for key in ("captions", "pixel_values"):
-        if key in batch:
-            return len(batch[key])
-    for v in batch.values():
-        if isinstance(v, torch.Tensor) and v.dim() > 0 or isinstance(v, (list, tuple)):
-            return len(v)
-    raise ValueError(f"cannot tell the batch size of a batch with keys {sorted(batch)}: it holds no tensor or list")
-
-
 @dataclass
 class ICEState:
     """Everything an ``ICECallback`` must carry through a checkpoint.
@@ -109,9 +75,6 @@ class ICEState:
         operators: the operator per embedding space, computed once (``None`` before the first application).
         layer_spaces: ``{edited layer: embedding space}``.
         probe: the metric references (the model's outputs before the first edit).
-        dropped_samples: training samples removed by the sample filters, in all.
-        dropped_by_filter: ``{filter name: samples it removed}`` (a sample is counted under the first filter that
-            drops it).
         spec_fingerprint: sha256 of the concept spec, method and hyperparameters the operators were made from.
         resumed: set when loaded from a checkpoint that holds an erasure: its weights are already erased, so
             nothing is applied again; cleared once the fit has caught up. Not saved.
@@ -122,8 +85,6 @@ class ICEState:
     operators: dict[str, DissociationOperator] | None = None
     layer_spaces: dict[str, str] = field(default_factory=dict)
     probe: dict | None = None
-    dropped_samples: int = 0
-    dropped_by_filter: dict[str, int] = field(default_factory=dict)
     spec_fingerprint: str = ""
     resumed: bool = False
 
@@ -134,7 +95,6 @@ class ICEState:
                    for s, o in self.operators.items()}  # fmt: skip
         return {"applications": self.applications, "last_epoch_applied": self.last_epoch_applied,
                 "operators": ops, "layer_spaces": self.layer_spaces, "probe": self.probe,
-                "dropped_samples": self.dropped_samples, "dropped_by_filter": dict(self.dropped_by_filter),
                 "spec_fingerprint": self.spec_fingerprint}  # fmt: skip
 
     @classmethod
@@ -142,8 +102,43 @@ class ICEState:
         ops = d["operators"]
         operators = None if ops is None else {s: DissociationOperator(**o) for s, o in ops.items()}
         return cls(list(d["applications"]), d["last_epoch_applied"], operators, dict(d["layer_spaces"]), d["probe"],
-                   d.get("dropped_samples", 0), dict(d.get("dropped_by_filter", {})), d.get("spec_fingerprint", ""),
-                   resumed=operators is not None)  # fmt: skip
+                   d.get("spec_fingerprint", ""), resumed=operators is not None)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Where and how :class:`ICECallback` ships the erased model (``ICECallback(export="dir")`` is
+    ``ExportOptions("dir")``).
+
+    Attributes:
+        dir: the folder to save the erased pipeline to (diffusers folder + ``ice_manifest.json``).
+        overwrite: let the export replace a non-empty ``dir`` that is not an earlier export (refused before
+            training otherwise).
+        adapters: for a LoRA fine-tune (``ICEModule(lora_rank=...)``): ``"merge"`` ships one model with the
+            adapters merged in, erased whatever adapter a user adds later; ``"separate"`` ships the erased base
+            model and the erased adapters beside it (``ice_adapters/<component>/``).
+    """
+
+    dir: str
+    overwrite: bool = False
+    adapters: Adapters = "merge"
+
+    def __post_init__(self) -> None:
+        if self.adapters not in ("merge", "separate"):
+            raise ValueError(f"export adapters must be 'merge' or 'separate', got {self.adapters!r}")
+
+
+@dataclass(frozen=True)
+class LayerTargets:
+    """Which layers :class:`ICECallback` edits, as ``erase()``'s ``layers`` and ``verify``.
+
+    Attributes:
+        layers: explicit qualified layer names instead of the architecture table.
+        verify: confirm the layers with the architecture's check pass (a forward hook).
+    """
+
+    layers: list[str] | None = None
+    verify: bool = True
 
 
 class ICECallback(Callback):
@@ -155,12 +150,10 @@ class ICECallback(Callback):
         family: ``"style"``, ``"object"``, ``"identity"``, ``"explicit"`` or ``"custom"``: picks the prompt
             templates, the default preserve set and synonyms.
         synonyms: ``{concept: [other names]}`` whose tokens are erased too (``explicit`` has a default list).
-        anchor: a guide concept replacing the erased one (UCE-style); ``None``: the concept is removed.
-        templates: prompt templates with one ``{}`` for the concept; default: the family's.
-        include_eot: also use the end-of-text token's state.
-        spec: a ready :class:`~ice_lightning.core.concepts.ConceptSpec` instead of the keywords above.
-        method: ``"ice"`` or a baseline (``"cure"``, ``"uce"``, ``"projection"``).
-        hparams: solver hyperparameters (``ICEHyperParams`` fields for ICE).
+        spec: a ready :class:`~ice_lightning.core.concepts.ConceptSpec` instead of the keywords above: for a guide
+            concept (``anchor``), templates or the end-of-text token.
+        method: ``"ice"``, a baseline (``"cure"``, ``"uce"``, ``"projection"``, ``"rece"``) or a registered method.
+        hparams: the method's hyperparameters (fields of its dataclass: ``ICEHyperParams`` for ICE).
         at_setup: erase when fitting starts (``on_fit_start``: after a checkpoint is restored, so a resumed run
             never edits weights the restore then overwrites). Recorded with the reason ``"setup"``.
         every_n_epochs: re-apply after every N training epochs (``None``: never); see :meth:`should_apply`.
@@ -168,29 +161,17 @@ class ICECallback(Callback):
             erased model; needs a validation loop, and applies once per epoch).
         at_fit_end: apply once more at the end of fitting (after weight averaging has copied its average into
             the model: ``on_fit_end`` runs after every callback's ``on_train_end``) and export.
-        export_dir: where to save the erased pipeline (diffusers folder + ``ice_manifest.json``, which records
-            every ``ICECallback`` of the trainer under ``ice_callbacks``). With several callbacks, give it to the
-            last one in the trainer's list: its ``on_fit_end`` runs after the others' final applications.
-        layers: explicit qualified layer names instead of the family table.
-        verify: confirm the layers with a forward hook.
+        export: where to save the erased pipeline at the end: a folder, or :class:`ExportOptions` (replace a
+            foreign folder; LoRA adapters merged or beside). The manifest records every ``ICECallback`` of the
+            trainer under ``ice_callbacks`` and what every
+            :class:`~ice_lightning.lightning.filters.SampleFilterCallback` dropped under ``sample_filtering``.
+            With several callbacks, give it to the last one in the trainer's list: its ``on_fit_end`` runs after
+            the others' final applications.
+        targets: :class:`LayerTargets` (explicit layer names; the check pass).
         log_metrics: log the text-space metrics after every application.
-        sample_filter: one filter or a list: callables from a training batch to a keep mask (one bool per
-            sample), run in order before ``training_step``, each on the rows the ones before it kept; the other
-            rows are removed from the batch in place. Re-applying the edit alone does not stop a fine-tune on data
-            that shows the concept: the denoiser learns it back from what the edit leaves of the prompt (measured
-            in ``benchmarks/shapes_resurgence.py``). Shipped filters (:mod:`ice_lightning.lightning.filters`):
-            ``CaptionFilter`` (by name), ``ImageDetectorFilter`` (any image classifier), ``NudeNetFilter``, and the
-            shapes world's ``ShapesDetectorFilter``. The batch must be a dict; rows of every tensor
-            and list of the batch's length are dropped, and a batch left empty reaches ``training_step`` empty
-            (``ICEModule`` then skips the step). Dropped samples are counted per filter in the state and manifest.
-        drop_concept_samples: put a :class:`~ice_lightning.lightning.filters.CaptionFilter` of the erase concepts
-            and their synonyms first among the sample filters (whole words, any case).
-        caption_key: the batch key that holds the captions (for ``drop_concept_samples``).
-        overwrite_export: let the export replace a non-empty ``export_dir`` that is not an earlier export
-            (refused before training otherwise).
-        export_adapters: for a LoRA fine-tune (``ICEModule(lora_rank=...)``): ``"merge"`` (default) ships one
-            model with the adapters merged in, erased whatever adapter a user adds later; ``"separate"`` ships
-            the erased base model and the erased adapters beside it (``ice_adapters/<component>/``).
+
+    Training data that shows the concept brings it back whatever the schedule: add a
+    :class:`~ice_lightning.lightning.filters.SampleFilterCallback` (``drop_concepts=ice.spec``, detectors).
 
     LoRA: where an adapter wraps a text-conditioning layer, the edit covers its base weight and its
     ``lora_A`` (``(W + B A)(I - D) = W (I - D) + B A (I - D)``); a re-application edits what training added
@@ -209,32 +190,22 @@ class ICECallback(Callback):
         preserve: list[str] | None = None,
         family: Family = "custom",
         synonyms: dict[str, list[str]] | None = None,
-        anchor: str | None = None,
-        templates: list[str] | None = None,
-        include_eot: bool = False,
+        spec: ConceptSpec | None = None,
         method: Method = "ice",
         hparams: dict[str, Any] | None = None,
         at_setup: bool = True,
         every_n_epochs: int | None = None,
         reapply_at: ReapplyAt = "train_epoch_end",
         at_fit_end: bool = True,
-        export_dir: str | None = None,
-        layers: list[str] | None = None,
-        verify: bool = True,
+        export: str | ExportOptions | None = None,
+        targets: LayerTargets | None = None,
         log_metrics: bool = True,
-        drop_concept_samples: bool = False,
-        caption_key: str = "captions",
-        sample_filter: Callable[[Any], Sequence[bool]] | list[Callable[[Any], Sequence[bool]]] | None = None,
-        spec: ConceptSpec | None = None,
-        overwrite_export: bool = False,
-        export_adapters: Adapters = "merge",
     ) -> None:
         super().__init__()
         if spec is not None and erase is not None:
             raise ValueError("pass either spec=ConceptSpec(...) or the concept keywords (erase=[...]), not both")
         self.spec = spec if spec is not None else ConceptSpec(
             erase=erase if erase is not None else [], preserve=preserve, family=family, synonyms=synonyms or {},
-            anchor=anchor, templates=templates, include_eot=include_eot,
         )  # fmt: skip
         if every_n_epochs is not None and (not isinstance(every_n_epochs, int) or isinstance(every_n_epochs, bool)
                                            or every_n_epochs < 1):  # fmt: skip
@@ -244,20 +215,20 @@ class ICECallback(Callback):
             raise ValueError(f"reapply_at must be 'train_epoch_end' or 'validation_start', got {reapply_at!r}")
         self.method, self.hparams = method, dict(hparams or {})
         self.at_setup, self.every_n_epochs, self.reapply_at = at_setup, every_n_epochs, reapply_at
-        if export_adapters not in ("merge", "separate"):
-            raise ValueError(f"export_adapters must be 'merge' or 'separate', got {export_adapters!r}")
-        self.at_fit_end, self.export_dir, self.overwrite_export = at_fit_end, export_dir, overwrite_export
-        self.export_adapters = export_adapters
-        self.layers, self.verify, self.log_metrics = layers, verify, log_metrics
-        self.drop_concept_samples = drop_concept_samples
-        self.sample_filters = _filters(sample_filter)
-        if drop_concept_samples:
-            self.sample_filters.insert(0, CaptionFilter.from_spec(self.spec, caption_key))
-        self.filter_names = _unique_names(self.sample_filters)
+        self.at_fit_end = at_fit_end
+        #: where and how the erased model is shipped at the end (``None``: not exported)
+        self.export_options = ExportOptions(export) if isinstance(export, (str, os.PathLike)) else export
+        self.targets = targets or LayerTargets()
+        self.log_metrics = log_metrics
         self.state = ICEState(spec_fingerprint=self.spec_fingerprint())
         self._plan: ErasurePlan | None = None
         self._probe: TextSpaceProbe | None = None
         self._deferred = False
+
+    @property
+    def export_dir(self) -> str | None:
+        """The export folder (``None``: not exported)."""
+        return None if self.export_options is None else str(self.export_options.dir)
 
     @property
     def state_key(self) -> str:
@@ -275,10 +246,6 @@ class ICECallback(Callback):
     def applications(self) -> list[dict[str, Any]]:
         """One record per application so far (reason, epoch, global step, weights hash, metrics)."""
         return self.state.applications
-
-    @property
-    def dropped_samples(self) -> int:
-        return self.state.dropped_samples
 
     @property
     def operators(self) -> dict[str, DissociationOperator] | None:
@@ -320,10 +287,10 @@ class ICECallback(Callback):
                 self.get_pipeline(pl_module)  # raises the protocol error, naming how to expose the pipeline
             if not hasattr(pipe, "save_pretrained"):
                 raise ValueError(
-                    f"export_dir needs a diffusers pipeline (with save_pretrained); get_pipeline() found a "
+                    f"export needs a diffusers pipeline (with save_pretrained); get_pipeline() found a "
                     f"{type(pipe).__name__}: expose the pipeline as `self.pipeline` or override get_pipeline()"
                 )
-            check_export_destination(pipe, self.export_dir, self.overwrite_export)
+            check_export_destination(pipe, self.export_dir, self.export_options.overwrite)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # ModelParallelStrategy restores a checkpoint (this callback's state included) after this hook, and
@@ -361,26 +328,6 @@ class ICECallback(Callback):
         if self.reapply_at == "train_epoch_end" and self.should_apply(trainer, trainer.current_epoch):
             self.apply(trainer, pl_module, "epoch_end", epoch=trainer.current_epoch)
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self.filter_batch(batch)
-
-    def filter_batch(self, batch: Any) -> int:
-        """Run the sample filters on ``batch`` (in place, in order, each on what the ones before it kept) and
-        count what each dropped; returns how many samples went."""
-        if self.sample_filters and not isinstance(batch, MutableMapping):
-            raise TypeError(f"sample filters need dict batches (rows are dropped by key); got {type(batch).__name__}")
-        dropped = 0
-        for name, f in zip(self.filter_names, self.sample_filters, strict=True):
-            n = _batch_size(batch)
-            if n == 0:
-                break
-            keep = keep_mask(name, f(batch), n)
-            gone = drop_rows(batch, keep)
-            self.state.dropped_by_filter[name] = self.state.dropped_by_filter.get(name, 0) + gone
-            dropped += gone
-        self.state.dropped_samples += dropped
-        return dropped
-
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.reapply_at != "validation_start":
             return
@@ -395,12 +342,15 @@ class ICECallback(Callback):
             self.export(trainer, pl_module)
 
     def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Save the erased pipeline to ``export_dir`` from rank 0 (every rank calls this). Sharded weights are
+        """Save the erased pipeline to the export folder from rank 0 (every rank calls this). Sharded weights are
         first gathered whole to rank 0's CPU (``torch.distributed.checkpoint.state_dict``, a collective), and
         the export is written from that copy, which records the erasures of every ``ICECallback``."""
         pipe = self.get_pipeline(pl_module)
         every = [c for c in trainer.callbacks if isinstance(c, ICECallback)]
         extra = {"ice_callback": self.summary(), "ice_callbacks": {c.state_key: c.summary() for c in every}}
+        filtering = filtering_summary(trainer.callbacks)
+        if filtering is not None:
+            extra["sample_filtering"] = filtering
         results = None
         reshard(self._plan.denoisers.values())
         if any(is_sharded(m.weight) for m in self._plan.modules().values()):
@@ -409,8 +359,8 @@ class ICECallback(Callback):
                 results = [r.record.renamed({}, "gathered shards") for r in edit_history(pipe) if not r.undone]
             pipe = whole
         if trainer.is_global_zero:
-            save_erased(pipe, self.export_dir, results=results, extra=extra, overwrite=self.overwrite_export,
-                        adapters=self.export_adapters)  # fmt: skip
+            save_erased(pipe, self.export_dir, results=results, extra=extra, overwrite=self.export_options.overwrite,
+                        adapters=self.export_options.adapters)  # fmt: skip
             rank_zero_info(f"ICECallback: exported the erased model to {self.export_dir}")
         trainer.strategy.barrier("ice_export")
 
@@ -423,7 +373,8 @@ class ICECallback(Callback):
         every rank writes the same edit; later ones re-apply those operators to what changed since."""
         if self._plan is None:
             self._plan = ErasurePlan(self.get_pipeline(pl_module), self.spec, method=self.method,
-                                     hparams=self.hparams, layers=self.layers, verify=self.verify)  # fmt: skip
+                                     hparams=self.hparams, layers=self.targets.layers,
+                                     verify=self.targets.verify)  # fmt: skip
         if self.state.operators is None:
             if self._plan.needs_gram:  # a collective under FSDP2: every rank takes part before rank 0 solves
                 self._plan.grams()
@@ -567,10 +518,6 @@ class ICECallback(Callback):
             "applications": self.state.applications,
             "every_n_epochs": self.every_n_epochs,
             "reapply_at": self.reapply_at,
-            "drop_concept_samples": self.drop_concept_samples,
-            "sample_filters": list(self.filter_names),
-            "dropped_samples": self.state.dropped_samples,
-            "dropped_by_filter": dict(self.state.dropped_by_filter),
         }
 
     def state_dict(self) -> dict[str, Any]:

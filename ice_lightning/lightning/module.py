@@ -103,7 +103,7 @@ class ICEModule(LightningModule):
         mode_scale: scale of ``"mode"``.
         lora_rank: train PEFT LoRA adapters of this rank instead of the full weights (``None``: full
             fine-tune). ``ICECallback`` edits the adapters' ``lora_A`` where they read the text states, and exports
-            the adapters merged (or beside an erased base: its ``export_adapters``).
+            the adapters merged (or beside an erased base: ``ExportOptions(adapters=...)``).
         lora_alpha: LoRA scale numerator (scale ``lora_alpha / lora_rank``; default: the rank).
         lora_target_modules: the denoiser modules that get adapters (default: the attention projections
             :data:`DEFAULT_LORA_TARGETS`).
@@ -382,7 +382,7 @@ class ICEModule(LightningModule):
 
     # -- Lightning hooks -----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        if len(batch["captions"]) == 0:  # every sample dropped (ICECallback(drop_concept_samples=True)): skip
+        if len(batch["captions"]) == 0:  # every sample dropped (a SampleFilterCallback): skip
             return None
         g = None
         if self.hparams.seed is not None:

@@ -447,7 +447,7 @@ def shows(samples: Tensor, concept: str) -> list[bool]:
 
 # -- sample filter -------------------------------------------------------------------------------------
 class ShapesDetectorFilter(ImageDetectorFilter):
-    """``ICECallback(sample_filter=ShapesDetectorFilter("red"))``: drop the training samples in which the shapes
+    """``SampleFilterCallback(ShapesDetectorFilter("red"))``: drop the training samples in which the shapes
     detector sees ``concept`` (a colour, shape or direction), however they are captioned.
 
     Example:

@@ -75,7 +75,7 @@ def main(out: Path, mode: str, kind: str = "sd") -> None:
         module = UserModule(lr)
     ice = ICECallback(erase=["Van Gogh"], family="style", every_n_epochs=1,
                       hparams={"harden_rounds": 2} if mode == "harden" else None,
-                      export_dir=str(out / "export") if mode in ("lr0", "module", "harden") else None)  # fmt: skip
+                      export=str(out / "export") if mode in ("lr0", "module", "harden") else None)  # fmt: skip
     callbacks = [ice]
     if mode == "train":
         callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", save_top_k=-1, every_n_epochs=1))

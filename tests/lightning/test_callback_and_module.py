@@ -11,10 +11,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import ice_lightning
-from ice_lightning import ICECallback, ICEModule
+from ice_lightning import ICECallback, ICEModule, SampleFilterCallback
 from ice_lightning.core.concepts import ConceptSpec
 from ice_lightning.core.export import MANIFEST_NAME, load_manifest, verify_export
 from ice_lightning.core.probe import compare_pipelines
+from ice_lightning.lightning.callback import ExportOptions
 from ice_lightning.lightning.data import CaptionFolderDataModule
 from ice_lightning.lightning.filters import drop_rows
 from ice_lightning.testing import build_tiny_pipeline
@@ -65,7 +66,7 @@ def _still_erased(folder, kind: str) -> float:
 def test_fit_keeps_the_concept_erased_and_ships_it(kind, video, tmp_path):
     seed_everything(0)
     module = ICEModule(f"tiny:{kind}", learning_rate=3e-4, cfg_dropout=0.0, validation_concepts=STYLE)
-    ice = ICECallback(**STYLE, every_n_epochs=1, export_dir=str(tmp_path / "erased"))
+    ice = ICECallback(**STYLE, every_n_epochs=1, export=str(tmp_path / "erased"))
     losses = EpochLoss()
     _trainer(tmp_path, [ice, losses], epochs=4).fit(module, datamodule=_data(video))
 
@@ -236,7 +237,7 @@ def test_clear_errors_before_training(tmp_path):
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    bad = ICECallback(**STYLE, export_dir=str(blocker / "erased"))
+    bad = ICECallback(**STYLE, export=str(blocker / "erased"))
     trainer = _trainer(tmp_path, [bad], epochs=1)
     with pytest.raises(PermissionError, match="export folder .* cannot be created"):
         trainer.fit(ICEModule("tiny:sd"), datamodule=_data(False))
@@ -268,7 +269,7 @@ def test_final_erasure_sees_the_averaged_weights_whatever_the_callback_order(tmp
 
 def test_manifest_records_the_callback(tmp_path):
     module = ICEModule("tiny:sd")
-    ice = ICECallback(**STYLE, every_n_epochs=1, export_dir=str(tmp_path / "out"))
+    ice = ICECallback(**STYLE, every_n_epochs=1, export=str(tmp_path / "out"))
     _trainer(tmp_path, [ice], epochs=1, limit_val_batches=0).fit(module, datamodule=_data(False, batch_size=8))
     manifest = (tmp_path / "out" / MANIFEST_NAME).read_text()
     assert '"reason": "fit_end"' in manifest and '"weights_sha256"' in manifest
@@ -368,7 +369,7 @@ def test_validation_logs_generated_samples(kind, tmp_path):
 
 
 def test_drop_concept_samples_matches_names_and_synonyms_as_whole_words():
-    ice = ICECallback(erase=["red"], synonyms={"red": ["crimson", "round dot"]}, drop_concept_samples=True)
+    ice = SampleFilterCallback(drop_concepts=ConceptSpec(erase=["red"], synonyms={"red": ["crimson", "round dot"]}))
     keep = ice.sample_filters[0]
     assert keep.names_concept("a Red circle") and keep.names_concept("one crimson box")
     assert keep.names_concept("a green round dot") and keep.names_concept("red")
@@ -407,21 +408,21 @@ def test_fine_tune_never_sees_the_concepts_samples(tmp_path):
     batch left empty skips its step, and the count lands in the state dict and the manifest's summary."""
     seed_everything(0)
     module = ICEModule("tiny:sd-minilm", cfg_dropout=0.0)
-    ice = ICECallback(**STYLE, every_n_epochs=1, drop_concept_samples=True, log_metrics=False,
-                      export_dir=str(tmp_path / "export"))  # fmt: skip
+    ice = ICECallback(**STYLE, every_n_epochs=1, log_metrics=False, export=str(tmp_path / "export"))
+    guard = SampleFilterCallback(drop_concepts=ice.spec)
     given, recorder = CaptionRecorder(), CaptionRecorder()
     data = CaptionFolderDataModule(str(DATA / "tiny_images"), resolution=16, batch_size=2, shuffle=False)
-    trainer = _trainer(tmp_path, [given, ice, recorder], epochs=1, limit_val_batches=0)
+    trainer = _trainer(tmp_path, [given, guard, ice, recorder], epochs=1, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     captions = [c for batch in given.seen for c in batch]  # what the loader gave, before the guard
     named = sum("Van Gogh" in c for c in captions)
     assert 0 < named < len(captions)
     seen = [c for batch in recorder.seen for c in batch]
     assert sorted(seen) == sorted(c for c in captions if "Van Gogh" not in c)
-    assert ice.dropped_samples == named and ice.state_dict()["dropped_samples"] == named
+    assert guard.dropped_samples == named and guard.state_dict()["dropped_samples"] == named
     assert [] in recorder.seen  # a pair of Van Gogh captions left an empty batch, whose step was skipped
-    assert ice.summary()["dropped_samples"] == named and ice.summary()["dropped_by_filter"] == {"caption": named}
-    shipped = load_manifest(tmp_path / "export")["ice_callback"]
+    assert guard.summary()["dropped_samples"] == named and guard.summary()["dropped_by_filter"] == {"caption": named}
+    shipped = load_manifest(tmp_path / "export")["sample_filtering"]
     assert shipped["dropped_by_filter"] == {"caption": named} and shipped["sample_filters"] == ["caption"]
 
 
@@ -432,7 +433,7 @@ def test_two_callbacks_with_own_concepts_and_schedules_fit_checkpoint_resume_and
         seed_everything(0)
         module = ICEModule("tiny:sd", learning_rate=lr, cfg_dropout=0.0)
         style = ICECallback(**STYLE, every_n_epochs=1)
-        obj = ICECallback(spec=objects, every_n_epochs=2, export_dir=str(root / "out"))  # the last one exports
+        obj = ICECallback(spec=objects, every_n_epochs=2, export=str(root / "out"))  # the last one exports
         ckpts = ModelCheckpoint(dirpath=root / "ckpt", every_n_epochs=1, save_top_k=-1)
         trainer = _trainer(root, [style, obj, ckpts], epochs=epochs, enable_checkpointing=True, limit_val_batches=0)
         trainer.fit(module, datamodule=_data(False, batch_size=8), ckpt_path=ckpt)
@@ -514,7 +515,7 @@ def test_export_needs_the_protocol_and_a_whole_number_schedule(tmp_path):
             super().__init__()
             self.pipe = build_tiny_pipeline("sd")  # not `pipeline`: the protocol cannot find it
 
-    ice = ICECallback(**STYLE, export_dir=str(tmp_path / "out"))
+    ice = ICECallback(**STYLE, export=str(tmp_path / "out"))
     with pytest.raises(AttributeError, match="expose it as `self.pipeline`.*override get_pipeline"):
         ice.setup(types.SimpleNamespace(strategy=None, callbacks=[]), HoldsPipe(), "fit")
     assert not (tmp_path / "out").exists()
@@ -523,9 +524,9 @@ def test_export_needs_the_protocol_and_a_whole_number_schedule(tmp_path):
     (user / "model_index.json").write_text("{}")
     module = ICEModule("tiny:sd")
     with pytest.raises(FileExistsError, match="not an earlier ice-lightning export.*overwrite"):
-        ICECallback(**STYLE, export_dir=str(user)).setup(types.SimpleNamespace(strategy=None), module, "fit")
+        ICECallback(**STYLE, export=str(user)).setup(types.SimpleNamespace(strategy=None), module, "fit")
     assert [p.name for p in user.iterdir()] == ["model_index.json"] and (user / "model_index.json").read_text() == "{}"
-    ICECallback(**STYLE, export_dir=str(user), overwrite_export=True).setup(
+    ICECallback(**STYLE, export=ExportOptions(str(user), overwrite=True)).setup(
         types.SimpleNamespace(strategy=None), module, "fit")  # asked for: accepted (replaced at the export)
     with pytest.raises(ValueError, match="every_n_epochs must be a whole number >= 1"):
         ICECallback(**STYLE, every_n_epochs=1.5)

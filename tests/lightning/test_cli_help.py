@@ -72,7 +72,7 @@ def test_fit_help_documents_the_callback_and_module_options(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--trainer.callbacks.help", "ice_lightning.ICECallback"])
     options = _options(capsys.readouterr().out)
-    for name in ("erase", "preserve", "family", "synonyms", "anchor", "templates", "method", "every_n_epochs"):
+    for name in ("erase", "preserve", "family", "synonyms", "spec", "method", "every_n_epochs", "export", "targets"):
         assert len(options[f"--trainer.callbacks.{name}"].split("(type:")[0]) > 10, name
     with pytest.raises(SystemExit):
         main(["fit", "--help"])

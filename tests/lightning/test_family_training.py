@@ -153,7 +153,7 @@ def test_family_fits_with_the_callback_and_exports(kind, tmp_path):
         def on_train_end(self, trainer, pl_module):
             losses.append(_fixed_loss(pl_module, batch))
 
-    ice = ICECallback(erase=["Van Gogh"], family="style", every_n_epochs=1, export_dir=str(tmp_path / "out"))
+    ice = ICECallback(erase=["Van Gogh"], family="style", every_n_epochs=1, export=str(tmp_path / "out"))
     trainer = Trainer(max_epochs=3, callbacks=[Measure(), ice], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
     trainer.fit(module, DataLoader(data, batch_size=2))

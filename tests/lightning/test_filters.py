@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from ice_lightning import ICECallback
+from ice_lightning import SampleFilterCallback
+from ice_lightning.core.concepts import ConceptSpec
 from ice_lightning.lightning.filters import NUDENET_EXPLICIT, CaptionFilter, ImageDetectorFilter, NudeNetFilter
 from ice_lightning.shapes.world import ShapesDetectorFilter, ShapeSpec, render, render_clip
 
@@ -96,7 +97,7 @@ def test_callback_chains_filters_in_order_and_counts_each():
         seen.append(list(batch["ids"]))
         return [i % 2 == 0 for i in batch["ids"]]
 
-    ice = ICECallback(erase=["red"], drop_concept_samples=True, sample_filter=[odd_ids, odd_ids])
+    ice = SampleFilterCallback([odd_ids, odd_ids], drop_concepts=ConceptSpec(erase=["red"]))
     assert ice.filter_names == ["caption", "odd_ids", "odd_ids#2"]
     batch = _batch()
     assert ice.filter_batch(batch) == 4
@@ -106,7 +107,7 @@ def test_callback_chains_filters_in_order_and_counts_each():
     assert ice.dropped_samples == 4
     state = ice.state_dict()
     assert state["dropped_by_filter"] == {"caption": 2, "odd_ids": 2, "odd_ids#2": 0}
-    again = ICECallback(erase=["red"], drop_concept_samples=True, sample_filter=[odd_ids, odd_ids])
+    again = SampleFilterCallback([odd_ids, odd_ids], drop_concepts=ConceptSpec(erase=["red"]))
     again.load_state_dict(state)
     assert again.state.dropped_by_filter == state["dropped_by_filter"] and again.dropped_samples == 4
     summary = ice.summary()
@@ -118,8 +119,8 @@ def test_callback_chains_filters_in_order_and_counts_each():
 
 def test_callback_refuses_bad_filters_and_bad_masks():
     with pytest.raises(TypeError, match="sample_filter must be callables"):
-        ICECallback(erase=["red"], sample_filter=["not callable"])
-    ice = ICECallback(erase=["red"], sample_filter=lambda b: [True])
+        SampleFilterCallback(["not callable"])
+    ice = SampleFilterCallback(lambda b: [True])
     with pytest.raises(ValueError, match="returned 1 flags for a batch of 6 samples"):
         ice.filter_batch(_batch())
     with pytest.raises(TypeError, match="dict batches"):
@@ -131,8 +132,8 @@ def test_detector_filter_as_the_callbacks_sample_filter_in_a_config():
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser()
-    parser.add_class_arguments(ICECallback, "ice")
-    cfg = parser.parse_object({"ice": {"erase": ["red"], "sample_filter": [
+    parser.add_class_arguments(SampleFilterCallback, "ice")
+    cfg = parser.parse_object({"ice": {"sample_filter": [
         {"class_path": "ice_lightning.shapes.ShapesDetectorFilter", "init_args": {"concept": "red"}},
         {"class_path": "ice_lightning.lightning.filters.CaptionFilter", "init_args": {"names": ["crimson"]}},
     ]}})  # fmt: skip
@@ -162,7 +163,7 @@ def test_filters_must_return_booleans_and_errors_name_the_filter(returned, error
     def scores(batch):
         return returned
 
-    ice = ICECallback(erase=["red"], sample_filter=scores)
+    ice = SampleFilterCallback(scores)
     batch = _batch()
     with pytest.raises(error, match=message):
         ice.filter_batch(batch)
@@ -174,12 +175,12 @@ def test_filters_accept_bool_tensors_numpy_bools_and_filter_nested_dicts():
 
     keep = [True, False, True, False, True, False]
     for returned in (torch.tensor(keep), np.array(keep), [np.bool_(k) for k in keep]):
-        ice = ICECallback(erase=["red"], sample_filter=lambda b, r=returned: r)
+        ice = SampleFilterCallback(lambda b, r=returned: r)
         batch = {**_batch(), "cond": {"input_ids": torch.arange(6)[:, None], "names": list("abcdef")}}
         assert ice.filter_batch(batch) == 3
         assert batch["cond"]["input_ids"][:, 0].tolist() == [0, 2, 4] and batch["cond"]["names"] == ["a", "c", "e"]
         assert batch["ids"] == [_batch()["ids"][i] for i in (0, 2, 4)]
-    ice = ICECallback(erase=["red"], sample_filter=lambda b: keep)
+    ice = SampleFilterCallback(lambda b: keep)
     batch = {**_batch(), "pair": (torch.zeros(6, 2), torch.ones(6, 2))}
     with pytest.raises(ValueError, match=r"batch\['pair'\] is a tuple of 2 tensors with one row per sample"):
         ice.filter_batch(batch)

@@ -40,7 +40,7 @@ def test_lora_fit_trains_only_adapters_and_reapplication_never_compounds(kind, t
     den = module.denoiser
     before = {n: p.detach().clone() for n, p in den.named_parameters()}
     assert {n for n, p in den.named_parameters() if p.requires_grad} == {n for n in before if ".lora_" in n}
-    ice = ICECallback(**STYLE, every_n_epochs=1, export_dir=str(tmp_path / "out"))
+    ice = ICECallback(**STYLE, every_n_epochs=1, export=str(tmp_path / "out"))
     _fit(module, [ice], epochs=3)
     moved = {n for n, p in den.named_parameters() if not torch.equal(p, before[n])}
     edited = set(ice.edited_modules())
@@ -66,7 +66,7 @@ def test_merged_export_equals_the_fused_adapter_erased_and_the_separate_export_f
 
     # lr 0 and random adapters (B != 0), so the adapter changes the model and training does not move it
     module = _lora_module("sd", 0.0, lora_init=False)
-    ice = ICECallback(**STYLE, every_n_epochs=1, export_dir=str(tmp_path / "merged"))
+    ice = ICECallback(**STYLE, every_n_epochs=1, export=str(tmp_path / "merged"))
     _fit(module, [ice], epochs=2)
     expected_module = _lora_module("sd", 0.0, lora_init=False)  # the same base and adapters, never erased
     with without_adapters(expected_module.pipeline, "merge"):  # fused: W + B A s, as plain layers
