@@ -35,8 +35,9 @@ _NAMES = {
     "load_pipeline": ".pipelines",
     "register_pipeline": ".pipelines",
     "ErasurePlan": ".plan",
-    "ErasureResult": ".plan",
-    "TargetLayer": ".plan",
+    "ErasureResult": ".result",
+    "TargetLayer": ".result",
+    "ErasureRecord": ".record",
     "edit_history": ".parts",
     "erase": ".plan",
     "find_text_conditioning": ".plan",
@@ -77,13 +78,18 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time each l
     )
     from .plan import (
         ErasurePlan,
-        ErasureResult,
-        TargetLayer,
         erase,
         find_text_conditioning,
     )
     from .probe import (
         TextSpaceProbe,
+    )
+    from .record import (
+        ErasureRecord,
+    )
+    from .result import (
+        ErasureResult,
+        TargetLayer,
     )
     from .solver import (
         DissociationOperator,
@@ -108,6 +114,7 @@ __all__ = [
     "register_pipeline",
     "ErasurePlan",
     "ErasureResult",
+    "ErasureRecord",
     "TargetLayer",
     "edit_history",
     "erase",

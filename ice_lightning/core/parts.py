@@ -61,7 +61,7 @@ def pipeline_spaces(pipeline) -> dict[str, EmbeddingSpace]:
 
 def edit_history(pipeline) -> list:
     """The live (not undone) erasures applied to ``pipeline`` with :func:`~ice_lightning.core.plan.erase`, oldest
-    first (their :class:`~ice_lightning.core.plan.ErasureResult` objects)."""
+    first (their :class:`~ice_lightning.core.result.ErasureResult` objects)."""
     return list(_HISTORY.get(next(iter(denoisers(pipeline).values())), []))
 
 

@@ -34,7 +34,7 @@ import torch
 
 if TYPE_CHECKING:
     from .concepts import ConceptSpec
-    from .plan import ErasureResult
+    from .result import ErasureResult
 
 __all__ = ["load_pipeline", "load_pipeline_folder", "register_pipeline", "registered_pipelines", "erase_report",
            "EraseReport"]  # fmt: skip

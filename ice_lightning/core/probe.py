@@ -33,7 +33,8 @@ from .concepts import ConceptSpec, Prompt
 from .editing import concept_outputs, layer_outputs
 from .encoders import EmbeddingSpace
 from .parts import pipeline_spaces, resolve_layer
-from .plan import ErasureResult, text_conditioning_layers
+from .plan import text_conditioning_layers
+from .result import ErasureResult
 from .solver import DissociationOperator
 
 __all__ = [
@@ -134,7 +135,7 @@ class TextSpaceProbe:
     def from_result(cls, result: ErasureResult, spec: ConceptSpec | None = None,
                     reference: dict[str, tuple[Tensor, Tensor | None]] | None = None) -> TextSpaceProbe:  # fmt: skip
         """Probe of an erasure against the weights it started from (``W + L R``, no copy kept; or ``reference``,
-        that result's :meth:`~ice_lightning.core.plan.ErasureResult.reference_weights` already rebuilt)."""
+        that result's :meth:`~ice_lightning.core.result.ErasureResult.reference_weights` already rebuilt)."""
         if reference is None:
             reference = result.reference_weights()
         return cls(result.layer_map, result.spaces, spec or result.spec, reference)

@@ -3,7 +3,7 @@
 An :class:`ErasureRecord` names the concepts (the spec), the method and its hyperparameters, each edited layer by
 its qualified name with the embedding space it reads, and the operator of each space. It holds no module and no
 weight: the live part of an erasure (the modules, the edit records that make ``undo()`` exact) stays in
-:class:`~ice_lightning.core.plan.ErasureResult`, whose :attr:`~ice_lightning.core.plan.ErasureResult.record` this
+:class:`~ice_lightning.core.result.ErasureResult`, whose :attr:`~ice_lightning.core.result.ErasureResult.record` this
 is. So an export of a copy of the pipeline (its adapters merged, its shards gathered) is the same record with its
 layer names mapped, :meth:`ErasureRecord.renamed`; nothing is planned again.
 

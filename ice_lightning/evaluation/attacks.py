@@ -48,8 +48,8 @@ from torch import Tensor, nn
 from ..core.architectures import denoise
 from ..core.concepts import ConceptSpec, Prompt
 from ..core.encoders import EmbeddingSpace, FeatureConcatSource, SequenceSource
-from ..core.plan import ErasureResult
 from ..core.probe import LeakageRate, layer_outputs
+from ..core.result import ErasureResult
 from ..core.triggers import whole_words
 
 __all__ = ["RingABellConfig", "RedTeam", "ATTACKS", "whitebox_inputs", "ring_a_bell_prompts", "embedding_attack",

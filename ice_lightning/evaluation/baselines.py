@@ -27,7 +27,8 @@ from torch import Tensor
 
 from ..core.concepts import ConceptSpec
 from ..core.encoders import EmbeddingSpace, FeatureConcatSource, SequenceSource, _tokenize
-from ..core.plan import ErasurePlan, ErasureResult
+from ..core.plan import ErasurePlan
+from ..core.result import ErasureResult
 from ..core.solver import uce_operator
 
 __all__ = ["uce_as_published", "uce_published_states", "UCE_PUBLISHED_LAM"]

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import torch
 
 from ..core.concepts import Prompt
-from ..core.plan import ErasureResult
 from ..core.probe import RelativeOutputChange, erasure_metrics, layer_outputs
+from ..core.result import ErasureResult
 from .devset import DevConcept
 
 __all__ = ["relative_change", "dev_concept_metrics"]

@@ -17,7 +17,7 @@ from ..record import ErasureRecord
 from .manifest import _FORMAT, OPERATORS_NAME, _check_results_belong, _to_export, _versions, record_of
 
 if TYPE_CHECKING:
-    from ..plan import ErasureResult
+    from ..result import ErasureResult
 
 __all__ = ["LORA_NAME", "erasure_lora"]
 

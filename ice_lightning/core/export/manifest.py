@@ -27,7 +27,7 @@ from ..sharding import like_weight, local_shard
 from ..solver import DissociationOperator
 
 if TYPE_CHECKING:
-    from ..plan import ErasureResult
+    from ..result import ErasureResult
 
 __all__ = ["MANIFEST_NAME", "OPERATORS_NAME", "ExportVerificationError", "load_manifest"]
 

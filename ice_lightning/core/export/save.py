@@ -38,8 +38,8 @@ from .manifest import (
 )
 
 if TYPE_CHECKING:
-    from ..plan import ErasureResult
     from ..record import ErasureRecord
+    from ..result import ErasureResult
 
 __all__ = ["ExportFormat", "save_erased", "check_export_destination", "export_lock"]
 
