@@ -11,7 +11,7 @@ from .._lazy import lazy_attributes
 
 _NAMES = {
     "ICECallback": ".callback",
-    "ICEState": ".callback",
+    "ICEState": ".callback_state",
     "find_pipeline": ".callback",
     "CaptionFolderDataModule": ".data",
     "CaptionFilter": ".filters",
@@ -19,8 +19,8 @@ _NAMES = {
     "NudeNetFilter": ".filters",
     "SampleFilter": ".filters",
     "SampleFilterCallback": ".filters",
-    "ExportOptions": ".callback",
-    "LayerTargets": ".callback",
+    "ExportOptions": ".callback_state",
+    "LayerTargets": ".callback_state",
     "drop_rows": ".filters",
     "ICEModule": ".module",
     "CLIPConceptPresence": ".sample_metrics",
@@ -32,11 +32,13 @@ __getattr__, __dir__ = lazy_attributes(__name__, _NAMES)
 
 if TYPE_CHECKING:  # the names for type checkers and editors; at run time each loads on first use
     from .callback import (
-        ExportOptions,
         ICECallback,
+        find_pipeline,
+    )
+    from .callback_state import (
+        ExportOptions,
         ICEState,
         LayerTargets,
-        find_pipeline,
     )
     from .data import (
         CaptionFolderDataModule,

@@ -19,31 +19,26 @@ import hashlib
 import json
 import os
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, XLAStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from ..core.concepts import ConceptSpec, Family
-from ..core.editing import tensor_sha256
-from ..core.export import Adapters, check_export_destination, save_erased
+from ..core.export import check_export_destination, save_erased
 from ..core.parts import DENOISER_COMPONENTS, edit_history
 from ..core.plan import ErasurePlan, Method
 from ..core.probe import TextSpaceProbe
 from ..core.sharding import gather_pipeline, is_sharded, local_shard, reshard
 from ..core.solver import DissociationOperator, check_hparams
+from .callback_state import ExportOptions, ICEState, LayerTargets
 from .filters import filtering_summary
+from .strategies import check_ranks_agree, check_strategy, reset_optimizer_state
 
-__all__ = ["ICECallback", "ICEState", "ExportOptions", "LayerTargets", "find_pipeline"]
+__all__ = ["ICECallback", "find_pipeline"]
 
-# Lightning's FSDPStrategy (FSDP1: flat parameters) and DeepSpeed hide the weights' rows behind flattened
-# buffers; ModelParallelStrategy (FSDP2, fully_shard) keeps each weight a row-sharded DTensor, which the edit
-# handles shard by shard.
-_REFUSED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, XLAStrategy)
 # The weight of each edited layer right after the last application of any ICECallback in this process. A
 # re-application edits what changed since then, so with several callbacks on shared layers one never re-edits
 # another's edit (only training's change), and with no training in between every re-application is a no-op.
@@ -63,82 +58,6 @@ def find_pipeline(pl_module: LightningModule) -> Any:
         "`self.pipeline`, or hold `unet` (or `transformer`), `tokenizer` and `text_encoder` attributes, "
         "or subclass ICECallback and override get_pipeline()"
     )
-
-
-@dataclass
-class ICEState:
-    """Everything an ``ICECallback`` must carry through a checkpoint.
-
-    Attributes:
-        applications: one record per application (reason, epoch, step, weights hash, metrics).
-        last_epoch_applied: the last epoch whose scheduled application ran (``-1``: none yet).
-        operators: the operator per embedding space, computed once (``None`` before the first application).
-        layer_spaces: ``{edited layer: embedding space}``.
-        probe: the metric references (the model's outputs before the first edit).
-        spec_fingerprint: sha256 of the concept spec, method and hyperparameters the operators were made from.
-        resumed: set when loaded from a checkpoint that holds an erasure: its weights are already erased, so
-            nothing is applied again; cleared once the fit has caught up. Not saved.
-    """
-
-    applications: list[dict[str, Any]] = field(default_factory=list)
-    last_epoch_applied: int = -1
-    operators: dict[str, DissociationOperator] | None = None
-    layer_spaces: dict[str, str] = field(default_factory=dict)
-    probe: dict | None = None
-    spec_fingerprint: str = ""
-    resumed: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        ops = None
-        if self.operators is not None:
-            ops = {s: {"U": o.U.cpu(), "M": o.M.cpu(), "method": o.method, "hparams": o.hparams}
-                   for s, o in self.operators.items()}  # fmt: skip
-        return {"applications": self.applications, "last_epoch_applied": self.last_epoch_applied,
-                "operators": ops, "layer_spaces": self.layer_spaces, "probe": self.probe,
-                "spec_fingerprint": self.spec_fingerprint}  # fmt: skip
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ICEState:
-        ops = d["operators"]
-        operators = None if ops is None else {s: DissociationOperator(**o) for s, o in ops.items()}
-        return cls(list(d["applications"]), d["last_epoch_applied"], operators, dict(d["layer_spaces"]), d["probe"],
-                   d.get("spec_fingerprint", ""), resumed=operators is not None)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """Where and how :class:`ICECallback` ships the erased model (``ICECallback(export="dir")`` is
-    ``ExportOptions("dir")``).
-
-    Attributes:
-        dir: the folder to save the erased pipeline to (diffusers folder + ``ice_manifest.json``).
-        overwrite: let the export replace a non-empty ``dir`` that is not an earlier export (refused before
-            training otherwise).
-        adapters: for a LoRA fine-tune (``ICEModule(lora_rank=...)``): ``"merge"`` ships one model with the
-            adapters merged in, erased whatever adapter a user adds later; ``"separate"`` ships the erased base
-            model and the erased adapters beside it (``ice_adapters/<component>/``).
-    """
-
-    dir: str
-    overwrite: bool = False
-    adapters: Adapters = "merge"
-
-    def __post_init__(self) -> None:
-        if self.adapters not in ("merge", "separate"):
-            raise ValueError(f"export adapters must be 'merge' or 'separate', got {self.adapters!r}")
-
-
-@dataclass(frozen=True)
-class LayerTargets:
-    """Which layers :class:`ICECallback` edits, as ``erase()``'s ``layers`` and ``verify``.
-
-    Attributes:
-        layers: explicit qualified layer names instead of the architecture table.
-        verify: confirm the layers with the architecture's check pass (a forward hook).
-    """
-
-    layers: list[str] | None = None
-    verify: bool = True
 
 
 class ICECallback(Callback):
@@ -274,13 +193,7 @@ class ICECallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if isinstance(trainer.strategy, _REFUSED_STRATEGIES):
-            raise RuntimeError(
-                f"ICECallback does not support {type(trainer.strategy).__name__}: it flattens the weights, so the "
-                "rows of a text-conditioning layer are not a shard of its own. Shard with "
-                "ModelParallelStrategy (torch FSDP2, fully_shard in your module's configure_model), which "
-                "ICECallback edits shard by shard, or train on one device or with DDP"
-            )
+        check_strategy(trainer)
         pipe = self._pipeline_or_none(pl_module)
         if self.export_dir is not None:
             if pipe is None:
@@ -392,9 +305,9 @@ class ICECallback(Callback):
             result = self._plan.apply(self.state.operators, bases=bases, record=False)
         modules = self._plan.modules()
         # Each edit holds the exact hash of the weight it wrote (in the order of the modules): no second pass.
-        hashes = self._check_ranks_agree(trainer, modules, [e.fingerprint for e in result.edits])
+        hashes = check_ranks_agree(trainer, modules, [e.fingerprint for e in result.edits])
         self._remember_weights()
-        self._reset_optimizer_state(trainer, modules)
+        reset_optimizer_state(trainer, modules)
         digest = hashlib.sha256("".join(hashes).encode()).hexdigest()
         record = {"reason": reason, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
                   "weights_sha256": digest}  # fmt: skip
@@ -449,60 +362,6 @@ class ICECallback(Callback):
         if self.log_metrics and self.state.probe is not None:
             self._probe = TextSpaceProbe(self._plan.targets, self._plan.spaces, self.spec)
             self._probe.load_state_dict(self.state.probe)
-
-    # -- distributed and optimizer -------------------------------------------------------------
-    @staticmethod
-    def _check_ranks_agree(trainer: Trainer, modules: dict[str, torch.nn.Linear], digest: list[str]) -> list[str]:
-        """Under DDP, check that every rank holds byte-identical edited weights (``digest``: this rank's hash
-        per layer); take rank 0's if not. Returns the hashes of the weights each rank now holds.
-
-        The edit is deterministic and every rank starts from the same weights and operator, so the check
-        (one hash per layer) normally passes; the fallback keeps a rank from silently drifting."""
-        if trainer.world_size <= 1:
-            return digest
-        if any(is_sharded(m.weight) for m in modules.values()):
-            return ICECallback._check_shards(trainer, modules, digest)
-        differs = float(trainer.strategy.broadcast(digest, src=0) != digest)
-        flag = torch.tensor(differs, device=trainer.strategy.root_device)
-        if float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0:
-            rank_zero_warn("ICECallback: ranks disagreed on the edited weights; taking rank 0's")
-            weights = trainer.strategy.broadcast({n: m.weight.detach().cpu() for n, m in modules.items()}, src=0)
-            for n, m in modules.items():
-                m.weight.copy_(weights[n].to(m.weight.device))
-            return [tensor_sha256(m.weight) for m in modules.values()]
-        return digest
-
-    @staticmethod
-    def _check_shards(trainer: Trainer, modules: dict[str, torch.nn.Linear], digest: list[str]) -> list[str]:
-        """Sharded weights: every rank checks that each of its shards holds exactly what its edit wrote; the
-        failures are summed over ranks (any one fails every rank, naming the layers), and the per-shard hashes
-        of all ranks, in rank order, are returned (the same list on every rank)."""
-        bad = [n for (n, m), d in zip(modules.items(), digest, strict=True) if tensor_sha256(m.weight) != d]
-        flag = torch.tensor(float(len(bad)), device=trainer.strategy.root_device)
-        if float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0:
-            raise RuntimeError(
-                f"ICECallback: after the edit, rank {trainer.global_rank}'s shards of {bad[:3]} (or another rank's) "
-                "do not hold the edited rows; the sharded model is inconsistent: reload it from the last checkpoint"
-            )
-        gathered = [None] * trainer.world_size
-        torch.distributed.all_gather_object(gathered, digest)
-        return [h for rank in gathered for h in rank]
-
-    @staticmethod
-    def _reset_optimizer_state(trainer: Trainer, modules: dict[str, torch.nn.Module]) -> None:
-        """Reset the optimizer state (Adam's moments and step) of the edited weights to what a fresh state
-        is: stale moments would push the weights straight back along the erased directions. The state is
-        zeroed in place rather than dropped, so a (sharded) checkpoint still holds an entry for every
-        parameter, as torch's distributed checkpoint expects when it loads one."""
-        params = {id(m.weight) for m in modules.values()}
-        for opt in trainer.optimizers:
-            for p, state in opt.state.items():
-                if id(p) in params:
-                    for k, v in state.items():
-                        if isinstance(v, torch.Tensor):
-                            v.zero_()
-                        elif isinstance(v, (int, float)):
-                            state[k] = type(v)(0)
 
     # -- checks ----------------------------------------------------------------------------------
     def _pipeline_or_none(self, pl_module: LightningModule) -> Any:

@@ -1,0 +1,89 @@
+"""What :class:`~ice_lightning.lightning.callback.ICECallback` carries and is told, as typed objects: its
+checkpointed state (:class:`ICEState`) and the option groups of its constructor (:class:`ExportOptions`,
+:class:`LayerTargets`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.export import Adapters
+from ..core.solver import DissociationOperator
+
+__all__ = ["ICEState", "ExportOptions", "LayerTargets"]
+
+
+@dataclass
+class ICEState:
+    """Everything an ``ICECallback`` must carry through a checkpoint.
+
+    Attributes:
+        applications: one record per application (reason, epoch, step, weights hash, metrics).
+        last_epoch_applied: the last epoch whose scheduled application ran (``-1``: none yet).
+        operators: the operator per embedding space, computed once (``None`` before the first application).
+        layer_spaces: ``{edited layer: embedding space}``.
+        probe: the metric references (the model's outputs before the first edit).
+        spec_fingerprint: sha256 of the concept spec, method and hyperparameters the operators were made from.
+        resumed: set when loaded from a checkpoint that holds an erasure: its weights are already erased, so
+            nothing is applied again; cleared once the fit has caught up. Not saved.
+    """
+
+    applications: list[dict[str, Any]] = field(default_factory=list)
+    last_epoch_applied: int = -1
+    operators: dict[str, DissociationOperator] | None = None
+    layer_spaces: dict[str, str] = field(default_factory=dict)
+    probe: dict | None = None
+    spec_fingerprint: str = ""
+    resumed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        ops = None
+        if self.operators is not None:
+            ops = {s: {"U": o.U.cpu(), "M": o.M.cpu(), "method": o.method, "hparams": o.hparams}
+                   for s, o in self.operators.items()}  # fmt: skip
+        return {"applications": self.applications, "last_epoch_applied": self.last_epoch_applied,
+                "operators": ops, "layer_spaces": self.layer_spaces, "probe": self.probe,
+                "spec_fingerprint": self.spec_fingerprint}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ICEState:
+        ops = d["operators"]
+        operators = None if ops is None else {s: DissociationOperator(**o) for s, o in ops.items()}
+        return cls(list(d["applications"]), d["last_epoch_applied"], operators, dict(d["layer_spaces"]), d["probe"],
+                   d.get("spec_fingerprint", ""), resumed=operators is not None)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Where and how :class:`ICECallback` ships the erased model (``ICECallback(export="dir")`` is
+    ``ExportOptions("dir")``).
+
+    Attributes:
+        dir: the folder to save the erased pipeline to (diffusers folder + ``ice_manifest.json``).
+        overwrite: let the export replace a non-empty ``dir`` that is not an earlier export (refused before
+            training otherwise).
+        adapters: for a LoRA fine-tune (``ICEModule(lora_rank=...)``): ``"merge"`` ships one model with the
+            adapters merged in, erased whatever adapter a user adds later; ``"separate"`` ships the erased base
+            model and the erased adapters beside it (``ice_adapters/<component>/``).
+    """
+
+    dir: str
+    overwrite: bool = False
+    adapters: Adapters = "merge"
+
+    def __post_init__(self) -> None:
+        if self.adapters not in ("merge", "separate"):
+            raise ValueError(f"export adapters must be 'merge' or 'separate', got {self.adapters!r}")
+
+
+@dataclass(frozen=True)
+class LayerTargets:
+    """Which layers :class:`ICECallback` edits, as ``erase()``'s ``layers`` and ``verify``.
+
+    Attributes:
+        layers: explicit qualified layer names instead of the architecture table.
+        verify: confirm the layers with the architecture's check pass (a forward hook).
+    """
+
+    layers: list[str] | None = None
+    verify: bool = True
