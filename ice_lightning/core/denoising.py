@@ -164,6 +164,16 @@ def shift_sigmas(scheduler_config, sigmas: Tensor, tokens: int) -> Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+def expert_rows(cond, mask: Tensor, n: int):
+    """The rows ``mask`` of every per-sample tensor of a conditioning dict (shared tensors kept): the conditioning
+    of the samples one expert of :func:`experts` denoises."""
+    if isinstance(cond, dict):
+        return {k: v if k == "txt_ids" else expert_rows(v, mask, n) for k, v in cond.items()}
+    if isinstance(cond, Tensor) and cond.dim() > 0 and cond.shape[0] == n:
+        return cond[mask]
+    return cond
+
+
 def experts(pipeline, denoiser_names: dict[str, nn.Module], timesteps: Tensor) -> list[tuple[nn.Module, Tensor]]:
     """``[(denoiser, mask of the batch it denoises)]``: Wan 2.2's ``transformer`` takes the timesteps at or
     above ``boundary_ratio * num_train_timesteps`` (high noise) and ``transformer_2`` the rest, as

@@ -23,22 +23,29 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics import Metric
 
 from ..core.architectures import architecture_of
-from ..core.concepts import NEUTRAL_WORD, ConceptSpec
-from ..core.denoising import WeightingScheme, experts, flow_loss_weights, sample_flow_sigmas, shift_sigmas
+from ..core.concepts import ConceptSpec
+from ..core.denoising import (
+    WeightingScheme,
+    expert_rows,
+    experts,
+    flow_loss_weights,
+    sample_flow_sigmas,
+    shift_sigmas,
+)
 from ..core.parts import denoisers, pipeline_spaces
 from ..core.pipelines import load_pipeline
 from ..core.plan import text_conditioning_layers
 from ..core.probe import TextSpaceProbe
+from .sampling import SamplingMixin
+from .strategies import shard_denoisers
 
 __all__ = ["ICEModule", "LRSchedule", "TimestepBias", "DEFAULT_LORA_TARGETS"]
 
@@ -47,20 +54,9 @@ TimestepBias = Literal["none", "later", "earlier"]
 #: The attention projections diffusers' LoRA training scripts adapt by default.
 DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 _FROZEN_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-# The block lists of the denoisers, each block one FSDP2 unit (UNets; SD3, Flux, PixArt, CogVideoX, LTX; Wan).
-_BLOCK_LISTS = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "single_transformer_blocks", "blocks")
 
 
-def _rows(cond: Any, mask: torch.Tensor, n: int) -> Any:
-    """The rows ``mask`` of every per-sample tensor of a conditioning dict (shared tensors kept)."""
-    if isinstance(cond, dict):
-        return {k: v if k == "txt_ids" else _rows(v, mask, n) for k, v in cond.items()}
-    if isinstance(cond, torch.Tensor) and cond.dim() > 0 and cond.shape[0] == n:
-        return cond[mask]
-    return cond
-
-
-class ICEModule(LightningModule):
+class ICEModule(SamplingMixin, LightningModule):
     """Fine-tunes the denoiser(s) of a diffusers pipeline; exposes it as ``self.pipeline`` for ``ICECallback``.
 
     Each denoiser is an attribute named as the pipeline's component (``unet``, ``transformer``, and Wan 2.2's
@@ -262,15 +258,7 @@ class ICEModule(LightningModule):
                 "ICEModule does not shard a LoRA fine-tune: its adapters are small, so train it with DDP (strategy: "
                 "ddp), or shard a full fine-tune"
             )
-        from torch.distributed.fsdp import fully_shard
-
-        dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-        for model in self.denoisers.values():
-            for name in _BLOCK_LISTS:
-                blocks = getattr(model, name, None)  # a ModuleList of blocks, or one block (mid_block), or none
-                for block in blocks if isinstance(blocks, torch.nn.ModuleList) else [blocks] if blocks else []:
-                    fully_shard(block, mesh=dp)
-            fully_shard(model, mesh=dp)
+        shard_denoisers(self.denoisers.values(), mesh)
         self._sharded = True
 
     def _make_probe(self) -> TextSpaceProbe:
@@ -359,7 +347,7 @@ class ICEModule(LightningModule):
         pred = None
         for model, mask in routes:
             if mask.any():
-                part = self.architecture.denoise(model, noisy[mask], t[mask], **_rows(cond, mask, len(t)))
+                part = self.architecture.denoise(model, noisy[mask], t[mask], **expert_rows(cond, mask, len(t)))
                 pred = part.new_zeros(noisy.shape) if pred is None else pred
                 pred[mask] = part
         return pred
@@ -417,67 +405,6 @@ class ICEModule(LightningModule):
         if self._sample_metrics and not self.trainer.sanity_checking and sampling_ranks:
             for key, value in self.score_samples().items():
                 self.log(key, value, sync_dist=False, rank_zero_only=True)
-
-    def concept_prompts(self) -> dict[str, list[str]]:
-        """``{concept: its held-out prompts}`` for every erased and preserved concept of ``validation_concepts``."""
-        spec = self.spec
-        out: dict[str, list[str]] = {}
-        for p in spec.heldout_erase_prompts() + spec.heldout_near_prompts():
-            out.setdefault(p.text[p.span[0] : p.span[1]], []).append(p.text)
-        return out
-
-    @torch.no_grad()
-    def generate(self, prompts: list[str], seed: int = 0) -> torch.Tensor:
-        """Samples of ``prompts`` (one each) as float tensors in [0, 1]: ``(N, 3, H, W)`` or clips
-        ``(N, F, 3, H, W)``, with fixed noise."""
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        out = self.pipeline(prompts, num_inference_steps=self.hparams.sample_steps, generator=g, output_type="np",
-                            guidance_scale=self.hparams.guidance_scale)  # fmt: skip
-        x = torch.from_numpy(np.asarray(out.frames if self.video else out.images)).float()
-        return x.movedim(-1, -3)
-
-    def score_samples(self) -> dict[str, float]:
-        """Each sample metric on each concept's samples: ``{"val/<metric name>/<concept>": value}``."""
-        prompts = self.concept_prompts()
-        neutral = NEUTRAL_WORD[self.spec.family]
-        scores = {}
-        samples: dict[str, torch.Tensor] = {}
-        for metric in self._sample_metrics:
-            fixed, own_neutral = getattr(metric, "concept", None), getattr(metric, "neutral", None)
-            concepts = [fixed] if fixed is not None else list(prompts)
-            for concept in concepts:
-                texts = prompts.get(concept) or [t.format(concept) for t in self.spec._eval_templates()]
-                if concept not in samples:
-                    samples[concept] = self.generate([t for t in texts for _ in range(self.hparams.metric_samples)])
-                metric.concept, metric.neutral = concept, own_neutral or neutral
-                metric.reset()
-                metric.update(samples[concept])
-                scores[f"val/{getattr(metric, 'name', type(metric).__name__)}/{concept}"] = float(metric.compute())
-            metric.concept, metric.neutral = fixed, own_neutral
-        return scores
-
-    @torch.no_grad()
-    def log_samples(self) -> Path | None:
-        """Generate ``num_samples`` per erased concept and save a PNG grid (and add it to TensorBoard) from
-        rank 0 (``None`` elsewhere)."""
-        prompts = [p.text for p in (self.spec.heldout_erase_prompts() if self.spec else [])] or [""]
-        prompts = [p for p in prompts for _ in range(self.hparams.num_samples)]
-        images = self.generate(prompts).movedim(-3, -1).numpy()  # (N, [F,] H, W, 3) in [0, 1]
-        if self.video:  # frames side by side
-            images = np.concatenate(list(np.moveaxis(images, 1, 0)), axis=2)
-        grid = (np.concatenate(list(images), axis=0) * 255).clip(0, 255).astype(np.uint8)
-        if not self.trainer.is_global_zero:
-            return None
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"epoch{self.current_epoch:03d}.png"
-        from PIL import Image
-
-        Image.fromarray(grid).save(path)
-        experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "add_image"):
-            experiment.add_image("samples", grid, self.global_step, dataformats="HWC")
-        return path
 
     def configure_optimizers(self):
         params = [p for m in self.denoisers.values() for p in m.parameters() if p.requires_grad]

@@ -12,12 +12,29 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ..core.editing import tensor_sha256
 from ..core.sharding import is_sharded
 
-__all__ = ["check_strategy", "check_ranks_agree", "check_shards", "reset_optimizer_state"]
+__all__ = ["check_strategy", "check_ranks_agree", "check_shards", "reset_optimizer_state", "shard_denoisers"]
+
+# The block lists of the denoisers, each block one FSDP2 unit (UNets; SD3, Flux, PixArt, CogVideoX, LTX; Wan).
+_BLOCK_LISTS = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "single_transformer_blocks", "blocks")
 
 # Lightning's FSDPStrategy (FSDP1: flat parameters) and DeepSpeed hide the weights' rows behind flattened
 # buffers; ModelParallelStrategy (FSDP2, fully_shard) keeps each weight a row-sharded DTensor, which the edit
 # handles shard by shard.
 _REFUSED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, XLAStrategy)
+
+
+def shard_denoisers(models, mesh) -> None:
+    """FSDP2 (``fully_shard``) over the data-parallel part of ``mesh``: each block of every denoiser, then the
+    whole, as diffusers' and torchtitan's FSDP2 recipes wrap transformer blocks."""
+    from torch.distributed.fsdp import fully_shard
+
+    dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+    for model in models:
+        for name in _BLOCK_LISTS:
+            blocks = getattr(model, name, None)  # a ModuleList of blocks, or one block (mid_block), or none
+            for block in blocks if isinstance(blocks, torch.nn.ModuleList) else [blocks] if blocks else []:
+                fully_shard(block, mesh=dp)
+        fully_shard(model, mesh=dp)
 
 
 def check_strategy(trainer: Trainer) -> None:
