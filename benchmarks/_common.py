@@ -25,7 +25,7 @@ TRIGGERS = {"trigger_rounds": 1}
 
 def minilm_pipeline():
     """A tiny SD pipeline whose text encoder is the real pretrained all-MiniLM-L6-v2 (384-d)."""
-    from ice_lightning.testing import build_tiny_pipeline
+    from ice_lightning.demos.tiny import build_tiny_pipeline
 
     warnings.filterwarnings("ignore")
     return build_tiny_pipeline("sd-minilm")

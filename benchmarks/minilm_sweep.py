@@ -18,8 +18,8 @@ from pathlib import Path
 import ice_lightning
 from ice_lightning.core.concepts import Prompt
 from ice_lightning.core.probe import erasure_metrics  # noqa: E402
+from ice_lightning.demos.tiny import build_tiny_pipeline
 from ice_lightning.evaluation.metrics import relative_change
-from ice_lightning.testing import build_tiny_pipeline
 
 OUTSIDE_PRESERVE = ["Paul Gauguin", "Edvard Munch", "Georges Seurat"]
 #: The method file's Frobenius objective at the project's previous defaults (docs/benchmarks.md replaced them).

@@ -3,7 +3,7 @@ detectors on generated samples (seen prompts and paraphrases), plus the image-le
 
 For each concept (a colour and a shape on the image model, a motion direction and a colour on the video
 model) and each
-method: erase with the world's concept spec (ice_lightning.shapes.evaluation.concept_spec), sample every prompt
+method: erase with the world's concept spec (ice_lightning.demos.shapes.evaluation.concept_spec), sample every prompt
 with the same noise as before the edit, and report the erased concept's presence on its prompts (with how
 the rest failed: blank, garbled, or a clean sample of something else) and every other concept's accuracy
 kept (after / before). Then attack: for each prompt that asks for the concept, optimise its prompt
@@ -29,9 +29,8 @@ from pathlib import Path
 from _common import OUTPUT_METRIC, RESULTS, TRIGGERS, table, write_report
 
 from ice_lightning import erase
-from ice_lightning.evaluation.attacks import attack_words, discrete_attack, embedding_attack
-from ice_lightning.shapes import MODELS_DIR, load_shapes_pipeline
-from ice_lightning.shapes.evaluation import (
+from ice_lightning.demos.shapes import MODELS_DIR, load_shapes_pipeline
+from ice_lightning.demos.shapes.evaluation import (
     GUIDANCE,
     SPLITS,
     concept_spec,
@@ -42,6 +41,7 @@ from ice_lightning.shapes.evaluation import (
     sample_splits,
     score,
 )
+from ice_lightning.evaluation.attacks import attack_words, discrete_attack, embedding_attack
 
 #: label -> (method, hyperparameters); "ice output metric" and "ice trigger search" are robust settings of
 #: docs/benchmarks.md, section 2.

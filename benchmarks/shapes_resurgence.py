@@ -24,8 +24,8 @@ from _common import RESULTS, table, write_report
 from lightning.pytorch import Trainer, seed_everything
 
 from ice_lightning import ICECallback, ICEModule, SampleFilterCallback
-from ice_lightning.shapes import ShapesDataModule, ShapesDetectorFilter
-from ice_lightning.shapes.evaluation import ShapesProbe, concept_spec
+from ice_lightning.demos.shapes import ShapesDataModule, ShapesDetectorFilter
+from ice_lightning.demos.shapes.evaluation import ShapesProbe, concept_spec
 
 TARGET_PRESENCE = 0.05
 #: Where red is measured: prompts that ask for it with training words ("a red circle") and with held-out words

@@ -84,7 +84,7 @@ def spec_for(n: int) -> ConceptSpec:
 
 
 def _tokenizer(max_length: int = 77):
-    from ice_lightning.testing import default_vocabulary, word_tokenizer
+    from ice_lightning.demos.tiny_parts import default_vocabulary, word_tokenizer
 
     extra = " ".join(concept_names(100))
     return word_tokenizer(default_vocabulary([extra]), style="clip", max_length=max_length)
@@ -246,7 +246,7 @@ def sd15_pipeline(tiny: bool):
     """The SD 1.5 pipeline at real size (random weights), or its toy-width twin."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from ice_lightning.testing import tiny_vae
+    from ice_lightning.demos.tiny_parts import tiny_vae
 
     tok = _tokenizer()
     text_encoder = _clip_encoder(tok, CLIP_L, tiny=tiny)

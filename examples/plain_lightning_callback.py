@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 
 from ice_lightning import CaptionFolderDataModule, ICECallback
-from ice_lightning.testing import build_tiny_pipeline
+from ice_lightning.demos.tiny import build_tiny_pipeline
 
 
 class MyDiffusionModule(LightningModule):

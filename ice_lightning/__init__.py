@@ -4,7 +4,7 @@
   the solver in :mod:`ice_lightning.core.solver`, the denoiser family table);
 - :mod:`ice_lightning.lightning`: :class:`ICECallback`, :class:`ICEModule`, data, the ``ice-lightning`` CLI;
 - beside them, never imported by them: :mod:`ice_lightning.evaluation` (development set, attacks) and
-  :mod:`ice_lightning.shapes` (the shapes world). ``docs/architecture.md`` draws the layout.
+  :mod:`ice_lightning.demos.shapes` (the shapes world). ``docs/architecture.md`` draws the layout.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import pytest
 from helpers import ENV, ROOT
 
 PACKAGE = ROOT / "ice_lightning"
-BESIDE = ("ice_lightning.evaluation", "ice_lightning.shapes", "ice_lightning.testing")
+BESIDE = ("ice_lightning.evaluation", "ice_lightning.demos.shapes", "ice_lightning.demos.tiny")
 
 
 def _imports(path, top_level_only: bool = False) -> set[str]:

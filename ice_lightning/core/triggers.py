@@ -21,7 +21,7 @@ gain it shows holds against searches it never ran:
   the metrics and the benchmark's attacks use.
 
 Example:
-    >>> from ice_lightning.testing import word_tokenizer
+    >>> from ice_lightning.demos.tiny import word_tokenizer
     >>> vocabulary_slice(word_tokenizer(["boat", "harbour", "sky", "lighthouse", "Gogh"]), exclude=["sky"], size=3)
     ['lighthouse', 'boat', 'harbour']
     >>> import ice_lightning

@@ -11,7 +11,7 @@ The trade-off tables' "UCE" rows run UCE's closed form (``solver.uce_operator``)
 - ``lam = 0.5``, erase and preserve scale 1.
 
 Example:
-    >>> from ice_lightning.testing import build_tiny_pipeline
+    >>> from ice_lightning.demos.tiny import build_tiny_pipeline
     >>> from ice_lightning.core.concepts import ConceptSpec
     >>> pipe = build_tiny_pipeline("sd")
     >>> result = uce_as_published(pipe, ConceptSpec(erase=["Van Gogh"], family="style"))

@@ -16,7 +16,7 @@ __all__ = ["ICELightningCLI"]
 class ICELightningCLI(LightningCLI):
     """``LightningCLI`` over :class:`ICEModule` and any ``LightningDataModule`` (``fit|validate|test``), given by
     ``class_path`` in the ``data`` section: :class:`~ice_lightning.CaptionFolderDataModule` (caption folders) or
-    :class:`~ice_lightning.shapes.ShapesDataModule` (the shapes world)."""
+    :class:`~ice_lightning.demos.shapes.ShapesDataModule` (the shapes world)."""
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})

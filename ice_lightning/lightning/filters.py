@@ -9,7 +9,7 @@ export records the counts). Two kinds ship here:
   misses data that shows the concept under other words ("a circle" for a red circle).
 - :class:`ImageDetectorFilter` calls a classifier on the batch's images or frames and drops the samples it
   flags, whatever their captions say. :class:`NudeNetFilter` is one, for explicit content (the optional
-  ``nudenet`` extra); the shapes world's detector is another (``ice_lightning.shapes.ShapesDetectorFilter``).
+  ``nudenet`` extra); the shapes world's detector is another (``ice_lightning.demos.shapes.ShapesDetectorFilter``).
 
 Example:
     >>> from ice_lightning.lightning.filters import CaptionFilter, drop_rows

@@ -10,7 +10,7 @@ the erased concepts and stay for the preserved ones.
   torchmetrics' ``CLIPScore`` (1.9) accepts only a fixed list of hub names and refuses local checkpoints, so this
   metric calls ``transformers.CLIPModel`` itself; the functional form is :func:`clip_concept_probability`.
 - :class:`NudeNetPresence`: NudeNet's detector (the optional ``nudenet`` extra), for explicit content.
-- The shapes world's detector: ``ice_lightning.shapes.ShapesConceptPresence``.
+- The shapes world's detector: ``ice_lightning.demos.shapes.ShapesConceptPresence``.
 
 Samples are float tensors in [0, 1]: images ``(N, 3, H, W)``, clips ``(N, F, 3, H, W)`` (a clip shows the concept
 when any of its frames does, unless a metric reads clips whole).

@@ -20,7 +20,7 @@ from ice_lightning.core.encoders import EmbeddingSpace, SequenceSource
 from ice_lightning.core.layers import NoTextConditioningLayerError
 from ice_lightning.core.parts import edit_history
 from ice_lightning.core.pipelines import load_pipeline, register_pipeline, registered_pipelines
-from ice_lightning.testing import TEXT_DIM, tiny_clip, word_tokenizer
+from ice_lightning.demos.tiny_parts import TEXT_DIM, tiny_clip, word_tokenizer
 
 
 class TinyTextDenoiser(nn.Module):

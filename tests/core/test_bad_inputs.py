@@ -68,7 +68,7 @@ def test_model_without_text_conditioning_layers(load_pipeline):
         ice_lightning.erase(pipe, erase=["Van Gogh"])
 
     # a text-conditioned class whose instance has no cross-attention block at all
-    from ice_lightning.testing import tiny_unet
+    from ice_lightning.demos.tiny_parts import tiny_unet
 
     sd = load_pipeline("sd")
     sd.unet = tiny_unet(
@@ -84,7 +84,7 @@ def test_model_without_text_conditioning_layers(load_pipeline):
 
 
 def test_embedding_width_that_does_not_match_the_layers(load_pipeline):
-    from ice_lightning.testing import tiny_clip
+    from ice_lightning.demos.tiny_parts import tiny_clip
 
     pipe = load_pipeline("sd")
     pipe.text_encoder = tiny_clip(pipe.tokenizer, hidden=64)  # the UNet reads 96-d states

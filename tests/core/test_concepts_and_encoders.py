@@ -6,7 +6,7 @@ import torch
 from ice_lightning.core.concepts import DEFAULT_PRESERVE, DEFAULT_SYNONYMS, ConceptSpec, Prompt
 from ice_lightning.core.encoders import _tokenize, select_tokens
 from ice_lightning.core.parts import pipeline_spaces
-from ice_lightning.testing import TEXT_DIM, minilm_path, word_tokenizer
+from ice_lightning.demos.tiny_parts import TEXT_DIM, minilm_path, word_tokenizer
 
 
 def test_prompts_carry_the_concept_span():

@@ -9,7 +9,8 @@ from ice_lightning.core.concepts import NEUTRAL_WORD, ConceptSpec, Prompt
 from ice_lightning.core.plan import ErasurePlan
 from ice_lightning.core.solver import ICEHyperParams, dissociation_operator, needs_gram
 from ice_lightning.core.triggers import TriggerSearch, _scorer, find_triggers, vocabulary_slice, whole_words
-from ice_lightning.testing import build_tiny_pipeline, word_tokenizer
+from ice_lightning.demos.tiny import build_tiny_pipeline
+from ice_lightning.demos.tiny_parts import word_tokenizer
 
 F64 = torch.float64
 SEARCH = {"trigger_rounds": 1}

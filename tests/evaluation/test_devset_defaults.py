@@ -6,9 +6,9 @@ import statistics
 import pytest
 
 import ice_lightning
+from ice_lightning.demos.tiny import build_tiny_pipeline
 from ice_lightning.evaluation.devset import DEV_SET, dev_concepts
 from ice_lightning.evaluation.metrics import dev_concept_metrics
-from ice_lightning.testing import build_tiny_pipeline
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,10 @@ from ice_lightning import ICECallback, ICEModule, SampleFilterCallback
 from ice_lightning.core.concepts import ConceptSpec
 from ice_lightning.core.export import MANIFEST_NAME, load_manifest, verify_export
 from ice_lightning.core.probe import compare_pipelines
+from ice_lightning.demos.tiny import build_tiny_pipeline
 from ice_lightning.lightning.callback_state import ExportOptions
 from ice_lightning.lightning.data import CaptionFolderDataModule
 from ice_lightning.lightning.filters import drop_rows
-from ice_lightning.testing import build_tiny_pipeline
 
 DATA = Path(__file__).parents[2] / "examples" / "data"
 STYLE = {"erase": ["Van Gogh"], "family": "style"}

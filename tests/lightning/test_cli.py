@@ -17,7 +17,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 def test_readme_commands(tmp_path):
     tiny, out = tmp_path / "tiny-sd", tmp_path / "tiny-sd-erased"
     made = subprocess.run(
-        [sys.executable, "-m", "ice_lightning.testing", "sd", str(tiny)],
+        [sys.executable, "-m", "ice_lightning.demos.tiny", "sd", str(tiny)],
         capture_output=True,
         text=True,
         env=ENV,

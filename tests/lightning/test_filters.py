@@ -7,8 +7,8 @@ import torch
 
 from ice_lightning import SampleFilterCallback
 from ice_lightning.core.concepts import ConceptSpec
+from ice_lightning.demos.shapes import ShapesDetectorFilter, ShapeSpec, render, render_clip
 from ice_lightning.lightning.filters import NUDENET_EXPLICIT, CaptionFilter, ImageDetectorFilter, NudeNetFilter
-from ice_lightning.shapes.world import ShapesDetectorFilter, ShapeSpec, render, render_clip
 
 
 def _bright(images):
@@ -134,7 +134,7 @@ def test_detector_filter_as_the_callbacks_sample_filter_in_a_config():
     parser = ArgumentParser()
     parser.add_class_arguments(SampleFilterCallback, "ice")
     cfg = parser.parse_object({"ice": {"sample_filter": [
-        {"class_path": "ice_lightning.shapes.ShapesDetectorFilter", "init_args": {"concept": "red"}},
+        {"class_path": "ice_lightning.demos.shapes.ShapesDetectorFilter", "init_args": {"concept": "red"}},
         {"class_path": "ice_lightning.lightning.filters.CaptionFilter", "init_args": {"names": ["crimson"]}},
     ]}})  # fmt: skip
     ice = parser.instantiate_classes(cfg)["ice"]

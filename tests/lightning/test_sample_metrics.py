@@ -10,11 +10,11 @@ from lightning.pytorch import Trainer
 
 import ice_lightning
 from ice_lightning import ICEModule
+from ice_lightning.demos.shapes import ShapesConceptPresence
+from ice_lightning.demos.shapes.evaluation import concept_spec
+from ice_lightning.demos.tiny import build_tiny_pipeline
 from ice_lightning.lightning.data import CaptionFolderDataModule
 from ice_lightning.lightning.sample_metrics import CLIPConceptPresence, ConceptPresence, NudeNetPresence
-from ice_lightning.shapes import ShapesConceptPresence
-from ice_lightning.shapes.evaluation import concept_spec
-from ice_lightning.testing import build_tiny_pipeline
 
 DATA = Path(__file__).parents[2] / "examples" / "data"
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import ice_lightning
-from ice_lightning.shapes import COLOURS, MODELS_DIR, SHAPES, SYNONYMS
-from ice_lightning.shapes.evaluation import (
+from ice_lightning.demos.shapes import COLOURS, MODELS_DIR, SHAPES, SYNONYMS
+from ice_lightning.demos.shapes.evaluation import (
     ShapesPrompt,
     concept_spec,
     eval_prompts,
@@ -84,8 +84,8 @@ def test_concept_spec_erases_training_words_only_and_rejects_unknown_concepts():
 def test_embedding_attack_lowers_the_denoising_loss_within_its_budget():
     from diffusers import DDPMScheduler
 
+    from ice_lightning.demos.shapes import new_pipeline
     from ice_lightning.evaluation.attacks import embedding_attack
-    from ice_lightning.shapes import new_pipeline
 
     pipe = new_pipeline("shapes-image")
     prompt = ShapesPrompt("a red circle", "red", "circle")
@@ -128,8 +128,8 @@ def _held_out_loss(pipe, targets, batch_size: int, seed: int):
 
 
 def test_embedding_attack_restarts_keep_the_best_run_within_the_budget():
+    from ice_lightning.demos.shapes import new_pipeline
     from ice_lightning.evaluation.attacks import embedding_attack
-    from ice_lightning.shapes import new_pipeline
 
     pipe = new_pipeline("shapes-image")
     prompt = ShapesPrompt("a red circle", "red", "circle")
@@ -148,8 +148,8 @@ def test_embedding_attack_restarts_keep_the_best_run_within_the_budget():
 
 def test_discrete_attack_prepends_words_that_lower_the_diffusion_loss():
     from ice_lightning.core.architectures import denoise
+    from ice_lightning.demos.shapes import new_pipeline
     from ice_lightning.evaluation.attacks import _training_batch, attack_words, discrete_attack
-    from ice_lightning.shapes import new_pipeline
 
     pipe = new_pipeline("shapes-image")
     prompt = ShapesPrompt("a red circle", "red", "circle")
@@ -181,7 +181,7 @@ shipped = pytest.mark.skipif(not (MODELS_DIR / "shapes-image" / "unet").is_dir()
 @pytest.mark.slow
 @shipped
 def test_shipped_image_model_draws_what_it_is_asked_and_ice_erases_red():
-    pipe = ice_lightning.shapes.load_shapes_pipeline("shapes-image")
+    pipe = ice_lightning.demos.shapes.load_shapes_pipeline("shapes-image")
     before = evaluate(pipe, "red", samples=4, seed=0)
     colour = [before["seen"]["accuracy"][c] for c in COLOURS if c != "red"]
     shape = [before["seen"]["accuracy"][s] for s in SHAPES]
@@ -207,7 +207,7 @@ def test_shipped_video_model_draws_colour_shape_and_direction_and_ice_erases_lef
     """Seeded clips of the 16 square prompts (4 colours x 4 directions, 2 clips each): the model draws the
     colour, the shape and which way it moves; after ICE erases "left" no clip of its prompts moves left and
     every other concept keeps its accuracy."""
-    pipe = ice_lightning.shapes.load_shapes_pipeline("shapes-video")
+    pipe = ice_lightning.demos.shapes.load_shapes_pipeline("shapes-video")
     assert type(pipe.unet).__name__ == "UNetSpatioTemporalConditionModel" and pipe.video
     prompts = [p for p in eval_prompts(video=True, seed=0) if p.shape == "square"]
     before = score(generate(pipe, [p.text for p in prompts], samples=2, seed=0), prompts, "left")

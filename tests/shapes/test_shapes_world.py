@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ice_lightning
-from ice_lightning.shapes import (
+from ice_lightning.demos.shapes import (
     COLOURS,
     SHAPES,
     SYNONYMS,
@@ -79,8 +79,8 @@ def test_data_is_seeded_and_filters_concepts():
 @pytest.mark.parametrize("kind", ["shapes-image", "shapes-video"])
 def test_pixel_pipeline_round_trip_and_erasure(kind, tmp_path):
     from ice_lightning.core.pipelines import load_pipeline_folder
-    from ice_lightning.shapes import new_pipeline
-    from ice_lightning.shapes.pipeline import PixelDiffusionPipeline
+    from ice_lightning.demos.shapes import new_pipeline
+    from ice_lightning.demos.shapes.pipeline import PixelDiffusionPipeline
 
     pipe = new_pipeline(kind)
     pipe.save_pretrained(tmp_path)
@@ -96,7 +96,7 @@ def test_pixel_pipeline_round_trip_and_erasure(kind, tmp_path):
     result = ice_lightning.erase(back, erase=["red"], preserve=["green", "blue", "yellow"], templates=["a {} circle"])
     assert all(n.startswith("unet.") and n.endswith(("attn2.to_k", "attn2.to_v")) for n in result.layers)
     # shipping keeps only the UNet (fp16) and the scheduler; the encoder comes from the MiniLM wheel
-    from ice_lightning.shapes import load_shapes_pipeline, save_shapes_model
+    from ice_lightning.demos.shapes import load_shapes_pipeline, save_shapes_model
 
     folder = save_shapes_model(pipe, kind, root=tmp_path / "models")
     assert sorted(p.name for p in folder.iterdir()) == ["scheduler", "unet"]

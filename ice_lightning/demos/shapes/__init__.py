@@ -1,14 +1,22 @@
 r"""The shapes world: a small world where image-level erasure is measured exactly.
 
-- :mod:`~ice_lightning.shapes.world`: the renderer, the caption grammar, the data module and the detectors
-  (torchmetrics ``Metric``\ s);
-- :mod:`~ice_lightning.shapes.pipeline`: the pixel-space pipeline, untrained models and the shipped ones;
-- :mod:`~ice_lightning.shapes.evaluation`: prompts, sampling, scores, the before/after report and grid.
+- :mod:`~ice_lightning.demos.shapes.world`: the renderer, the caption grammar, the data module and the detector;
+- :mod:`~ice_lightning.demos.shapes.metrics`: the detector as torchmetrics ``Metric``\ s, a sample filter and a
+  presence metric;
+- :mod:`~ice_lightning.demos.shapes.pipeline`: the pixel-space pipeline, untrained models and the shipped ones;
+- :mod:`~ice_lightning.demos.shapes.evaluation`: prompts, sampling, scores, the before/after report and grid.
 
 It sits beside the product: nothing in :mod:`ice_lightning.core` or :mod:`ice_lightning.lightning` imports it.
 The shipped models are reached by name through the pipeline registry (``--pipeline shapes-image``).
 """
 
+from .metrics import (
+    AttributeAccuracy,
+    ConceptPresenceRate,
+    FailureRate,
+    ShapesConceptPresence,
+    ShapesDetectorFilter,
+)
 from .pipeline import (
     MODELS_DIR,
     PROMPT_LENGTH,
@@ -26,14 +34,9 @@ from .world import (
     SHAPES,
     SYNONYMS,
     TEMPLATES,
-    AttributeAccuracy,
-    ConceptPresenceRate,
     Detection,
-    FailureRate,
-    ShapesConceptPresence,
     ShapesDataModule,
     ShapesDataset,
-    ShapesDetectorFilter,
     ShapeSpec,
     caption,
     detect,

@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore", message=".*torchvision.*")
 @pytest.fixture(scope="session")
 def saved_pipeline(tmp_path_factory):
     """``saved_pipeline(kind) -> folder`` holding a tiny pipeline written with ``save_pretrained``."""
-    from ice_lightning.testing import build_tiny_pipeline
+    from ice_lightning.demos.tiny import build_tiny_pipeline
 
     cache: dict[str, str] = {}
 

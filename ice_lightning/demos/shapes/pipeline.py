@@ -24,7 +24,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from ..core.architectures import architecture_of, denoise
+from ...core.architectures import architecture_of, denoise
 
 __all__ = [
     "PixelDiffusionPipeline",
@@ -129,7 +129,7 @@ def _minilm_text_encoder():
     """The real MiniLM tokenizer (prompts of PROMPT_LENGTH tokens) and encoder, told to take the mask."""
     from transformers import AutoModel, AutoTokenizer
 
-    from ..testing import minilm_path
+    from ..tiny import minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path(), model_max_length=PROMPT_LENGTH)
     text_encoder = AutoModel.from_pretrained(minilm_path())

@@ -14,7 +14,7 @@ The protocol (used by ``ice-lightning erase``, ``benchmarks/shapes.py`` and the 
   the **accuracy** of each remaining concept (a colour's accuracy: colour right on prompts asking for it).
 
 Example:
-    >>> from ice_lightning.shapes.evaluation import eval_prompts, concept_spec
+    >>> from ice_lightning.demos.shapes.evaluation import eval_prompts, concept_spec
     >>> [p.text for p in eval_prompts(held_out=True)][:2]
     ['a picture of a ruby disk', 'one ruby quadrate']
     >>> concept_spec("red").erase_names()
@@ -32,7 +32,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from ..core.concepts import ConceptSpec
+from ...core.concepts import ConceptSpec
+from .metrics import AttributeAccuracy, ConceptPresenceRate, FailureRate
 from .world import (
     ATTRIBUTES,
     COLOURS,
@@ -41,9 +42,6 @@ from .world import (
     SYNONYMS,
     TEMPLATES,
     VIDEO_TEMPLATES,
-    AttributeAccuracy,
-    ConceptPresenceRate,
-    FailureRate,
     attribute_of,
     detect,
     place,
@@ -348,7 +346,7 @@ class ShapesProbe(Callback):
         self.history: list[dict] = []
 
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict:
-        from ..lightning.callback import find_pipeline
+        from ...lightning.callback import find_pipeline
 
         pipe = find_pipeline(pl_module)
         was_training = pipe.unet.training
@@ -414,7 +412,7 @@ class ShapesEraseReport:
                            include_eot=include_eot)  # fmt: skip
 
     def _sample(self, when: str) -> dict:
-        from ..core.progress import DELAY_S, is_quiet
+        from ...core.progress import DELAY_S, is_quiet
 
         bar = {"disable": is_quiet(), "leave": False, "delay": DELAY_S, "dynamic_ncols": True}
         self.pipe.set_progress_bar_config(desc=f"sampling {when} the edit", **bar)
