@@ -243,10 +243,9 @@ def _run_erase(cfg) -> int:
     from .core.probe import erasure_metrics
     from .core.progress import set_quiet
 
-    set_quiet(cfg.quiet)
-
     hparams = method_hparams(cfg)  # before loading anything: a flag of another method costs nothing
     _check_device(cfg.device)
+    set_quiet(cfg.quiet)
     given = {"erase": cfg.erase, "preserve": cfg.preserve, "family": cfg.family, "anchor": cfg.anchor,
              "templates": cfg.template, "include_eot": cfg.include_eot}  # fmt: skip
     pipe = load_pipeline(cfg.pipeline).to(cfg.device)
