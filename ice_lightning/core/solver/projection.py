@@ -25,13 +25,11 @@ class ProjectionParams:
     energy_kept: float = 1.0
     rank_tol: float = 1e-6
 
+    needs_gram = False  # reads no layer weights
+
     def __post_init__(self) -> None:
         _in_range("energy_kept", self.energy_kept, 0.0, 1.0, "share of the erase energy kept", low_open=True)
         _in_range("rank_tol", self.rank_tol, 0.0, 1.0, "relative singular-value cut-off", True, True)
-
-    @property
-    def needs_gram(self) -> bool:
-        return False
 
     def build(self, E_erase: Tensor, E_preserve: Tensor, anchor: tuple[Tensor, Tensor] | None = None,
               concepts: int = 1, E_base: Tensor | Spectrum | None = None,

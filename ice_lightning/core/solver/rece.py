@@ -8,15 +8,15 @@ import torch
 from torch import Tensor
 
 from .hardening import _check_hardening, _largest_eigenvalue, adversarial_inputs
-from .spectral import _MAX_WEIGHT, DissociationOperator, Spectrum, _check_states, _in_range
-from .uce import uce_operator
+from .spectral import DissociationOperator, Spectrum, _check_states
+from .uce import UCEParams, uce_operator
 
 __all__ = ["RECEParams", "rece_operator"]
 
 
 @dataclass(frozen=True)
-class RECEParams:
-    """RECE's hyperparameters.
+class RECEParams(UCEParams):
+    """RECE's hyperparameters: UCE's (it runs on top of UCE's closed form), its rounds and the adversary's ridge.
 
     Attributes:
         lam: the ridge weight of UCE's closed form (larger keeps the layer closer to the original).
@@ -25,19 +25,14 @@ class RECEParams:
         gamma: the adversary's ridge, relative to the Gram matrix's largest eigenvalue.
     """
 
-    lam: float = 1.0
-    preserve_scale: float = 1.0
     rounds: int = 3
     gamma: float = 0.01
 
-    def __post_init__(self) -> None:
-        _in_range("lam", self.lam, 0.0, _MAX_WEIGHT, "UCE's ridge weight", low_open=True)
-        _in_range("preserve_scale", self.preserve_scale, 0.0, _MAX_WEIGHT, "UCE's preserve weight")
-        _check_hardening(self.rounds, self.gamma)
+    needs_gram = True  # reads the layers' Gram matrix (its adversary)
 
-    @property
-    def needs_gram(self) -> bool:
-        return True
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_hardening(self.rounds, self.gamma)
 
     def build(self, E_erase: Tensor, E_preserve: Tensor, anchor: tuple[Tensor, Tensor] | None = None,
               concepts: int = 1, E_base: Tensor | Spectrum | None = None,

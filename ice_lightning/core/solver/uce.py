@@ -25,13 +25,11 @@ class UCEParams:
     lam: float = 1.0
     preserve_scale: float = 1.0
 
+    needs_gram = False  # reads no layer weights
+
     def __post_init__(self) -> None:
         _in_range("lam", self.lam, 0.0, _MAX_WEIGHT, "UCE's ridge weight", low_open=True)
         _in_range("preserve_scale", self.preserve_scale, 0.0, _MAX_WEIGHT, "UCE's preserve weight")
-
-    @property
-    def needs_gram(self) -> bool:
-        return False
 
     def build(self, E_erase: Tensor, E_preserve: Tensor, anchor: tuple[Tensor, Tensor] | None = None,
               concepts: int = 1, E_base: Tensor | Spectrum | None = None,
