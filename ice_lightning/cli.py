@@ -110,9 +110,10 @@ def build_erase_parser():
     er.add_argument("--device", default="cpu", help="device to run the text encoder and the edit on")
     er.add_argument("--out", required=True, help="output folder for the erased pipeline (new, empty, or an earlier "
                     "export; never the folder the pipeline was loaded from)")  # fmt: skip
-    er.add_argument("--format", default="merged", choices=["merged", "lora"],
+    er.add_argument("--format", default="merged", choices=["merged", "lora", "lora-kohya"],
                     help="merged: the erased diffusers folder (ship this); lora: the edit alone as a diffusers/PEFT "
-                    "LoRA that pipe.load_lora_weights loads onto the original model")  # fmt: skip
+                    "LoRA that pipe.load_lora_weights loads onto the original model; lora-kohya: the same LoRA with "
+                    "kohya's keys, for Automatic1111, Forge, ComfyUI, InvokeAI (SD 1.x/2.x, SDXL)")  # fmt: skip
     er.add_argument("--overwrite", action="store_true",
                     help="replace a non-empty --out folder that is not an earlier export")  # fmt: skip
     er.add_argument("--samples", type=int, default=4,
@@ -265,7 +266,7 @@ def _run_erase(cfg) -> int:
     print(text)
     grid = files.pop("before_after.png", None) if cfg.grid else None
     out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite, format=cfg.format, extra_files=files)
-    if cfg.format == "lora":
+    if cfg.format in ("lora", "lora-kohya"):
         lora_bytes = (out / LORA_NAME).stat().st_size
         print(f"saved the erasure as a LoRA to {out} ({_size(lora_bytes)}; the merged model's weights take "
               f"{_size(_weights_bytes(pipe))}): pipe.load_lora_weights({str(out)!r}); pipe.fuse_lora()")  # fmt: skip

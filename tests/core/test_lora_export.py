@@ -77,3 +77,42 @@ def test_cli_writes_a_lora_export_that_verifies(saved_pipeline, tmp_path, capsys
     (out / LORA_NAME).write_bytes((out / LORA_NAME).read_bytes()[:-1] + b"\0")
     with pytest.raises(ExportVerificationError, match="do not match the manifest"):
         ice_lightning.verify_export(out)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_kohya_lora_has_kohya_keys_loads_fuses_to_the_erased_weights_and_verifies(kind, saved_pipeline, tmp_path):
+    """``format="lora-kohya"``: kohya's keys (``lora_unet_..._lora_down/up``, ``alpha`` = rank), converted by
+    diffusers; ``load_lora_weights`` + ``fuse_lora`` onto the original model give the erased weights (<= 1e-6);
+    ``verify`` checks it and fails on a tampered tensor; a transformer's erasure is refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    original = saved_pipeline(kind)
+    pipe = _load(original)
+    result = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style")
+    out = ice_lightning.save_erased(pipe, tmp_path / "kohya", format="lora-kohya")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["export_format"] == "lora-kohya" and all(ice_lightning.verify_export(out).values())
+    tensors = load_file(str(out / LORA_NAME))
+    assert len(tensors) == 3 * len(result.layers) and all(k.startswith("lora_unet_") for k in tensors)
+    down = [k for k in tensors if k.endswith(".lora_down.weight")]
+    assert all(float(tensors[k.replace(".lora_down.weight", ".alpha")]) == tensors[k].shape[0] for k in down)
+    fresh = _load(original)
+    fresh.load_lora_weights(out)
+    fresh.fuse_lora()
+    for name in result.layers:
+        got = resolve_layer(fresh, name)
+        got = getattr(got, "base_layer", got).weight.detach()
+        assert float((got - resolve_layer(pipe, name).weight.detach()).abs().max()) <= 1e-6, name
+    key = down[0]
+    tensors[key] = tensors[key] + 1e-3  # tamper with the LoRA, and re-hash it so only the content check can see it
+    save_file(tensors, str(out / LORA_NAME))
+    manifest["files"][LORA_NAME] = __import__("hashlib").sha256((out / LORA_NAME).read_bytes()).hexdigest()
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ExportVerificationError, match="is not the recorded operators' change"):
+        ice_lightning.verify_export(out)
+    if kind == "sd":
+        flux = _load(saved_pipeline("flux"))
+        ice_lightning.erase(flux, erase=["Van Gogh"], family="style")
+        with pytest.raises(ValueError, match="lora-kohya' is the kohya/A1111 LoRA of a UNet .* edits its transformer"):
+            ice_lightning.save_erased(flux, tmp_path / "flux", format="lora-kohya")
+        assert not (tmp_path / "flux").exists()

@@ -64,7 +64,7 @@ def test_erase_help_lists_every_option_with_help_and_choices():
     missing = sorted(o for o, text in options.items() if o in expected and len(text) < 10)
     assert not missing, f"options without help text: {missing}"
     assert "{style,object,identity,explicit,custom}" in run.stdout  # Literal choices are listed
-    assert "{ice,cure,uce,projection,rece}" in run.stdout and "{merged,lora}" in run.stdout
+    assert "{ice,cure,uce,projection,rece}" in run.stdout and "{merged,lora,lora-kohya}" in run.stdout
     assert "{input,output}" in run.stdout
 
 

@@ -3,7 +3,7 @@ model-card section; and :func:`verify_export`, which checks an export against it
 
 - :mod:`.save`: :func:`save_erased` and the safe write (destination check, lock, temporary folder, atomic move);
 - :mod:`.manifest`: the manifest, the operators file, the schema, the model card;
-- :mod:`.lora`: the erasure alone as a diffusers/PEFT LoRA (``format="lora"``);
+- :mod:`.lora`: the erasure alone as a LoRA, diffusers/PEFT (``format="lora"``) or kohya (``"lora-kohya"``);
 - :mod:`.adapters`: a LoRA fine-tune's adapters, merged or shipped beside the model;
 - :mod:`.verify`: :func:`verify_export`.
 
@@ -17,7 +17,7 @@ match.
 from __future__ import annotations
 
 from .adapters import ADAPTERS_DIR, Adapters, without_adapters
-from .lora import LORA_NAME, erasure_lora
+from .lora import LORA_FORMATS, LORA_NAME, erasure_lora
 from .manifest import MANIFEST_NAME, OPERATORS_NAME, ExportVerificationError, load_manifest
 from .save import ExportFormat, check_export_destination, export_lock, save_erased
 from .verify import verify_export
@@ -36,5 +36,6 @@ __all__ = [
     "Adapters",
     "ExportFormat",
     "LORA_NAME",
+    "LORA_FORMATS",
     "erasure_lora",
 ]

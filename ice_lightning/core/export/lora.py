@@ -1,4 +1,6 @@
-"""The erasure alone as the diffusers/PEFT LoRA it exactly is (``format="lora"``)."""
+"""The erasure alone as the LoRA it exactly is: diffusers/PEFT keys (``format="lora"``), or kohya's
+(``format="lora-kohya"``: ``lora_unet_..._lora_down/up`` plus ``alpha``, the LoRA file Automatic1111, Forge, ComfyUI
+and InvokeAI load), converted with diffusers' own ``convert_state_dict_to_kohya``."""
 
 from __future__ import annotations
 
@@ -19,11 +21,43 @@ from .manifest import _FORMAT, OPERATORS_NAME, _check_results_belong, _to_export
 if TYPE_CHECKING:
     from ..result import ErasureResult
 
-__all__ = ["LORA_NAME", "erasure_lora"]
+__all__ = ["LORA_NAME", "LORA_FORMATS", "erasure_lora", "kohya_lora", "kohya_prefixes"]
 
 
-#: The LoRA file of ``format="lora"`` (the name ``pipe.load_lora_weights(folder)`` looks for).
+#: The LoRA file of both LoRA formats (the name ``pipe.load_lora_weights(folder)`` looks for; kohya's keys are
+#: recognised by their names).
 LORA_NAME = "pytorch_lora_weights.safetensors"
+#: The export formats that ship the erasure alone, as a LoRA.
+LORA_FORMATS = ("lora", "lora-kohya")
+
+
+def kohya_lora(lora: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The LoRA of :func:`erasure_lora` with kohya's keys (``lora_unet_<path with _>.lora_down.weight``,
+    ``.lora_up.weight`` and ``.alpha`` = rank, so the scale is 1), by diffusers' ``convert_state_dict_to_kohya``."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    return {k: v.contiguous() for k, v in convert_state_dict_to_kohya(lora).items()}
+
+
+def kohya_prefixes(layers) -> dict[str, str]:
+    """``{layer name: its kohya key prefix}`` (``unet.down_blocks.0...to_k`` -> ``lora_unet_down_blocks_0..._to_k``),
+    by the same conversion as :func:`kohya_lora`."""
+    one = torch.zeros(1, 1)
+    keys = kohya_lora({f"{n}.lora_A.weight": one for n in layers})
+    by_order = [k.removesuffix(".lora_down.weight") for k in keys if k.endswith(".lora_down.weight")]
+    return dict(zip(layers, by_order, strict=True))
+
+
+def _check_kohya(pipeline, results) -> None:
+    """Refuse ``format="lora-kohya"`` for an erasure outside a UNet: kohya's LoRA keys name UNet layers (SD 1.x/2.x,
+    SDXL); the transformers' LoRAs ship in diffusers' format."""
+    outside = sorted({n.split(".", 1)[0] for r in results for n in r.layers} - {"unet"})
+    if outside:
+        raise ValueError(
+            f"format='lora-kohya' is the kohya/A1111 LoRA of a UNet (SD 1.x/2.x, SDXL); this erasure of "
+            f"{type(pipeline).__name__} edits its {', '.join(outside)}: export format='lora' (diffusers, "
+            "pipe.load_lora_weights) or the merged model (format='merged')"
+        )
 
 
 def _check_lora_loadable(pipeline, results: Sequence[ErasureResult]) -> None:
@@ -119,14 +153,16 @@ def _before(result: ErasureResult | ErasureRecord, name: str, after: Tensor) -> 
 
 
 def _lora_files(pipeline, results: list[ErasureResult], lora: dict[str, Tensor], folder: Path,
-                extra: dict | None) -> dict:  # fmt: skip
-    """Write the LoRA file of ``format="lora"`` into ``folder``; return its manifest (files not yet hashed)."""
+                extra: dict | None, format: str = "lora") -> dict:  # fmt: skip
+    """Write the LoRA file of ``format`` (one of :data:`LORA_FORMATS`) into ``folder``; return its manifest (files
+    not yet hashed)."""
     from safetensors.torch import save_file
 
-    save_file(lora, str(folder / LORA_NAME), metadata={"format": "pt", "ice_lightning": _FORMAT})
+    tensors = kohya_lora(lora) if format == "lora-kohya" else lora
+    save_file(tensors, str(folder / LORA_NAME), metadata={"format": "pt", "ice_lightning": _FORMAT})
     return {
         "format": _FORMAT,
-        "export_format": "lora",
+        "export_format": format,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "pipeline_class": type(pipeline).__name__,
         "erasures": [record_of(r).to_manifest() for r in results],

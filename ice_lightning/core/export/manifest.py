@@ -310,7 +310,7 @@ def _check_schema(m) -> None:
     _need(m.get("format") == _FORMAT, "format", f"must be {_FORMAT!r}, got {m.get('format')!r}")
     _need(isinstance(m.get("pipeline_class"), str), "pipeline_class", "must be a string")
     _need(isinstance(m.get("erasures"), list) and len(m["erasures"]) > 0, "erasures", "must be a non-empty list")
-    lora = m.get("export_format") == "lora"
+    lora = m.get("export_format") in ("lora", "lora-kohya")
     for i, e in enumerate(m["erasures"]):
         f = f"erasures[{i}]"
         _need(isinstance(e, dict), f, "must be an object")
@@ -326,7 +326,8 @@ def _check_schema(m) -> None:
             if not (e.get("restored_from_checkpoint") or e.get("recorded_from")):  # else no pre-edit weights
                 _need(isinstance(e.get("concept_residual_before"), (int, float)), f"{f}.concept_residual_before",
                       "must be a number (the residual before the edit, which verify compares against)")  # fmt: skip
-    _need(m.get("export_format", "merged") in ("merged", "lora"), "export_format", "must be 'merged' or 'lora'")
+    _need(m.get("export_format", "merged") in ("merged", "lora", "lora-kohya"), "export_format",
+          "must be 'merged', 'lora' or 'lora-kohya'")  # fmt: skip
     if lora:
         _need(isinstance(m.get("lora_file"), str), "lora_file", "must name the LoRA file")
     for field in ("files",) if lora else ("edited_tensors", "files"):

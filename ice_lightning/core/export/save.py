@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 
 from ..solver import DissociationOperator
 from .adapters import Adapters, _adapter_files, without_adapters
-from .lora import _lora_files, erasure_lora
+from .lora import LORA_FORMATS, _check_kohya, _lora_files, erasure_lora
 from .manifest import (
     MANIFEST_NAME,
     OPERATORS_NAME,
@@ -46,7 +46,7 @@ __all__ = ["ExportFormat", "save_erased", "check_export_destination", "export_lo
 log = logging.getLogger(__name__)
 
 
-ExportFormat = Literal["merged", "lora"]
+ExportFormat = Literal["merged", "lora", "lora-kohya"]
 
 
 def _files_of(folder: Path) -> set[str]:
@@ -226,7 +226,9 @@ def save_erased(
             the diffusers/PEFT LoRA it exactly is (``Delta W = -(W U) M U^T`` per layer: ``lora_A = U^T``,
             ``lora_B = Delta W U``), in ``pytorch_lora_weights.safetensors`` with the manifest: load it onto the
             original model with ``pipe.load_lora_weights(out_dir)`` and ``pipe.fuse_lora()`` to get the erased
-            weights (see :func:`erasure_lora`).
+            weights (see :func:`erasure_lora`). ``"lora-kohya"``: the same LoRA with kohya's keys
+            (``lora_unet_..._lora_down/up`` plus ``alpha``), the file Automatic1111, Forge, ComfyUI and InvokeAI load
+            (and ``load_lora_weights`` too); UNets only (SD 1.x/2.x, SDXL).
 
     Returns:
         the output directory. Everything is written to a temporary sibling folder first and renamed into
@@ -234,28 +236,30 @@ def save_erased(
     """
     results = _to_export(pipeline, results)
     _check_results_belong(pipeline, results)
-    if format not in ("merged", "lora"):
-        raise ValueError(f"format must be 'merged' or 'lora', got {format!r}")
+    if format not in ("merged", *LORA_FORMATS):
+        raise ValueError(f"format must be 'merged' or 'lora' (diffusers/PEFT keys) or 'lora-kohya', got {format!r}")
     if adapters not in ("merge", "separate"):
         raise ValueError(f"adapters must be 'merge' or 'separate', got {adapters!r}")
-    lora = erasure_lora(pipeline, results) if format == "lora" else None  # checked before anything is written
+    if format == "lora-kohya":
+        _check_kohya(pipeline, results)
+    lora = erasure_lora(pipeline, results) if format in LORA_FORMATS else None  # checked before anything is written
     out = check_export_destination(pipeline, out_dir, overwrite, format)
     out.parent.mkdir(parents=True, exist_ok=True)
     with export_lock(out):
         _recover_leftovers(out)
         out = check_export_destination(pipeline, out, overwrite, format)  # what the recovery put back, too
-        _write_export(pipeline, results, out, safe_serialization, extra, extra_files, adapters, lora)
+        _write_export(pipeline, results, out, safe_serialization, extra, extra_files, adapters, lora, format)
     return out
 
 
 def _write_export(pipeline, results, out: Path, safe_serialization: bool, extra, extra_files, adapters,
-                  lora) -> None:  # fmt: skip
+                  lora, format: str = "merged") -> None:  # fmt: skip
     """Write the export into a temporary sibling of ``out`` and swap it into place (the caller holds the lock)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ice-export-", dir=out.parent))
     inherited_ops: list[dict[str, DissociationOperator]] = []
     try:
         if lora is not None:
-            manifest = _lora_files(pipeline, results, lora, tmp, extra)
+            manifest = _lora_files(pipeline, results, lora, tmp, extra, format)
         else:
             if adapters == "separate":
                 _adapter_files(pipeline, tmp)

@@ -10,6 +10,7 @@ import torch
 
 from ..editing import tensor_sha256
 from ..solver import DissociationOperator
+from .lora import kohya_prefixes
 from .manifest import (
     OPERATORS_NAME,
     ExportVerificationError,
@@ -64,7 +65,7 @@ def verify_export(path: str | os.PathLike, pipeline=None, check_erasure: bool = 
 
 def _verify_contents(folder: Path, manifest: dict, checks: dict, pipeline, check_erasure: bool) -> dict[str, bool]:
     """Steps 3 and 4 of :func:`verify_export` (the files already match the manifest)."""
-    if manifest.get("export_format") == "lora":  # the edit alone: its file must be the recorded operators' change
+    if manifest.get("export_format") in ("lora", "lora-kohya"):  # the edit alone: the recorded operators' change
         _check_lora(folder, manifest)
         checks["lora"] = True
         return checks
@@ -97,8 +98,14 @@ def _check_lora(folder: Path, manifest: dict) -> None:
     from safetensors.torch import load_file
 
     lora = load_file(str(folder / manifest["lora_file"]))
-    layers = {k.removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")}
     named = {n for e in manifest["erasures"] for n in e["layers"]}
+    if manifest["export_format"] == "lora-kohya":  # kohya's keys back to the layer names, by diffusers' conversion
+        prefix = kohya_prefixes(sorted(named))
+        expected = {f"{prefix[n]}.{x}" for n in named for x in ("lora_down.weight", "lora_up.weight", "alpha")}
+        if set(lora) == expected:
+            lora = {f"{n}.lora_{x}.weight": lora[f"{prefix[n]}.lora_{y}.weight"] for n in named
+                    for x, y in (("A", "down"), ("B", "up"))}  # fmt: skip
+    layers = {k.removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")}
     if layers != named or set(lora) != {f"{n}.lora_{x}.weight" for n in named for x in "AB"}:
         raise ExportVerificationError(
             f"the LoRA file {manifest['lora_file']} does not hold exactly the {len(named)} layers the erasures name "
