@@ -412,10 +412,9 @@ class ShapesEraseReport:
                            include_eot=include_eot)  # fmt: skip
 
     def _sample(self, when: str) -> dict:
-        from ...core.progress import DELAY_S, is_quiet
+        from ...core.progress import pipeline_bar_config
 
-        bar = {"disable": is_quiet(), "leave": False, "delay": DELAY_S, "dynamic_ncols": True}
-        self.pipe.set_progress_bar_config(desc=f"sampling {when} the edit", **bar)
+        self.pipe.set_progress_bar_config(**pipeline_bar_config(f"sampling {when} the edit"))
         return sample_splits(self.pipe, samples=self.samples, seed=self.seed)
 
     def before(self) -> None:
