@@ -18,7 +18,7 @@ _NAMES = {
     "ImageDetectorFilter": ".filters",
     "NudeNetFilter": ".filters",
     "SampleFilter": ".filters",
-    "SampleFilterCallback": ".filters",
+    "SampleFilterCallback": ".filter_callback",
     "ExportOptions": ".callback_state",
     "LayerTargets": ".callback_state",
     "drop_rows": ".filters",
@@ -43,12 +43,14 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time each l
     from .data import (
         CaptionFolderDataModule,
     )
+    from .filter_callback import (
+        SampleFilterCallback,
+    )
     from .filters import (
         CaptionFilter,
         ImageDetectorFilter,
         NudeNetFilter,
         SampleFilter,
-        SampleFilterCallback,
         drop_rows,
     )
     from .module import (

@@ -34,7 +34,7 @@ from ..core.probe import TextSpaceProbe
 from ..core.sharding import gather_pipeline, is_sharded, local_shard, reshard
 from ..core.solver import DissociationOperator, check_hparams
 from .callback_state import ExportOptions, ICEState, LayerTargets
-from .filters import filtering_summary
+from .filter_callback import filtering_summary
 from .strategies import check_ranks_agree, check_strategy, reset_optimizer_state
 
 __all__ = ["ICECallback", "find_pipeline"]
@@ -83,14 +83,14 @@ class ICECallback(Callback):
         export: where to save the erased pipeline at the end: a folder, or :class:`ExportOptions` (replace a
             foreign folder; LoRA adapters merged or beside). The manifest records every ``ICECallback`` of the
             trainer under ``ice_callbacks`` and what every
-            :class:`~ice_lightning.lightning.filters.SampleFilterCallback` dropped under ``sample_filtering``.
+            :class:`~ice_lightning.lightning.filter_callback.SampleFilterCallback` dropped under ``sample_filtering``.
             With several callbacks, give it to the last one in the trainer's list: its ``on_fit_end`` runs after
             the others' final applications.
         targets: :class:`LayerTargets` (explicit layer names; the check pass).
         log_metrics: log the text-space metrics after every application.
 
     Training data that shows the concept brings it back whatever the schedule: add a
-    :class:`~ice_lightning.lightning.filters.SampleFilterCallback` (``drop_concepts=ice.spec``, detectors).
+    :class:`~ice_lightning.lightning.filter_callback.SampleFilterCallback` (``drop_concepts=ice.spec``, detectors).
 
     LoRA: where an adapter wraps a text-conditioning layer, the edit covers its base weight and its
     ``lora_A`` (``(W + B A)(I - D) = W (I - D) + B A (I - D)``); a re-application edits what training added
@@ -264,6 +264,9 @@ class ICECallback(Callback):
         filtering = filtering_summary(trainer.callbacks)
         if filtering is not None:
             extra["sample_filtering"] = filtering
+        evaluation = getattr(pl_module, "evaluation_settings", None)  # ICEModule's sample metrics, if any
+        if callable(evaluation) and evaluation():
+            extra["evaluation"] = evaluation()
         results = None
         reshard(self._plan.denoisers.values())
         if any(is_sharded(m.weight) for m in self._plan.modules().values()):

@@ -1,9 +1,10 @@
 """Sample filters: keep samples that show an erased concept out of a fine-tune.
 
 A filter is any callable from a training batch to a keep mask (one bool per sample);
-:class:`SampleFilterCallback` runs each filter on the rows the ones before it kept and removes the rest from the
-batch in place (:func:`drop_rows`), before ``training_step``, and counts what each dropped (``ICECallback``'s
-export records the counts). Two kinds ship here:
+:class:`~ice_lightning.lightning.filter_callback.SampleFilterCallback` runs each filter on the rows the ones
+before it kept and removes the rest from the batch in place (:func:`drop_rows`), before ``training_step``, and
+counts what each dropped (``ICECallback``'s export records the counts and each filter's settings). Two kinds ship
+here:
 
 - :class:`CaptionFilter` drops the samples whose caption names an erased concept or one of its synonyms. It
   misses data that shows the concept under other words ("a circle" for a red circle).
@@ -33,17 +34,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from ..core.concepts import ConceptSpec
 
-__all__ = ["SampleFilter", "CaptionFilter", "ImageDetectorFilter", "NudeNetFilter", "SampleFilterCallback",
-           "FilterState", "drop_rows", "filter_name", "keep_mask"]
+__all__ = ["SampleFilter", "CaptionFilter", "ImageDetectorFilter", "NudeNetFilter", "drop_rows", "filter_name",
+           "filter_settings", "keep_mask"]
 
 #: NudeNet's labels of exposed explicit content (its ``*_COVERED`` and face labels are not explicit).
 NUDENET_EXPLICIT = (
@@ -59,13 +58,40 @@ class SampleFilter:
     """Base class of the shipped filters: ``filter(batch)`` is the keep mask (``True``: train on the sample).
 
     Any callable with that signature works as a filter; subclassing only adds a readable :attr:`name`, under which
-    :class:`SampleFilterCallback` counts the samples the filter dropped.
+    :class:`~ice_lightning.lightning.filter_callback.SampleFilterCallback` counts the samples the filter dropped.
     """
 
     name: str = "filter"
 
     def __call__(self, batch: Any) -> list[bool]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """What decides this filter's answers, recorded in the export manifest so that counts compare across
+        runs and teams."""
+        return {"filter": f"{type(self).__module__}.{type(self).__qualname__}"}
+
+
+def filter_settings(f: Callable) -> dict[str, Any]:
+    """:meth:`SampleFilter.settings` of a shipped filter; a plain callable's qualified name."""
+    if callable(getattr(f, "settings", None)):
+        return f.settings()
+    return {"filter": f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', type(f).__qualname__)}"}
+
+
+def nudenet_settings(detector: Any) -> dict[str, Any]:
+    """NudeNet's model as far as it can be told: the detector's class, the nudenet version, and its model file and
+    input resolution where the detector exposes them (NudeNet's default is its 320n model at 320 px)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("nudenet")
+    except metadata.PackageNotFoundError:
+        version = "not installed"
+    cls = f"{type(detector).__module__}.{type(detector).__qualname__}"
+    default = "320n (nudenet's default)" if cls.startswith("nudenet.") else None
+    return {"detector": cls, "nudenet": version, "model": str(getattr(detector, "model_path", None) or default),
+            "resolution": getattr(detector, "inference_resolution", None) or getattr(detector, "input_width", None)}
 
 
 def filter_name(f: Callable) -> str:
@@ -109,6 +135,9 @@ class CaptionFilter(SampleFilter):
         """The filter of every erase concept of ``spec`` and its synonyms."""
         return cls(spec.erase_names(), caption_key)
 
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "names": list(self.names), "caption_key": self.caption_key}
+
     def names_concept(self, caption: str) -> bool:
         """Whether ``caption`` names one of the concepts (a whole word, any case)."""
         return self._pattern.search(caption) is not None
@@ -141,6 +170,11 @@ class ImageDetectorFilter(SampleFilter):
             raise ValueError(f"value_range must be (low, high) with high > low, got {value_range!r}")
         self.detector, self.image_key, self.value_range = detector, image_key, (float(lo), float(hi))
         self.threshold, self.name = threshold, name
+
+    def settings(self) -> dict[str, Any]:
+        detector = getattr(self.detector, "__qualname__", type(self.detector).__qualname__)
+        return {**super().settings(), "detector": detector, "threshold": self.threshold, "image_key": self.image_key,
+                "value_range": list(self.value_range)}  # fmt: skip
 
     @torch.no_grad()
     def flags(self, pixels: Tensor) -> list[bool]:
@@ -193,6 +227,9 @@ class NudeNetFilter(ImageDetectorFilter):
 
     def _detect(self, images: Tensor) -> list[float]:
         return nudenet_scores(self.nudenet, images, self.classes)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), **nudenet_settings(self.nudenet), "classes": sorted(self.classes)}
 
 
 def nudenet_scores(detector: Any, images: Tensor, classes: frozenset[str]) -> list[float]:
@@ -283,145 +320,3 @@ def _drop(batch: MutableMapping, keep: list[bool], where: str) -> None:
                 f"{where}[{k!r}] is a {type(v).__name__} of {len(v)} tensors with one row per sample: the sample "
                 "filters cannot drop its rows with the others. Put them in a dict, or one tensor"
             )
-
-
-def _as_filters(sample_filter: Any) -> list[Callable]:
-    if sample_filter is None:
-        return []
-    filters = list(sample_filter) if isinstance(sample_filter, (list, tuple)) else [sample_filter]
-    bad = [type(f).__name__ for f in filters if not callable(f)]
-    if bad:
-        raise TypeError(f"sample_filter must be callables from a batch to a keep mask (one bool per sample), got {bad}")
-    return filters
-
-
-def _unique_names(filters: list[Callable]) -> list[str]:
-    """Each filter's name, numbered where two share one (``detector``, ``detector#2``)."""
-    names: list[str] = []
-    for f in filters:
-        base, k = filter_name(f), 1
-        name = base
-        while name in names:
-            k += 1
-            name = f"{base}#{k}"
-        names.append(name)
-    return names
-
-
-def _batch_size(batch: MutableMapping) -> int:
-    """The batch's number of samples: the length of its captions, else of its first tensor or list."""
-    for key in ("captions", "pixel_values"):
-        if key in batch:
-            return len(batch[key])
-    for v in batch.values():
-        if isinstance(v, torch.Tensor) and v.dim() > 0 or isinstance(v, (list, tuple)):
-            return len(v)
-    raise ValueError(f"cannot tell the batch size of a batch with keys {sorted(batch)}: it holds no tensor or list")
-
-
-@dataclass
-class FilterState:
-    """What a :class:`SampleFilterCallback` carries through a checkpoint.
-
-    Attributes:
-        dropped_samples: training samples removed, in all.
-        dropped_by_filter: ``{filter name: samples it removed}`` (a sample is counted under the first filter that
-            drops it).
-    """
-
-    dropped_samples: int = 0
-    dropped_by_filter: dict[str, int] = field(default_factory=dict)
-
-
-class SampleFilterCallback(Callback):
-    """Drop the training samples that show an erased concept, before ``training_step``.
-
-    Re-applying an erasure alone does not stop a fine-tune on data that shows the concept: the denoiser learns it
-    back from what the edit leaves of the prompt (measured in ``benchmarks/shapes_resurgence.py``). This callback
-    runs its filters in order on each training batch, each on the rows the ones before it kept; the other rows are
-    removed from the batch in place (every tensor and list of the batch's length, nested dicts too). A batch left
-    empty reaches ``training_step`` empty (``ICEModule`` then skips the step). What each filter dropped is counted
-    in its state, and ``ICECallback``'s export records it in the manifest (``sample_filtering``).
-
-    Args:
-        sample_filter: one filter or a list: callables from a dict batch to a keep mask (one bool per sample):
-            :class:`CaptionFilter`, :class:`ImageDetectorFilter`, :class:`NudeNetFilter`, the shapes world's
-            ``ShapesDetectorFilter``, or your own.
-        drop_concepts: a :class:`~ice_lightning.core.concepts.ConceptSpec` (usually the ``ICECallback``'s): a
-            :class:`CaptionFilter` of its erase concepts and their synonyms goes first (whole words, any case).
-        caption_key: the batch key that holds the captions (for ``drop_concepts``).
-
-    Example:
-        >>> from ice_lightning.core.concepts import ConceptSpec
-        >>> guard = SampleFilterCallback(drop_concepts=ConceptSpec(erase=["red"], synonyms={"red": ["crimson"]}))
-        >>> batch = {"captions": ["a red circle", "a green square", "one Crimson box"], "ids": [0, 1, 2]}
-        >>> guard.filter_batch(batch), batch["ids"], guard.state.dropped_by_filter
-        (2, [1], {'caption': 2})
-    """
-
-    def __init__(
-        self,
-        sample_filter: Callable[[Any], Sequence[bool]] | list[Callable[[Any], Sequence[bool]]] | None = None,
-        drop_concepts: ConceptSpec | None = None,
-        caption_key: str = "captions",
-    ) -> None:
-        super().__init__()
-        self.sample_filters = _as_filters(sample_filter)
-        if drop_concepts is not None:
-            self.sample_filters.insert(0, CaptionFilter.from_spec(drop_concepts, caption_key))
-        if not self.sample_filters:
-            raise ValueError("SampleFilterCallback needs a sample_filter or drop_concepts: it has nothing to run")
-        self.filter_names = _unique_names(self.sample_filters)
-        self.state = FilterState()
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(filters=self.filter_names)
-
-    @property
-    def dropped_samples(self) -> int:
-        return self.state.dropped_samples
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self.filter_batch(batch)
-
-    def filter_batch(self, batch: Any) -> int:
-        """Run the sample filters on ``batch`` (in place, in order, each on what the ones before it kept) and
-        count what each dropped; returns how many samples went."""
-        if self.sample_filters and not isinstance(batch, MutableMapping):
-            raise TypeError(f"sample filters need dict batches (rows are dropped by key); got {type(batch).__name__}")
-        dropped = 0
-        for name, f in zip(self.filter_names, self.sample_filters, strict=True):
-            n = _batch_size(batch)
-            if n == 0:
-                break
-            keep = keep_mask(name, f(batch), n)
-            gone = drop_rows(batch, keep)
-            self.state.dropped_by_filter[name] = self.state.dropped_by_filter.get(name, 0) + gone
-            dropped += gone
-        self.state.dropped_samples += dropped
-        return dropped
-
-    def summary(self) -> dict[str, Any]:
-        """The filters and what each dropped (goes into the export manifest)."""
-        return {"sample_filters": list(self.filter_names), "dropped_samples": self.state.dropped_samples,
-                "dropped_by_filter": dict(self.state.dropped_by_filter)}  # fmt: skip
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"dropped_samples": self.state.dropped_samples, "dropped_by_filter": dict(self.state.dropped_by_filter)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.state = FilterState(state_dict["dropped_samples"], dict(state_dict["dropped_by_filter"]))
-
-
-def filtering_summary(callbacks: Iterable[Any]) -> dict[str, Any] | None:
-    """What every :class:`SampleFilterCallback` among ``callbacks`` dropped, merged (``None``: there is none)."""
-    guards = [c for c in callbacks if isinstance(c, SampleFilterCallback)]
-    if not guards:
-        return None
-    by_filter: dict[str, int] = {}
-    for g in guards:
-        for name, n in g.state.dropped_by_filter.items():
-            by_filter[name] = by_filter.get(name, 0) + n
-    return {"sample_filters": [n for g in guards for n in g.filter_names],
-            "dropped_samples": sum(g.state.dropped_samples for g in guards), "dropped_by_filter": by_filter}

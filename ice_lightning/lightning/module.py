@@ -275,6 +275,12 @@ class ICEModule(SamplingMixin, LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.strict_loading = False  # the frozen components are not in the checkpoint
 
+    def evaluation_settings(self) -> dict[str, dict]:
+        """``{metric name: its settings}`` of the sample metrics (checkpoint, threshold, ...): ``ICECallback``'s
+        export records them, so that the numbers logged under those names compare across teams."""
+        return {getattr(m, "name", type(m).__name__): m.settings() if callable(getattr(m, "settings", None))
+                else {"metric": type(m).__qualname__} for m in self._sample_metrics}  # fmt: skip
+
     # -- conditioning and latents ------------------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from .filters import NUDENET_EXPLICIT, load_nudenet, nudenet_scores
+from .filters import NUDENET_EXPLICIT, load_nudenet, nudenet_scores, nudenet_settings
 
 __all__ = ["ConceptPresence", "CLIPConceptPresence", "NudeNetPresence", "clip_concept_probability"]
 
@@ -84,6 +84,11 @@ class ConceptPresence(Metric):
     def detect(self, images: Tensor) -> Tensor:
         """One bool per image ``(N, 3, H, W)`` in [0, 1]: whether it shows :attr:`concept`."""
         raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """What decides this metric's numbers (checkpoint, threshold, ...), recorded in the export manifest so that
+        numbers compare across runs and teams."""
+        return {"metric": f"{type(self).__module__}.{type(self).__qualname__}"}
 
     def detect_samples(self, samples: Tensor) -> Tensor:
         """One bool per sample: images directly, clips by their frames (any frame)."""
@@ -163,6 +168,9 @@ class CLIPConceptPresence(ConceptPresence):
             cfg = json.loads(config.read_text())
             self.mean, self.std = tuple(cfg.get("image_mean", self.mean)), tuple(cfg.get("image_std", self.std))
 
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "model": self.model_path, "threshold": self.threshold, "template": self.template}
+
     def probability(self, images: Tensor) -> Tensor:
         """CLIP's probability of the concept for each image (see :func:`clip_concept_probability`)."""
         return clip_concept_probability(images, self.clip, self.tokenizer, self.concept, self.neutral or "something",
@@ -196,6 +204,10 @@ class NudeNetPresence(ConceptPresence):
         super().__init__(concept, None, name, **kwargs)
         self.nudenet = detector if detector is not None else load_nudenet()
         self.classes, self.threshold = frozenset(classes), threshold
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), **nudenet_settings(self.nudenet), "threshold": self.threshold,
+                "classes": sorted(self.classes)}  # fmt: skip
 
     def detect(self, images: Tensor) -> Tensor:
         return torch.tensor(nudenet_scores(self.nudenet, images, self.classes)) >= self.threshold

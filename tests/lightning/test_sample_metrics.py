@@ -134,3 +134,34 @@ def test_shapes_presence_falls_for_the_erased_colour_and_stays_for_the_others():
     assert after["val/shapes_presence/red"] <= 0.05
     assert after["val/shapes_presence/green"] >= 0.9
     np.testing.assert_allclose(module.score_samples()["val/shapes_presence/red"], before["val/shapes_presence/red"])
+
+
+def test_the_export_records_each_metrics_and_filters_settings(tmp_path, tiny_clip):
+    """The CLIP checkpoint and threshold, NudeNet's detector and threshold, and each sample filter's settings go into
+    the manifest (``evaluation``, ``sample_filtering.filter_settings``): numbers compare across teams."""
+    from ice_lightning import ICECallback, SampleFilterCallback
+    from ice_lightning.core.export import load_manifest
+    from ice_lightning.lightning.filters import NudeNetFilter
+
+    class Fake:
+        def detect(self, image):
+            return []
+
+    concepts = {"erase": ["Van Gogh"], "family": "style"}
+    module = ICEModule("tiny:sd", validation_concepts=concepts, sample_metrics=[
+        CLIPConceptPresence(model=str(tiny_clip), threshold=0.7), NudeNetPresence(detector=Fake(), threshold=0.4)])
+    ice = ICECallback(**concepts, export=str(tmp_path / "export"), log_metrics=False)
+    guard = SampleFilterCallback(NudeNetFilter(detector=Fake(), threshold=0.3), drop_concepts=ice.spec)
+    data = CaptionFolderDataModule(str(DATA / "tiny_images"), resolution=16, batch_size=2)
+    trainer = Trainer(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                      num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu", callbacks=[guard, ice])  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    manifest = load_manifest(tmp_path / "export")
+    clip, nudenet = manifest["evaluation"]["clip_presence"], manifest["evaluation"]["nudenet_presence"]
+    assert clip["model"] == str(tiny_clip) and clip["threshold"] == 0.7 and clip["template"] == "a picture of {}"
+    assert nudenet["threshold"] == 0.4 and nudenet["detector"].endswith("Fake")
+    assert "BUTTOCKS_EXPOSED" in nudenet["classes"]
+    filters = manifest["sample_filtering"]["filter_settings"]
+    assert filters["caption"]["names"] == ["Van Gogh"] and filters["nudenet"]["threshold"] == 0.3
+    assert filters["nudenet"]["value_range"] == [-1.0, 1.0] and filters["nudenet"]["nudenet"]  # the version, or absent
