@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..core.concepts import NEUTRAL_WORD
+from .image_logging import log_image
 from .sample_metrics import sample_grid
 
 __all__ = ["SamplingMixin"]
@@ -60,8 +61,9 @@ class SamplingMixin:
 
     @torch.no_grad()
     def log_samples(self) -> Path | None:
-        """Generate ``num_samples`` per erased concept and save a PNG grid (and add it to TensorBoard) from
-        rank 0 (``None`` elsewhere)."""
+        """Generate ``num_samples`` per erased concept, save a PNG grid under the log folder and send it to every
+        logger of the trainer (:func:`~ice_lightning.lightning.image_logging.log_image`) from rank 0 (``None``
+        elsewhere)."""
         prompts = [p.text for p in (self.spec.heldout_erase_prompts() if self.spec else [])] or [""]
         prompts = [p for p in prompts for _ in range(self.hparams.num_samples)]
         grid = sample_grid(self.generate(prompts))
@@ -73,7 +75,5 @@ class SamplingMixin:
         from PIL import Image
 
         Image.fromarray(grid).save(path)
-        experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "add_image"):
-            experiment.add_image("samples", grid, self.global_step, dataformats="HWC")
+        log_image(self.trainer.loggers, "samples", grid, self.global_step, written=path)
         return path

@@ -1,0 +1,73 @@
+"""Sample grids reach every logger a Trainer has, each in its own way, offline: TensorBoard (an image summary),
+Weights & Biases in offline mode (a media file), MLflow with a ``file:`` store (an artifact), CSV (PNG files beside
+``metrics.csv``)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+
+from ice_lightning import ICEModule
+from ice_lightning.lightning.data import CaptionFolderDataModule
+from ice_lightning.lightning.image_logging import log_image
+
+DATA = Path(__file__).parents[2] / "examples" / "data"
+
+
+@pytest.fixture
+def loggers(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the file: store, offline (mlflow 3 asks for the opt-in)
+    yield [CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb"),
+           WandbLogger(save_dir=str(tmp_path), project="ice", offline=True),
+           MLFlowLogger(experiment_name="ice", tracking_uri=f"file:{tmp_path / 'mlruns'}")]  # fmt: skip
+    import wandb
+
+    wandb.finish()  # W&B keeps one run per process: the next test starts its own
+
+
+def _images_in_tensorboard(folder: Path) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(folder.rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
+    events.Reload()
+    return events.Tags()["images"]
+
+
+def test_log_image_reaches_every_logger(loggers, tmp_path):
+    image = np.zeros((8, 12, 3), dtype=np.uint8)
+    image[:, :6, 0] = 255
+    assert log_image(loggers, "preview/before_after", image, step=3) == [
+        "CSVLogger", "TensorBoardLogger", "WandbLogger", "MLFlowLogger"]  # fmt: skip
+    for logger in loggers:
+        logger.finalize("success")
+    from PIL import Image
+
+    (csv_png,) = (tmp_path / "csv").rglob("images/preview_before_after_step000003.png")
+    assert np.array_equal(np.asarray(Image.open(csv_png)), image)  # the pixels, exactly
+    assert "preview/before_after" in _images_in_tensorboard(tmp_path / "tb")
+    assert list((tmp_path / "wandb").rglob("media/images/preview/before_after_*.png"))
+    (artifact,) = (tmp_path / "mlruns").rglob("artifacts/preview/before_after/preview_before_after_step000003.png")
+    assert np.array_equal(np.asarray(Image.open(artifact)), image)
+
+
+def test_module_sample_grids_go_to_every_logger(loggers, tmp_path):
+    module = ICEModule("tiny:sd", validation_concepts={"erase": ["Van Gogh"], "family": "style"}, num_samples=1,
+                       sample_steps=2)  # fmt: skip
+    data = CaptionFolderDataModule(str(DATA / "tiny_images"), resolution=16, batch_size=2)
+    trainer = Trainer(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+                      num_sanity_val_steps=0, logger=loggers, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    csv_dir = Path(loggers[0].log_dir)
+    assert (csv_dir / "metrics.csv").exists() and list((csv_dir / "samples").glob("epoch000.png"))  # beside it
+    assert not list(csv_dir.rglob("images/*.png"))  # written once
+    assert "samples" in _images_in_tensorboard(tmp_path / "tb")
+    assert list((tmp_path / "wandb").rglob("media/images/samples_*.png"))
+    assert list((tmp_path / "mlruns").rglob("artifacts/samples/*.png"))
