@@ -122,6 +122,10 @@ def build_erase_parser():
     er.add_argument("--grid", default=None,
                     help="where to write the report's before/after image grid (PNG, for pipelines whose plugin "
                     "draws one, as the shapes world's); default: inside the export, OUT/before_after.png")  # fmt: skip
+    er.add_argument("--preview", type=int, default=0,
+                    help="sample this many held-out prompts of the erased concepts (and half as many preserved ones) "
+                    "before and after the edit, with fixed seeds, and ship the grid in the export as "
+                    "before_after.png, shown in its model card (0: none, the default)")  # fmt: skip
     er.add_argument("--quiet", action="store_true", help="no progress bars")
     return er
 
@@ -254,8 +258,14 @@ def _run_erase(cfg) -> int:
     factory = erase_report(pipe)  # a pipeline whose plugin shows erasure its own way (the shapes world: samples)
     report = factory(pipe, samples=cfg.samples, seed=cfg.seed) if factory is not None else None
     spec = report.concept_spec(**given) if report is not None else ConceptSpec(**given)
+    preview = None
     if report is not None:
         report.before()
+    elif cfg.preview:  # any pipeline: the same prompts and seeds before and after
+        from .core.preview import Preview
+
+        preview = Preview(pipe, cfg.preview, seed=cfg.seed)
+        preview.before(spec)
     result = erase(pipe, spec=spec, method=cfg.method, **hparams)
     print(
         f"erased {result.spec.erase} ({cfg.method}) from {len(result.layers)} layers "
@@ -263,6 +273,8 @@ def _run_erase(cfg) -> int:
         f"{ {s: op.rank for s, op in result.operators.items()} }"
     )
     text, files = report.after(result) if report is not None else (format_table(erasure_metrics(result)), {})
+    if preview is not None:
+        files["before_after.png"] = preview.after()
     print(text)
     grid = files.pop("before_after.png", None) if cfg.grid else None
     out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite, format=cfg.format, extra_files=files)

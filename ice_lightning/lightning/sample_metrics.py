@@ -34,7 +34,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -46,15 +45,6 @@ __all__ = ["ConceptPresence", "CLIPConceptPresence", "NudeNetPresence", "clip_co
 #: OpenAI CLIP's pixel normalisation (used when a checkpoint ships no preprocessor config).
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def sample_grid(samples: Tensor) -> np.ndarray:
-    """One image of generated samples, ``(N, 3, H, W)`` or clips ``(N, F, 3, H, W)`` in [0, 1]: samples stacked
-    top to bottom, a clip's frames side by side; uint8 ``(H', W', 3)``."""
-    images = samples.movedim(-3, -1).numpy()  # (N, [F,] H, W, 3)
-    if images.ndim == 5:  # frames side by side
-        images = np.concatenate(list(np.moveaxis(images, 1, 0)), axis=2)
-    return (np.concatenate(list(images), axis=0) * 255).clip(0, 255).astype(np.uint8)
 
 
 class ConceptPresence(Metric):

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from ..core.concepts import NEUTRAL_WORD
+from ..core.preview import sample_grid
 from .image_logging import log_image
-from .sample_metrics import sample_grid
 
 __all__ = ["SamplingMixin"]
 

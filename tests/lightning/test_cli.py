@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ice_lightning.cli import format_table, main
@@ -124,3 +125,20 @@ def test_table_format():
     lines = table.splitlines()
     assert lines[0].split()[-2:] == ["before", "after"]
     assert lines[2].split()[-6:-4] == ["0.000", "0.900"]
+
+
+def test_cli_preview_ships_a_before_after_grid_shown_in_the_model_card(saved_pipeline, tmp_path):
+    """``--preview 2``: the same held-out prompts (2 erased, 1 preserved) and seeds before and after the edit, one
+    grid (rows: prompts; left: before, right: after) in the export, hashed by its manifest and shown in its card."""
+    from PIL import Image
+
+    out = tmp_path / "out"
+    assert main(["erase", "--pipeline", saved_pipeline("sd"), "--erase", "Van Gogh", "--family", "style",
+                 "--preview", "2", "--out", str(out)]) == 0  # fmt: skip
+    grid = np.asarray(Image.open(out / "before_after.png"))
+    side = grid.shape[1] // 2
+    assert grid.shape[0] == 3 * side  # three prompts of side x side, stacked
+    assert not np.array_equal(grid[:, :side], grid[:, side:])  # the erasure changed what the model draws
+    assert "before_after.png" in json.loads((out / MANIFEST_NAME).read_text())["files"]
+    assert "![before/after](before_after.png)" in (out / "README.md").read_text()
+    assert all(verify_export(out).values())

@@ -275,6 +275,9 @@ def _write_card(out: Path, manifest: dict) -> None:
     for e in manifest["erasures"]:
         c = e["concepts"]
         lines.append(f"| {', '.join(c['erase'])} | {c['family']} | {e['method']} | {len(e['layers'])} |")
+    if (out / "before_after.png").is_file():  # a preview shipped with the export (its files are hashed too)
+        lines += ["", "Before (left) and after (right) the erasure, same seeds:", "",
+                  "![before/after](before_after.png)"]  # fmt: skip
     lines += ["", f"Hashes of the edited tensors are in `{MANIFEST_NAME}`.", ""]
     card = out / "README.md"
     text = card.read_text() if card.exists() else ""
