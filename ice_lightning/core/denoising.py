@@ -385,3 +385,49 @@ def ltx_conditioning(pipeline, captions: list[str], device, model: nn.Module) ->
 
 def ltx_tokens(latents: Tensor) -> int:
     return latents.shape[2:].numel()
+
+
+def timestep_bias_weights(n: int, bias: str = "none", portion: float = 0.25, multiplier: float = 1.0) -> Tensor:
+    """Sampling weights of the ``n`` training timesteps under diffusers' ``--timestep_bias_strategy`` (``"later"``
+    or ``"earlier"``: the last or first ``portion`` of them weighted by ``multiplier``)."""
+    w = torch.ones(n)
+    if bias != "none":
+        k = max(1, int(n * portion))
+        w[slice(n - k, n) if bias == "later" else slice(0, k)] *= multiplier
+    return w / w.sum()
+
+
+def ddpm_training_input(scheduler, objective: str, x0: Tensor, noise: Tensor, timesteps_of, generator=None,
+                        noise_offset: float = 0.0, input_perturbation: float = 0.0,
+                        snr_gamma: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """``(noisy latents, timesteps, target, per-sample loss weights or None)`` of a DDPM objective (``epsilon``,
+    ``v_prediction``, ``sample``), exactly as diffusers' ``train_text_to_image.py`` builds them, in its order of
+    random draws: ``noise_offset`` adds ``offset * randn(B, C, 1, 1)`` to the noise (``--noise_offset``);
+    ``input_perturbation`` noises the input with ``noise + p * randn_like(noise)`` while the target keeps ``noise``
+    (``--input_perturbation``); then ``timesteps_of(batch_size)`` draws the timesteps; ``snr_gamma`` weighs each
+    sample by Min-SNR, ``min(SNR, gamma) / SNR`` (epsilon) or ``/ (SNR + 1)`` (v-prediction), with diffusers'
+    ``compute_snr`` (``--snr_gamma``)."""
+    b = x0.shape[0]
+    if noise_offset:
+        shape = (b, x0.shape[1], *([1] * (x0.dim() - 2)))
+        noise = noise + noise_offset * torch.randn(shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    noised = noise
+    if input_perturbation:
+        noised = noise + input_perturbation * torch.randn(noise.shape, generator=generator, device=noise.device,
+                                                          dtype=noise.dtype)  # fmt: skip
+    t = timesteps_of(b)
+    noisy = scheduler.add_noise(x0, noised, t)
+    target = {"epsilon": noise, "sample": x0}.get(objective)
+    if target is None:
+        target = scheduler.get_velocity(x0, noise, t)
+    weights = None
+    if snr_gamma is not None:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(scheduler, t)
+        weights = torch.stack([snr, snr_gamma * torch.ones_like(t)], dim=1).min(dim=1)[0]
+        if objective == "epsilon":
+            weights = weights / snr
+        elif objective == "v_prediction":
+            weights = weights / (snr + 1)
+    return noisy, t, target, weights

@@ -34,11 +34,13 @@ from ..core.architectures import architecture_of
 from ..core.concepts import ConceptSpec
 from ..core.denoising import (
     WeightingScheme,
+    ddpm_training_input,
     expert_rows,
     experts,
     flow_loss_weights,
     sample_flow_sigmas,
     shift_sigmas,
+    timestep_bias_weights,
 )
 from ..core.parts import denoisers, pipeline_spaces
 from ..core.pipelines import load_pipeline
@@ -97,6 +99,10 @@ class ICEModule(SamplingMixin, LightningModule):
         logit_mean: mean of ``"logit_normal"``.
         logit_std: standard deviation of ``"logit_normal"``.
         mode_scale: scale of ``"mode"``.
+        snr_gamma, noise_offset, input_perturbation, prediction_type: DDPM objectives only, as diffusers'
+            ``train_text_to_image.py`` (``--snr_gamma``: Min-SNR loss weights; ``--noise_offset``;
+            ``--input_perturbation``; ``--prediction_type`` overrides the scheduler's;
+            :func:`~ice_lightning.core.denoising.ddpm_training_input`).
         lora_rank: train PEFT LoRA adapters of this rank instead of the full weights (``None``: full
             fine-tune). ``ICECallback`` edits the adapters' ``lora_A`` where they read the text states, and exports
             the adapters merged (or beside an erased base: ``ExportOptions(adapters=...)``).
@@ -143,6 +149,10 @@ class ICEModule(SamplingMixin, LightningModule):
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         mode_scale: float = 1.29,
+        snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        input_perturbation: float = 0.0,
+        prediction_type: str | None = None,
         lora_rank: int | None = None,
         lora_alpha: float | None = None,
         lora_target_modules: list[str] | None = None,
@@ -162,6 +172,9 @@ class ICEModule(SamplingMixin, LightningModule):
         if weighting_scheme not in ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt"):
             raise ValueError("weighting_scheme must be 'none', 'logit_normal', 'mode', 'cosmap' or 'sigma_sqrt', "
                              f"got {weighting_scheme!r}")  # fmt: skip
+        if not (noise_offset >= 0 and input_perturbation >= 0 and (snr_gamma is None or snr_gamma > 0)):
+            raise ValueError(f"noise_offset and input_perturbation must be >= 0 and snr_gamma > 0 (or None), got "
+                             f"{noise_offset}, {input_perturbation}, {snr_gamma}")  # fmt: skip
         if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
             raise ValueError(f"lora_rank must be a whole number >= 1 (or None for a full fine-tune), got {lora_rank!r}")
         if sample_metrics and not validation_concepts:
@@ -218,13 +231,20 @@ class ICEModule(SamplingMixin, LightningModule):
         return next(iter(self.denoisers.values()))
 
     def _objective(self, sched) -> str:
+        hp = self.hparams
         if "FlowMatch" in type(sched).__name__ or sched.config.get("use_flow_sigmas", False):
+            if hp.snr_gamma is not None or hp.noise_offset or hp.input_perturbation or hp.prediction_type:
+                raise ValueError("snr_gamma, noise_offset, input_perturbation and prediction_type follow "
+                                 "train_text_to_image.py's DDPM objectives; this pipeline trains with flow matching: "
+                                 "use weighting_scheme")  # fmt: skip
             return "flow_matching"
         from diffusers import DDPMScheduler
 
         # CogVideoX's schedulers rescale the SNR (snr_shift_scale): noise with the pipeline's own class.
         cls = type(sched) if "snr_shift_scale" in sched.config else DDPMScheduler
         self.noise_scheduler = cls.from_config(sched.config)
+        if self.hparams.prediction_type is not None:  # as the script's --prediction_type
+            self.noise_scheduler.register_to_config(prediction_type=self.hparams.prediction_type)
         objective = self.noise_scheduler.config.prediction_type
         if objective not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unknown prediction_type {objective!r} in the pipeline's scheduler config")
@@ -308,13 +328,8 @@ class ICEModule(SamplingMixin, LightningModule):
 
     def timestep_weights(self, n: int) -> torch.Tensor:
         """Sampling weights of the ``n`` training timesteps under ``timestep_bias`` (diffusers' scheme)."""
-        w = torch.ones(n)
-        if self.hparams.timestep_bias != "none":
-            k = max(1, int(n * self.hparams.timestep_bias_portion))
-            w[slice(n - k, n) if self.hparams.timestep_bias == "later" else slice(0, k)] *= (
-                self.hparams.timestep_bias_multiplier
-            )
-        return w / w.sum()
+        hp = self.hparams
+        return timestep_bias_weights(n, hp.timestep_bias, hp.timestep_bias_portion, hp.timestep_bias_multiplier)
 
     def draw_timesteps(self, b: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``b`` training timesteps in ``[0, n)`` drawn with :meth:`timestep_weights`."""
@@ -335,15 +350,14 @@ class ICEModule(SamplingMixin, LightningModule):
             weights = None if hp.weighting_scheme == "none" else flow_loss_weights(hp.weighting_scheme, sigma)
             return (1 - s) * x0 + s * noise, sigma * 1000, noise - x0, weights
         n = self.noise_scheduler.config.num_train_timesteps
-        if hp.timestep_bias == "none":
-            t = torch.randint(0, n, (b,), generator=generator, device=x0.device)
-        else:
-            t = self.draw_timesteps(b, n, generator).to(x0.device)
-        noisy = self.noise_scheduler.add_noise(x0, noise, t)
-        target = {"epsilon": noise, "sample": x0}.get(self.objective)
-        if target is None:
-            target = self.noise_scheduler.get_velocity(x0, noise, t)
-        return noisy, t, target, None
+
+        def timesteps(k: int) -> torch.Tensor:
+            if hp.timestep_bias == "none":
+                return torch.randint(0, n, (k,), generator=generator, device=x0.device)
+            return self.draw_timesteps(k, n, generator).to(x0.device)
+
+        return ddpm_training_input(self.noise_scheduler, self.objective, x0, noise, timesteps, generator,
+                                   hp.noise_offset, hp.input_perturbation, hp.snr_gamma)  # fmt: skip
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         """The denoiser's prediction through the architecture's call; Wan 2.2 routes each sample to its expert."""
