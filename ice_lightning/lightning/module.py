@@ -99,10 +99,10 @@ class ICEModule(SamplingMixin, LightningModule):
         logit_mean: mean of ``"logit_normal"``.
         logit_std: standard deviation of ``"logit_normal"``.
         mode_scale: scale of ``"mode"``.
-        snr_gamma, noise_offset, input_perturbation, prediction_type: DDPM objectives only, as diffusers'
-            ``train_text_to_image.py`` (``--snr_gamma``: Min-SNR loss weights; ``--noise_offset``;
-            ``--input_perturbation``; ``--prediction_type`` overrides the scheduler's;
-            :func:`~ice_lightning.core.denoising.ddpm_training_input`).
+        snr_gamma: Min-SNR loss weights, this gamma (diffusers' ``train_text_to_image.py --snr_gamma``; DDPM only).
+        noise_offset: per-channel offset added to the noise (``--noise_offset``; DDPM only).
+        input_perturbation: extra noise on the noisy input only (``--input_perturbation``; DDPM only).
+        prediction_type: override the scheduler's (``"epsilon"``, ``"v_prediction"``, ``"sample"``).
         lora_rank: train PEFT LoRA adapters of this rank instead of the full weights (``None``: full
             fine-tune). ``ICECallback`` edits the adapters' ``lora_A`` where they read the text states, and exports
             the adapters merged (or beside an erased base: ``ExportOptions(adapters=...)``).
