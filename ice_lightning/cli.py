@@ -148,22 +148,12 @@ def format_table(metrics: dict[str, float]) -> str:
 
 def _field_docs(params: type) -> dict[str, str]:
     """``{field: its description}`` from the ``Attributes:`` section of a dataclass's Google-style docstring (the
-    first sentence, whitespace collapsed): the hyperparameters are documented once, where they are defined."""
-    docs, name, lines = {}, None, (params.__doc__ or "").splitlines()
-    inside = False
-    for line in lines:
-        if line.strip() == "Attributes:":
-            inside = True
-            continue
-        if not inside:
-            continue
-        head = re.match(r"^ {8}(\w+): (.*)$", line)
-        if head:
-            name, docs[head.group(1)] = head.group(1), head.group(2)
-        elif name and line.startswith(" " * 12):
-            docs[name] += " " + line.strip()
-        elif line.strip():
-            break
+    first sentence, whitespace collapsed), read by ``docstring_parser`` (jsonargparse's, as LightningCLI reads
+    signatures): the hyperparameters are documented once, where they are defined."""
+    import docstring_parser
+
+    parsed = docstring_parser.parse(params.__doc__ or "")
+    docs = {p.arg_name: " ".join((p.description or "").split()) for p in parsed.params}
     return {k: re.split(r"(?<=[a-z)`])\. ", v, maxsplit=1)[0].rstrip(".") for k, v in docs.items()}
 
 

@@ -264,9 +264,10 @@ class ICECallback(Callback):
         filtering = filtering_summary(trainer.callbacks)
         if filtering is not None:
             extra["sample_filtering"] = filtering
-        evaluation = getattr(pl_module, "evaluation_settings", None)  # ICEModule's sample metrics, if any
-        if callable(evaluation) and evaluation():
-            extra["evaluation"] = evaluation()
+        settings = getattr(pl_module, "evaluation_settings", None)  # ICEModule's sample metrics, if any
+        evaluation = settings() if callable(settings) else None
+        if evaluation:
+            extra["evaluation"] = evaluation
         results = None
         reshard(self._plan.denoisers.values())
         if any(is_sharded(m.weight) for m in self._plan.modules().values()):

@@ -43,9 +43,11 @@ def kohya_prefixes(layers) -> dict[str, str]:
     """``{layer name: its kohya key prefix}`` (``unet.down_blocks.0...to_k`` -> ``lora_unet_down_blocks_0..._to_k``),
     by the same conversion as :func:`kohya_lora`."""
     one = torch.zeros(1, 1)
-    keys = kohya_lora({f"{n}.lora_A.weight": one for n in layers})
-    by_order = [k.removesuffix(".lora_down.weight") for k in keys if k.endswith(".lora_down.weight")]
-    return dict(zip(layers, by_order, strict=True))
+    out = {}
+    for n in layers:  # one layer at a time: the name does not depend on the order the converter keeps
+        (key,) = (k for k in kohya_lora({f"{n}.lora_A.weight": one}) if k.endswith(".lora_down.weight"))
+        out[n] = key.removesuffix(".lora_down.weight")
+    return out
 
 
 def _check_kohya(pipeline, results) -> None:
