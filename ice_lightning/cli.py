@@ -110,10 +110,15 @@ def build_erase_parser():
     er.add_argument("--device", default="cpu", help="device to run the text encoder and the edit on")
     er.add_argument("--out", required=True, help="output folder for the erased pipeline (new, empty, or an earlier "
                     "export; never the folder the pipeline was loaded from)")  # fmt: skip
-    er.add_argument("--format", default="merged", choices=["merged", "lora", "lora-kohya"],
+    er.add_argument("--pipeline-config", default=None,
+                    help="with a single-file --pipeline (.safetensors): the diffusers folder whose configs "
+                    "from_single_file reads (it holds model_index.json)")  # fmt: skip
+    er.add_argument("--format", default="merged", choices=["merged", "lora", "lora-kohya", "single-file"],
                     help="merged: the erased diffusers folder (ship this); lora: the edit alone as a diffusers/PEFT "
                     "LoRA that pipe.load_lora_weights loads onto the original model; lora-kohya: the same LoRA with "
-                    "kohya's keys, for Automatic1111, Forge, ComfyUI, InvokeAI (SD 1.x/2.x, SDXL)")  # fmt: skip
+                    "kohya's keys, for Automatic1111, Forge, ComfyUI, InvokeAI (SD 1.x/2.x, SDXL); single-file: one "
+                    "original-layout checkpoint (model.safetensors) for the same tools and from_single_file; from a "
+                    "single-file --pipeline, a copy of that file with only the edited tensors changed")  # fmt: skip
     er.add_argument("--overwrite", action="store_true",
                     help="replace a non-empty --out folder that is not an earlier export")  # fmt: skip
     er.add_argument("--samples", type=int, default=4,
@@ -243,7 +248,9 @@ def _run_erase(cfg) -> int:
     set_quiet(cfg.quiet)
     given = {"erase": cfg.erase, "preserve": cfg.preserve, "family": cfg.family, "anchor": cfg.anchor,
              "templates": cfg.template, "include_eot": cfg.include_eot}  # fmt: skip
-    pipe = load_pipeline(cfg.pipeline).to(cfg.device)
+    pipe = load_pipeline(cfg.pipeline, config=cfg.pipeline_config).to(cfg.device)
+    single = Path(cfg.pipeline).suffix == ".safetensors" and Path(cfg.pipeline).is_file()
+    source_file = cfg.pipeline if single and cfg.format == "single-file" else None
     check_export_destination(pipe, cfg.out, cfg.overwrite, cfg.format)  # before any work: a refused --out costs nothing
     factory = erase_report(pipe)  # a pipeline whose plugin shows erasure its own way (the shapes world: samples)
     report = factory(pipe, samples=cfg.samples, seed=cfg.seed) if factory is not None else None
@@ -267,11 +274,15 @@ def _run_erase(cfg) -> int:
         files["before_after.png"] = preview.after()
     print(text)
     grid = files.pop("before_after.png", None) if cfg.grid else None
-    out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite, format=cfg.format, extra_files=files)
+    out = save_erased(pipe, cfg.out, overwrite=cfg.overwrite, format=cfg.format, extra_files=files,
+                      source_file=source_file)  # fmt: skip
     if cfg.format in ("lora", "lora-kohya"):
         lora_bytes = (out / LORA_NAME).stat().st_size
         print(f"saved the erasure as a LoRA to {out} ({_size(lora_bytes)}; the merged model's weights take "
               f"{_size(_weights_bytes(pipe))}): pipe.load_lora_weights({str(out)!r}); pipe.fuse_lora()")  # fmt: skip
+    elif cfg.format == "single-file":
+        print(f"saved the erased checkpoint to {out / 'model.safetensors'} (Automatic1111, Forge, ComfyUI, InvokeAI; "
+              f"diffusers: from_single_file({str(out / 'model.safetensors')!r}, config={str(out / 'config')!r}))")
     else:
         print(f"saved to {out}")
     if grid is not None:  # a place of the user's choosing, not shipped

@@ -68,10 +68,16 @@ def _factory(name: str) -> Callable | None:
     return ep.load() if ep is not None else None
 
 
-def load_pipeline(pipeline: str, torch_dtype: str | torch.dtype = "float32"):
+def load_pipeline(pipeline: str, torch_dtype: str | torch.dtype = "float32", config: str | None = None):
     """The pipeline named ``pipeline``, in ``torch_dtype``: a local folder, a registered name (``NAME`` or
-    ``NAME:ARG``), else a hub id through ``from_pretrained``."""
+    ``NAME:ARG``), a single-file checkpoint (``.safetensors``, with ``config``: the diffusers folder whose configs
+    ``from_single_file`` reads), else a hub id through ``from_pretrained``."""
     dtype = resolve_dtype(torch_dtype)
+    if Path(pipeline).is_file() and Path(pipeline).suffix == ".safetensors":
+        return load_single_file_pipeline(pipeline, config, dtype)
+    if config is not None:
+        raise ValueError(f"a pipeline config ({config!r}) is read only with a single-file checkpoint (.safetensors); "
+                         f"{pipeline!r} is not one: drop the config")  # fmt: skip
     if not Path(pipeline).exists():
         name, sep, arg = pipeline.partition(":")
         factory = _factory(name)
@@ -87,6 +93,23 @@ def load_pipeline(pipeline: str, torch_dtype: str | torch.dtype = "float32"):
                          "save_pretrained wrote (it holds model_index.json)")  # fmt: skip
     # float32 is what from_pretrained loads anyway; naming it would only pass transformers a deprecated keyword
     return load_pipeline_folder(pipeline, **({} if dtype == torch.float32 else {"torch_dtype": dtype}))
+
+
+def load_single_file_pipeline(path: str, config: str | None, dtype: torch.dtype = torch.float32):
+    """``from_single_file`` of an SD/SDXL checkpoint file, offline, with the configs of the diffusers folder
+    ``config`` (its ``model_index.json`` names the pipeline class)."""
+    import diffusers
+
+    if config is None or not (Path(config) / "model_index.json").is_file():
+        raise ValueError(f"{path!r} is a single-file checkpoint: pass the diffusers folder with its configs (one "
+                         "that holds model_index.json, e.g. the base model's) as --pipeline-config (config=...), "
+                         f"got {config!r}")  # fmt: skip
+    name = json.loads((Path(config) / "model_index.json").read_text()).get("_class_name", "")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_single_file"):
+        raise ValueError(f"{config}/model_index.json names {name!r}, which diffusers cannot load from a single file")
+    kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+    return cls.from_single_file(path, config=str(config), local_files_only=True, **kwargs)
 
 
 #: The dtypes a pipeline can be loaded in (what diffusers' models compute in).

@@ -278,6 +278,10 @@ def _write_card(out: Path, manifest: dict) -> None:
     if (out / "before_after.png").is_file():  # a preview shipped with the export (its files are hashed too)
         lines += ["", "Before (left) and after (right) the erasure, same seeds:", "",
                   "![before/after](before_after.png)"]  # fmt: skip
+    if manifest.get("export_format") == "single-file":
+        lines += ["", f"`{manifest['single_file']}` is one checkpoint in the original (LDM/SGM) layout: Automatic1111, "
+                  "Forge, ComfyUI and InvokeAI load it as any checkpoint; diffusers with `from_single_file(path, "
+                  "config=\"config\")` (the configs shipped beside it)."]  # fmt: skip
     lines += ["", f"Hashes of the edited tensors are in `{MANIFEST_NAME}`.", ""]
     card = out / "README.md"
     text = card.read_text() if card.exists() else ""
@@ -329,8 +333,11 @@ def _check_schema(m) -> None:
             if not (e.get("restored_from_checkpoint") or e.get("recorded_from")):  # else no pre-edit weights
                 _need(isinstance(e.get("concept_residual_before"), (int, float)), f"{f}.concept_residual_before",
                       "must be a number (the residual before the edit, which verify compares against)")  # fmt: skip
-    _need(m.get("export_format", "merged") in ("merged", "lora", "lora-kohya"), "export_format",
-          "must be 'merged', 'lora' or 'lora-kohya'")  # fmt: skip
+    _need(m.get("export_format", "merged") in ("merged", "lora", "lora-kohya", "single-file"), "export_format",
+          "must be 'merged', 'lora', 'lora-kohya' or 'single-file'")  # fmt: skip
+    if m.get("export_format") == "single-file":
+        _need(isinstance(m.get("single_file"), str) and isinstance(m.get("single_file_keys"), dict), "single_file",
+              "must name the checkpoint file, with the key of each edited layer in single_file_keys")  # fmt: skip
     if lora:
         _need(isinstance(m.get("lora_file"), str), "lora_file", "must name the LoRA file")
     for field in ("files",) if lora else ("edited_tensors", "files"):

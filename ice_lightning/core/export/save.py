@@ -36,6 +36,7 @@ from .manifest import (
     load_manifest,
     record_of,
 )
+from .single_file import SINGLE_FILE_NAME, check_single_file, write_single_config, write_single_file
 
 if TYPE_CHECKING:
     from ..record import ErasureRecord
@@ -46,7 +47,8 @@ __all__ = ["ExportFormat", "save_erased", "check_export_destination", "export_lo
 log = logging.getLogger(__name__)
 
 
-ExportFormat = Literal["merged", "lora", "lora-kohya"]
+ExportFormat = Literal["merged", "lora", "lora-kohya", "single-file"]
+_FORMATS = ("merged", *LORA_FORMATS, "single-file")
 
 
 def _files_of(folder: Path) -> set[str]:
@@ -209,6 +211,7 @@ def save_erased(
     extra_files: dict[str, bytes] | None = None,
     adapters: Adapters = "merge",
     format: ExportFormat = "merged",
+    source_file: str | os.PathLike | None = None,
 ) -> Path:
     """Save ``pipeline`` with ``save_pretrained``, its operators, the ICE manifest and a model card.
 
@@ -228,7 +231,14 @@ def save_erased(
             original model with ``pipe.load_lora_weights(out_dir)`` and ``pipe.fuse_lora()`` to get the erased
             weights (see :func:`erasure_lora`). ``"lora-kohya"``: the same LoRA with kohya's keys
             (``lora_unet_..._lora_down/up`` plus ``alpha``), the file Automatic1111, Forge, ComfyUI and InvokeAI load
-            (and ``load_lora_weights`` too); UNets only (SD 1.x/2.x, SDXL).
+            (and ``load_lora_weights`` too); UNets only (SD 1.x/2.x, SDXL). ``"single-file"``: the erased model as
+            one checkpoint in the original (LDM/SGM) layout, ``model.safetensors``, the file Automatic1111, Forge,
+            ComfyUI, InvokeAI and ``from_single_file`` load (SD 1.x/2.x, SDXL), with the diffusers configs
+            ``from_single_file`` reads offline in ``config/``: ``StableDiffusionPipeline.from_single_file(
+            out_dir / "model.safetensors", config=out_dir / "config")``. See :mod:`.single_file`.
+        source_file: with ``format="single-file"``, the single file ``pipeline`` was loaded from
+            (``from_single_file``): the export is a copy of it in which only the edited tensors differ (in the
+            file's own dtype). Without it the whole checkpoint is written from the pipeline.
 
     Returns:
         the output directory. Everything is written to a temporary sibling folder first and renamed into
@@ -236,24 +246,34 @@ def save_erased(
     """
     results = _to_export(pipeline, results)
     _check_results_belong(pipeline, results)
-    if format not in ("merged", *LORA_FORMATS):
-        raise ValueError(f"format must be 'merged' or 'lora' (diffusers/PEFT keys) or 'lora-kohya', got {format!r}")
+    if format not in _FORMATS:
+        raise ValueError(f"format must be 'merged' or 'lora' (diffusers/PEFT keys), or 'lora-kohya', or 'single-file', "
+                         f"got {format!r}")  # fmt: skip
+    if source_file is not None and format != "single-file":
+        raise ValueError(f"source_file is the single file a format='single-file' export patches; with "
+                         f"format={format!r} nothing reads it: drop it, or export format='single-file'")  # fmt: skip
+    if format == "single-file" and adapters != "merge":
+        raise ValueError("format='single-file' ships one checkpoint: adapters are merged into it (adapters='merge'); "
+                         "ship them beside the model with the diffusers folder (format='merged', adapters='separate')")
     if adapters not in ("merge", "separate"):
         raise ValueError(f"adapters must be 'merge' or 'separate', got {adapters!r}")
     if format == "lora-kohya":
         _check_kohya(pipeline, results)
+    if format == "single-file":
+        check_single_file(pipeline, source_file, list(dict.fromkeys(n for r in results for n in r.layers)))
     lora = erasure_lora(pipeline, results) if format in LORA_FORMATS else None  # checked before anything is written
     out = check_export_destination(pipeline, out_dir, overwrite, format)
     out.parent.mkdir(parents=True, exist_ok=True)
     with export_lock(out):
         _recover_leftovers(out)
         out = check_export_destination(pipeline, out, overwrite, format)  # what the recovery put back, too
-        _write_export(pipeline, results, out, safe_serialization, extra, extra_files, adapters, lora, format)
+        _write_export(pipeline, results, out, safe_serialization, extra, extra_files, adapters, lora, format,
+                      source_file)  # fmt: skip
     return out
 
 
 def _write_export(pipeline, results, out: Path, safe_serialization: bool, extra, extra_files, adapters,
-                  lora, format: str = "merged") -> None:  # fmt: skip
+                  lora, format: str = "merged", source_file=None) -> None:  # fmt: skip
     """Write the export into a temporary sibling of ``out`` and swap it into place (the caller holds the lock)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ice-export-", dir=out.parent))
     inherited_ops: list[dict[str, DissociationOperator]] = []
@@ -267,9 +287,16 @@ def _write_export(pipeline, results, out: Path, safe_serialization: bool, extra,
                 if renamed:
                     source = {"merge": "adapters merged", "separate": "adapters shipped beside"}[adapters]
                     results = [record_of(r).renamed(renamed, source) for r in results]
-                pipeline.save_pretrained(tmp, safe_serialization=safe_serialization)
+                if format == "single-file":
+                    layers = list(dict.fromkeys(n for r in results for n in r.layers))
+                    written = write_single_file(pipeline, tmp / SINGLE_FILE_NAME, source_file, layers)
+                    write_single_config(pipeline, tmp / "config")
+                else:
+                    pipeline.save_pretrained(tmp, safe_serialization=safe_serialization)
                 inherited, inherited_ops = _inherited(pipeline)
                 manifest = _manifest(pipeline, results, extra, inherited)
+                if format == "single-file":
+                    manifest.update(written)  # the edited tensors as the file holds them
                 if renamed:
                     manifest["adapters"] = adapters
         _save_operators(tmp / OPERATORS_NAME, [*inherited_ops, *(r.operators for r in results)])

@@ -26,6 +26,8 @@ __all__ = ["verify_export"]
 
 # The recomputed residual must match the recorded one this closely (same weights, same encoder, float64).
 _RESIDUAL_RTOL, _RESIDUAL_ATOL = 1e-4, 1e-6
+# A single file that stores the edited layers in half precision (fp16 or bf16, rounded once on export).
+_HALF_RTOL = 1e-2
 
 
 def verify_export(path: str | os.PathLike, pipeline=None, check_erasure: bool = True) -> dict[str, bool]:
@@ -69,6 +71,8 @@ def _verify_contents(folder: Path, manifest: dict, checks: dict, pipeline, check
         _check_lora(folder, manifest)
         checks["lora"] = True
         return checks
+    if manifest.get("export_format") == "single-file":
+        return _verify_single_file(folder, manifest, checks, pipeline, check_erasure)
     if pipeline is None:
         from ..pipelines import load_pipeline_folder
 
@@ -88,6 +92,37 @@ def _verify_contents(folder: Path, manifest: dict, checks: dict, pipeline, check
         operators = _load_operators(folder / manifest.get("operators_file", OPERATORS_NAME), manifest)
         for i, e in enumerate(manifest["erasures"]):
             _check_erasure_present(pipeline, i, e, operators[i])
+            checks[f"erasure:{i}"] = True
+    return checks
+
+
+def _verify_single_file(folder: Path, manifest: dict, checks: dict, pipeline, check_erasure: bool) -> dict[str, bool]:
+    """Steps 3 and 4 for a single file: its edited tensors (at the keys the manifest records) against their hashes,
+    then the erasure through the pipeline ``from_single_file`` loads from it. A file holding the edited layers in
+    half precision (a patched fp16 checkpoint) is checked at that precision."""
+    from safetensors import safe_open
+
+    keys = manifest["single_file_keys"]
+    dtypes = set()
+    with safe_open(str(folder / manifest["single_file"]), framework="pt") as f:
+        present = set(f.keys())
+        for layer, key in keys.items():
+            if key not in present:
+                raise ExportVerificationError(f"{manifest['single_file']} has no tensor {key!r} (layer {layer})")
+            t = f.get_tensor(key)
+            dtypes.add(t.dtype)
+            if tensor_sha256(t) != manifest["edited_tensors"].get(f"{layer}.weight"):
+                raise ExportVerificationError(f"the edited tensor {key!r} of {manifest['single_file']} (layer "
+                                              f"{layer}) does not match the manifest")  # fmt: skip
+            checks[f"{layer}.weight"] = True
+    if check_erasure:
+        from .single_file import load_single_file
+
+        pipeline = load_single_file(folder, manifest) if pipeline is None else pipeline
+        half = any(d.itemsize < 4 for d in dtypes)
+        operators = _load_operators(folder / manifest.get("operators_file", OPERATORS_NAME), manifest)
+        for i, e in enumerate(manifest["erasures"]):
+            _check_erasure_present(pipeline, i, e, operators[i], rtol=_HALF_RTOL if half else _RESIDUAL_RTOL)
             checks[f"erasure:{i}"] = True
     return checks
 
@@ -125,10 +160,11 @@ def _check_lora(folder: Path, manifest: dict) -> None:
             )
 
 
-def _check_erasure_present(pipeline, i: int, e: dict, operators: dict[str, DissociationOperator]) -> None:
+def _check_erasure_present(pipeline, i: int, e: dict, operators: dict[str, DissociationOperator],
+                           rtol: float = _RESIDUAL_RTOL) -> None:  # fmt: skip
     spec, now = _recorded_residual_now(pipeline, e, operators)
     recorded, before = e["concept_residual"], e.get("concept_residual_before")
-    if abs(now - recorded) > _RESIDUAL_ATOL + _RESIDUAL_RTOL * abs(recorded):
+    if abs(now - recorded) > _RESIDUAL_ATOL + rtol * abs(recorded):
         raise ExportVerificationError(
             f"erasure {i} ({spec.erase}): the shipped layers respond along the erased directions with residual "
             f"{now:.6g}, but the export recorded {recorded:.6g}: these are not the erased weights"
