@@ -41,7 +41,7 @@ def fine_tune(concept: str, every_n_epochs: int | None, args, drop: bool = False
     seed_everything(args.seed, verbose=False)
     module = ICEModule(pipeline=str(args.pipeline), learning_rate=args.lr, weight_decay=0.0, seed=args.seed)
     spec = concept_spec(concept)
-    ice = ICECallback(spec=spec, every_n_epochs=every_n_epochs, at_fit_end=False, log_metrics=False)
+    ice = ICECallback(spec=spec, every_n_epochs=every_n_epochs, at_fit_end=False, log=False)
     guard = SampleFilterCallback(ShapesDetectorFilter(concept) if detector else None,
                                  drop_concepts=spec if drop else None) if drop or detector else None  # fmt: skip
     probe = ShapesProbe(concept, samples=args.samples, seed=args.seed, steps=args.sample_steps, splits=SPLITS)

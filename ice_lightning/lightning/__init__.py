@@ -21,6 +21,7 @@ _NAMES = {
     "SampleFilterCallback": ".filter_callback",
     "ExportOptions": ".callback_state",
     "LayerTargets": ".callback_state",
+    "LogOptions": ".callback_state",
     "drop_rows": ".filters",
     "ICEModule": ".module",
     "CLIPConceptPresence": ".sample_metrics",
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time each l
         ExportOptions,
         ICEState,
         LayerTargets,
+        LogOptions,
     )
     from .data import (
         CaptionFolderDataModule,
@@ -77,6 +79,7 @@ __all__ = [
     "SampleFilterCallback",
     "ExportOptions",
     "LayerTargets",
+    "LogOptions",
     "drop_rows",
     "ICEModule",
     "ConceptPresence",

@@ -30,11 +30,13 @@ from ..core.concepts import ConceptSpec, Family
 from ..core.export import check_export_destination, save_erased
 from ..core.parts import DENOISER_COMPONENTS, edit_history
 from ..core.plan import ErasurePlan, Method
+from ..core.preview import PREVIEW_NAME, Preview
 from ..core.probe import TextSpaceProbe
 from ..core.sharding import gather_pipeline, is_sharded, local_shard, reshard
 from ..core.solver import DissociationOperator, check_hparams
-from .callback_state import ExportOptions, ICEState, LayerTargets
+from .callback_state import ExportOptions, ICEState, LayerTargets, LogOptions
 from .filter_callback import filtering_summary
+from .image_logging import log_image
 from .strategies import check_ranks_agree, check_strategy, reset_optimizer_state
 
 __all__ = ["ICECallback", "find_pipeline"]
@@ -81,13 +83,14 @@ class ICECallback(Callback):
         at_fit_end: apply once more at the end of fitting (after weight averaging has copied its average into
             the model: ``on_fit_end`` runs after every callback's ``on_train_end``) and export.
         export: where to save the erased pipeline at the end: a folder, or :class:`ExportOptions` (replace a
-            foreign folder; LoRA adapters merged or beside). The manifest records every ``ICECallback`` of the
-            trainer under ``ice_callbacks`` and what every
+            foreign folder; LoRA adapters merged or beside; the format: diffusers folder, LoRA, single file). The
+            manifest records every ``ICECallback`` of the trainer under ``ice_callbacks`` and what every
             :class:`~ice_lightning.lightning.filter_callback.SampleFilterCallback` dropped under ``sample_filtering``.
             With several callbacks, give it to the last one in the trainer's list: its ``on_fit_end`` runs after
             the others' final applications.
         targets: :class:`LayerTargets` (explicit layer names; the check pass).
-        log_metrics: log the text-space metrics after every application.
+        log: what to log after every application: ``True`` (the text-space metrics), ``False`` (nothing), or
+            :class:`LogOptions` (metrics, and a before/after ``preview`` grid of held-out prompts to every logger).
 
     Training data that shows the concept brings it back whatever the schedule: add a
     :class:`~ice_lightning.lightning.filter_callback.SampleFilterCallback` (``drop_concepts=ice.spec``, detectors).
@@ -118,7 +121,7 @@ class ICECallback(Callback):
         at_fit_end: bool = True,
         export: str | ExportOptions | None = None,
         targets: LayerTargets | None = None,
-        log_metrics: bool = True,
+        log: bool | LogOptions = True,
     ) -> None:
         super().__init__()
         if spec is not None and erase is not None:
@@ -138,7 +141,10 @@ class ICECallback(Callback):
         #: where and how the erased model is shipped at the end (``None``: not exported)
         self.export_options = ExportOptions(export) if isinstance(export, (str, os.PathLike)) else export
         self.targets = targets or LayerTargets()
-        self.log_metrics = log_metrics
+        #: what is logged after every application
+        self.log_options = LogOptions(metrics=log) if isinstance(log, bool) else log
+        self._preview: Preview | None = None
+        self._preview_png: bytes | None = None
         self.state = ICEState(spec_fingerprint=self.spec_fingerprint())
         self._plan: ErasurePlan | None = None
         self._probe: TextSpaceProbe | None = None
@@ -173,7 +179,7 @@ class ICECallback(Callback):
 
     @property
     def probe(self) -> TextSpaceProbe | None:
-        """The text-space metrics against the model before the first edit (``None`` without ``log_metrics``)."""
+        """The text-space metrics against the model before the first edit (``None`` without ``LogOptions.metrics``)."""
         return self._probe
 
     # -- the protocol and the schedule -----------------------------------------------------------------
@@ -203,7 +209,7 @@ class ICECallback(Callback):
                     f"export needs a diffusers pipeline (with save_pretrained); get_pipeline() found a "
                     f"{type(pipe).__name__}: expose the pipeline as `self.pipeline` or override get_pipeline()"
                 )
-            check_export_destination(pipe, self.export_dir, self.export_options.overwrite)
+            check_export_destination(pipe, self.export_dir, self.export_options.overwrite, self.export_options.format)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # ModelParallelStrategy restores a checkpoint (this callback's state included) after this hook, and
@@ -276,8 +282,10 @@ class ICECallback(Callback):
                 results = [r.record.renamed({}, "gathered shards") for r in edit_history(pipe) if not r.undone]
             pipe = whole
         if trainer.is_global_zero:
+            files = {} if self._preview_png is None else {PREVIEW_NAME: self._preview_png}
             save_erased(pipe, self.export_dir, results=results, extra=extra, overwrite=self.export_options.overwrite,
-                        adapters=self.export_options.adapters)  # fmt: skip
+                        adapters=self.export_options.adapters, format=self.export_options.format,
+                        extra_files=files)  # fmt: skip
             rank_zero_info(f"ICECallback: exported the erased model to {self.export_dir}")
         trainer.strategy.barrier("ice_export")
 
@@ -293,6 +301,10 @@ class ICECallback(Callback):
                                      hparams=self.hparams, layers=self.targets.layers,
                                      verify=self.targets.verify)  # fmt: skip
         if self.state.operators is None:
+            if self.log_options.preview:  # every rank samples (a sharded forward is collective); rank 0 logs
+                self._preview = Preview(self.get_pipeline(pl_module), self.log_options.preview,
+                                        self.log_options.seed, self.log_options.steps)  # fmt: skip
+                self._preview.before(self.spec)
             if self._plan.needs_gram:  # a collective under FSDP2: every rank takes part before rank 0 solves
                 self._plan.grams()
             operators = self._plan.solve() if trainer.is_global_zero else None
@@ -302,7 +314,7 @@ class ICECallback(Callback):
             self.state.operators = trainer.strategy.broadcast(operators, src=0) if trainer.world_size > 1 else operators
             self.state.layer_spaces = self._plan.layer_spaces
             result = self._plan.apply(self.state.operators)
-            if self.log_metrics:
+            if self.log_options.metrics:
                 self._probe = TextSpaceProbe.from_result(result)
         else:
             bases = {n: _AFTER_LAST_APPLICATION[m] for n, m in self._plan.modules().items()}
@@ -328,6 +340,11 @@ class ICECallback(Callback):
                 for logger in trainer.loggers:
                     logger.log_metrics({**row, "epoch": trainer.current_epoch}, step=trainer.global_step)
             rank_zero_info(f"ICECallback ({reason}): " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        if self._preview is not None:
+            self._preview_png = self._preview.after()
+            if trainer.is_global_zero:
+                record["preview_logged_to"] = log_image(trainer.loggers, "ice/preview", self._preview.last_grid,
+                                                        trainer.global_step)  # fmt: skip
         self.state.applications.append(record)
 
     def application_metrics(self, result) -> dict[str, float]:
@@ -363,7 +380,7 @@ class ICECallback(Callback):
         self._plan = ErasurePlan(pipe, self.spec, method=self.method, hparams=self.hparams,
                                  layers=dict(self.state.layer_spaces), verify=False)  # fmt: skip
         self._plan.restore(self.state.operators)  # the export's manifest lists it as after a fresh run
-        if self.log_metrics and self.state.probe is not None:
+        if self.log_options.metrics and self.state.probe is not None:
             self._probe = TextSpaceProbe(self._plan.targets, self._plan.spaces, self.spec)
             self._probe.load_state_dict(self.state.probe)
 

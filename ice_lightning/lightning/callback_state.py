@@ -5,9 +5,9 @@ checkpointed state (:class:`ICEState`) and the option groups of its constructor 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
-from ..core.export import Adapters
+from ..core.export import Adapters, ExportFormat
 from ..core.solver import DissociationOperator
 
 __all__ = ["ICEState", "ExportOptions", "LayerTargets"]
@@ -70,10 +70,38 @@ class ExportOptions:
     dir: str
     overwrite: bool = False
     adapters: Adapters = "merge"
+    format: ExportFormat = "merged"
 
     def __post_init__(self) -> None:
         if self.adapters not in ("merge", "separate"):
             raise ValueError(f"export adapters must be 'merge' or 'separate', got {self.adapters!r}")
+        if self.format not in get_args(ExportFormat):
+            raise ValueError(f"export format must be one of {', '.join(get_args(ExportFormat))}, got {self.format!r}")
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """What :class:`ICECallback` logs at each application (``ICECallback(log=False)`` logs nothing).
+
+    Attributes:
+        metrics: the text-space metrics (erasure, leakage, collateral, drift) to every logger.
+        preview: sample this many held-out prompts of the erased concepts (and half as many preserved ones) with
+            fixed seeds before the first application and after each one, and log the before/after grid to every
+            logger of the trainer (TensorBoard, W&B, MLflow, CSV, ...) as ``ice/preview``; the export ships the last
+            one as ``before_after.png``, shown in its model card. 0 (the default): none. Not after a resume (the
+            checkpoint holds no model from before the erasure).
+        seed: the seed of the preview's samples.
+        steps: the preview's sampling steps.
+    """
+
+    metrics: bool = True
+    preview: int = 0
+    seed: int = 0
+    steps: int = 10
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.preview, int) and not isinstance(self.preview, bool) and self.preview >= 0):
+            raise ValueError(f"preview must be a whole number of prompts >= 0 (0: none), got {self.preview!r}")
 
 
 @dataclass(frozen=True)

@@ -408,7 +408,7 @@ def test_fine_tune_never_sees_the_concepts_samples(tmp_path):
     batch left empty skips its step, and the count lands in the state dict and the manifest's summary."""
     seed_everything(0)
     module = ICEModule("tiny:sd-minilm", cfg_dropout=0.0)
-    ice = ICECallback(**STYLE, every_n_epochs=1, log_metrics=False, export=str(tmp_path / "export"))
+    ice = ICECallback(**STYLE, every_n_epochs=1, log=False, export=str(tmp_path / "export"))
     guard = SampleFilterCallback(drop_concepts=ice.spec)
     given, recorder = CaptionRecorder(), CaptionRecorder()
     data = CaptionFolderDataModule(str(DATA / "tiny_images"), resolution=16, batch_size=2, shuffle=False)

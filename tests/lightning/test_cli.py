@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from ice_lightning.cli import format_table, main
 from ice_lightning.core.export import MANIFEST_NAME, verify_export
@@ -129,16 +130,24 @@ def test_table_format():
 
 def test_cli_preview_ships_a_before_after_grid_shown_in_the_model_card(saved_pipeline, tmp_path):
     """``--preview 2``: the same held-out prompts (2 erased, 1 preserved) and seeds before and after the edit, one
-    grid (rows: prompts; left: before, right: after) in the export, hashed by its manifest and shown in its card."""
+    grid (rows: prompts; left: before, right: after) in the export, hashed by its manifest and shown in its card. Its
+    "before" samples are a fresh sampling of the original with the same seeds, its "after" ones the export's."""
+    from diffusers import DiffusionPipeline
     from PIL import Image
+
+    from ice_lightning.core.concepts import ConceptSpec
+    from ice_lightning.core.preview import generate, preview_prompts, preview_rows_grid
 
     out = tmp_path / "out"
     assert main(["erase", "--pipeline", saved_pipeline("sd"), "--erase", "Van Gogh", "--family", "style",
                  "--preview", "2", "--out", str(out)]) == 0  # fmt: skip
     grid = np.asarray(Image.open(out / "before_after.png"))
-    side = grid.shape[1] // 2
-    assert grid.shape[0] == 3 * side  # three prompts of side x side, stacked
-    assert not np.array_equal(grid[:, :side], grid[:, side:])  # the erasure changed what the model draws
+    prompts = preview_prompts(ConceptSpec(erase=["Van Gogh"], family="style"), 2)
+    assert len(prompts) == 3
+    before = generate(DiffusionPipeline.from_pretrained(saved_pipeline("sd")), prompts, seed=0)
+    after = generate(DiffusionPipeline.from_pretrained(out), prompts, seed=0)
+    assert not torch.equal(before, after)  # the erasure changed what the model draws
+    assert np.abs(grid.astype(int) - preview_rows_grid(prompts, before, after).astype(int)).max() <= 1
     assert "before_after.png" in json.loads((out / MANIFEST_NAME).read_text())["files"]
     assert "![before/after](before_after.png)" in (out / "README.md").read_text()
     assert all(verify_export(out).values())

@@ -184,7 +184,7 @@ def test_every_family_trains_a_lora_with_the_callback(kind):
     module = ICEModule(pipeline=f"tiny:{kind}", learning_rate=1e-2, cfg_dropout=0.0, lora_rank=2,
                        lora_target_modules=["to_q", "to_k", "to_v", *extra])  # fmt: skip
     before = {f"{c}.{n}": p.detach().clone() for c, m in module.denoisers.items() for n, p in m.named_parameters()}
-    ice = ICECallback(erase=["Van Gogh"], family="style", log_metrics=False)
+    ice = ICECallback(erase=["Van Gogh"], family="style", log=False)
     trainer = Trainer(max_steps=1, callbacks=[ice], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
     trainer.fit(module, DataLoader(_Repeat(kind, 2), batch_size=2))

@@ -150,7 +150,7 @@ def test_the_export_records_each_metrics_and_filters_settings(tmp_path, tiny_cli
     concepts = {"erase": ["Van Gogh"], "family": "style"}
     module = ICEModule("tiny:sd", validation_concepts=concepts, sample_metrics=[
         CLIPConceptPresence(model=str(tiny_clip), threshold=0.7), NudeNetPresence(detector=Fake(), threshold=0.4)])
-    ice = ICECallback(**concepts, export=str(tmp_path / "export"), log_metrics=False)
+    ice = ICECallback(**concepts, export=str(tmp_path / "export"), log=False)
     guard = SampleFilterCallback(NudeNetFilter(detector=Fake(), threshold=0.3), drop_concepts=ice.spec)
     data = CaptionFolderDataModule(str(DATA / "tiny_images"), resolution=16, batch_size=2)
     trainer = Trainer(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0,

@@ -24,15 +24,14 @@ Example:
 from __future__ import annotations
 
 import random
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from ...core.concepts import ConceptSpec
+from ...core.preview import png_bytes, render_grid
 from .metrics import AttributeAccuracy, ConceptPresenceRate, FailureRate
 from .world import (
     ATTRIBUTES,
@@ -64,7 +63,6 @@ __all__ = [
     "guide_concept",
     "concept_spec",
     "retention",
-    "save_grid",
     "ShapesProbe",
     "ShapesEraseReport",
 ]
@@ -217,7 +215,8 @@ def format_report(concept: str, before: dict[str, dict], after: dict[str, dict])
 
 def grid_rows(prompts: list[ShapesPrompt], before: Tensor, after: Tensor, concept: str, n_prompts: int = 3,
               n_samples: int = 4) -> list[tuple[str, Tensor, Tensor]]:  # fmt: skip
-    """Rows for :func:`save_grid`: ``n_prompts`` prompts that ask for ``concept`` and as many that do not."""
+    """Rows for :func:`~ice_lightning.core.preview.render_grid`: ``n_prompts`` prompts that ask for ``concept`` and
+    as many that do not."""
     per = len(before) // len(prompts)
     asks = [i for i, p in enumerate(prompts) if p.asks_for(concept)][:n_prompts]
     rest = [i for i, p in enumerate(prompts) if not p.asks_for(concept)][::4][:n_prompts]
@@ -278,41 +277,6 @@ def concept_spec(concept: str, video: bool = False, preserve_all: bool = True,
         guide = SYNONYMS[guide][0][0]
     return ConceptSpec(erase=[names[0]], synonyms={names[0]: list(names[1:])}, preserve=preserve,
                        templates=contexts, anchor=guide)  # fmt: skip
-
-
-def save_grid(rows: list[tuple[str, Tensor, Tensor]], path: str | Path, scale: int = 4) -> Path:
-    """A PNG with one row per prompt: ``before`` samples, a gap, ``after`` samples (images, or a clip's
-    frames side by side), each ``scale`` times enlarged. ``rows``: ``(label, before, after)``."""
-    from PIL import Image, ImageDraw
-
-    def strip(x: Tensor) -> Tensor:  # (N, 3, H, W) or (N, F, 3, H, W) -> (3, H, W_total)
-        if x.dim() == 5:
-            x = x.flatten(0, 1)
-        return torch.cat(list(x), dim=-1)
-
-    gap = 8
-    strips = [(lbl, strip(b), strip(a)) for lbl, b, a in rows]
-    h = strips[0][1].shape[1] * scale
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = 8 + max(int(measure.textlength(lbl)) for lbl, _, _ in strips)  # every label whole
-    w = label_w + (strips[0][1].shape[2] + strips[0][2].shape[2]) * scale + gap
-    canvas = Image.new("RGB", (w, 16 + len(strips) * (h + 2)), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((label_w, 2), "before", fill="black")
-    draw.text((label_w + strips[0][1].shape[2] * scale + gap, 2), "after", fill="black")
-    for r, (lbl, b, a) in enumerate(strips):
-        y = 16 + r * (h + 2)
-        draw.text((2, y + h // 2 - 6), lbl, fill="black")
-        x = label_w
-        for part in (b, a):
-            arr = (part.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-            img = Image.fromarray(arr).resize((part.shape[2] * scale, h), Image.NEAREST)
-            canvas.paste(img, (x, y))
-            x += part.shape[2] * scale + gap
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
 
 
 class ShapesProbe(Callback):
@@ -425,8 +389,7 @@ class ShapesEraseReport:
         concept = result.spec.erase[0]
         scores = [{k: score(x, prompts, concept) for k, (prompts, x) in d.items()} for d in (self._before, after)]
         prompts, x0 = self._before["seen"]
-        with tempfile.TemporaryDirectory() as tmp:
-            png = save_grid(grid_rows(prompts, x0, after["seen"][1], concept), Path(tmp) / "grid.png").read_bytes()
+        png = png_bytes(render_grid(grid_rows(prompts, x0, after["seen"][1], concept), scale=4))
         text = (f"detection on {self.samples} samples per prompt (seed {self.seed}); guide concept (anchor): "
                 f"{result.spec.anchor!r}\n{format_report(concept, *scores)}")  # fmt: skip
         return text, {"before_after.png": png}
