@@ -229,6 +229,9 @@ class ICECallback(Callback):
         ``on_fit_start``, or at ``on_train_start`` under a strategy that restores checkpoints after setup
         (``ModelParallelStrategy``; its sanity-check validation then sees the model before the first edit)."""
         pipe = self.get_pipeline(pl_module)  # raises the protocol error if the module exposes none
+        if self.log_options.preview and not self.state.resumed:  # the model before any application
+            self._preview = Preview(pipe, self.log_options.preview, self.log_options.seed, self.log_options.steps)
+            self._preview.before(self.spec)  # every rank samples (a sharded forward is collective); rank 0 logs
         if self.state.resumed:  # the checkpoint's weights hold the erasure: bind to them, apply nothing again
             self._bind(pipe)
             self._remember_weights()
@@ -301,10 +304,6 @@ class ICECallback(Callback):
                                      hparams=self.hparams, layers=self.targets.layers,
                                      verify=self.targets.verify)  # fmt: skip
         if self.state.operators is None:
-            if self.log_options.preview:  # every rank samples (a sharded forward is collective); rank 0 logs
-                self._preview = Preview(self.get_pipeline(pl_module), self.log_options.preview,
-                                        self.log_options.seed, self.log_options.steps)  # fmt: skip
-                self._preview.before(self.spec)
             if self._plan.needs_gram:  # a collective under FSDP2: every rank takes part before rank 0 solves
                 self._plan.grams()
             operators = self._plan.solve() if trainer.is_global_zero else None
@@ -341,11 +340,15 @@ class ICECallback(Callback):
                     logger.log_metrics({**row, "epoch": trainer.current_epoch}, step=trainer.global_step)
             rank_zero_info(f"ICECallback ({reason}): " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         if self._preview is not None:
-            self._preview_png = self._preview.after()
-            if trainer.is_global_zero:
-                record["preview_logged_to"] = log_image(trainer.loggers, "ice/preview", self._preview.last_grid,
-                                                        trainer.global_step)  # fmt: skip
+            record["preview_logged_to"] = self._log_preview(trainer)
         self.state.applications.append(record)
+
+    def _log_preview(self, trainer: Trainer) -> list[str]:
+        """Sample the preview after this application, keep its PNG for the export, log it from rank 0."""
+        self._preview_png = self._preview.after()
+        if not trainer.is_global_zero:
+            return []
+        return log_image(trainer.loggers, "ice/preview", self._preview.last_grid, trainer.global_step)
 
     def application_metrics(self, result) -> dict[str, float]:
         """The metrics of one application, each against the reference it is about:

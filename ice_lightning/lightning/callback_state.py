@@ -86,10 +86,10 @@ class LogOptions:
     Attributes:
         metrics: the text-space metrics (erasure, leakage, collateral, drift) to every logger.
         preview: sample this many held-out prompts of the erased concepts (and half as many preserved ones) with
-            fixed seeds before the first application and after each one, and log the before/after grid to every
-            logger of the trainer (TensorBoard, W&B, MLflow, CSV, ...) as ``ice/preview``; the export ships the last
-            one as ``before_after.png``, shown in its model card. 0 (the default): none. Not after a resume (the
-            checkpoint holds no model from before the erasure).
+            fixed seeds when fitting starts (before the first application) and after each application, and log the
+            before/after grid to every logger of the trainer (TensorBoard, W&B, MLflow, CSV, ...) as
+            ``ice/preview``; the export ships the last one as ``before_after.png``, shown in its model card. 0 (the
+            default): none. Not after a resume (the checkpoint holds no model from before the erasure).
         seed: the seed of the preview's samples.
         steps: the preview's sampling steps.
     """
