@@ -147,3 +147,20 @@ def test_cli_patches_the_single_file_it_loaded(tmp_path, capsys):
     assert all(ice_lightning.verify_export(tmp_path / "x").values())
     with pytest.raises(ValueError, match="pass the diffusers folder with its configs"):
         cli(["erase", "--pipeline", str(user), "--erase", "Van Gogh", "--out", str(tmp_path / "y"), "--quiet"])
+
+
+def test_sd2_keeps_its_text_encoder_in_openclip_layout_and_round_trips():
+    """A 1024-wide text encoder (SD 2.x's OpenCLIP ViT-H) is written in OpenCLIP's layout under
+    ``cond_stage_model.model.`` (q, k, v joined), which diffusers' conversion reads back bit for bit."""
+    from ice_lightning.demos.tiny_parts import tiny_clip, tiny_unet, word_tokenizer
+
+    pipe = build_tiny_pipeline("sd")
+    pipe.text_encoder, pipe.unet = tiny_clip(word_tokenizer(), hidden=1024), tiny_unet(1024)
+    sd = single_file_state_dict(pipe)  # checked by diffusers' own conversion before it returns
+    text = [k for k in sd if k.startswith("cond_stage_model.")]
+    assert text and all(k.startswith("cond_stage_model.model.") for k in text)
+    joined = sd["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"]
+    assert joined.shape == (3 * 1024, 1024)
+    q = pipe.text_encoder.state_dict()
+    q = next(v for k, v in q.items() if k.endswith("layers.0.self_attn.q_proj.weight"))
+    assert torch.equal(joined[:1024], q)

@@ -45,6 +45,11 @@ class SingleFileError(ValueError):
     """The pipeline (or the given file) has no single-file layout this package can write and check."""
 
 
+# SD 2.x's text encoder (OpenCLIP ViT-H, 1024 wide) keeps OpenCLIP's layout in the original file; SD 1.x's (CLIP
+# ViT-L, 768) the transformers one.
+_SD2_TEXT_WIDTH = 1024
+
+
 def _check_pipeline(pipeline) -> dict[str, tuple[str, str]]:
     kind = type(pipeline).__name__
     if kind not in _TEXT_ENCODERS:
@@ -54,6 +59,8 @@ def _check_pipeline(pipeline) -> dict[str, tuple[str, str]]:
             "(format='lora')"
         )
     encoders = dict(_TEXT_ENCODERS[kind])
+    if kind == "StableDiffusionPipeline" and pipeline.text_encoder.config.hidden_size == _SD2_TEXT_WIDTH:
+        encoders["text_encoder"] = ("cond_stage_model.model.", "open_clip")
     if kind == "StableDiffusionPipeline" and not hasattr(pipeline.text_encoder, "text_model") and \
             type(pipeline.text_encoder).__name__ != "CLIPTextModel":  # fmt: skip
         raise SingleFileError(f"format='single-file': the text encoder {type(pipeline.text_encoder).__name__} is "
