@@ -22,6 +22,7 @@ _NAMES = {
     "ExportOptions": ".callback_state",
     "LayerTargets": ".callback_state",
     "LogOptions": ".callback_state",
+    "DiffusersEMA": ".ema",
     "drop_rows": ".filters",
     "ICEModule": ".module",
     "CLIPConceptPresence": ".sample_metrics",
@@ -44,6 +45,9 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time each l
     )
     from .data import (
         CaptionFolderDataModule,
+    )
+    from .ema import (
+        DiffusersEMA,
     )
     from .filter_callback import (
         SampleFilterCallback,
@@ -80,6 +84,7 @@ __all__ = [
     "ExportOptions",
     "LayerTargets",
     "LogOptions",
+    "DiffusersEMA",
     "drop_rows",
     "ICEModule",
     "ConceptPresence",
