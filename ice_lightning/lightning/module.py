@@ -22,7 +22,6 @@ generated samples per erased concept.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from typing import Any, Literal
 
 import torch
@@ -46,6 +45,7 @@ from ..core.parts import denoisers, pipeline_spaces
 from ..core.pipelines import load_pipeline
 from ..core.plan import text_conditioning_layers
 from ..core.probe import TextSpaceProbe
+from ..core.training_cache import CachedVAE, TextConditioningCache, text_cache_key
 from .sampling import SamplingMixin
 from .strategies import shard_denoisers
 
@@ -110,8 +110,11 @@ class ICEModule(SamplingMixin, LightningModule):
         lora_target_modules: the denoiser modules that get adapters (default: the attention projections
             :data:`DEFAULT_LORA_TARGETS`).
         lora_init: PEFT's ``init_lora_weights``.
-        text_cache_size: caption sets whose text conditioning is kept (the text encoders are frozen, so a
-            repeated batch of captions is encoded once); 0 disables.
+        text_cache_size: caption sets whose text conditioning is kept in memory (the text encoders are frozen, so
+            a repeated batch of captions is encoded once); 0 disables.
+        disk_cache: keep each sample's latent distribution and each caption's text conditioning on disk, keyed by
+            the VAE's and text encoders' weights (:mod:`ice_lightning.core.training_cache`): later epochs and runs
+            call neither; latents are still sampled at every step, as without it.
         sample_metrics: image-level metrics of generated samples
             (:class:`~ice_lightning.lightning.sample_metrics.ConceptPresence`: CLIP zero-shot, NudeNet, the shapes
             detector, or your own), logged at every validation as ``val/<metric name>/<concept>`` for every erased
@@ -158,6 +161,7 @@ class ICEModule(SamplingMixin, LightningModule):
         lora_target_modules: list[str] | None = None,
         lora_init: bool | str = True,
         text_cache_size: int = 256,
+        disk_cache: bool = False,
         sample_metrics: list[Metric] | None = None,
         metric_samples: int = 2,
     ) -> None:
@@ -202,7 +206,9 @@ class ICEModule(SamplingMixin, LightningModule):
             for model in self.denoisers.values():
                 model.enable_gradient_checkpointing()
         self.video = self.architecture.video
-        self._text_cache: OrderedDict[tuple, dict] = OrderedDict()
+        disk_key = text_cache_key(pipe, self.architecture.name) if disk_cache else None
+        self.text_conditioning = TextConditioningCache(self._encode_text, text_cache_size, disk_key)
+        self._vae_cache = CachedVAE(self.vae) if disk_cache and self.vae is not None else None
         self.objective = self._objective(pipe.scheduler)
         self.spec = ConceptSpec(**validation_concepts) if validation_concepts else None
         # Reference outputs of the text-conditioning layers as loaded, before any erasure or training.
@@ -306,17 +312,10 @@ class ICEModule(SamplingMixin, LightningModule):
     def encode_text(self, captions: list[str]) -> dict[str, Any]:
         """The denoiser's keyword arguments for ``captions`` from the pipeline's own ``encode_prompt`` (the
         architecture's ``conditioning``); cached per caption set (the text encoders are frozen)."""
-        key = tuple(captions)
-        cond = self._text_cache.get(key)
-        if cond is None:
-            cond = self.architecture.conditioning(self.pipeline, list(captions), self.device, self.denoiser)
-            if self.hparams.text_cache_size > 0:
-                self._text_cache[key] = cond
-                while len(self._text_cache) > self.hparams.text_cache_size:
-                    self._text_cache.popitem(last=False)
-        else:
-            self._text_cache.move_to_end(key)
-        return cond
+        return self.text_conditioning(list(captions), self.device)
+
+    def _encode_text(self, captions: list[str]) -> dict[str, Any]:
+        return self.architecture.conditioning(self.pipeline, captions, self.device, self.denoiser)
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -324,7 +323,7 @@ class ICEModule(SamplingMixin, LightningModule):
         or video VAE; a pixel-space model denoises the pixels themselves (clips as ``(B, C, F, H, W)``)."""
         if self.vae is None:
             return pixels.permute(0, 2, 1, 3, 4) if self.video else pixels
-        return self.architecture.latents(self.vae, pixels, generator)
+        return self.architecture.latents(self._vae_cache or self.vae, pixels, generator)
 
     def timestep_weights(self, n: int) -> torch.Tensor:
         """Sampling weights of the ``n`` training timesteps under ``timestep_bias`` (diffusers' scheme)."""
