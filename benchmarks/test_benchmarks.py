@@ -125,3 +125,13 @@ def test_hardening_tiny(tmp_path):
     assert all(r["rank"] > 0 and 0 < r["erasure"] for r in data["rows"])
     (summary,) = data["summary"]
     assert summary["concepts"] == 3 and summary["default_near"] is not None
+
+
+@pytest.mark.slow
+def test_finetune_speed_tiny(tmp_path):
+    """Both loops run, each in its own process; the callback's applications are timed and what it holds counted."""
+    run_script("benchmarks/finetune_speed.py", "--tiny", "--cases", "small", "--steps", "1", "--out", str(tmp_path))
+    (row,) = _load(tmp_path, "finetune_speed_tiny")["rows"]
+    assert row["diffusers"]["step_s"] > 0 and row["ice"]["step_s"] > 0 and row["ice"]["peak_mib"] > 100
+    assert [a["reason"] for a in row["ice"]["applications"]][:2] == ["setup", "epoch_end"]
+    assert 0 < row["ice"]["callback_held_mib"] < 10
