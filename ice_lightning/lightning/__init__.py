@@ -14,6 +14,8 @@ _NAMES = {
     "ICEState": ".callback_state",
     "find_pipeline": ".callback",
     "CaptionFolderDataModule": ".data",
+    "HFDatasetDataModule": ".data_formats",
+    "WebDatasetDataModule": ".data_formats",
     "CaptionFilter": ".filters",
     "ImageDetectorFilter": ".filters",
     "NudeNetFilter": ".filters",
@@ -46,6 +48,10 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time each l
     from .data import (
         CaptionFolderDataModule,
     )
+    from .data_formats import (
+        HFDatasetDataModule,
+        WebDatasetDataModule,
+    )
     from .ema import (
         DiffusersEMA,
     )
@@ -76,6 +82,8 @@ __all__ = [
     "ICEState",
     "find_pipeline",
     "CaptionFolderDataModule",
+    "HFDatasetDataModule",
+    "WebDatasetDataModule",
     "CaptionFilter",
     "ImageDetectorFilter",
     "NudeNetFilter",

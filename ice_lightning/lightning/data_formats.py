@@ -1,0 +1,194 @@
+"""Captioned images kept as teams keep them at scale, as ``LightningDataModule``s with the transforms of the
+caption folders (``resolution``, ``center_crop``, ``random_flip``, as diffusers' ``train_text_to_image.py``):
+
+- :class:`HFDatasetDataModule`: a Hugging Face ``datasets`` dataset: a local ``imagefolder`` (images with a
+  ``metadata.jsonl`` of captions), parquet files, or any ``datasets.Dataset``; map-style, so Lightning shards it over
+  ranks with a ``DistributedSampler``.
+- :class:`WebDatasetDataModule`: WebDataset tar shards (``000.tar``: ``key.jpg`` + ``key.txt``), streamed; the
+  shards are split over ranks, then over ``DataLoader`` workers, so each sample is read once per epoch.
+
+Each item is ``{"pixel_values": (3, H, W) in [-1, 1], "captions": str}``, as :class:`CaptionFolderDataModule`'s.
+
+Example:
+    >>> from ice_lightning.lightning.data_formats import HFDatasetDataModule
+    >>> HFDatasetDataModule("data/my_imagefolder", resolution=512).hparams.caption_column
+    'text'
+"""
+
+from __future__ import annotations
+
+import glob
+import random
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .data import Augment, _to_tensor, collate
+
+__all__ = ["HFDatasetDataModule", "WebDatasetDataModule"]
+
+_IMAGE_KEYS = "jpg;jpeg;png;webp"
+
+
+def _item(image: Image.Image, caption: Any, resolution: int, augment: Augment, train: bool) -> dict:
+    """One training item; a list of captions gives a random one in training and the first otherwise (the script's
+    ``tokenize_captions``)."""
+    if isinstance(caption, (list, tuple)):
+        caption = random.choice(caption) if train else caption[0]
+    if not isinstance(caption, str):
+        raise ValueError(f"a caption must be a string or a list of strings, got {type(caption).__name__}")
+    window = augment.draw(image.size, resolution)
+    return {"pixel_values": _to_tensor(image, resolution, window), "captions": caption}
+
+
+class _Rows(Dataset):
+    def __init__(self, data, image_column: str, caption_column: str, resolution: int, augment: Augment,
+                 train: bool) -> None:  # fmt: skip
+        self.data, self.image_column, self.caption_column = data, image_column, caption_column
+        self.resolution, self.augment, self.train = resolution, augment, train
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.data[i]
+        return _item(row[self.image_column], row[self.caption_column], self.resolution, self.augment, self.train)
+
+
+class HFDatasetDataModule(LightningDataModule):
+    """Captioned images from a Hugging Face ``datasets`` dataset.
+
+    Args:
+        dataset: a local folder of images with a ``metadata.jsonl`` (``{"file_name": ..., "text": ...}`` per line:
+            the ``imagefolder`` layout), a parquet file or a folder of them, or a ``datasets.Dataset`` (Python only).
+        image_column: the column of images (``datasets.Image``), as the script's ``--image_column``.
+        caption_column: the column of captions (a string or a list of strings), as ``--caption_column``.
+        split: the split to train on.
+        val_split: a split to validate on (``None``: no validation data).
+        resolution, center_crop, random_flip: as :class:`~ice_lightning.lightning.data.CaptionFolderDataModule`
+            (validation images are only resized and centre-cropped).
+        batch_size, num_workers, shuffle, seed: the ``DataLoader``'s.
+    """
+
+    def __init__(self, dataset: Any, image_column: str = "image", caption_column: str = "text", split: str = "train",
+                 val_split: str | None = None, resolution: int = 512, center_crop: bool = True,
+                 random_flip: bool = False, batch_size: int = 4, num_workers: int = 0, shuffle: bool = True,
+                 seed: int = 0) -> None:  # fmt: skip
+        super().__init__()
+        self.save_hyperparameters(ignore=["dataset"])
+        self.dataset = dataset
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _load(self, split: str):
+        import datasets
+
+        if isinstance(self.dataset, (datasets.Dataset, datasets.DatasetDict)):
+            data = self.dataset[split] if isinstance(self.dataset, datasets.DatasetDict) else self.dataset
+        else:
+            path = Path(self.dataset)
+            if not path.exists():
+                raise FileNotFoundError(f"dataset {self.dataset!r} does not exist: pass a local imagefolder (images "
+                                        "with a metadata.jsonl), parquet files, or a datasets.Dataset")  # fmt: skip
+            files = sorted(glob.glob(str(path / "**" / "*.parquet"), recursive=True)) if path.is_dir() else [str(path)]
+            if path.suffix == ".parquet" or (path.is_dir() and files):
+                data = datasets.load_dataset("parquet", data_files={split: files}, split=split)
+            else:
+                data = datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+        missing = [c for c in (self.hparams.image_column, self.hparams.caption_column) if c not in data.column_names]
+        if missing:
+            raise ValueError(f"the dataset has no column {missing[0]!r} (it has {data.column_names}): set "
+                             "image_column / caption_column")  # fmt: skip
+        return data
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        h = self.hparams
+        self.train_set = _Rows(self._load(h.split), h.image_column, h.caption_column, h.resolution,
+                               Augment(h.center_crop, h.random_flip), train=True)  # fmt: skip
+        if h.val_split is not None:
+            self.val_set = _Rows(self._load(h.val_split), h.image_column, h.caption_column, h.resolution, Augment(),
+                                 train=False)  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        import torch
+
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=self.hparams.shuffle,
+                          num_workers=self.hparams.num_workers, collate_fn=collate,
+                          generator=torch.Generator().manual_seed(self.hparams.seed))  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
+                          collate_fn=collate)  # fmt: skip
+
+
+class WebDatasetDataModule(LightningDataModule):
+    """Captioned images from WebDataset tar shards, streamed.
+
+    Args:
+        shards: the training shards: a brace pattern (``"data/{000..015}.tar"``), a glob (``"data/*.tar"``) or a list
+            of paths. Under DDP their number must be a multiple of the world size (each rank reads its own shards:
+            give every shard the same number of samples, as WebDataset's writers do with ``maxcount``).
+        val_shards: shards to validate on (``None``: no validation data).
+        image_key: the extensions that hold the image (``"jpg;png"``: the first present).
+        caption_key: the extension that holds the caption.
+        resolution, center_crop, random_flip: as :class:`~ice_lightning.lightning.data.CaptionFolderDataModule`.
+        batch_size, num_workers: the ``DataLoader``'s; the shards are split over the workers too.
+        shuffle: the order of the shards, and a buffer of ``shuffle_buffer`` samples, each epoch.
+        seed: the shuffle's seed.
+    """
+
+    def __init__(self, shards: str | list[str], val_shards: str | list[str] | None = None,
+                 image_key: str = _IMAGE_KEYS, caption_key: str = "txt", resolution: int = 512,
+                 center_crop: bool = True, random_flip: bool = False, batch_size: int = 4, num_workers: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 100, seed: int = 0) -> None:  # fmt: skip
+        super().__init__()
+        self.save_hyperparameters()
+
+    def _urls(self, shards: str | list[str]) -> list[str]:
+        import braceexpand
+
+        if isinstance(shards, str):
+            urls = [u for pattern in braceexpand.braceexpand(shards) for u in (sorted(glob.glob(pattern)) or [pattern])]
+        else:
+            urls = [str(s) for s in shards]
+        absent = [u for u in urls if not Path(u).is_file()]
+        if not urls or absent:
+            raise FileNotFoundError(f"no WebDataset shard at {absent[0] if absent else shards!r}")
+        return urls
+
+    def _pipeline(self, shards, train: bool):
+        import torch.distributed as dist
+        import webdataset as wds
+
+        urls = self._urls(shards)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if len(urls) % world:
+            raise ValueError(f"{len(urls)} WebDataset shards cannot be split evenly over {world} ranks: each rank "
+                             "reads whole shards, so give a multiple of the world size")  # fmt: skip
+        h = self.hparams
+        augment = Augment(h.center_crop, h.random_flip) if train else Augment()
+        shuffle = train and h.shuffle
+        # Shards in a new (seeded) order each epoch, then split over ranks and workers: a sample is read once.
+        data = wds.WebDataset(urls, shardshuffle=len(urls) if shuffle else False, detshuffle=True, seed=h.seed,
+                              nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, empty_check=False)
+        if shuffle:
+            data = data.shuffle(h.shuffle_buffer, rng=random.Random(h.seed))
+        return data.decode("pil").to_tuple(h.image_key, h.caption_key).map(
+            lambda s: _item(s[0], s[1], h.resolution, augment, train))  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self._pipeline(self.hparams.shards, train=True), batch_size=self.hparams.batch_size,
+                          num_workers=self.hparams.num_workers, collate_fn=collate)  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader:
+        if self.hparams.val_shards is None:
+            return []
+        return DataLoader(self._pipeline(self.hparams.val_shards, train=False), batch_size=self.hparams.batch_size,
+                          num_workers=self.hparams.num_workers, collate_fn=collate)  # fmt: skip

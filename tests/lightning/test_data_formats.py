@@ -1,0 +1,111 @@
+"""Data at scale: Hugging Face ``datasets`` (imagefolder + metadata.jsonl, parquet) and WebDataset shards, made in
+the test; each fits ``tiny_t2i``-style through the CLI from YAML, and under DDP with 2 CPU processes every sample
+is seen exactly once per epoch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from ice_lightning.cli import main
+from ice_lightning.lightning.data_formats import HFDatasetDataModule, WebDatasetDataModule
+
+datasets = pytest.importorskip("datasets")
+wds = pytest.importorskip("webdataset")
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The same 8 captioned images as an imagefolder, a parquet file and 4 WebDataset shards."""
+    root = tmp_path_factory.mktemp("data")
+    folder = root / "imagefolder"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(N):
+        Image.fromarray(rng.integers(0, 256, (20, 16, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+        rows.append({"file_name": f"{i:03d}.png", "text": f"caption {i}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = datasets.Dataset.from_dict({"image": [str(folder / r["file_name"]) for r in rows],
+                                        "text": [r["text"] for r in rows]}).cast_column("image", datasets.Image())
+    table.to_parquet(str(root / "train.parquet"))
+    (root / "shards").mkdir()
+    for s in range(4):
+        with wds.TarWriter(str(root / "shards" / f"{s:03d}.tar")) as sink:
+            for i in range(2 * s, 2 * s + 2):
+                png = (folder / f"{i:03d}.png").read_bytes()
+                sink.write({"__key__": f"{i:03d}", "png": png, "txt": f"caption {i}"})
+    return root
+
+
+def _items(module):
+    module.setup("fit")
+    return {x["captions"]: x["pixel_values"] for b in module.train_dataloader() for x in _unbatch(b)}
+
+
+def _unbatch(batch):
+    return [{"captions": c, "pixel_values": p} for c, p in zip(batch["captions"], batch["pixel_values"], strict=True)]
+
+
+def test_every_source_gives_the_same_items(data):
+    """imagefolder, parquet and shards: the same captions and the same pixels (resized and centre-cropped); a bad
+    column name is refused by name."""
+    folder = _items(HFDatasetDataModule(str(data / "imagefolder"), resolution=16, batch_size=3))
+    parquet = _items(HFDatasetDataModule(str(data / "train.parquet"), resolution=16, batch_size=3))
+    shards = _items(WebDatasetDataModule(str(data / "shards" / "*.tar"), resolution=16, batch_size=3))
+    assert set(folder) == set(parquet) == set(shards) == {f"caption {i}" for i in range(N)}
+    for caption, pixels in folder.items():
+        assert pixels.shape == (3, 16, 16)
+        assert torch.equal(pixels, parquet[caption]) and torch.equal(pixels, shards[caption])
+    with pytest.raises(ValueError, match="no column 'caption'.*set image_column / caption_column"):
+        HFDatasetDataModule(str(data / "imagefolder"), caption_column="caption").setup("fit")
+    with pytest.raises(FileNotFoundError, match="no WebDataset shard"):
+        WebDatasetDataModule(str(data / "nothing" / "{000..001}.tar")).train_dataloader()
+
+
+@pytest.mark.parametrize("source", ["datasets", "webdataset"])
+def test_each_source_fits_through_the_cli_from_yaml(source, data, tmp_path):
+    init = ({"class_path": "ice_lightning.lightning.data_formats.HFDatasetDataModule",
+             "init_args": {"dataset": str(data / "imagefolder"), "resolution": 16, "batch_size": 4}}
+            if source == "datasets" else
+            {"class_path": "ice_lightning.lightning.data_formats.WebDatasetDataModule",
+             "init_args": {"shards": str(data / "shards" / "{000..003}.tar"), "resolution": 16, "batch_size": 4}})
+    config = {"seed_everything": 0,
+              "trainer": {"accelerator": "cpu", "max_epochs": 1, "logger": False, "enable_checkpointing": False,
+                          "limit_val_batches": 0, "default_root_dir": str(tmp_path),
+                          "callbacks": [{"class_path": "ice_lightning.ICECallback",
+                                         "init_args": {"erase": ["Van Gogh"], "family": "style",
+                                                       "export": str(tmp_path / "erased")}}]},
+              "model": {"pipeline": "tiny:sd", "learning_rate": 1.0e-3},
+              "data": init}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", str(tmp_path / "config.yaml")]) == 0
+    manifest = json.loads((tmp_path / "erased" / "ice_manifest.json").read_text())
+    assert manifest["ice_callback"]["applications"][-1]["global_step"] == 2  # 8 samples in batches of 4
+
+
+@pytest.mark.slow
+def test_ddp_sees_every_sample_exactly_once_per_epoch(data, tmp_path):
+    script = Path(__file__).with_name("data_formats_ddp_run.py")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
+    run = subprocess.run([sys.executable, str(script), str(tmp_path), str(data)], capture_output=True, text=True,
+                         env=env, timeout=600, cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    everything = sorted(f"caption {i}" for i in range(N))
+    for name in ("datasets", "webdataset"):
+        ranks = [json.loads((tmp_path / f"{name}-rank{r}.json").read_text()) for r in (0, 1)]
+        assert len(ranks[0]) == len(ranks[1]) == 2, name  # two epochs on each rank
+        for epoch in range(2):
+            both = ranks[0][epoch] + ranks[1][epoch]
+            assert sorted(both) == everything, (name, epoch)  # each sample once: no rank misses or repeats one
+            assert ranks[0][epoch] and ranks[1][epoch]
