@@ -203,6 +203,10 @@ def measure(case: str, tiny: bool, steps: int) -> dict:
         _pipeline(case, tiny).save_pretrained(pipe_dir)
         out = {"case": case, "resolution": resolution, "batch": batch, "steps": steps}
         for loop in ("diffusers", "ice"):
+            if tiny:  # CI's smoke run: in this process (its peak memory is then the whole run's, not the loop's)
+                run = {"diffusers": run_diffusers, "ice": run_ice}[loop]
+                out[loop] = run(str(pipe_dir), str(data_dir), resolution, batch, steps)
+                continue
             cmd = [sys.executable, __file__, "--worker", loop, "--pipe-dir", str(pipe_dir), "--data-dir",
                    str(data_dir), "--resolution", str(resolution), "--batch", str(batch), "--steps", str(steps)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -222,7 +226,7 @@ def measure(case: str, tiny: bool, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="toy widths at 64 px (CI)")
+    p.add_argument("--tiny", action="store_true", help="toy widths at 64 px, both loops in this process (CI)")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", default=str(RESULTS))

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "are kept")  # fmt: skip
     args = ap.parse_args(argv)
     labels = list(dict.fromkeys(["ICE", *args.methods])) if args.methods else list(METHODS)
-    ring = RingABellConfig(pool=300, candidates=8, length=3, sweeps=1) if args.tiny else RingABellConfig()
+    ring = RingABellConfig(pool=120, candidates=8, length=3, sweeps=1) if args.tiny else RingABellConfig()
     budgets = (1.0,) if args.tiny else BUDGETS
     pipe = minilm_pipeline()
     t0 = time.perf_counter()
