@@ -39,12 +39,43 @@ SMALL_UNET = {"block_out_channels": [64, 128, 128], "down_block_types": ["CrossA
               "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 2, "cross_attention_dim": 256,
               "attention_head_dim": 8, "layers_per_block": 1, "sample_size": 32}  # fmt: skip
 SMALL_TEXT = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 4}
-CASES = {"small": (SMALL_UNET, SMALL_TEXT, 256, 2), "sd15": (None, None, 512, 1)}
+CASES = {"small": (SMALL_UNET, SMALL_TEXT, 256, 2), "sd15": (None, None, 512, 1), "sdxl_lora": (None, None, 512, 1)}
+#: The SDXL case is a LoRA fine-tune (rank 4, train_text_to_image_lora_sdxl.py's default, gradient checkpointing)
+#: measured for the callback's cost only: no diffusers loop beside it.
+LORA = {"lora_rank": 4, "gradient_checkpointing": True}
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=[8, 8, 8, 8], down_block_types=["DownEncoderBlock2D"] * 4,
+                         up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, norm_num_groups=4,
+                         layers_per_block=1)  # fmt: skip
+
+
+def _sdxl_pipeline(tiny: bool):
+    """SDXL's UNet (2.6B) and its two text encoders (CLIP-L, OpenCLIP bigG) at real size, random weights."""
+    import speed
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tok = speed._tokenizer()
+    enc_l = speed._clip_encoder(tok, speed.CLIP_L, tiny=tiny)
+    enc_g = speed._clip_encoder(tok, speed.CLIP_BIGG, projection=True, tiny=tiny)
+    torch.manual_seed(0)
+    cfg = speed._tiny_unet(speed.SDXL_UNET) if tiny else dict(speed.SDXL_UNET)
+    cfg["cross_attention_dim"] = enc_l.config.hidden_size + enc_g.config.hidden_size
+    cfg["projection_class_embeddings_input_dim"] = enc_g.config.projection_dim + 6 * cfg["addition_time_embed_dim"]
+    return StableDiffusionXLPipeline(vae=_vae(), text_encoder=enc_l, text_encoder_2=enc_g, tokenizer=tok,
+                                     tokenizer_2=tok, unet=UNet2DConditionModel(**cfg),
+                                     scheduler=EulerDiscreteScheduler())  # fmt: skip
 
 
 def _pipeline(case: str, tiny: bool):
     import speed
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    if case == "sdxl_lora":
+        return _sdxl_pipeline(tiny)
 
     unet_cfg, text_cfg, _, _ = CASES[case]
     tok = speed._tokenizer()
@@ -54,10 +85,7 @@ def _pipeline(case: str, tiny: bool):
     unet_cfg = {k: v for k, v in unet_cfg.items() if k not in ("transformer_layers_per_block",
                 "projection_class_embeddings_input_dim", "addition_time_embed_dim")}  # fmt: skip
     unet_cfg["cross_attention_dim"] = text_encoder.config.hidden_size
-    vae = AutoencoderKL(block_out_channels=[8, 8, 8, 8], down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1)  # fmt: skip
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok,
+    return StableDiffusionPipeline(vae=_vae(), text_encoder=text_encoder, tokenizer=tok,
                                    unet=UNet2DConditionModel(**unet_cfg), scheduler=DDPMScheduler(),
                                    safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)  # fmt: skip
@@ -125,7 +153,7 @@ def run_diffusers(pipe_dir: str, data_dir: str, resolution: int, batch: int, ste
     return {"step_s": statistics.median(times[1:]), "peak_mib": _peak_mib()}
 
 
-def run_ice(pipe_dir: str, data_dir: str, resolution: int, batch: int, steps: int) -> dict:
+def run_ice(pipe_dir: str, data_dir: str, resolution: int, batch: int, steps: int, lora: bool = False) -> dict:
     """``ICEModule`` with ``ICECallback`` under a ``Trainer``; per-step times from batch start to batch end."""
     from lightning.pytorch import Callback, Trainer
 
@@ -154,7 +182,8 @@ def run_ice(pipe_dir: str, data_dir: str, resolution: int, batch: int, steps: in
 
     ice.apply = timed_apply
     per_epoch = 2
-    module = ICEModule(pipe_dir, learning_rate=1e-4, cfg_dropout=0.0, text_cache_size=0, seed=None)
+    module = ICEModule(pipe_dir, learning_rate=1e-4, cfg_dropout=0.0, text_cache_size=0, seed=None,
+                       **(LORA if lora else {}))  # fmt: skip
     trainer = Trainer(max_steps=steps + 1, limit_train_batches=per_epoch, limit_val_batches=0, logger=False,
                       callbacks=[timer, ice], enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)  # fmt: skip
@@ -168,7 +197,7 @@ def _held_mib(ice) -> float:
     """What the callback holds beside the model: the weights after the last application (one copy per edited
     layer), the undo records of its erasures and its operators."""
     from ice_lightning.core.parts import history_of
-    from ice_lightning.lightning.callback import _AFTER_LAST_APPLICATION
+    from ice_lightning.lightning.callback_state import _AFTER_LAST_APPLICATION
 
     seen: set[int] = set()
     total = 0
@@ -191,30 +220,47 @@ def _held_mib(ice) -> float:
 
 
 def worker(args) -> None:
-    run = {"diffusers": run_diffusers, "ice": run_ice}[args.worker]
-    print("RESULT " + json.dumps(run(args.pipe_dir, args.data_dir, args.resolution, args.batch, args.steps)))
+    if args.worker == "build":  # the SDXL pipeline is built and saved in a process of its own (its memory too)
+        _pipeline(args.case, args.tiny).save_pretrained(args.pipe_dir)
+        print("RESULT {}")
+        return
+    if args.worker == "diffusers":
+        result = run_diffusers(args.pipe_dir, args.data_dir, args.resolution, args.batch, args.steps)
+    else:
+        lora = args.case == "sdxl_lora"
+        result = run_ice(args.pipe_dir, args.data_dir, args.resolution, args.batch, args.steps, lora)
+    print("RESULT " + json.dumps(result))
+
+
+def _child(*argv: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=False)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{argv[:2]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(line.removeprefix("RESULT "))
 
 
 def measure(case: str, tiny: bool, steps: int) -> dict:
     _, _, resolution, batch = CASES[case]
     resolution = 64 if tiny else resolution
+    lora = case == "sdxl_lora"
     with tempfile.TemporaryDirectory() as tmp:
         pipe_dir, data_dir = Path(tmp) / "pipe", _data(Path(tmp) / "data", resolution)
-        _pipeline(case, tiny).save_pretrained(pipe_dir)
+        common = ["--pipe-dir", str(pipe_dir), "--data-dir", str(data_dir), "--resolution", str(resolution),
+                  "--batch", str(batch), "--steps", str(steps), "--case", case, *(["--tiny"] if tiny else [])]
+        if lora and not tiny:
+            _child("--worker", "build", *common)
+        else:
+            _pipeline(case, tiny).save_pretrained(pipe_dir)
         out = {"case": case, "resolution": resolution, "batch": batch, "steps": steps}
-        for loop in ("diffusers", "ice"):
+        for loop in ("ice",) if lora else ("diffusers", "ice"):
             if tiny:  # CI's smoke run: in this process (its peak memory is then the whole run's, not the loop's)
-                run = {"diffusers": run_diffusers, "ice": run_ice}[loop]
-                out[loop] = run(str(pipe_dir), str(data_dir), resolution, batch, steps)
-                continue
-            cmd = [sys.executable, __file__, "--worker", loop, "--pipe-dir", str(pipe_dir), "--data-dir",
-                   str(data_dir), "--resolution", str(resolution), "--batch", str(batch), "--steps", str(steps)]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                raise RuntimeError(f"the {loop} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-            out[loop] = json.loads(line.removeprefix("RESULT "))
-    d, i = out["diffusers"], out["ice"]
+                out[loop] = (run_ice(str(pipe_dir), str(data_dir), resolution, batch, steps, lora) if loop == "ice"
+                             else run_diffusers(str(pipe_dir), str(data_dir), resolution, batch, steps))  # fmt: skip
+            else:
+                out[loop] = _child("--worker", loop, *common)
+    i = out["ice"]
+    d = out.setdefault("diffusers", {"step_s": float("nan"), "peak_mib": float("nan")})  # sdxl_lora: none
     reapply = [a["s"] for a in i["applications"] if a["reason"] != "setup"]
     out.update(steps_per_s_ratio=d["step_s"] / i["step_s"], peak_ratio=i["peak_mib"] / d["peak_mib"],
                first_application_s=next(a["s"] for a in i["applications"] if a["reason"] == "setup"),
@@ -227,10 +273,12 @@ def measure(case: str, tiny: bool, steps: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="toy widths at 64 px, both loops in this process (CI)")
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--cases", nargs="+", default=["small", "sd15"], choices=list(CASES),
+                   help="sdxl_lora: the callback's cost in an SDXL-size LoRA fine-tune (needs about 20 GB)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--worker", choices=["diffusers", "ice"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["build", "diffusers", "ice"], help=argparse.SUPPRESS)
+    p.add_argument("--case", help=argparse.SUPPRESS)
     for flag in ("--pipe-dir", "--data-dir"):
         p.add_argument(flag, help=argparse.SUPPRESS)
     p.add_argument("--resolution", type=int, help=argparse.SUPPRESS)
@@ -239,8 +287,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         worker(args)
         return {}
-    rows = [measure(c, args.tiny, args.steps) for c in args.cases]
     name = "finetune_speed_tiny" if args.tiny else "finetune_speed"
+    saved = Path(args.out) / f"{name}.json"
+    kept = [r for r in json.loads(saved.read_text())["rows"] if r["case"] not in args.cases] if saved.exists() else []
+    rows = kept + [measure(c, args.tiny, args.steps) for c in args.cases]  # the cases not rerun are kept
+    rows.sort(key=lambda r: list(CASES).index(r["case"]))
     md = [f"# Fine-tuning speed: ICEModule vs diffusers' train_text_to_image.py loop ({time.strftime('%Y-%m-%d')})",
           "", *table(["case", "px", "batch", "diffusers step s", "ICEModule step s", "steps/s ratio (ICE / diffusers)",
                       "diffusers peak MiB", "ICEModule peak MiB", "peak ratio", "first application s",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import weakref
 from typing import Any, Literal
 
 import torch
@@ -32,19 +31,22 @@ from ..core.parts import DENOISER_COMPONENTS, edit_history
 from ..core.plan import ErasurePlan, Method
 from ..core.preview import PREVIEW_NAME, Preview
 from ..core.probe import TextSpaceProbe
-from ..core.sharding import gather_pipeline, is_sharded, local_shard, reshard
+from ..core.sharding import gather_pipeline, is_sharded, reshard
 from ..core.solver import DissociationOperator, check_hparams
-from .callback_state import ExportOptions, ICEState, LayerTargets, LogOptions
+from .callback_state import (
+    ExportOptions,
+    ICEState,
+    LayerTargets,
+    LogOptions,
+    remember_weights,
+    weight_at_last_application,
+)
 from .filter_callback import filtering_summary
 from .image_logging import log_image
 from .strategies import check_ranks_agree, check_strategy, reset_optimizer_state
 
 __all__ = ["ICECallback", "find_pipeline"]
 
-# The weight of each edited layer right after the last application of any ICECallback in this process. A
-# re-application edits what changed since then, so with several callbacks on shared layers one never re-edits
-# another's edit (only training's change), and with no training in between every re-application is a no-op.
-_AFTER_LAST_APPLICATION: weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()
 ReapplyAt = Literal["train_epoch_end", "validation_start"]
 
 
@@ -316,12 +318,13 @@ class ICECallback(Callback):
             if self.log_options.metrics:
                 self._probe = TextSpaceProbe.from_result(result)
         else:
-            bases = {n: _AFTER_LAST_APPLICATION[m] for n, m in self._plan.modules().items()}
+            bases = {n: weight_at_last_application(n, m) for n, m in self._plan.modules().items()}
             result = self._plan.apply(self.state.operators, bases=bases, record=False)
         modules = self._plan.modules()
         # Each edit holds the exact hash of the weight it wrote (in the order of the modules): no second pass.
         hashes = check_ranks_agree(trainer, modules, [e.fingerprint for e in result.edits])
-        self._remember_weights()
+        # one hash per layer (DDP, one process); sharded weights are checked per shard: frozen ones hashed anew
+        self._remember_weights(dict(zip(modules, hashes, strict=True)) if len(hashes) == len(modules) else None)
         reset_optimizer_state(trainer, modules)
         digest = hashlib.sha256("".join(hashes).encode()).hexdigest()
         record = {"reason": reason, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
@@ -373,10 +376,9 @@ class ICECallback(Callback):
             "drift_far": drift["collateral_far"],
         }
 
-    def _remember_weights(self) -> None:
+    def _remember_weights(self, hashes: dict[str, str] | None = None) -> None:
         reshard(self._plan.denoisers.values())
-        for m in self._plan.modules().values():  # of a sharded weight, this rank's rows
-            _AFTER_LAST_APPLICATION[m] = local_shard(m.weight).detach().clone()
+        remember_weights(self._plan.modules(), hashes)
 
     def _bind(self, pipe: Any) -> None:
         """After a resume, rebuild the plan over the checkpoint's layers and the probe from its references."""

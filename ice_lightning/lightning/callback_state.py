@@ -1,13 +1,19 @@
 """What :class:`~ice_lightning.lightning.callback.ICECallback` carries and is told, as typed objects: its
-checkpointed state (:class:`ICEState`) and the option groups of its constructor (:class:`ExportOptions`,
-:class:`LayerTargets`)."""
+checkpointed state (:class:`ICEState`), the option groups of its constructor (:class:`ExportOptions`,
+:class:`LayerTargets`, :class:`LogOptions`), and the edited weights as the last application left them
+(:func:`remember_weights`, :func:`weight_at_last_application`)."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
+import torch
+
+from ..core.editing import tensor_sha256
 from ..core.export import Adapters, ExportFormat
+from ..core.sharding import local_shard
 from ..core.solver import DissociationOperator
 
 __all__ = ["ICEState", "ExportOptions", "LayerTargets"]
@@ -115,3 +121,40 @@ class LayerTargets:
 
     layers: list[str] | None = None
     verify: bool = True
+
+
+# The weight of each edited layer right after the last application of any ICECallback in this process. A
+# re-application edits what changed since then, so with several callbacks on shared layers one never re-edits
+# another's edit (only training's change), and with no training in between every re-application is a no-op.
+# A frozen weight (the base of a LoRA fine-tune) does not train: instead of a copy, the fingerprint of what was
+# written is kept (sha256, and the tensor's in-place version), and a re-application checks it is unchanged.
+_AFTER_LAST_APPLICATION: weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor | tuple[str, int]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def remember_weights(modules: dict[str, torch.nn.Module], hashes: dict[str, str] | None = None) -> None:
+    """Keep each edited weight as written (of a sharded weight, this rank's rows): a copy, or for a frozen weight
+    its fingerprint (``hashes``: those the edit computed; else hashed here)."""
+    for name, m in modules.items():
+        w = local_shard(m.weight).detach()
+        if m.weight.requires_grad:
+            _AFTER_LAST_APPLICATION[m] = w.clone()
+        else:
+            _AFTER_LAST_APPLICATION[m] = ((hashes or {}).get(name) or tensor_sha256(w), w._version)
+
+
+def weight_at_last_application(name: str, module: torch.nn.Module) -> torch.Tensor:
+    """The weight of ``module`` after the last application: its copy, or for a frozen weight the weight itself once
+    it is confirmed unchanged (its change since is then exactly zero)."""
+    kept, w = _AFTER_LAST_APPLICATION[module], local_shard(module.weight).detach()
+    if isinstance(kept, torch.Tensor):
+        return kept
+    sha, version = kept
+    if w._version != version and tensor_sha256(w) != sha:
+        raise RuntimeError(
+            f"ICECallback: the frozen weight of layer {name!r} changed since the last application, which keeps no "
+            "copy of frozen weights (they do not train): make it trainable (requires_grad) if something is meant to "
+            "change it between applications, or erase that model again with a new ICECallback"
+        )
+    return w

@@ -222,3 +222,46 @@ def test_text_conditioning_is_cached_per_caption_set_and_latents_may_be_precompu
     latents = module.encode_pixels(data.pixels, g)
     assert latents.shape[1] == 16 and latents.dim() == 5  # Wan's 16 latent channels, (B, C, F, h, w)
     assert torch.equal(module.diffusion_loss({"latents": latents, "captions": data.captions}, generator=g), from_pixels)
+
+
+def test_a_lora_fine_tune_keeps_no_copy_of_the_frozen_bases():
+    """Re-applications edit what trained since the last one: the trainable ``lora_A`` is kept as a copy, a frozen
+    base weight only as its fingerprint (the SDXL-size LoRA run held 1.7 GB of such copies). The bases stay exactly
+    as the first application left them; a frozen base changed behind the callback's back is refused by name, a
+    rewrite with the same values (a weight-averaging swap) is not."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    from ice_lightning import ICECallback
+    from ice_lightning.lightning.callback_state import _AFTER_LAST_APPLICATION
+
+    module = ICEModule(pipeline="tiny:sd", learning_rate=1e-2, cfg_dropout=0.0, lora_rank=2)
+    ice = ICECallback(erase=["Van Gogh"], family="style", every_n_epochs=1, log=False)
+    trainer = Trainer(max_epochs=2, callbacks=[ice], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    firsts = {}
+    apply = ice.apply
+
+    def recording(trainer, pl_module, reason, epoch=None):
+        apply(trainer, pl_module, reason, epoch=epoch)
+        if reason == "setup":
+            firsts.update({n: m.weight.detach().clone() for n, m in ice.edited_modules().items()})
+
+    ice.apply = recording
+    trainer.fit(module, DataLoader(_Repeat("sd", 2), batch_size=2))
+    assert [a["reason"] for a in ice.state.applications] == ["setup", "epoch_end", "epoch_end", "fit_end"]
+    frozen = {n: m for n, m in ice.edited_modules().items() if not m.weight.requires_grad}
+    trained = {n: m for n, m in ice.edited_modules().items() if m.weight.requires_grad}
+    assert frozen and trained and all(".lora_A." in n for n in trained)
+    assert all(isinstance(_AFTER_LAST_APPLICATION[m], tuple) for m in frozen.values())
+    assert all(isinstance(_AFTER_LAST_APPLICATION[m], torch.Tensor) for m in trained.values())
+    assert all(torch.equal(m.weight, firsts[n]) for n, m in frozen.items())  # re-applications: exact no-ops there
+    assert not all(torch.equal(m.weight, firsts[n]) for n, m in trained.items())  # the adapters trained
+    name, base = next(iter(frozen.items()))
+    with torch.no_grad():
+        base.weight.copy_(base.weight.clone())  # same values, new version: accepted
+    ice.apply(trainer, module, "manual")
+    with torch.no_grad():
+        base.weight[0, 0] += 1.0
+    with pytest.raises(RuntimeError, match=f"frozen weight of layer '{name}' changed since the last application"):
+        ice.apply(trainer, module, "manual")
