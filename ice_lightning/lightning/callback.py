@@ -377,8 +377,7 @@ class ICECallback(Callback):
         }
 
     def _remember_weights(self, hashes: dict[str, str] | None = None) -> None:
-        reshard(self._plan.denoisers.values())
-        remember_weights(self._plan.modules(), hashes)
+        remember_weights(self._plan.denoisers.values(), self._plan.modules(), hashes)
 
     def _bind(self, pipe: Any) -> None:
         """After a resume, rebuild the plan over the checkpoint's layers and the probe from its references."""

@@ -13,7 +13,7 @@ import torch
 
 from ..core.editing import tensor_sha256
 from ..core.export import Adapters, ExportFormat
-from ..core.sharding import local_shard
+from ..core.sharding import local_shard, reshard
 from ..core.solver import DissociationOperator
 
 __all__ = ["ICEState", "ExportOptions", "LayerTargets"]
@@ -133,9 +133,10 @@ _AFTER_LAST_APPLICATION: weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor
 )
 
 
-def remember_weights(modules: dict[str, torch.nn.Module], hashes: dict[str, str] | None = None) -> None:
-    """Keep each edited weight as written (of a sharded weight, this rank's rows): a copy, or for a frozen weight
-    its fingerprint (``hashes``: those the edit computed; else hashed here)."""
+def remember_weights(denoisers, modules: dict[str, torch.nn.Module], hashes: dict[str, str] | None = None) -> None:
+    """Keep each edited weight of ``denoisers`` as written (of a sharded weight, this rank's rows, once resharded):
+    a copy, or for a frozen weight its fingerprint (``hashes``: those the edit computed; else hashed here)."""
+    reshard(denoisers)
     for name, m in modules.items():
         w = local_shard(m.weight).detach()
         if m.weight.requires_grad:
