@@ -69,7 +69,9 @@ def test_speed_tiny(tmp_path):
 def test_red_team_tiny(tmp_path):
     """Every row of the tiny run is a rate; a second run with ``--methods`` redoes only its rows and keeps the
     others' (ICE always runs: the 'original' column is its unedited model)."""
-    run_script("benchmarks/red_team.py", "--tiny", "--methods", "RECE", "--out", str(tmp_path))
+    log = run_script("benchmarks/red_team.py", "--tiny", "--methods", "RECE", "--out", str(tmp_path)).stderr
+    # stderr is a pipe here, as `2> log` makes it: progress as plain lines, no bar frames (no carriage return)
+    assert log.count("\r") == 0 and "red-teaming: 4/4 concept done in" in log
     first = _load(tmp_path, "red_team_tiny")
     run_script("benchmarks/red_team.py", "--tiny", "--methods", "ICE hardened", "--out", str(tmp_path))
     data = _load(tmp_path, "red_team_tiny")
