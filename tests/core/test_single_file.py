@@ -164,3 +164,24 @@ def test_sd2_keeps_its_text_encoder_in_openclip_layout_and_round_trips():
     q = pipe.text_encoder.state_dict()
     q = next(v for k, v in q.items() if k.endswith("layers.0.self_attn.q_proj.weight"))
     assert torch.equal(joined[:1024], q)
+
+
+def test_a_patched_single_file_of_a_lora_adapted_pipeline_ships_the_adapters_merged(tmp_path):
+    """A pipeline loaded from the user's file with LoRA adapters on its text layers: checked and written under the
+    plain layer names the file has (adapters merged into the erased bases), verified."""
+    from peft import LoraConfig
+
+    original = _pipeline("sd")
+    original.save_pretrained(tmp_path / "base")
+    user = tmp_path / "user.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in single_file_state_dict(original).items()}, str(user))
+    pipe = StableDiffusionPipeline.from_single_file(str(user), config=str(tmp_path / "base"), local_files_only=True)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_v"], init_lora_weights=False))
+    ice_lightning.erase(pipe, erase=["Van Gogh"], family="style")
+    out = ice_lightning.save_erased(pipe, tmp_path / "x", format="single-file", source_file=user)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["adapters"] == "merge"
+    assert not any("lora" in k or "base_layer" in k for k in manifest["single_file_keys"])
+    before, after = load_file(str(user)), load_file(str(out / "model.safetensors"))
+    assert {k for k in before if not torch.equal(before[k], after[k])} == set(manifest["single_file_keys"].values())
+    assert all(ice_lightning.verify_export(out).values())

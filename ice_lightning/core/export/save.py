@@ -259,8 +259,10 @@ def save_erased(
         raise ValueError(f"adapters must be 'merge' or 'separate', got {adapters!r}")
     if format == "lora-kohya":
         _check_kohya(pipeline, results)
-    if format == "single-file":
-        check_single_file(pipeline, source_file, list(dict.fromkeys(n for r in results for n in r.layers)))
+    if format == "single-file":  # on the model the file gets: adapters merged, the layers under their plain names
+        with without_adapters(pipeline, adapters) as renamed:
+            plain = [record_of(r).renamed(renamed, "adapters merged") for r in results] if renamed else results
+            check_single_file(pipeline, source_file, _edited_layers(plain))
     lora = erasure_lora(pipeline, results) if format in LORA_FORMATS else None  # checked before anything is written
     out = check_export_destination(pipeline, out_dir, overwrite, format)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -270,6 +272,11 @@ def save_erased(
         _write_export(pipeline, results, out, safe_serialization, extra, extra_files, adapters, lora, format,
                       source_file)  # fmt: skip
     return out
+
+
+def _edited_layers(results) -> list[str]:
+    """Every layer the erasures edited, once, in order."""
+    return list(dict.fromkeys(n for r in results for n in r.layers))
 
 
 def _write_export(pipeline, results, out: Path, safe_serialization: bool, extra, extra_files, adapters,
@@ -288,8 +295,7 @@ def _write_export(pipeline, results, out: Path, safe_serialization: bool, extra,
                     source = {"merge": "adapters merged", "separate": "adapters shipped beside"}[adapters]
                     results = [record_of(r).renamed(renamed, source) for r in results]
                 if format == "single-file":
-                    layers = list(dict.fromkeys(n for r in results for n in r.layers))
-                    written = write_single_file(pipeline, tmp / SINGLE_FILE_NAME, source_file, layers)
+                    written = write_single_file(pipeline, tmp / SINGLE_FILE_NAME, source_file, _edited_layers(results))
                     write_single_config(pipeline, tmp / "config")
                 else:
                     pipeline.save_pretrained(tmp, safe_serialization=safe_serialization)

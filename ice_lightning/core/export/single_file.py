@@ -87,8 +87,7 @@ def _unet_key(key: str, config) -> str:
         if part == "downsamplers":
             return f"input_blocks.{(i + 1) * step}.0.op.{rest.removeprefix('conv.')}"
         if part == "upsamplers":
-            has_attention = any(isinstance(b, str) and "CrossAttn" in b
-                                for b in [config.up_block_types[i]])  # fmt: skip
+            has_attention = "CrossAttn" in config.up_block_types[i]  # then the upsampler follows the attention
             return f"output_blocks.{i * step + step - 1}.{2 if has_attention else 1}.{rest}"
         index = 1 + i * step + j if side == "down" else i * step + j
         blocks = "input_blocks" if side == "down" else "output_blocks"
@@ -173,7 +172,7 @@ def _open_clip_name(key: str) -> str:
 
     for new, old in DIFFUSERS_TO_LDM_MAPPING["openclip"]["transformer"].items():
         key = key.replace(new, old)
-    return key.replace(".attn.in_proj_", ".attn.in_proj_")
+    return key
 
 
 def single_file_state_dict(pipeline) -> dict[str, Tensor]:
