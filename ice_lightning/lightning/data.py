@@ -53,12 +53,12 @@ def _resized(size: tuple[int, int], resolution: int) -> tuple[int, int]:
     return max(resolution, round(w * scale)), max(resolution, round(h * scale))
 
 
-def _to_tensor(img: Image.Image, resolution: int, window: tuple[int, int, bool] | None = None) -> torch.Tensor:
-    """Resize the short side to ``resolution``, crop the ``window`` (``(left, top, flip)`` of :meth:`Augment.draw`;
-    default: the centre, unflipped), scale to [-1, 1], (3, H, W)."""
+def _to_tensor(img: Image.Image, resolution: int, window: tuple[int, int, bool]) -> torch.Tensor:
+    """Resize the short side to ``resolution``, crop the ``window`` (``(left, top, flip)`` of :meth:`Augment.draw`),
+    scale to [-1, 1], (3, H, W)."""
     img = img.convert("RGB")
     img = img.resize(_resized(img.size, resolution), Image.BICUBIC)
-    left, top, flip = window or Augment().draw(img.size, resolution)
+    left, top, flip = window
     img = img.crop((left, top, left + resolution, top + resolution))
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     out = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
