@@ -126,8 +126,10 @@ class LayerTargets:
 # The weight of each edited layer right after the last application of any ICECallback in this process. A
 # re-application edits what changed since then, so with several callbacks on shared layers one never re-edits
 # another's edit (only training's change), and with no training in between every re-application is a no-op.
-# A frozen weight (the base of a LoRA fine-tune) does not train: instead of a copy, the fingerprint of what was
-# written is kept (sha256, and the tensor's in-place version), and a re-application checks it is unchanged.
+# The base weight of a PEFT LoRA layer does not train (the adapter freezes it): instead of a copy, the fingerprint
+# of what was written is kept (sha256, and the tensor's in-place version), and a re-application checks it is
+# unchanged. Any other weight is copied, frozen or not: a frozen layer may be unfrozen later (Lightning's
+# BaseFinetuning, progressive unfreezing), and its change since the last application is then needed.
 _AFTER_LAST_APPLICATION: weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor | tuple[str, int]] = (
     weakref.WeakKeyDictionary()
 )
@@ -135,19 +137,19 @@ _AFTER_LAST_APPLICATION: weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor
 
 def remember_weights(denoisers, modules: dict[str, torch.nn.Module], hashes: dict[str, str] | None = None) -> None:
     """Keep each edited weight of ``denoisers`` as written (of a sharded weight, this rank's rows, once resharded):
-    a copy, or for a frozen weight its fingerprint (``hashes``: those the edit computed; else hashed here)."""
+    a copy, or for a LoRA's frozen base its fingerprint (``hashes``: those the edit computed; else hashed here)."""
     reshard(denoisers)
     for name, m in modules.items():
         w = local_shard(m.weight).detach()
-        if m.weight.requires_grad:
+        if m.weight.requires_grad or not name.endswith(".base_layer"):
             _AFTER_LAST_APPLICATION[m] = w.clone()
         else:
             _AFTER_LAST_APPLICATION[m] = ((hashes or {}).get(name) or tensor_sha256(w), w._version)
 
 
 def weight_at_last_application(name: str, module: torch.nn.Module) -> torch.Tensor:
-    """The weight of ``module`` after the last application: its copy, or for a frozen weight the weight itself once
-    it is confirmed unchanged (its change since is then exactly zero)."""
+    """The weight of ``module`` after the last application: its copy, or for a LoRA's frozen base the weight itself
+    once it is confirmed unchanged (its change since is then exactly zero)."""
     kept, w = _AFTER_LAST_APPLICATION[module], local_shard(module.weight).detach()
     if isinstance(kept, torch.Tensor):
         return kept
@@ -155,7 +157,7 @@ def weight_at_last_application(name: str, module: torch.nn.Module) -> torch.Tens
     if w._version != version and tensor_sha256(w) != sha:
         raise RuntimeError(
             f"ICECallback: the frozen weight of layer {name!r} changed since the last application, which keeps no "
-            "copy of frozen weights (they do not train): make it trainable (requires_grad) if something is meant to "
-            "change it between applications, or erase that model again with a new ICECallback"
+            "copy of a LoRA's frozen base (it does not train): train the base as a full fine-tune if it is meant to "
+            "change between applications, or erase that model again with a new ICECallback"
         )
     return w

@@ -225,10 +225,10 @@ def test_text_conditioning_is_cached_per_caption_set_and_latents_may_be_precompu
 
 
 def test_a_lora_fine_tune_keeps_no_copy_of_the_frozen_bases():
-    """Re-applications edit what trained since the last one: the trainable ``lora_A`` is kept as a copy, a frozen
-    base weight only as its fingerprint (the SDXL-size LoRA run held 1.7 GB of such copies). The bases stay exactly
-    as the first application left them; a frozen base changed behind the callback's back is refused by name, a
-    rewrite with the same values (a weight-averaging swap) is not."""
+    """Re-applications edit what trained since the last one: the trainable ``lora_A`` is kept as a copy, a LoRA's
+    frozen base only as its fingerprint (the SDXL-size LoRA run held 1.7 GB of such copies). The bases stay exactly
+    as the first application left them; a base changed behind the callback's back is refused by name, a rewrite
+    with the same values (a weight-averaging swap) is not."""
     from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader
 
@@ -253,6 +253,7 @@ def test_a_lora_fine_tune_keeps_no_copy_of_the_frozen_bases():
     frozen = {n: m for n, m in ice.edited_modules().items() if not m.weight.requires_grad}
     trained = {n: m for n, m in ice.edited_modules().items() if m.weight.requires_grad}
     assert frozen and trained and all(".lora_A." in n for n in trained)
+    assert all(n.endswith(".base_layer") for n in frozen)
     assert all(isinstance(_AFTER_LAST_APPLICATION[m], tuple) for m in frozen.values())
     assert all(isinstance(_AFTER_LAST_APPLICATION[m], torch.Tensor) for m in trained.values())
     assert all(torch.equal(m.weight, firsts[n]) for n, m in frozen.items())  # re-applications: exact no-ops there
@@ -265,3 +266,31 @@ def test_a_lora_fine_tune_keeps_no_copy_of_the_frozen_bases():
         base.weight[0, 0] += 1.0
     with pytest.raises(RuntimeError, match=f"frozen weight of layer '{name}' changed since the last application"):
         ice.apply(trainer, module, "manual")
+
+
+def test_a_frozen_layer_unfrozen_later_is_still_re_erased():
+    """Outside a LoRA, a frozen text layer is copied like a trainable one: unfrozen later (progressive unfreezing)
+    and trained, its change since the last application is edited exactly, ``W_last + (W - W_last)(I - D)``."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    from ice_lightning import ICECallback
+
+    module = ICEModule(pipeline="tiny:sd", learning_rate=1e-2, cfg_dropout=0.0)
+    ice = ICECallback(erase=["Van Gogh"], family="style", at_fit_end=False, log=False)
+    for n, p in module.pipeline.unet.named_parameters():
+        if ".attn2.to_k." in n:
+            p.requires_grad_(False)
+    trainer = Trainer(max_steps=1, callbacks=[ice], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    trainer.fit(module, DataLoader(_Repeat("sd", 2), batch_size=2))
+    name, layer = next((n, m) for n, m in ice.edited_modules().items() if n.endswith("attn2.to_k"))
+    last = layer.weight.detach().clone().double()
+    layer.weight.requires_grad_(True)
+    with torch.no_grad():
+        layer.weight.add_(0.01 * torch.randn_like(layer.weight))  # what a later, unfrozen epoch trains
+    now = layer.weight.detach().clone().double()
+    ice.apply(trainer, module, "manual")
+    D = ice.state.operators[ice.state.layer_spaces[name]].dense()
+    expected = last + (now - last) @ (torch.eye(D.shape[0], dtype=D.dtype) - D)
+    torch.testing.assert_close(layer.weight.detach().double(), expected, rtol=0, atol=1e-6)
