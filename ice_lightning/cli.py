@@ -238,7 +238,7 @@ def _check_device(device: str) -> None:
 def _run_erase(cfg) -> int:
     from .core.concepts import ConceptSpec
     from .core.export import LORA_NAME, check_export_destination, save_erased
-    from .core.pipelines import erase_report, load_pipeline
+    from .core.pipelines import erase_report, is_single_file, load_pipeline
     from .core.plan import erase
     from .core.probe import erasure_metrics
     from .core.progress import set_quiet
@@ -249,8 +249,7 @@ def _run_erase(cfg) -> int:
     given = {"erase": cfg.erase, "preserve": cfg.preserve, "family": cfg.family, "anchor": cfg.anchor,
              "templates": cfg.template, "include_eot": cfg.include_eot}  # fmt: skip
     pipe = load_pipeline(cfg.pipeline, config=cfg.pipeline_config).to(cfg.device)
-    single = Path(cfg.pipeline).suffix == ".safetensors" and Path(cfg.pipeline).is_file()
-    source_file = cfg.pipeline if single and cfg.format == "single-file" else None
+    source_file = cfg.pipeline if is_single_file(cfg.pipeline) and cfg.format == "single-file" else None
     check_export_destination(pipe, cfg.out, cfg.overwrite, cfg.format)  # before any work: a refused --out costs nothing
     factory = erase_report(pipe)  # a pipeline whose plugin shows erasure its own way (the shapes world: samples)
     report = factory(pipe, samples=cfg.samples, seed=cfg.seed) if factory is not None else None

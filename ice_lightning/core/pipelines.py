@@ -73,7 +73,7 @@ def load_pipeline(pipeline: str, torch_dtype: str | torch.dtype = "float32", con
     ``NAME:ARG``), a single-file checkpoint (``.safetensors``, with ``config``: the diffusers folder whose configs
     ``from_single_file`` reads), else a hub id through ``from_pretrained``."""
     dtype = resolve_dtype(torch_dtype)
-    if Path(pipeline).is_file() and Path(pipeline).suffix == ".safetensors":
+    if is_single_file(pipeline):
         return load_single_file_pipeline(pipeline, config, dtype)
     if config is not None:
         raise ValueError(f"a pipeline config ({config!r}) is read only with a single-file checkpoint (.safetensors); "
@@ -93,6 +93,11 @@ def load_pipeline(pipeline: str, torch_dtype: str | torch.dtype = "float32", con
                          "save_pretrained wrote (it holds model_index.json)")  # fmt: skip
     # float32 is what from_pretrained loads anyway; naming it would only pass transformers a deprecated keyword
     return load_pipeline_folder(pipeline, **({} if dtype == torch.float32 else {"torch_dtype": dtype}))
+
+
+def is_single_file(pipeline: str) -> bool:
+    """Whether ``pipeline`` names a single-file checkpoint (an existing ``.safetensors`` file)."""
+    return Path(pipeline).suffix == ".safetensors" and Path(pipeline).is_file()
 
 
 def load_single_file_pipeline(path: str, config: str | None, dtype: torch.dtype = torch.float32):

@@ -122,10 +122,10 @@ class TextConditioningCache:
             self._shared[base] = {k: v for k, v in one.items()
                                   if not (isinstance(v, Tensor) and v.shape[:1] == (1,) and two[k].shape[:1] == (2,))}
             # the empty caption (classifier-free dropout) is then on disk from the start
-            cache.save_tensors("text", cache.key("text-conditioning", 1, base, ""),
+            cache.save_tensors("text", _row_key(base, ""),
                                {k: v.detach().cpu() for k, v in one.items() if k not in self._shared[base]})
         shared = self._shared[base]
-        keys = [cache.key("text-conditioning", 1, base, c) for c in captions]
+        keys = [_row_key(base, c) for c in captions]
         rows: list[dict | None] = [cache.load_tensors("text", k) for k in keys]
         missing = [i for i, r in enumerate(rows) if r is None]
         if missing:
@@ -135,6 +135,11 @@ class TextConditioningCache:
                 cache.save_tensors("text", keys[i], {k: v.cpu() for k, v in rows[i].items()})
         batched = {k: torch.cat([r[k].to(device) for r in rows]) for k in rows[0]}
         return _nest({**batched, **shared})
+
+
+def _row_key(base: str, caption: str) -> str:
+    """The disk-cache name of one caption's conditioning under the encoders' key ``base``."""
+    return cache.key("text-conditioning", 1, base, caption)
 
 
 def text_cache_key(pipeline, architecture: str) -> Callable[[], str | None]:
