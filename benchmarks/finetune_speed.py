@@ -106,10 +106,11 @@ def _data(folder: Path, resolution: int, n: int = 8) -> Path:
 
 
 def _peak_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """This process's peak resident memory (``VmHWM``), MiB; NaN where ``/proc`` does not say."""
+    import speed
+
+    kib = speed.rss_kib("VmHWM")
+    return kib / 1024 if kib >= 0 else float("nan")
 
 
 def run_diffusers(pipe_dir: str, data_dir: str, resolution: int, batch: int, steps: int) -> dict:
