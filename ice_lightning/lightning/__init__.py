@@ -15,7 +15,9 @@ _NAMES = {
     "find_pipeline": ".callback",
     "CaptionFolderDataModule": ".data",
     "HFDatasetDataModule": ".data_formats",
+    "LitDataModule": ".data_formats",
     "WebDatasetDataModule": ".data_formats",
+    "optimize_caption_folder": ".data_formats",
     "CaptionFilter": ".filters",
     "ImageDetectorFilter": ".filters",
     "NudeNetFilter": ".filters",
@@ -50,7 +52,9 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time each l
     )
     from .data_formats import (
         HFDatasetDataModule,
+        LitDataModule,
         WebDatasetDataModule,
+        optimize_caption_folder,
     )
     from .ema import (
         DiffusersEMA,
@@ -83,7 +87,9 @@ __all__ = [
     "find_pipeline",
     "CaptionFolderDataModule",
     "HFDatasetDataModule",
+    "LitDataModule",
     "WebDatasetDataModule",
+    "optimize_caption_folder",
     "CaptionFilter",
     "ImageDetectorFilter",
     "NudeNetFilter",

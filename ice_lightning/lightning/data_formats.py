@@ -6,6 +6,10 @@ caption folders (``resolution``, ``center_crop``, ``random_flip``, as diffusers'
   ranks with a ``DistributedSampler``.
 - :class:`WebDatasetDataModule`: WebDataset tar shards (``000.tar``: ``key.jpg`` + ``key.txt``), streamed; the
   shards are split over ranks, then over ``DataLoader`` workers, so each sample is read once per epoch.
+- :class:`LitDataModule`: Lightning's streaming format (``litdata`` chunks, made from a caption folder by
+  :func:`optimize_caption_folder`), read by ``litdata.StreamingDataset``, which splits the chunks over ranks and
+  workers itself; its loader's position goes into Lightning's checkpoint, so a fit resumed mid-epoch sees exactly
+  the samples the uninterrupted fit would have.
 
 Each item is ``{"pixel_values": (3, H, W) in [-1, 1], "captions": str}``, as :class:`CaptionFolderDataModule`'s.
 
@@ -18,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import glob
+import io
 import random
 from pathlib import Path
 from typing import Any
@@ -26,9 +31,9 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .data import Augment, _to_tensor, collate
+from .data import Augment, CaptionedImageFolder, _to_tensor, collate
 
-__all__ = ["HFDatasetDataModule", "WebDatasetDataModule"]
+__all__ = ["HFDatasetDataModule", "LitDataModule", "WebDatasetDataModule", "optimize_caption_folder"]
 
 _IMAGE_KEYS = "jpg;jpeg;png;webp"
 
@@ -192,3 +197,97 @@ class WebDatasetDataModule(LightningDataModule):
             return []
         return DataLoader(self._pipeline(self.hparams.val_shards, train=False), batch_size=self.hparams.batch_size,
                           num_workers=self.hparams.num_workers, collate_fn=collate)  # fmt: skip
+
+
+def _chunk_sample(pair: tuple[str, str]) -> dict:
+    """One caption-folder sample as a litdata item: the image file's bytes as they are (no re-encoding), its caption."""
+    image, caption = pair
+    return {"image": Path(image).read_bytes(), "caption": Path(caption).read_text().strip()}
+
+
+def optimize_caption_folder(folder: str | Path, output_dir: str | Path, chunk_bytes: int | str = "64MB",
+                            chunk_size: int | None = None, num_workers: int = 1) -> Path:  # fmt: skip
+    """Write a caption folder (``cat.png`` + ``cat.txt``, as :class:`CaptionFolderDataModule` reads) as ``litdata``
+    chunks for :class:`LitDataModule`, with ``litdata.optimize``: each sample keeps its image file's bytes and its
+    caption. ``output_dir`` must not exist yet (or be empty): nothing there is overwritten.
+
+    Args:
+        folder: the caption folder.
+        output_dir: the new folder of chunks.
+        chunk_bytes: the size of a chunk (``litdata``'s default unit: a few tens of MB suit streaming).
+        chunk_size: a number of samples per chunk instead of ``chunk_bytes``.
+        num_workers: ``litdata.optimize``'s processes.
+
+    Example (``litdata`` installed)::
+
+        optimize_caption_folder("data/images", "data/chunks")
+        LitDataModule("data/chunks", resolution=512)
+    """
+    import litdata
+
+    output = Path(output_dir)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise FileExistsError(f"{output} already exists and is not an empty folder: optimize_caption_folder writes "
+                              "chunks only into a new folder; pass another output_dir or remove it")  # fmt: skip
+    pairs = [(str(image), str(caption)) for image, caption in CaptionedImageFolder(folder).items]
+    litdata.optimize(fn=_chunk_sample, inputs=pairs, output_dir=str(output.resolve()),
+                     chunk_bytes=None if chunk_size else chunk_bytes, chunk_size=chunk_size, num_workers=num_workers,
+                     verbose=False)  # fmt: skip
+    return output
+
+
+class _ChunkItem:
+    """A litdata item (image bytes, caption) as a training item; a class, so the loader's workers can pickle it."""
+
+    def __init__(self, resolution: int, augment: Augment, train: bool) -> None:
+        self.resolution, self.augment, self.train = resolution, augment, train
+
+    def __call__(self, sample: dict) -> dict:
+        return _item(Image.open(io.BytesIO(sample["image"])), sample["caption"], self.resolution, self.augment,
+                     self.train)  # fmt: skip
+
+
+class LitDataModule(LightningDataModule):
+    """Captioned images in Lightning's streaming format (``litdata`` chunks; make them from a caption folder with
+    :func:`optimize_caption_folder`, or with ``litdata.optimize`` writing ``{"image": bytes, "caption": str}``).
+
+    ``litdata.StreamingDataset`` splits the chunks over ranks and ``DataLoader`` workers (no distributed sampler),
+    and its ``StreamingDataLoader`` keeps its position: Lightning saves it in every checkpoint, so
+    ``trainer.fit(..., ckpt_path=...)`` mid-epoch resumes with the next unseen sample.
+
+    Args:
+        input_dir: the folder of chunks (``index.json`` + ``chunk-*.bin``); a local path (remote ``s3://`` folders
+            work as ``litdata`` reads them, untested here).
+        val_dir: chunks to validate on (``None``: no validation data).
+        resolution, center_crop, random_flip: as :class:`~ice_lightning.lightning.data.CaptionFolderDataModule`.
+        batch_size, num_workers: the loader's.
+        shuffle, seed: ``StreamingDataset``'s (chunks, then samples in a chunk, in a new order each epoch).
+        cache_dir: where ``litdata`` keeps downloaded chunks of a remote ``input_dir``.
+    """
+
+    def __init__(self, input_dir: str, val_dir: str | None = None, resolution: int = 512, center_crop: bool = True,
+                 random_flip: bool = False, batch_size: int = 4, num_workers: int = 0, shuffle: bool = True,
+                 seed: int = 0, cache_dir: str | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.save_hyperparameters()
+
+    def _loader(self, input_dir: str, train: bool):
+        import litdata
+
+        from .streaming_loader import ResumableStreamingDataLoader
+
+        if "://" not in input_dir and not (Path(input_dir) / "index.json").is_file():
+            raise FileNotFoundError(f"{input_dir!r} has no index.json: it is not a folder of litdata chunks; "
+                                    "make one with optimize_caption_folder(folder, output_dir)")  # fmt: skip
+        h = self.hparams
+        item = _ChunkItem(h.resolution, Augment(h.center_crop, h.random_flip) if train else Augment(), train)
+        data = litdata.StreamingDataset(input_dir, cache_dir=h.cache_dir, shuffle=train and h.shuffle, seed=h.seed,
+                                        transform=item)  # fmt: skip
+        return ResumableStreamingDataLoader(data, batch_size=h.batch_size, num_workers=h.num_workers,
+                                           collate_fn=collate)  # fmt: skip
+
+    def train_dataloader(self):
+        return self._loader(self.hparams.input_dir, train=True)
+
+    def val_dataloader(self):
+        return [] if self.hparams.val_dir is None else self._loader(self.hparams.val_dir, train=False)

@@ -12,7 +12,11 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 
-from ice_lightning.lightning.data_formats import HFDatasetDataModule, WebDatasetDataModule  # noqa: E402
+from ice_lightning.lightning.data_formats import (  # noqa: E402
+    HFDatasetDataModule,
+    LitDataModule,
+    WebDatasetDataModule,
+)
 
 
 class Recorder(LightningModule):
@@ -37,6 +41,7 @@ if __name__ == "__main__":
     modules = {
         "datasets": HFDatasetDataModule(str(data_dir / "imagefolder"), resolution=16, batch_size=2),
         "webdataset": WebDatasetDataModule(str(data_dir / "shards" / "{000..003}.tar"), resolution=16, batch_size=2),
+        "litdata": LitDataModule(str(data_dir / "chunks"), resolution=16, batch_size=2),
     }
     for name, data in modules.items():
         module = Recorder()
