@@ -16,7 +16,7 @@ For 1, 10 and 100 concepts: medians over ``--repeats`` runs of encode, solve, ap
 peak extra resident memory (VmHWM after resetting it, Linux), and the same for UCE's dense closed form
 (``uce_dense_edit``, one d x d solve per layer, as published) in the same process.
 
-    python benchmarks/speed.py [--tiny] [--cases sd15 sdxl wan] [--repeats 3] [--out benchmarks/results]
+    python benchmarks/speed.py [--tiny] [--cases sd15 sdxl wan] [--repeats 3] [--out benchmarks/results] [--update]
 """
 
 from __future__ import annotations
@@ -213,7 +213,8 @@ def measure(space: EmbeddingSpace, targets: list[tuple[str, torch.nn.Linear]], n
         "erase_tokens": E_e.shape[0],
         "preserve_tokens": E_p.shape[0],
         "rank": op.rank,
-        "apply_form": "dense" if dense_is_cheaper(op.rank, op.dim) else "low-rank",
+        "apply_form": "dense" if dense_is_cheaper(op.rank, op.dim, [m.out_features for _, m in targets])
+        else "low-rank",
         "base_s": t_base,
         "encode_s": t_encode,
         "solve_s": t_solve,
@@ -448,6 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--update", action="store_true",
+                    help="replace only these cases in the report already in --out, keep the others")  # fmt: skip
     ap.add_argument("--cold-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.cold_child:
@@ -458,16 +461,32 @@ def main(argv: list[str] | None = None) -> dict:
         return report(args)
 
 
+def _variant_line(r: dict, key: str, label: str) -> list[str]:
+    """The warm end-to-end line of an erase variant, if this case's run measured it (reports kept by ``--update``
+    may predate a variant)."""
+    if f"end_to_end_{key}_s" not in r:
+        return []
+    return [f"{label}, warm: {r[f'end_to_end_{key}_s']:.2f} s ({r[f'{key}_over_plain']:.2f}x the plain erase); "
+            "stages: " + ", ".join(f"{k} {v:.3f}" for k, v in r[f"end_to_end_{key}_timings"].items()), ""]  # fmt: skip
+
+
 def report(args) -> dict:
     counts = [1, 3] if args.tiny else [1, 10, 100]
     results = [CASES[c](args.tiny, counts, args.repeats) for c in args.cases]
     name = "speed_tiny" if args.tiny else "speed"
+    if args.update and (args.out / f"{name}.json").exists():  # the other cases as the last full run left them
+        fresh = {r["case"]: r for r in results}
+        last = json.loads((args.out / f"{name}.json").read_text())
+        for r in last["results"]:
+            r.setdefault("measured", last["environment"]["date"])
+        results = [fresh.pop(r["case"], r) for r in last["results"]] + list(fresh.values())
     md = [f"# Speed and memory ({'tiny' if args.tiny else 'real sizes'}, {torch.get_num_threads()} threads)", ""]
     cols = ["concepts", "erase_tokens", "rank", "apply_form", "base_s", "encode_s", "solve_s", "apply_s",
             "apply_no_undo_s", "edit_s", "total_s", "peak_extra_mib", "uce_dense_edit_s", "uce_dense_peak_extra_mib",
             "uce_over_ice_edit"]  # fmt: skip
     for r in results:
-        md += [f"## {r['case']}: {r['layers']} edited layers", ""]
+        r.setdefault("measured", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        md += [f"## {r['case']}: {r['layers']} edited layers (measured {r['measured']})", ""]
         md += table(cols, [[row[c] for c in cols] for row in r["rows"]])
         if "end_to_end_s" in r:
             o, cold = r["overhead"], r["cold"]
@@ -482,14 +501,8 @@ def report(args) -> dict:
                 f"Warm (median, same process): {r['end_to_end_s']:.2f} s; stages of the last run: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in r["end_to_end_timings"].items()),
                 "",
-                f"Hardened (`harden_rounds=3`), warm: {r['end_to_end_hardened_s']:.2f} s "
-                f"({r['hardened_over_plain']:.2f}x the plain erase); stages: "
-                + ", ".join(f"{k} {v:.3f}" for k, v in r["end_to_end_hardened_timings"].items()),
-                "",
-                f"Output metric + one hardening round, warm: {r['end_to_end_output_metric_s']:.2f} s "
-                f"({r['output_metric_over_plain']:.2f}x the plain erase); stages: "
-                + ", ".join(f"{k} {v:.3f}" for k, v in r["end_to_end_output_metric_timings"].items()),
-                "",
+                *_variant_line(r, "hardened", "Hardened (`harden_rounds=3`)"),
+                *_variant_line(r, "output_metric", "Output metric + one hardening round"),
                 f"Inference overhead: parameters {o['parameters_before']} -> {o['parameters_after']}, hooks left "
                 f"{o['hooks_left']}, UNet forward ({o['latent']}x{o['latent']} latent) "
                 f"{o['forward_s_original']:.3f} s -> {o['forward_s_edited']:.3f} s (ratio {o['forward_ratio']:.3f})",

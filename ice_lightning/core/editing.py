@@ -144,11 +144,18 @@ def _write(weight: Tensor, value: Tensor) -> None:
         weight.copy_(value)
 
 
-def dense_is_cheaper(rank: int, dim: int) -> bool:
-    """The cost model of an edit ``W <- W - X D`` of an ``out x d`` weight: the low-rank form
-    ``(X U)(M U^T)`` costs ``2 out d k`` multiply-adds, the dense ``X D`` costs ``out d^2``; dense wins once
-    the operator's rank ``k`` reaches half the width (many concepts, or states that span the space)."""
-    return 2 * rank >= dim
+def dense_is_cheaper(rank: int, dim: int, outs: Sequence[int] | None = None) -> bool:
+    """The cost model of an edit ``W <- W - X D`` of ``out x d`` weights by one operator of rank ``k``: per layer,
+    the low-rank form ``(X U)(M U^T)`` costs ``2 out d k`` multiply-adds and the dense ``X D`` costs ``out d^2``,
+    so dense wins once ``k`` reaches half the width (many concepts, or states that span the space). With ``outs``
+    (the ``out`` of every layer the operator edits), what each form costs once is counted too: ``D = U M U^T``,
+    ``d k (k + d)``, against ``M U^T``, ``k^2 d``. A few layers with ``k`` near ``d`` then stay low-rank (Wan's
+    single text layer with 100 concepts: 2.0e11 instead of 2.8e11)."""
+    if outs is None:
+        return 2 * rank >= dim
+    dense = dim * rank * (rank + dim) + sum(out * dim * dim for out in outs)
+    low_rank = rank * rank * dim + sum(2 * out * dim * rank for out in outs)
+    return dense < low_rank
 
 
 @dataclass
@@ -162,24 +169,25 @@ class _Update:
 
 
 def _factors(name: str, module: nn.Linear, op: DissociationOperator, base: Tensor | None,
-             dense: dict[int, Tensor]) -> _Update:  # fmt: skip
+             shared: dict[int, tuple[bool, Tensor]]) -> _Update:  # fmt: skip
     """Phase 1 of an edit: the low-rank factors ``(L, R)`` of ``W_new = W - L R`` (or, by the cost model, the
-    dense operator), checked; nothing written."""
+    dense operator), checked; nothing written. ``shared[id(op)]``: the cost model's choice for the operator and
+    what every layer it edits shares (``D``, or ``R = M U^T``)."""
     w = local_shard(module.weight)
     if w.ndim != 2 or w.shape[1] != op.dim:
         op.factors(w)  # raises the dimension-mismatch error
-    if dense_is_cheaper(op.rank, op.dim):
+    is_dense, common = shared[id(op)]
+    if is_dense:
         if not _all_finite(w):
             raise ValueError(f"layer {name!r} already holds NaN or inf weights; refusing to edit it")
-        if id(op) not in dense:
-            dense[id(op)] = op.dense()
-        return _Update(D=dense[id(op)], base=None if base is None else base.to(w.device, w.dtype))
+        return _Update(D=common, base=None if base is None else base.to(w.device, w.dtype))
     # Without a base the whole weight is edited; with one, only what changed since (W - base).
     X = w.detach() if base is None else w.detach() - base.to(w.device, w.dtype)
     if _fused(w):  # the update is applied in float32 anyway: W U in float32, no float64 copy of the weight
-        L, R = (X @ op.U.to(X.device, X.dtype)).to(_F64), op.M @ op.U.T
+        L = (X @ op.U.to(X.device, X.dtype)).to(_F64)
     else:
-        L, R = op.factors(X)
+        L = X.to(op.U.device, _F64) @ op.U
+    R = common
     if not (torch.isfinite(L).all() and torch.isfinite(R).all()):
         if not _all_finite(w):  # a non-finite weight shows in W U: only then is the whole weight read
             raise ValueError(f"layer {name!r} already holds NaN or inf weights; refusing to edit it")
@@ -264,11 +272,17 @@ def apply_edits(
     still rolled back): no memory is held afterwards, for a model that is reloaded rather than undone.
     """
     bases = bases or {}
-    plans, dense = [], {}
-    for name, module, op in targets:  # phase 1: nothing is written
+    outs: dict[int, list[int]] = {}
+    for name, module, op in targets:
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{name!r} is a {type(module).__name__}, not a torch.nn.Linear")
-        plans.append(_factors(name, module, op, bases.get(name), dense))
+        outs.setdefault(id(op), []).append(module.out_features)
+    shared: dict[int, tuple[bool, Tensor]] = {}
+    for _, _, op in targets:
+        if id(op) not in shared:
+            is_dense = dense_is_cheaper(op.rank, op.dim, outs[id(op)])
+            shared[id(op)] = (is_dense, op.dense() if is_dense else op.M @ op.U.T)
+    plans = [_factors(name, module, op, bases.get(name), shared) for name, module, op in targets]  # phase 1
     edits: list[LayerEdit] = into if into is not None else []
     inflight: tuple[LayerEdit, Tensor] | None = None  # the layer being written: restored from what it got
     written: list[LayerEdit] = []  # with keep_undo=False, the records kept until every write has succeeded

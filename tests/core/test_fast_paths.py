@@ -38,6 +38,26 @@ def test_both_forms_edit_exactly_and_undo_bit_for_bit(rank, dtype):
     assert all(torch.equal(lin.weight, w0) for lin, w0 in zip(lins, originals, strict=True))
 
 
+def test_the_cost_model_counts_every_layer_and_what_each_form_computes_once():
+    """Dense ``D = U M U^T`` costs ``d k (k + d)`` once, then ``out d^2`` a layer; low-rank ``M U^T`` costs ``k^2 d``
+    once, then ``2 out d k`` a layer. One layer with ``k`` near ``d`` stays low-rank (Wan's text layer with 100
+    concepts); many layers sharing ``D`` go dense (SD, SDXL); and either way the edit is ``W (I - D)``."""
+    assert not dense_is_cheaper(3600, 4096, [1536])  # 2.0e11 low-rank against 2.8e11 dense
+    assert dense_is_cheaper(3600, 4096, [1536] * 4)
+    assert dense_is_cheaper(768, 768, [320, 640, 1280] * 10) and dense_is_cheaper(2048, 2048, [640] * 140)
+    assert not dense_is_cheaper(200, 2048, [640] * 140)
+    op = _operator(14)
+    lin = torch.nn.Linear(16, 4).double()
+    w0 = lin.weight.detach().clone()
+    (edit,) = apply_edits([("l", lin, op)])
+    assert edit.L is not None and edit.original is None  # the low-rank form's undo record: the dense one copies
+    assert torch.allclose(lin.weight, w0 @ (torch.eye(16, dtype=F64) - op.dense()), atol=1e-12)
+    undo_edits([edit])
+    assert torch.equal(lin.weight, w0)
+    many = [torch.nn.Linear(16, 4).double() for _ in range(8)]
+    assert all(e.original is not None for e in apply_edits([(f"l{i}", m, op) for i, m in enumerate(many)]))
+
+
 def test_keep_undo_false_holds_no_record_but_still_rolls_back_a_failed_edit():
     ok, late = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8).half()
     with torch.no_grad():

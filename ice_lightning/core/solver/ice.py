@@ -308,24 +308,26 @@ def dissociation_operator(
         def B_inv(X: Tensor) -> Tensor:
             return X / hp.mu + Qb @ ((1.0 / (g + hp.mu) - 1.0 / hp.mu)[:, None] * (Qb.T @ X))
 
-        A = torch.cat([V * f.sqrt(), Q * (hp.lam * w).sqrt()], dim=1)
-        BA = B_inv(A)
+        scale = torch.cat([f.sqrt(), (hp.lam * w).sqrt()])
+        A = torch.cat([V, Q], dim=1) * scale
+        B_inv_VQ = B_inv(torch.cat([V, Q], dim=1))  # one pass over the base (it may span all d directions)
+        BA, BV = B_inv_VQ * scale, B_inv_VQ[:, : V.shape[1]]
         K = torch.eye(A.shape[1], dtype=A.dtype) + A.T @ BA
-        BV = B_inv(V)
         row_space = BV - BA @ torch.linalg.solve((K + K.T) / 2, A.T @ BV)  # S^-1 V
 
-        def apply(X: Tensor) -> Tensor:  # D* X = V f^2 V^T S^-1 X = V f^2 (S^-1 V)^T X  (S symmetric)
-            return V @ (f.square()[:, None] * (row_space.T @ X))
+        def right(X: Tensor) -> Tensor:  # D* X = V f^2 V^T S^-1 X = V [f^2 (S^-1 V)^T X]  (S symmetric)
+            return f.square()[:, None] * (row_space.T @ X)
 
     else:
         h = hp.lam * w.square() / (1 + hp.mu + hp.lam * w.square())
 
-        def apply(X: Tensor) -> Tensor:  # D* X = P_e (X - Q diag(h) Q^T X) / (1 + mu)
+        def right(X: Tensor) -> Tensor:  # D* X = P_e (X - Q diag(h) Q^T X) / (1 + mu) = V [f V^T (...) / (1 + mu)]
             Y = X - Q @ (h[:, None] * (Q.T @ X))
-            return V @ (f[:, None] * (V.T @ Y)) / (1 + hp.mu)
+            return f[:, None] * (V.T @ Y) / (1 + hp.mu)
 
         row_space = Q @ (h[:, None] * (Q.T @ V))
-    op = _with_anchor(_operator_from([V, row_space], apply, "ice", {**_asdict(hp), "concepts": concepts}), anchor)
+    op = _with_anchor(_operator_from([V, row_space], right, "ice", {**_asdict(hp), "concepts": concepts}, left=V),
+                      anchor)  # fmt: skip
     return _hardened(op, E_erase, E_preserve, hp, concepts, E_base, gram)
 
 
