@@ -28,7 +28,7 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 # Only the standard library at import time: ``ice-lightning --help``, ``--version`` and ``configs`` answer at
 # once; torch, diffusers and Lightning load with the command that needs them.
 
-__all__ = ["main", "run", "build_erase_parser", "format_table", "packaged_configs", "resolve_config"]
+__all__ = ["main", "run", "build_erase_parser", "packaged_configs", "resolve_config"]
 
 _USAGE = """usage: ice-lightning {erase,verify,fit,validate,test,configs} ... [--version]
 
@@ -135,22 +135,6 @@ def build_erase_parser():
     return er
 
 
-def format_table(metrics: dict[str, float]) -> str:
-    """Before/after table of the text-space metrics (before is the unedited model)."""
-    rows = [
-        ("erasure (held-out concept tokens)", 0.0, metrics["erasure"], "higher = more removed"),
-        ("collateral, near concepts", 0.0, metrics["collateral_near"], "lower = better kept"),
-        ("collateral, unrelated prompts", 0.0, metrics["collateral_far"], "lower = better kept"),
-        ("leakage (still closer to concept)", 1.0, metrics["leakage"], "lower = better"),
-    ]
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'metric':<{width}}  before   after  ", "-" * (width + 26)]
-    lines += [f"{name:<{width}}  {b:6.3f}  {a:6.3f}  {note}" if a == a else
-              f"{name:<{width}}     n/a     n/a  nothing to measure (no held-out prompt of this kind)"
-              for name, b, a, note in rows]  # fmt: skip
-    return "\n".join(lines)
-
-
 def _field_docs(params: type) -> dict[str, str]:
     """``{field: its description}`` from the ``Attributes:`` section of a dataclass's Google-style docstring (the
     first sentence, whitespace collapsed), read by ``docstring_parser`` (jsonargparse's, as LightningCLI reads
@@ -240,7 +224,7 @@ def _run_erase(cfg) -> int:
     from .core.export import LORA_NAME, check_export_destination, save_erased
     from .core.pipelines import erase_report, is_single_file, load_pipeline
     from .core.plan import erase
-    from .core.probe import erasure_metrics
+    from .core.probe import erasure_table
     from .core.progress import set_quiet
 
     hparams = method_hparams(cfg)  # before loading anything: a flag of another method costs nothing
@@ -268,7 +252,7 @@ def _run_erase(cfg) -> int:
         f"in {result.timings['total_s']:.2f} s; operator ranks "
         f"{ {s: op.rank for s, op in result.operators.items()} }"
     )
-    text, files = report.after(result) if report is not None else (format_table(erasure_metrics(result)), {})
+    text, files = report.after(result) if report is not None else (erasure_table(result), {})
     if preview is not None:
         files["before_after.png"] = preview.after()
     print(text)

@@ -45,6 +45,8 @@ __all__ = [
     "concept_residual",
     "residual_of_outputs",
     "erasure_metrics",
+    "erasure_table",
+    "format_table",
     "compare_pipelines",
 ]
 
@@ -213,6 +215,27 @@ def residual_of_outputs(outputs) -> float:
 def erasure_metrics(result: ErasureResult) -> dict[str, float]:
     """All four metrics of an erasure on its spec's held-out prompts."""
     return TextSpaceProbe.from_result(result).compute()
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """Before/after table of the text-space metrics (before is the unedited model)."""
+    rows = [
+        ("erasure (held-out concept tokens)", 0.0, metrics["erasure"], "higher = more removed"),
+        ("collateral, near concepts", 0.0, metrics["collateral_near"], "lower = better kept"),
+        ("collateral, unrelated prompts", 0.0, metrics["collateral_far"], "lower = better kept"),
+        ("leakage (still closer to concept)", 1.0, metrics["leakage"], "lower = better"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'metric':<{width}}  before   after  ", "-" * (width + 26)]
+    lines += [f"{name:<{width}}  {b:6.3f}  {a:6.3f}  {note}" if a == a else
+              f"{name:<{width}}     n/a     n/a  nothing to measure (no held-out prompt of this kind)"
+              for name, b, a, note in rows]  # fmt: skip
+    return "\n".join(lines)
+
+
+def erasure_table(result: ErasureResult) -> str:
+    """:func:`erasure_metrics` as the before/after table the ``erase`` command prints."""
+    return format_table(erasure_metrics(result))
 
 
 def compare_pipelines(edited, original, spec: ConceptSpec) -> dict[str, float]:

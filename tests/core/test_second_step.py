@@ -391,7 +391,7 @@ def test_a_base_entry_of_another_encoder_is_recomputed_and_one_edited_row_change
 
 
 def test_filling_the_whole_space_is_said_once_and_the_table_says_n_a(load_pipeline, caplog):
-    from ice_lightning.cli import format_table
+    from ice_lightning.core.probe import format_table
     from ice_lightning.demos.tiny_parts import default_vocabulary
 
     pipe = load_pipeline("sd")

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from ice_lightning.cli import format_table, main
+from ice_lightning.cli import main
 from ice_lightning.core.export import MANIFEST_NAME, verify_export
+from ice_lightning.core.probe import format_table
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
