@@ -239,12 +239,18 @@ def optimize_caption_folder(folder: str | Path, output_dir: str | Path, chunk_by
 class _ChunkItem:
     """A litdata item (image bytes, caption) as a training item; a class, so the loader's workers can pickle it."""
 
-    def __init__(self, resolution: int, augment: Augment, train: bool) -> None:
+    def __init__(self, image_key: str, caption_key: str, resolution: int, augment: Augment, train: bool) -> None:
+        self.image_key, self.caption_key = image_key, caption_key
         self.resolution, self.augment, self.train = resolution, augment, train
 
     def __call__(self, sample: dict) -> dict:
-        return _item(Image.open(io.BytesIO(sample["image"])), sample["caption"], self.resolution, self.augment,
-                     self.train)  # fmt: skip
+        missing = [k for k in (self.image_key, self.caption_key) if k not in sample]
+        if missing:
+            raise ValueError(f"the litdata samples have no {missing[0]!r} (they have {sorted(sample)}): set "
+                             "image_key / caption_key")  # fmt: skip
+        image = sample[self.image_key]
+        image = Image.open(io.BytesIO(image)) if isinstance(image, bytes) else image  # bytes, or a PIL image
+        return _item(image, sample[self.caption_key], self.resolution, self.augment, self.train)
 
 
 class LitDataModule(LightningDataModule):
@@ -259,13 +265,18 @@ class LitDataModule(LightningDataModule):
         input_dir: the folder of chunks (``index.json`` + ``chunk-*.bin``); a local path (remote ``s3://`` folders
             work as ``litdata`` reads them, untested here).
         val_dir: chunks to validate on (``None``: no validation data).
+        image_key: the sample's key that holds the image (encoded bytes, or a PIL image as ``litdata.optimize``
+            stores one).
+        caption_key: the sample's key that holds the caption (a string, or a list of strings: a random one in
+            training).
         resolution, center_crop, random_flip: as :class:`~ice_lightning.lightning.data.CaptionFolderDataModule`.
         batch_size, num_workers: the loader's.
         shuffle, seed: ``StreamingDataset``'s (chunks, then samples in a chunk, in a new order each epoch).
         cache_dir: where ``litdata`` keeps downloaded chunks of a remote ``input_dir``.
     """
 
-    def __init__(self, input_dir: str, val_dir: str | None = None, resolution: int = 512, center_crop: bool = True,
+    def __init__(self, input_dir: str, val_dir: str | None = None, image_key: str = "image",
+                 caption_key: str = "caption", resolution: int = 512, center_crop: bool = True,
                  random_flip: bool = False, batch_size: int = 4, num_workers: int = 0, shuffle: bool = True,
                  seed: int = 0, cache_dir: str | None = None) -> None:  # fmt: skip
         super().__init__()
@@ -280,9 +291,11 @@ class LitDataModule(LightningDataModule):
             raise FileNotFoundError(f"{input_dir!r} has no index.json: it is not a folder of litdata chunks; "
                                     "make one with optimize_caption_folder(folder, output_dir)")  # fmt: skip
         h = self.hparams
-        item = _ChunkItem(h.resolution, Augment(h.center_crop, h.random_flip) if train else Augment(), train)
+        augment = Augment(h.center_crop, h.random_flip) if train else Augment()
+        item = _ChunkItem(h.image_key, h.caption_key, h.resolution, augment, train)
         data = litdata.StreamingDataset(input_dir, cache_dir=h.cache_dir, shuffle=train and h.shuffle, seed=h.seed,
                                         transform=item)  # fmt: skip
+        data[0]  # the keys checked here, by name, not in a loader's worker
         return ResumableStreamingDataLoader(data, batch_size=h.batch_size, num_workers=h.num_workers,
                                            collate_fn=collate)  # fmt: skip
 

@@ -14,13 +14,22 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
     """A ``StreamingDataLoader`` whose resumed epoch ends where Lightning ends it.
 
     After ``load_state_dict`` the loader's ``restore`` flag stays set until its iterator runs to ``StopIteration``.
-    Lightning never asks for more than ``len(loader)`` batches, so the resumed epoch's iterator is left suspended on
-    its last batch, the flag stays set, and the next epoch replays the resumed epoch's tail instead of starting
-    afresh (seen with litdata 0.2.76 and Lightning 2.6). The flag is cleared as the epoch's last batch is handed out.
+    Lightning stops asking at ``len(loader)`` batches (or ``limit_train_batches``, or ``max_steps``), so the resumed
+    epoch's iterator is left suspended, the flag stays set, and the next epoch replays the resumed epoch's tail
+    instead of starting afresh (seen with litdata 0.2.76 and Lightning 2.6). Here a new iteration after the resumed
+    one has handed out a batch clears the flag first.
     """
 
+    _resumed_epoch_began = False
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        super().load_state_dict(obj)
+        self._resumed_epoch_began = False
+
     def __iter__(self) -> Any:
+        if self.restore and self._resumed_epoch_began:  # a new epoch: the resumed one is over
+            self.restore = False
+        self._resumed_epoch_began = False
         for batch in super().__iter__():
-            if self._num_samples_yielded_streaming >= len(self) * self.batch_size:
-                self.restore = False
+            self._resumed_epoch_began = self.restore
             yield batch

@@ -88,6 +88,8 @@ def test_every_source_gives_the_same_items(data):
         WebDatasetDataModule(str(data / "nothing" / "{000..001}.tar")).train_dataloader()
     with pytest.raises(FileNotFoundError, match="no index.json.*make one with optimize_caption_folder"):
         LitDataModule(str(data / "captions")).train_dataloader()
+    with pytest.raises(ValueError, match=r"no 'text' \(they have \['caption', 'image'\]\): set image_key"):
+        LitDataModule(str(data / "chunks"), caption_key="text").train_dataloader()
 
 
 def test_optimize_writes_only_into_a_new_folder(data, tmp_path):
@@ -177,29 +179,32 @@ class _CheckpointThenCrash(Callback):
             raise _Crash
 
 
-def test_litdata_resumes_mid_epoch_exactly(data, tmp_path):
-    """A fit that crashes after a checkpoint at step 3 of 4 (batches of 2), resumed from that checkpoint, sees the
-    same batches as the uninterrupted 2-epoch fit: the rest of epoch 0 (not again from its start), then a whole,
-    freshly shuffled epoch 1 (not a replay of the resumed epoch's tail, as litdata's own loader gives under
-    Lightning). In-process loading: with 2 workers it holds too (checked by hand), but each suspended epoch then waits
-    out PyTorch's worker shutdown (~5 s)."""
+@pytest.mark.parametrize(("limit", "at_step"), [(None, 3), (3, 2)])
+def test_litdata_resumes_mid_epoch_exactly(data, tmp_path, limit, at_step):
+    """A fit that crashes after a checkpoint mid-epoch 0 (step 3 of 4 batches of 2; or step 2 of 3 with
+    ``limit_train_batches=3``), resumed from that checkpoint, sees the same batches as the uninterrupted 2-epoch fit:
+    the rest of epoch 0 (not again from its start), then a whole, freshly shuffled epoch 1 (not a replay of the
+    resumed epoch's tail, as litdata's own loader gives under Lightning). In-process loading: with 2 workers it holds
+    too (checked by hand), but each suspended epoch then waits out PyTorch's worker shutdown (~5 s)."""
 
     def fit(module, *callbacks, ckpt_path=None):
         trainer = Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
-                          default_root_dir=tmp_path)  # fmt: skip
+                          default_root_dir=tmp_path, limit_train_batches=limit)  # fmt: skip
         trainer.fit(module, datamodule=LitDataModule(str(data / "chunks"), resolution=16, batch_size=2),
-                     ckpt_path=ckpt_path)  # fmt: skip
+                    ckpt_path=ckpt_path)  # fmt: skip
 
+    per_epoch = limit or 4
     whole = _Recorder()
     fit(whole)
-    assert len(whole.seen) == 8
-    for epoch in (whole.seen[:4], whole.seen[4:]):
-        assert sorted(c for batch in epoch for c in batch) == [f"caption {i}" for i in range(N)]
-    assert whole.seen[:4] != whole.seen[4:]  # each epoch its own order
+    assert len(whole.seen) == 2 * per_epoch
+    if limit is None:
+        for epoch in (whole.seen[:4], whole.seen[4:]):
+            assert sorted(c for batch in epoch for c in batch) == [f"caption {i}" for i in range(N)]
+    assert whole.seen[:per_epoch] != whole.seen[per_epoch:]  # each epoch its own order
     crashed = _Recorder()
     with pytest.raises(_Crash):
-        fit(crashed, _CheckpointThenCrash(tmp_path / "mid.ckpt", at_step=3))
+        fit(crashed, _CheckpointThenCrash(tmp_path / "mid.ckpt", at_step=at_step))
     resumed = _Recorder()
     fit(resumed, ckpt_path=tmp_path / "mid.ckpt")
-    assert crashed.seen[:3] + resumed.seen == whole.seen
+    assert crashed.seen[:at_step] + resumed.seen == whole.seen
