@@ -199,6 +199,17 @@ class WebDatasetDataModule(LightningDataModule):
                           num_workers=self.hparams.num_workers, collate_fn=collate)  # fmt: skip
 
 
+def _litdata():
+    """``litdata``, or an error that says how to install it."""
+    try:
+        import litdata
+    except ImportError as err:
+        raise ImportError("litdata chunks need the litdata package: pip install litdata (it requires torchvision; "
+                          "beside a CPU-only torch wheel, pip install --no-deps litdata and then boto3 obstore "
+                          "tifffile requests, as this project's set-up does)") from err  # fmt: skip
+    return litdata
+
+
 def _chunk_sample(pair: tuple[str, str]) -> dict:
     """One caption-folder sample as a litdata item: the image file's bytes as they are (no re-encoding), its caption."""
     image, caption = pair
@@ -223,8 +234,7 @@ def optimize_caption_folder(folder: str | Path, output_dir: str | Path, chunk_by
         optimize_caption_folder("data/images", "data/chunks")
         LitDataModule("data/chunks", resolution=512)
     """
-    import litdata
-
+    litdata = _litdata()
     output = Path(output_dir)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output} already exists and is not an empty folder: optimize_caption_folder writes "
@@ -283,8 +293,7 @@ class LitDataModule(LightningDataModule):
         self.save_hyperparameters()
 
     def _loader(self, input_dir: str, train: bool):
-        import litdata
-
+        litdata = _litdata()
         from .streaming_loader import ResumableStreamingDataLoader
 
         if "://" not in input_dir and not (Path(input_dir) / "index.json").is_file():

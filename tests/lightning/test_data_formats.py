@@ -106,6 +106,15 @@ def test_optimize_writes_only_into_a_new_folder(data, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"] and (tmp_path / "mine.txt").read_text() == "keep"
 
 
+def test_without_litdata_the_error_says_how_to_install_it(data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "litdata", None)  # import litdata now raises ImportError
+    with pytest.raises(ImportError, match="pip install litdata.*--no-deps"):
+        LitDataModule(str(data / "chunks")).train_dataloader()
+    with pytest.raises(ImportError, match="pip install litdata"):
+        optimize_caption_folder(data / "captions", tmp_path / "chunks")
+    assert not (tmp_path / "chunks").exists()
+
+
 @pytest.mark.parametrize("source", ["datasets", "webdataset", "litdata"])
 def test_each_source_fits_through_the_cli_from_yaml(source, data, tmp_path):
     init = ({"class_path": "ice_lightning.lightning.data_formats.HFDatasetDataModule",
