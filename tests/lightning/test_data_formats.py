@@ -140,7 +140,7 @@ def test_each_source_fits_through_the_cli_from_yaml(source, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_sees_every_sample_exactly_once_per_epoch(data, tmp_path):
+def test_ddp_sees_every_sample_exactly_once_per_epoch_and_litdata_resumes_exactly(data, tmp_path):
     script = Path(__file__).with_name("data_formats_ddp_run.py")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
@@ -155,6 +155,9 @@ def test_ddp_sees_every_sample_exactly_once_per_epoch(data, tmp_path):
             both = ranks[0][epoch] + ranks[1][epoch]
             assert sorted(both) == everything, (name, epoch)  # each sample once: no rank misses or repeats one
             assert ranks[0][epoch] and ranks[1][epoch]
+    for r in (0, 1):  # stopped mid-epoch, checkpointed and resumed: each rank sees what it saw uninterrupted
+        resumed = json.loads((tmp_path / f"litdata-resumed-rank{r}.json").read_text())
+        assert resumed == json.loads((tmp_path / f"litdata-rank{r}.json").read_text()), r
 
 
 class _Recorder(LightningModule):
