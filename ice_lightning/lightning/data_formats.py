@@ -204,7 +204,8 @@ def _litdata():
     try:
         import litdata
     except ImportError as err:
-        raise ImportError("litdata chunks need the litdata package: pip install litdata (it requires torchvision; "
+        raise ImportError("litdata chunks need the litdata package: pip install 'ice-lightning[litdata]' or "
+                          "pip install litdata (it requires torchvision; "
                           "beside a CPU-only torch wheel, pip install --no-deps litdata and then boto3 obstore "
                           "tifffile requests, as this project's set-up does)") from err  # fmt: skip
     return litdata

@@ -27,9 +27,9 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         self._resumed_epoch_began = False
 
     def __iter__(self) -> Any:
-        if self.restore and self._resumed_epoch_began:  # a new epoch: the resumed one is over
+        if getattr(self, "restore", False) and self._resumed_epoch_began:  # a new epoch: the resumed one is over
             self.restore = False
         self._resumed_epoch_began = False
         for batch in super().__iter__():
-            self._resumed_epoch_began = self.restore
+            self._resumed_epoch_began = getattr(self, "restore", False)  # a litdata without the flag: nothing to do
             yield batch
