@@ -10,42 +10,14 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
-from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
+from lightning.pytorch import Trainer  # noqa: E402
+from recording import CaptionRecorder, CheckpointAt  # noqa: E402
 
 from ice_lightning.lightning.data_formats import (  # noqa: E402
     HFDatasetDataModule,
     LitDataModule,
     WebDatasetDataModule,
 )
-
-
-class Recorder(LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.seen: list[list[str]] = []
-
-    def training_step(self, batch, batch_idx):
-        while len(self.seen) <= self.current_epoch:  # by epoch: a fit resumed mid-epoch starts no epoch of its own
-            self.seen.append([])
-        self.seen[self.current_epoch] += list(batch["captions"])
-        return (self.w * batch["pixel_values"].mean()).sum()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
-class CheckpointAt(Callback):
-    """Saves a checkpoint after training step ``step``, as ``ModelCheckpoint(every_n_train_steps=...)`` does."""
-
-    def __init__(self, path: Path, step: int):
-        self.path, self.step = path, step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
-            trainer.save_checkpoint(self.path)
-
 
 if __name__ == "__main__":
     out, data_dir = Path(sys.argv[1]), Path(sys.argv[2])
@@ -61,11 +33,11 @@ if __name__ == "__main__":
                        limit_val_batches=0, default_root_dir=out, use_distributed_sampler=True, **kwargs)  # fmt: skip
 
     for name, data in modules.items():
-        module = Recorder()
+        module = CaptionRecorder()
         fit = trainer()
         fit.fit(module, datamodule=data)
         (out / f"{name}-rank{fit.global_rank}.json").write_text(json.dumps(module.seen))
-    first, rest = Recorder(), Recorder()
+    first, rest = CaptionRecorder(), CaptionRecorder()
     stopped = trainer(max_steps=2, callbacks=[CheckpointAt(out / "litdata-mid.ckpt", step=1)])  # stands for a crash
     stopped.fit(first, datamodule=LitDataModule(str(data_dir / "chunks"), resolution=16, batch_size=2))
     resumed = trainer()

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Trainer
 from PIL import Image
+from recording import CaptionRecorder, CheckpointAt, Crash
 
 from ice_lightning.cli import main
 from ice_lightning.lightning.data_formats import (
@@ -160,37 +161,6 @@ def test_ddp_sees_every_sample_exactly_once_per_epoch_and_litdata_resumes_exactl
         assert resumed == json.loads((tmp_path / f"litdata-rank{r}.json").read_text()), r
 
 
-class _Recorder(LightningModule):
-    """Records the captions of every training batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.seen: list[list[str]] = []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append(list(batch["captions"]))
-        return (self.w * batch["pixel_values"].mean()).sum()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
-class _Crash(Exception):
-    pass
-
-
-class _CheckpointThenCrash(Callback):
-    def __init__(self, path: Path, at_step: int):
-        self.path, self.at_step = path, at_step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.at_step:
-            trainer.save_checkpoint(self.path)
-        if trainer.global_step == self.at_step + 2:
-            raise _Crash
-
-
 @pytest.mark.parametrize(("limit", "at_step"), [(None, 3), (3, 2)])
 def test_litdata_resumes_mid_epoch_exactly(data, tmp_path, limit, at_step):
     """A fit that crashes after a checkpoint mid-epoch 0 (step 3 of 4 batches of 2; or step 2 of 3 with
@@ -206,17 +176,16 @@ def test_litdata_resumes_mid_epoch_exactly(data, tmp_path, limit, at_step):
         trainer.fit(module, datamodule=LitDataModule(str(data / "chunks"), resolution=16, batch_size=2),
                     ckpt_path=ckpt_path)  # fmt: skip
 
-    per_epoch = limit or 4
-    whole = _Recorder()
+    per_epoch = 2 * (limit or 4)  # captions
+    whole = CaptionRecorder()
     fit(whole)
-    assert len(whole.seen) == 2 * per_epoch
+    assert [len(epoch) for epoch in whole.seen] == [per_epoch, per_epoch]
     if limit is None:
-        for epoch in (whole.seen[:4], whole.seen[4:]):
-            assert sorted(c for batch in epoch for c in batch) == [f"caption {i}" for i in range(N)]
-    assert whole.seen[:per_epoch] != whole.seen[per_epoch:]  # each epoch its own order
-    crashed = _Recorder()
-    with pytest.raises(_Crash):
-        fit(crashed, _CheckpointThenCrash(tmp_path / "mid.ckpt", at_step=at_step))
-    resumed = _Recorder()
+        assert all(sorted(epoch) == [f"caption {i}" for i in range(N)] for epoch in whole.seen)
+    assert whole.seen[0] != whole.seen[1]  # each epoch its own order
+    crashed = CaptionRecorder()
+    with pytest.raises(Crash):
+        fit(crashed, CheckpointAt(tmp_path / "mid.ckpt", step=at_step, crash_after=2))
+    resumed = CaptionRecorder()
     fit(resumed, ckpt_path=tmp_path / "mid.ckpt")
-    assert crashed.seen[:at_step] + resumed.seen == whole.seen
+    assert [crashed.seen[0][: 2 * at_step] + resumed.seen[0], resumed.seen[1]] == whole.seen
