@@ -308,9 +308,9 @@ def dissociation_operator(
         def B_inv(X: Tensor) -> Tensor:
             return X / hp.mu + Qb @ ((1.0 / (g + hp.mu) - 1.0 / hp.mu)[:, None] * (Qb.T @ X))
 
-        scale = torch.cat([f.sqrt(), (hp.lam * w).sqrt()])
-        A = torch.cat([V, Q], dim=1) * scale
-        B_inv_VQ = B_inv(torch.cat([V, Q], dim=1))  # one pass over the base (it may span all d directions)
+        VQ, scale = torch.cat([V, Q], dim=1), torch.cat([f.sqrt(), (hp.lam * w).sqrt()])
+        A = VQ * scale
+        B_inv_VQ = B_inv(VQ)  # one pass over the base (it may span all d directions)
         BA, BV = B_inv_VQ * scale, B_inv_VQ[:, : V.shape[1]]
         K = torch.eye(A.shape[1], dtype=A.dtype) + A.T @ BA
         row_space = BV - BA @ torch.linalg.solve((K + K.T) / 2, A.T @ BV)  # S^-1 V
