@@ -175,7 +175,7 @@ def _factors(name: str, module: nn.Linear, op: DissociationOperator, base: Tenso
     what every layer it edits shares (``D``, or ``R = M U^T``)."""
     w = local_shard(module.weight)
     if w.ndim != 2 or w.shape[1] != op.dim:
-        op.factors(w)  # raises the dimension-mismatch error
+        op.left_factor(w)  # raises the dimension-mismatch error
     is_dense, common = shared[id(op)]
     if is_dense:
         if not _all_finite(w):
@@ -186,7 +186,7 @@ def _factors(name: str, module: nn.Linear, op: DissociationOperator, base: Tenso
     if _fused(w):  # the update is applied in float32 anyway: W U in float32, no float64 copy of the weight
         L = (X @ op.U.to(X.device, X.dtype)).to(_F64)
     else:
-        L = X.to(op.U.device, _F64) @ op.U
+        L = op.left_factor(X)
     R = common
     if not (torch.isfinite(L).all() and torch.isfinite(R).all()):
         if not _all_finite(w):  # a non-finite weight shows in W U: only then is the whole weight read
@@ -281,7 +281,7 @@ def apply_edits(
     for _, _, op in targets:
         if id(op) not in shared:
             is_dense = dense_is_cheaper(op.rank, op.dim, outs[id(op)])
-            shared[id(op)] = (is_dense, op.dense() if is_dense else op.M @ op.U.T)
+            shared[id(op)] = (is_dense, op.dense() if is_dense else op.right_factor())
     plans = [_factors(name, module, op, bases.get(name), shared) for name, module, op in targets]  # phase 1
     edits: list[LayerEdit] = into if into is not None else []
     inflight: tuple[LayerEdit, Tensor] | None = None  # the layer being written: restored from what it got

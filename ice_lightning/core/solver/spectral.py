@@ -322,14 +322,21 @@ class DissociationOperator:
 
     def factors(self, W: Tensor) -> tuple[Tensor, Tensor]:
         """Low-rank factors ``(L, R)`` of the weight change, ``W_new = W - L @ R``, in float64."""
+        return self.left_factor(W), self.right_factor()
+
+    def left_factor(self, W: Tensor) -> Tensor:
+        """``L = W U`` (float64), the factor that depends on the layer; the dimension is checked."""
         if W.ndim != 2 or W.shape[1] != self.dim:
             raise ValueError(
                 f"dimension mismatch: the operator acts on {self.dim}-d text states but the layer weight "
                 f"has shape {tuple(W.shape)} (in_features {W.shape[-1]}); embed the prompts with the "
                 "text encoder whose states this layer reads"
             )
-        L = W.detach().to(self.U.device, _DTYPE) @ self.U
-        return L, self.M @ self.U.T
+        return W.detach().to(self.U.device, _DTYPE) @ self.U
+
+    def right_factor(self) -> Tensor:
+        """``R = M U^T``, the factor every layer the operator edits shares."""
+        return self.M @ self.U.T
 
     def apply(self, W: Tensor) -> Tensor:
         """``W (I - D)`` computed in float64 and cast back to W's dtype and device."""
