@@ -216,7 +216,7 @@ def _held_mib(ice) -> float:
             for v in vars(e).values():
                 add(v)
     for op in (ice.state.operators or {}).values():
-        add(op.U), add(op.M)
+        add(op.U), add(op.M), add(op.V)
     return total / 2**20
 
 

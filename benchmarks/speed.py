@@ -213,7 +213,9 @@ def measure(space: EmbeddingSpace, targets: list[tuple[str, torch.nn.Linear]], n
         "erase_tokens": E_e.shape[0],
         "preserve_tokens": E_p.shape[0],
         "rank": op.rank,
-        "apply_form": "dense" if dense_is_cheaper(op.rank, op.dim, [m.out_features for _, m in targets])
+        "two_sided": op.V is not None,
+        "apply_form": "dense" if dense_is_cheaper(op.U.shape[1], op.dim, [m.out_features for _, m in targets],
+                                                  right=op.right_basis.shape[1])
         else "low-rank",
         "base_s": t_base,
         "encode_s": t_encode,

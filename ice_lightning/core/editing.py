@@ -68,7 +68,7 @@ def concept_outputs(weights: dict[str, tuple[Tensor, Tensor | None]], layer_spac
         op, x = operators[layer_spaces[name]], states[layer_spaces[name]]
         if not x.shape[0]:
             continue
-        xd = ((x.to(op.U.device) @ op.U) @ op.M.T) @ op.U.T  # rows of (D x)^T
+        xd = op.rows_times(x.to(op.U.device))  # rows of (D x)^T
         out[name] = (layer_outputs(W, b, x), layer_outputs(W, None, xd))
     return out
 
@@ -144,17 +144,19 @@ def _write(weight: Tensor, value: Tensor) -> None:
         weight.copy_(value)
 
 
-def dense_is_cheaper(rank: int, dim: int, outs: Sequence[int] | None = None) -> bool:
+def dense_is_cheaper(rank: int, dim: int, outs: Sequence[int] | None = None, right: int | None = None) -> bool:
     """The cost model of an edit ``W <- W - X D`` of ``out x d`` weights by one operator of rank ``k``: per layer,
     the low-rank form ``(X U)(M U^T)`` costs ``2 out d k`` multiply-adds and the dense ``X D`` costs ``out d^2``,
     so dense wins once ``k`` reaches half the width (many concepts, or states that span the space). With ``outs``
     (the ``out`` of every layer the operator edits), what each form costs once is counted too: ``D = U M U^T``,
     ``d k (k + d)``, against ``M U^T``, ``k^2 d``. A few layers with ``k`` near ``d`` then stay low-rank (Wan's
-    single text layer with 100 concepts: 2.0e11 instead of 2.8e11)."""
+    single text layer with 100 concepts: 2.0e11 instead of 2.8e11). ``right``: the width ``j`` of ``V`` in a
+    two-sided ``D = U M V^T`` (``k`` is ``U``'s): the one-time costs are then ``d k (j + d)`` and ``k j d``."""
     if outs is None:
         return 2 * rank >= dim
-    dense = dim * rank * (rank + dim) + sum(out * dim * dim for out in outs)
-    low_rank = rank * rank * dim + sum(2 * out * dim * rank for out in outs)
+    j = rank if right is None else right
+    dense = dim * rank * (j + dim) + sum(out * dim * dim for out in outs)
+    low_rank = rank * j * dim + sum(2 * out * dim * rank for out in outs)
     return dense < low_rank
 
 
@@ -168,25 +170,40 @@ class _Update:
     base: Tensor | None = None
 
 
+def _shared_factor(op: DissociationOperator, outs: Sequence[int]) -> tuple[bool, Tensor, Tensor | None]:
+    """The cost model's form of an edit by ``op`` of layers with ``outs`` outputs: ``(dense, common, mix)``, where
+    every layer shares ``common``: the dense ``D``, or ``R = M V^T`` (``M U^T``), or, for a two-sided operator
+    editing fewer outputs in all than its width (Wan's one text layer), ``R = V^T`` with each layer's
+    ``L = (W U) M`` (``mix = M``): ``out (k j + j d)`` per layer instead of ``k j d`` once plus ``out k d``."""
+    k, j, d = op.U.shape[1], op.right_basis.shape[1], op.dim
+    if dense_is_cheaper(k, d, outs, right=j):
+        return True, op.dense(), None
+    if op.V is not None and sum(out * (k * j + j * d - k * d) for out in outs) < k * j * d:
+        return False, op.V.T, op.M
+    return False, op.right_factor(), None
+
+
 def _factors(name: str, module: nn.Linear, op: DissociationOperator, base: Tensor | None,
-             shared: dict[int, tuple[bool, Tensor]]) -> _Update:  # fmt: skip
+             shared: dict[int, tuple[bool, Tensor, Tensor | None]]) -> _Update:  # fmt: skip
     """Phase 1 of an edit: the low-rank factors ``(L, R)`` of ``W_new = W - L R`` (or, by the cost model, the
     dense operator), checked; nothing written. ``shared[id(op)]``: the cost model's choice for the operator and
-    what every layer it edits shares (``D``, or ``R = M U^T``)."""
+    what every layer it edits shares (:func:`_shared_factor`)."""
     w = local_shard(module.weight)
     if w.ndim != 2 or w.shape[1] != op.dim:
         op.left_factor(w)  # raises the dimension-mismatch error
-    is_dense, common = shared[id(op)]
+    is_dense, common, mix = shared[id(op)]
     if is_dense:
         if not _all_finite(w):
             raise ValueError(f"layer {name!r} already holds NaN or inf weights; refusing to edit it")
         return _Update(D=common, base=None if base is None else base.to(w.device, w.dtype))
     # Without a base the whole weight is edited; with one, only what changed since (W - base).
     X = w.detach() if base is None else w.detach() - base.to(w.device, w.dtype)
-    if _fused(w):  # the update is applied in float32 anyway: W U in float32, no float64 copy of the weight
-        L = (X @ op.U.to(X.device, X.dtype)).to(_F64)
+    if _fused(w):  # the update is applied in float32 anyway: W U (and (W U) M) in float32, no float64 copy of W
+        L = X @ op.U.to(X.device, X.dtype)
+        L = (L if mix is None else L @ mix.to(L.device, L.dtype)).to(_F64)
     else:
         L = op.left_factor(X)
+        L = L if mix is None else L @ mix
     R = common
     if not (torch.isfinite(L).all() and torch.isfinite(R).all()):
         if not _all_finite(w):  # a non-finite weight shows in W U: only then is the whole weight read
@@ -277,11 +294,10 @@ def apply_edits(
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{name!r} is a {type(module).__name__}, not a torch.nn.Linear")
         outs.setdefault(id(op), []).append(module.out_features)
-    shared: dict[int, tuple[bool, Tensor]] = {}
+    shared: dict[int, tuple[bool, Tensor, Tensor | None]] = {}
     for _, _, op in targets:
         if id(op) not in shared:
-            is_dense = dense_is_cheaper(op.rank, op.dim, outs[id(op)])
-            shared[id(op)] = (is_dense, op.dense() if is_dense else op.right_factor())
+            shared[id(op)] = _shared_factor(op, outs[id(op)])
     plans = [_factors(name, module, op, bases.get(name), shared) for name, module, op in targets]  # phase 1
     edits: list[LayerEdit] = into if into is not None else []
     inflight: tuple[LayerEdit, Tensor] | None = None  # the layer being written: restored from what it got

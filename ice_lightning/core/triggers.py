@@ -113,7 +113,7 @@ def find_triggers(space: EmbeddingSpace, spec: ConceptSpec, op: DissociationOper
         return torch.stack([r.mean(0) for r in rows]).to(_DTYPE)
 
     def edited(X: Tensor) -> Tensor:  # rows (I - D) x
-        return X - (X @ op.U) @ (op.M.T @ op.U.T)
+        return X - op.rows_times(X)
 
     ranking, singles = {}, None  # the candidates per concept: single words, scored once in the first template
     out = []

@@ -45,8 +45,8 @@ class ICEState:
     def to_dict(self) -> dict[str, Any]:
         ops = None
         if self.operators is not None:
-            ops = {s: {"U": o.U.cpu(), "M": o.M.cpu(), "method": o.method, "hparams": o.hparams}
-                   for s, o in self.operators.items()}  # fmt: skip
+            ops = {s: {"U": o.U.cpu(), "M": o.M.cpu(), "method": o.method, "hparams": o.hparams,
+                       **({} if o.V is None else {"V": o.V.cpu()})} for s, o in self.operators.items()}  # fmt: skip
         return {"applications": self.applications, "last_epoch_applied": self.last_epoch_applied,
                 "operators": ops, "layer_spaces": self.layer_spaces, "probe": self.probe,
                 "spec_fingerprint": self.spec_fingerprint}  # fmt: skip

@@ -127,7 +127,7 @@ def erasure_lora(pipeline, results: Sequence[ErasureResult] | None = None) -> di
         w = now
         for r in reversed(chain):  # walk back to the weight before the first erasure
             w = _before(r, name, w)
-        spans = [r.operators[r.layer_spaces[name]].U.to(torch.float64) for r in chain]
+        spans = [r.operators[r.layer_spaces[name]].row_space().to(torch.float64) for r in chain]
         U = spans[0] if len(spans) == 1 else torch.linalg.svd(torch.cat(spans, 1), full_matrices=False)[0]
         delta = now - w.to(now.device)
         out[f"{name}.lora_A.weight"] = U.T.to(torch.float32).contiguous().cpu()

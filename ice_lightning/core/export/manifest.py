@@ -225,7 +225,8 @@ def _manifest(pipeline, results: list[ErasureResult | ErasureRecord], extra: dic
 
 
 def _save_operators(path: Path, operators: Sequence[dict[str, DissociationOperator]]) -> None:
-    """The operators of each erasure, in the manifest's order (``{i}.{space}.U`` and ``.M``)."""
+    """The operators of each erasure, in the manifest's order (``{i}.{space}.U`` and ``.M``, and ``.V``
+    for a two-sided one)."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -233,6 +234,8 @@ def _save_operators(path: Path, operators: Sequence[dict[str, DissociationOperat
         for space, op in ops.items():
             tensors[f"{i}.{space}.U"] = op.U.detach().cpu().contiguous()
             tensors[f"{i}.{space}.M"] = op.M.detach().cpu().contiguous()
+            if op.V is not None:  # the two-sided form, D = U M V^T
+                tensors[f"{i}.{space}.V"] = op.V.detach().cpu().contiguous()
     save_file(tensors, str(path))
 
 
@@ -247,7 +250,9 @@ def _load_operators(path: Path, manifest: dict) -> list[dict[str, DissociationOp
             U, M = tensors.get(f"{i}.{space}.U"), tensors.get(f"{i}.{space}.M")
             if U is None or M is None:
                 raise ExportVerificationError(f"{path.name} has no operator for erasures[{i}], space {space!r}")
-            ops[space] = DissociationOperator(U.to(torch.float64), M.to(torch.float64), e.get("method", "ice"), {})
+            V = tensors.get(f"{i}.{space}.V")
+            ops[space] = DissociationOperator(U.to(torch.float64), M.to(torch.float64), e.get("method", "ice"), {},
+                                              V=None if V is None else V.to(torch.float64))  # fmt: skip
         out.append(ops)
     return out
 

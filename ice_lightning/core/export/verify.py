@@ -148,8 +148,8 @@ def _check_lora(folder: Path, manifest: dict) -> None:
         )
     operators = _load_operators(folder / manifest.get("operators_file", OPERATORS_NAME), manifest)
     for name in sorted(named):
-        spans = [ops[e["layer_spaces"][name]].U for e, ops in zip(manifest["erasures"], operators, strict=True)
-                 if name in e["layer_spaces"]]  # fmt: skip
+        spans = [ops[e["layer_spaces"][name]].row_space()
+                 for e, ops in zip(manifest["erasures"], operators, strict=True) if name in e["layer_spaces"]]
         U = torch.linalg.svd(torch.cat(spans, 1), full_matrices=False)[0]
         A = lora[f"{name}.lora_A.weight"].to(torch.float64)
         off = float((A - (A @ U) @ U.T).norm() / A.norm().clamp_min(1e-300))

@@ -41,16 +41,17 @@ def adversarial_inputs(op: DissociationOperator, gram: Tensor, C: Tensor, gamma:
     ``W_l c`` through every edited layer ``W_l A`` at once, ``g = gamma * lambda_max(G)`` (a fixed ridge; the
     red-team benchmark's attack instead bisects a norm budget per row, so the two are different objectives).
 
-    ``A^T G A = G - D^T G - G D + D^T G D`` is formed from ``D = U M U^T`` in ``O(d^2 k)``; one Cholesky solve
+    ``A^T G A = G - D^T G - G D + D^T G D`` is formed from ``D = U M V^T`` in ``O(d^2 k)``; one Cholesky solve
     of d x d follows. ``gram_norm`` is ``lambda_max(G)`` when the caller already has it (rounds reuse it)."""
     G = gram.to(_DTYPE)
     C = C.to(_DTYPE)
     d = G.shape[0]
-    GU = G @ op.U
-    Dt = op.U @ op.M.T  # D^T = U M^T U^T, kept as (U M^T) U^T
-    GD = GU @ op.M @ op.U.T
-    H = G - GD - GD.T + Dt @ ((op.U.T @ GU) @ op.M @ op.U.T)
-    R = (C @ G) - (C @ GU) @ op.M @ op.U.T  # rows c^T G A
+    U, M, V = op.U, op.M, op.right_basis  # D = U M V^T (V = U in the symmetric form)
+    GU = G @ U
+    Dt = V @ M.T  # D^T = V M^T U^T, kept as (V M^T) U^T
+    GD = GU @ M @ V.T
+    H = G - GD - GD.T + Dt @ ((U.T @ GU) @ M @ V.T)
+    R = (C @ G) - (C @ GU) @ M @ V.T  # rows c^T G A
     scale = (gram_norm if gram_norm is not None else _largest_eigenvalue(G)) or 1.0
     H = (H + H.T) / 2 + gamma * scale * torch.eye(d, dtype=_DTYPE)
     L = torch.linalg.cholesky(H)

@@ -297,16 +297,20 @@ def _add_direction(ov: Overlap, v: Tensor) -> Overlap:
 
 @dataclass
 class DissociationOperator:
-    """A d x d operator ``D = U M U^T`` in low-rank form, applied to a layer as ``W <- W - (W U)(M U^T)``.
+    """A d x d operator in low-rank form, applied to a layer as ``W <- W (I - D) = W - (W U)(M V^T)``.
 
-    ``U`` (d x k) has orthonormal columns and ``M`` is k x k, both float64. ``method`` and ``hparams``
-    record how it was made (they go into the export manifest).
+    ``D = U M U^T`` (``V`` is ``None``): ``U`` (d x k) has orthonormal columns spanning both of D's spaces and
+    ``M`` is k x k. ``D = U M V^T`` (two-sided): ``U`` (d x k) spans D's columns and ``V`` (d x j) its rows, ``M``
+    is k x j, neither basis need be orthonormal; ICE's solve gives this form when the erase states are many
+    (half the width of the symmetric form's, see :func:`~ice_lightning.core.solver.dissociation_operator`). All
+    float64. ``method`` and ``hparams`` record how it was made (they go into the export manifest).
     """
 
     U: Tensor
     M: Tensor
     method: str = "ice"
     hparams: dict = field(default_factory=dict)
+    V: Tensor | None = None
 
     @property
     def dim(self) -> int:
@@ -314,11 +318,33 @@ class DissociationOperator:
 
     @property
     def rank(self) -> int:
-        return self.U.shape[1]
+        """The width of the factors, an upper bound of D's rank (the smaller one in the two-sided form)."""
+        return self.U.shape[1] if self.V is None else min(self.U.shape[1], self.V.shape[1])
+
+    @property
+    def right_basis(self) -> Tensor:
+        """``V`` of ``D = U M V^T`` (``U`` in the symmetric form)."""
+        return self.U if self.V is None else self.V
 
     def dense(self) -> Tensor:
         """The d x d matrix D (for tests and small d only)."""
-        return self.U @ self.M @ self.U.T
+        return self.U @ self.M @ self.right_basis.T
+
+    def times(self, X: Tensor) -> Tensor:
+        """``D X`` for X (d x m), through the factors."""
+        return self.U @ (self.M @ (self.right_basis.T @ X))
+
+    def rows_times(self, X: Tensor) -> Tensor:
+        """``X D^T`` for rows X (m x d): each row ``x^T`` becomes ``(D x)^T``."""
+        return ((X @ self.right_basis) @ self.M.T) @ self.U.T
+
+    def row_space(self) -> Tensor:
+        """An orthonormal basis (d x r) containing D's row space, where every change ``W D`` of a layer lies."""
+        return self.U if self.V is None else _orth(self.V)
+
+    def span(self) -> Tensor:
+        """An orthonormal basis containing both D's row and column spaces (``U`` in the symmetric form)."""
+        return self.U if self.V is None else _orth(torch.cat([self.U, self.V], dim=1))
 
     def factors(self, W: Tensor) -> tuple[Tensor, Tensor]:
         """Low-rank factors ``(L, R)`` of the weight change, ``W_new = W - L @ R``, in float64."""
@@ -335,8 +361,8 @@ class DissociationOperator:
         return W.detach().to(self.U.device, _DTYPE) @ self.U
 
     def right_factor(self) -> Tensor:
-        """``R = M U^T``, the factor every layer the operator edits shares."""
-        return self.M @ self.U.T
+        """``R = M V^T`` (``M U^T`` in the symmetric form), the factor every layer the operator edits shares."""
+        return self.M @ self.right_basis.T
 
     def apply(self, W: Tensor) -> Tensor:
         """``W (I - D)`` computed in float64 and cast back to W's dtype and device."""
@@ -344,7 +370,8 @@ class DissociationOperator:
         return (W.detach().to(self.U.device, _DTYPE) - L @ R).to(W.device, W.dtype)
 
     def to(self, device: torch.device | str) -> DissociationOperator:
-        return DissociationOperator(self.U.to(device), self.M.to(device), self.method, dict(self.hparams))
+        V = None if self.V is None else self.V.to(device)
+        return DissociationOperator(self.U.to(device), self.M.to(device), self.method, dict(self.hparams), V)
 
 
 def _operator_from(spans: list[Tensor], D_apply, method: str, hparams: dict,
@@ -377,12 +404,14 @@ def _with_anchor(op: DissociationOperator, anchor: tuple[Tensor, Tensor] | None)
         return op
     dst_T, src_pinv = pair
     D = op
+    hp = dict(op.hparams, anchor=True)
+    if op.V is not None:  # (I - T) U M V^T: only the column factor changes
+        return DissociationOperator(op.U - dst_T @ (src_pinv @ op.U), op.M, op.method, hp, V=op.V)
 
     def apply(X: Tensor) -> Tensor:
-        DX = D.U @ (D.M @ (D.U.T @ X))
+        DX = D.times(X)
         return DX - dst_T @ (src_pinv @ DX)
 
-    hp = dict(op.hparams, anchor=True)
     return _operator_from([op.U, dst_T], apply, op.method, hp)
 
 
@@ -406,8 +435,7 @@ def _composed(first: DissociationOperator, second: DissociationOperator, method:
     """``I - D = (I - D_first)(I - D_second)``: ``D = D_second + D_first (I - D_second)``, in span(U_1, U_2)."""
 
     def apply(X: Tensor) -> Tensor:
-        Y = second.U @ (second.M @ (second.U.T @ X))
-        Z = X - Y
-        return Y + first.U @ (first.M @ (first.U.T @ Z))
+        Y = second.times(X)
+        return Y + first.times(X - Y)
 
-    return _operator_from([first.U, second.U], apply, method, hparams)
+    return _operator_from([first.span(), second.span()], apply, method, hparams)
