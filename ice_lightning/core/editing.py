@@ -38,6 +38,9 @@ __all__ = [
 _F64 = torch.float64
 # Above this share of non-invertible entries a dense copy of the original is cheaper than indices.
 _DENSE_FIXUP_SHARE = 0.25
+# The low-rank undo record must save this share of a copy's memory to be worth its second pass over the weight and
+# its non-invertible entries (Wan's text layer with 100 concepts: L is 0.94 of a copy, the pass 0.15 s).
+_LOW_RANK_RECORD_SAVING = 0.125
 
 
 def tensor_sha256(t: Tensor) -> str:
@@ -251,9 +254,11 @@ def _new_weight(name: str, w: Tensor, up: _Update, fused: bool) -> Tensor:
 
 def _undo_record(w: Tensor, new: Tensor, up: _Update, fused: bool):
     """``(L, R, fix_index, fix_values, original)``: the smaller exact record. The low-rank one stores ``L`` (out x k,
-    float64) and the entries where ``cast(new + L R)`` misses the original; a copy of the original costs
-    ``out x d`` in the layer's dtype and is taken when that is smaller, or when the update was dense."""
-    if up.D is not None or 8 * up.L.shape[1] >= w.element_size() * w.shape[1]:
+    float64) and the entries where ``cast(new + L R)`` misses the original, which takes a second pass over the
+    weight to find; a copy of the original costs ``out x d`` in the layer's dtype and is taken when the low-rank
+    record would not save at least :data:`_LOW_RANK_RECORD_SAVING` of that, or when the update was dense."""
+    copy_bytes = w.element_size() * w.shape[1]  # per row
+    if up.D is not None or 8 * up.L.shape[1] > (1 - _LOW_RANK_RECORD_SAVING) * copy_bytes:
         return None, None, None, None, w.detach().clone()
     wrong = (_plus_delta(new, up.L, up.R, fused) != w.detach()).view(-1)
     n_wrong = int(wrong.sum())

@@ -126,3 +126,16 @@ def test_checked_layers_are_cached_per_architecture(load_pipeline, monkeypatch, 
     monkeypatch.setattr(layers, "_recorder", no_check_pass)
     second = ice_lightning.find_text_conditioning(load_pipeline("sd"))["unet"]
     assert sorted(second.layers) == sorted(first.layers)
+
+
+@pytest.mark.parametrize(("rank", "copied"), [(27, False), (29, True)])
+def test_the_undo_record_is_low_rank_only_where_it_saves_an_eighth_of_a_copy(rank, copied):
+    """A float32 row of 64 costs 256 bytes as a copy; ``L``'s row costs ``8 k``: 216 bytes at rank 27 (saves more
+    than an eighth), 232 at 29 (less, so the copy, which needs no second pass over the weight). Both undo exactly."""
+    op = _operator(rank, d=64)
+    lin = torch.nn.Linear(64, 8)
+    w0 = lin.weight.detach().clone()
+    (edit,) = apply_edits([("l", lin, op)])
+    assert (edit.original is not None, edit.L is None) == (copied, copied)
+    undo_edits([edit])
+    assert torch.equal(lin.weight, w0)

@@ -91,7 +91,8 @@ def erasure_lora(pipeline, results: Sequence[ErasureResult] | None = None) -> di
     """The erasures ``results`` (default: every live one of ``pipeline``) as one LoRA in diffusers' format,
     ``{"<component>.<layer>.lora_A.weight": U^T, "<component>.<layer>.lora_B.weight": Delta W U}`` (float32).
 
-    Each edit of a layer changes it by ``-(X U) M U^T``: its rows lie in the span of the operator's ``U``. The
+    Each edit of a layer changes it by ``-(X U) M V^T`` (``V = U`` in the symmetric form): its rows lie in the
+    operator's row space (:meth:`~ice_lightning.core.solver.DissociationOperator.row_space`). The
     total change since before the first erasure, ``Delta W`` (rebuilt from the undo records, float64), therefore
     equals ``(Delta W U) U^T`` with ``U`` an orthonormal basis of every erasure's span for that layer, a LoRA of
     that rank with scale 1. Successive erasures (several ``erase()`` calls) give one LoRA."""

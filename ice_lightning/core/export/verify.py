@@ -129,7 +129,8 @@ def _verify_single_file(folder: Path, manifest: dict, checks: dict, pipeline, ch
 
 def _check_lora(folder: Path, manifest: dict) -> None:
     """A LoRA export's file covers exactly the layers its erasures name, and each layer's ``lora_A`` rows lie in the
-    span of the recorded operators of that layer's space (every edit's change ``-(W U) M U^T`` does)."""
+    span of the recorded operators of that layer's space (every edit's change ``-(W U) M V^T`` does: the row space
+    of ``D``, :meth:`~ice_lightning.core.solver.DissociationOperator.row_space`)."""
     from safetensors.torch import load_file
 
     lora = load_file(str(folder / manifest["lora_file"]))

@@ -357,7 +357,8 @@ _TWO_SIDED_FROM = 1024
 
 
 def _two_sided_applies(E_erase: Tensor, hp: ICEHyperParams) -> bool:
-    n, d = E_erase.shape[-2:] if E_erase.ndim == 2 else (0, 0)
+    """Whether the weighted solve takes the two-sided route (bad states go on to the checks of the usual one)."""
+    n, d = E_erase.shape if isinstance(E_erase, Tensor) and E_erase.ndim == 2 else (0, 0)
     return hp.objective == "weighted" and math.isfinite(hp.erase_expansion) and _TWO_SIDED_FROM <= n <= d
 
 
