@@ -22,7 +22,7 @@ from ice_lightning.core.solver import (
     ice_components,
     layer_gram,
 )
-from ice_lightning.core.solver import ice as ice_solver
+from ice_lightning.core.solver import two_sided as two_sided_route
 from ice_lightning.lightning.callback_state import ICEState
 
 F64 = torch.float64
@@ -64,7 +64,7 @@ def test_two_sided_solve_equals_the_spectral_route(case, with_base, monkeypatch)
     base = E_b if with_base else None
     gram = layer_gram(Ws)
     spectral = dissociation_operator(E_e, E_p, E_base=base, gram=gram, **kw)
-    monkeypatch.setattr(ice_solver, "_TWO_SIDED_FROM", 16)
+    monkeypatch.setattr(two_sided_route, "TWO_SIDED_FROM", 16)
     two_sided = dissociation_operator(E_e, E_p, E_base=base, gram=gram, **kw)
     assert spectral.V is None
     if not kw.get("harden_rounds"):  # hardening composes into the symmetric form
@@ -91,14 +91,14 @@ def test_two_sided_solve_equals_the_dense_minimiser_at_the_default_size(monkeypa
     S = Pe.dense() + hp.lam * Pp.dense() + hp.base_weight * Pb.dense() + hp.mu * torch.eye(d, dtype=F64)
     D_star = torch.linalg.solve(S, (Pe.dense() @ Pe.dense()).T).T  # S symmetric
     assert float((op.dense() - D_star).norm() / D_star.norm()) < 1e-10
-    monkeypatch.setattr(ice_solver, "_TWO_SIDED_FROM", 10**9)
+    monkeypatch.setattr(two_sided_route, "TWO_SIDED_FROM", 10**9)
     spectral = dissociation_operator(E_e, E_p, hp, concepts=50, E_base=E_b)
     assert spectral.V is None
     assert float((spectral.dense() - D_star).norm() / D_star.norm()) < 1e-10
 
 
 def test_hard_expansion_and_more_states_than_dimensions_keep_the_spectral_route(monkeypatch):
-    monkeypatch.setattr(ice_solver, "_TWO_SIDED_FROM", 16)
+    monkeypatch.setattr(two_sided_route, "TWO_SIDED_FROM", 16)
     E_e, E_p, _, _ = _states()
     assert dissociation_operator(E_e, E_p, erase_expansion=float("inf")).V is None  # f is not rational there
     wide, _, _, _ = _states(n=60)  # 64 states of 48-d: the spectrum is at most d wide
@@ -177,7 +177,7 @@ def test_an_erasure_solved_two_sided_exports_verifies_and_rebuilds_from_its_reco
     """The whole route with the two-sided operator (threshold lowered to reach it on the tiny pipeline): merged and
     LoRA exports verify; a copy of the pipeline exports from the record alone (``W (I - D)^-1`` by Woodbury), and its
     LoRA equals the live one."""
-    monkeypatch.setattr(ice_solver, "_TWO_SIDED_FROM", 2)
+    monkeypatch.setattr(two_sided_route, "TWO_SIDED_FROM", 2)
     pipe = load_pipeline("sd")
     result = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style")
     assert all(op.V is not None for op in result.operators.values())

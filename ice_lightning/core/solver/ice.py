@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +40,7 @@ from .spectral import (
     energy_subspace,
     overlap_projector,
 )
+from .two_sided import two_sided_applies, two_sided_weighted
 
 __all__ = [
     "ICEHyperParams",
@@ -302,18 +302,18 @@ def dissociation_operator(
     if concepts > 1:
         hp = _merge(hp, {"erase_expansion": hp.erase_expansion * concepts})
     hparams = {**_asdict(hp), "concepts": concepts}
-    two_sided = _two_sided_applies(E_erase, hp)
+    two_sided = hp.objective == "weighted" and two_sided_applies(E_erase, hp.erase_expansion)
     E_used, Pe, second, base = _components(E_erase, E_preserve, hp, E_base, erase_subspace=not two_sided)
     if two_sided:
-        op = _with_anchor(_two_sided_weighted(E_used, second, base, hp, hparams), anchor)
-        return _hardened(op, E_erase, E_preserve, hp, concepts, E_base, gram)
+        op = two_sided_weighted(E_used, second, _base_inverse(base, hp), hp.erase_expansion, hp.lam, hparams)
+        return _hardened(_with_anchor(op, anchor), E_erase, E_preserve, hp, concepts, E_base, gram)
     V, f, Q, w = Pe.basis, Pe.weights, second.basis, second.weights
 
     if hp.objective == "weighted":
         # S = B + A A^T with B = mu I + lam_b P_b (diagonal in the base's basis: inverted in closed form, so a
         # base spanning all d directions costs no d x d solve) and A = [V f^1/2, Q (lam w)^1/2]; Woodbury:
         # S^-1 X = B^-1 X - B^-1 A (I + A^T B^-1 A)^-1 A^T B^-1 X, an m x m solve (m = rank P_e + rank P_p).
-        B_inv = _base_inverse(base, hp, V)
+        B_inv = _base_inverse(base, hp)
         VQ, scale = torch.cat([V, Q], dim=1), torch.cat([f.sqrt(), (hp.lam * w).sqrt()])
         A = VQ * scale
         B_inv_VQ = B_inv(VQ)  # one pass over the base (it may span all d directions)
@@ -336,9 +336,9 @@ def dissociation_operator(
     return _hardened(op, E_erase, E_preserve, hp, concepts, E_base, gram)
 
 
-def _base_inverse(base: Overlap | None, hp: ICEHyperParams, like: Tensor):
+def _base_inverse(base: Overlap | None, hp: ICEHyperParams):
     """``X -> B^-1 X`` for ``B = mu I + lam_b P_b``, diagonal in the base's own basis: inverted in closed form, so a
-    base spanning all d directions costs no d x d solve (``like``: a d-row tensor of the solve's dtype)."""
+    base spanning all d directions costs no d x d solve."""
     if base is None:
         return lambda X: X / hp.mu
     Qb, g = base.basis, hp.base_weight * base.weights
@@ -348,67 +348,6 @@ def _base_inverse(base: Overlap | None, hp: ICEHyperParams, like: Tensor):
         return X / hp.mu + Qb @ (shift[:, None] * (Qb.T @ X))
 
     return B_inv
-
-
-#: From this many erase states on (and at most d of them), the weighted solve works on the states themselves and
-#: gives the two-sided operator (:func:`_two_sided_weighted`); below it, on their spectrum. Wan with 100 concepts
-#: (1800 states, d = 4096): 3.6x faster to solve, half the rank to apply.
-_TWO_SIDED_FROM = 1024
-
-
-def _two_sided_applies(E_erase: Tensor, hp: ICEHyperParams) -> bool:
-    """Whether the weighted solve takes the two-sided route (bad states go on to the checks of the usual one)."""
-    n, d = E_erase.shape if isinstance(E_erase, Tensor) and E_erase.ndim == 2 else (0, 0)
-    return hp.objective == "weighted" and math.isfinite(hp.erase_expansion) and _TWO_SIDED_FROM <= n <= d
-
-
-def _symmetric_product(X: Tensor, Y: Tensor, parts: int = 3) -> Tensor:
-    """``X^T Y`` (X, Y: d x m) for a product known to be symmetric (``E E^T``, ``A^T B^-1 A``): the blocks on and
-    above the diagonal only, mirrored, so 2/3 of the multiply-adds with 3 parts, and exactly symmetric."""
-    m = X.shape[1]
-    cut = [round(i * m / parts) for i in range(parts + 1)]
-    out = torch.empty(m, m, dtype=X.dtype, device=X.device)
-    for lo, hi in zip(cut[:-1], cut[1:], strict=True):
-        out[lo:hi, lo:] = X[:, lo:hi].T @ Y[:, lo:]
-        out[hi:, lo:hi] = out[lo:hi, hi:].T
-    return out
-
-
-def _two_sided_weighted(E: Tensor, second: Overlap, base: Overlap | None, hp: ICEHyperParams,
-                        hparams: dict) -> DissociationOperator:  # fmt: skip
-    """ICE's weighted minimiser ``D* = P_e^2 S^-1`` from the n erase states ``E`` (n x d, n <= d) themselves, with no
-    spectrum of them, as the two-sided ``D = U M V^T`` (``docs/method.md``, section 4).
-
-    The expansion is a rational function of the states' Gram matrix: with ``t = ||E||_F^2``, ``a = a_e`` and
-    ``c = (a - 1) / t``, ``P_e = V f(r) V^T = (a / t) E^T H^-1 E`` where ``H = I_n + c E E^T`` (push-through; ``H``'s
-    eigenvalues lie in [1, a]), and ``P_e^2 = (a / t)^2 E^T H^-1 G H^-1 E`` with ``G = E E^T = (H - I) / c``.
-    ``S = B + A C A^T`` with ``A = [E^T, Q]`` and ``C = diag((a / t) H^-1, lam w)``, whose inverse
-    ``C^-1 = diag((t / a) H, 1 / (lam w))`` needs no solve. Woodbury, with ``N = C^-1 + A^T B^-1 A``:
-    ``S^-1 E^T = B^-1 A (J - N^-1 (N - C^-1) J) = B^-1 A N^-1 C^-1 J``, ``J = [I_n; 0]`` (no cancellation), and
-    ``C^-1 J = [(t / a) H; 0]``. With ``H^-1 G H^-1 H = H^-1 G = (I - H^-1) / c``: ``U = E^T``,
-    ``M = (a / t) H^-1 G (N^-1)_{1:n}`` (n x m, the first n rows of ``N^-1``) and ``V = B^-1 A`` (d x m). It equals
-    the spectral route's operator up to the directions that route drops as rank-deficient (energy share below
-    ``rank_tol^2``)."""
-    n = E.shape[0]
-    t = float(E.square().sum())
-    if not t > 0:
-        raise ValueError("the token states are all zero; nothing spans a subspace")
-    a = float(hp.erase_expansion)
-    c = (a - 1.0) / t
-    G = _symmetric_product(E.T, E.T)
-    eye = torch.eye(n, dtype=E.dtype, device=E.device)
-    H = eye + c * G
-    A = E.T if hp.lam == 0 else torch.cat([E.T, second.basis], dim=1)
-    V = _base_inverse(base, hp, E)(A)  # B^-1 A
-    N = _symmetric_product(A, V)
-    N[:n, :n] += (t / a) * H
-    if A.shape[1] > n:
-        N[n:, n:] += torch.diag(1.0 / (hp.lam * second.weights))
-    Y = torch.cholesky_inverse(torch.linalg.cholesky(N))[:n]  # (N^-1)_{1:n}: cheaper than n solves
-    H_chol = torch.linalg.cholesky(H)
-    # H^-1 G Y: for a >= 2 as (Y - H^-1 Y) / c (one solve; the difference loses at most a factor a / (a - 1))
-    M = (Y - torch.cholesky_solve(Y, H_chol)) / c if a >= 2.0 else torch.cholesky_solve(G @ Y, H_chol)
-    return DissociationOperator(U=E.T.contiguous(), M=(a / t) * M, method="ice", hparams=hparams, V=V)
 
 
 def _hardened(op: DissociationOperator, E_erase: Tensor, E_preserve: Tensor, hp: ICEHyperParams, concepts: int,
