@@ -67,8 +67,9 @@ def test_two_sided_solve_equals_the_spectral_route(case, with_base, monkeypatch)
     monkeypatch.setattr(two_sided_route, "TWO_SIDED_FROM", 16)
     two_sided = dissociation_operator(E_e, E_p, E_base=base, gram=gram, **kw)
     assert spectral.V is None
-    if not kw.get("harden_rounds"):  # hardening composes into the symmetric form
-        assert two_sided.V is not None and two_sided.rank == E_e.shape[0]
+    assert two_sided.V is not None  # hardening composes it with the adversary's operator, still two-sided
+    if not kw.get("harden_rounds"):
+        assert two_sided.rank == E_e.shape[0]
     D_ref, D = spectral.dense(), two_sided.dense()
     assert float((D - D_ref).norm() / D_ref.norm()) < 1e-11
 
@@ -155,6 +156,21 @@ def test_two_sided_adversary_and_factors_match_the_dense_operator():
     assert torch.allclose(D @ basis @ basis.T, D, atol=1e-12)  # every change W D lies in it
     span = op.span()
     assert torch.allclose(span @ span.T @ D @ span @ span.T, D, atol=1e-12)
+
+
+def test_composition_with_a_two_sided_operator_stays_two_sided_and_exact():
+    """``I - D = (I - D_1)(I - D_2)`` (hardening and trigger rounds) with either side two-sided: no decomposition,
+    ``V`` kept, and the product exact."""
+    from ice_lightning.core.solver.spectral import _composed
+
+    eye = torch.eye(48, dtype=F64)
+    sym = DissociationOperator(torch.linalg.qr(torch.randn(48, 5, dtype=F64))[0], 0.4 * torch.randn(5, 5, dtype=F64))
+    for first, second in ((_two_sided(6, 7, d=48), sym), (sym, _two_sided(6, 7, d=48, seed=1)),
+                          (_two_sided(6, 7, d=48), _two_sided(3, 9, d=48, seed=2))):  # fmt: skip
+        op = _composed(first, second, "ice", {})
+        assert op.V is not None and op.U.shape[1] == first.U.shape[1] + second.U.shape[1]
+        want = eye - (eye - first.dense()) @ (eye - second.dense())
+        assert torch.allclose(op.dense(), want, atol=1e-12)
 
 
 def test_two_sided_operator_round_trips_through_the_export_file_and_the_callback_state(tmp_path):

@@ -432,10 +432,18 @@ def _checked_inputs(E_erase: Tensor, E_preserve: Tensor, E_base: Tensor | Spectr
 
 def _composed(first: DissociationOperator, second: DissociationOperator, method: str,
               hparams: dict) -> DissociationOperator:  # fmt: skip
-    """``I - D = (I - D_first)(I - D_second)``: ``D = D_second + D_first (I - D_second)``, in span(U_1, U_2)."""
+    """``I - D = (I - D_first)(I - D_second)``: ``D = D_second + D_first (I - D_second)``, in span(U_1, U_2). With a
+    two-sided operator among them the result stays two-sided, with no decomposition:
+    ``D = [U_1, U_2] [[M_1, -M_1 (V_1^T U_2) M_2], [0, M_2]] [V_1, V_2]^T``."""
+    if first.V is not None or second.V is not None:
+        U1, M1, V1, U2, M2, V2 = first.U, first.M, first.right_basis, second.U, second.M, second.right_basis
+        top = torch.cat([M1, -(M1 @ (V1.T @ U2)) @ M2], dim=1)
+        bottom = torch.cat([M2.new_zeros(M2.shape[0], M1.shape[1]), M2], dim=1)
+        return DissociationOperator(torch.cat([U1, U2], dim=1), torch.cat([top, bottom]), method, hparams,
+                                    V=torch.cat([V1, V2], dim=1))  # fmt: skip
 
     def apply(X: Tensor) -> Tensor:
         Y = second.times(X)
         return Y + first.times(X - Y)
 
-    return _operator_from([first.span(), second.span()], apply, method, hparams)
+    return _operator_from([first.U, second.U], apply, method, hparams)
