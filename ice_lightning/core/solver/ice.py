@@ -293,6 +293,9 @@ def dissociation_operator(
     ``frobenius``: ``D* = P_e ((1 + mu) I + lam P_ov^2)^-1`` with ``P_ov = Q diag(g) Q^T``; the inverse is a
     Woodbury update ``(I - Q diag(h) Q^T) / (1 + mu)``, ``h = lam g^2 / (1 + mu + lam g^2)``.
     In both, ``D*``'s row space is ``span(S^-1 V_e)`` (S symmetric): at most 2 rank(P_e) directions.
+    With many erase states (``weighted``, from :data:`~ice_lightning.core.solver.two_sided.TWO_SIDED_FROM` rows and no
+    more than d), the solve skips their spectrum and returns the two-sided ``D = U M V^T`` of rank n_e
+    (:func:`~ice_lightning.core.solver.two_sided.two_sided_weighted`).
     """
     if not (isinstance(concepts, int) and concepts >= 1):
         raise ValueError(f"concepts must be a positive integer, got {concepts!r}")
