@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import OUTPUT_METRIC, RESULTS, median_time, table, write_report  # noqa: E402
 
 from ice_lightning.core.concepts import ConceptSpec  # noqa: E402
-from ice_lightning.core.editing import apply_edits, dense_is_cheaper, undo_edits  # noqa: E402
+from ice_lightning.core.editing import apply_edits, edit_form, undo_edits  # noqa: E402
 from ice_lightning.core.encoders import EmbeddingSpace, FeatureConcatSource, SequenceSource  # noqa: E402
 from ice_lightning.core.export import erasure_lora  # noqa: E402
 from ice_lightning.core.solver import build_operator, compress_states, uce_dense_edit  # noqa: E402
@@ -214,9 +214,7 @@ def measure(space: EmbeddingSpace, targets: list[tuple[str, torch.nn.Linear]], n
         "preserve_tokens": E_p.shape[0],
         "rank": op.rank,
         "two_sided": op.V is not None,
-        "apply_form": "dense" if dense_is_cheaper(op.U.shape[1], op.dim, [m.out_features for _, m in targets],
-                                                  right=op.right_basis.shape[1])
-        else "low-rank",
+        "apply_form": edit_form(op, [m.out_features for _, m in targets]),
         "base_s": t_base,
         "encode_s": t_encode,
         "solve_s": t_solve,

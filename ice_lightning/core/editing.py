@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,7 @@ __all__ = [
     "tensor_sha256",
     "RollbackError",
     "dense_is_cheaper",
+    "edit_form",
 ]
 
 _F64 = torch.float64
@@ -173,15 +175,30 @@ class _Update:
     base: Tensor | None = None
 
 
-def _shared_factor(op: DissociationOperator, outs: Sequence[int]) -> tuple[bool, Tensor, Tensor | None]:
-    """The cost model's form of an edit by ``op`` of layers with ``outs`` outputs: ``(dense, common, mix)``, where
-    every layer shares ``common``: the dense ``D``, or ``R = M V^T`` (``M U^T``), or, for a two-sided operator
-    editing fewer outputs in all than its width (Wan's one text layer), ``R = V^T`` with each layer's
-    ``L = (W U) M`` (``mix = M``): ``out (k j + j d)`` per layer instead of ``k j d`` once plus ``out k d``."""
+#: The forms an edit takes (:func:`edit_form`).
+EditForm = Literal["dense", "low-rank", "low-rank, M in L"]
+
+
+def edit_form(op: DissociationOperator, outs: Sequence[int]) -> EditForm:
+    """The cost model's form of an edit by ``op`` of layers with ``outs`` outputs: ``"dense"`` (every layer
+    ``W - W D``, :func:`dense_is_cheaper`), ``"low-rank"`` (``W - (W U) R`` with the shared ``R = M V^T``), or, for
+    a two-sided operator editing fewer outputs in all than its width (Wan's one text layer), ``"low-rank, M in L"``
+    (``W - ((W U) M) V^T``): ``out (k j + j d)`` per layer instead of ``k j d`` once plus ``out k d``."""
     k, j, d = op.U.shape[1], op.right_basis.shape[1], op.dim
     if dense_is_cheaper(k, d, outs, right=j):
-        return True, op.dense(), None
+        return "dense"
     if op.V is not None and sum(out * (k * j + j * d - k * d) for out in outs) < k * j * d:
+        return "low-rank, M in L"
+    return "low-rank"
+
+
+def _shared_factor(op: DissociationOperator, outs: Sequence[int]) -> tuple[bool, Tensor, Tensor | None]:
+    """What every layer an edit by ``op`` touches shares, by :func:`edit_form`: ``(dense, common, mix)`` with
+    ``common`` the dense ``D``, or ``R`` (``M V^T``, or ``V^T`` with each layer's ``L = (W U) M``: ``mix = M``)."""
+    form = edit_form(op, outs)
+    if form == "dense":
+        return True, op.dense(), None
+    if form == "low-rank, M in L":
         return False, op.V.T, op.M
     return False, op.right_factor(), None
 

@@ -81,13 +81,13 @@ class ErasureRecord:
 
     def weight_before(self, name: str, after: Tensor) -> Tensor:
         """The weight of layer ``name`` before this erasure, from the weight it wrote (``after``), float64:
-        ``W (I - D)^-1 = W + (W U) ((I - M)^-1 - I) U^T``, or for a two-sided ``D = U M V^T``,
-        ``W + (W U) (I - M V^T U)^-1 M V^T`` (Woodbury). It exists while no direction is erased completely (an
+        ``W (I - D)^-1 = W + (W U) (I - M V^T U)^-1 M V^T`` for ``D = U M V^T`` (Woodbury; ``V = U`` and
+        ``V^T U = I`` in the symmetric form). It exists while no direction is erased completely (an
         eigenvalue 1 of ``D``: a hard projector); otherwise a ``ValueError`` says so."""
         op = self.operators[self.layer_spaces[name]]
         U, M = op.U.to(after.device, torch.float64), op.M.to(after.device, torch.float64)
-        V = None if op.V is None else op.V.to(after.device, torch.float64)
-        inner = M if V is None else M @ (V.T @ U)  # D's action inside span(U)
+        V = op.right_basis.to(after.device, torch.float64)
+        inner = M if op.V is None else M @ (V.T @ U)  # D's action inside span(U)
         eye = torch.eye(inner.shape[0], dtype=M.dtype, device=M.device)
         if inner.numel() and float(torch.linalg.svdvals(eye - inner).min()) < 1e-6:
             raise ValueError(
@@ -95,9 +95,7 @@ class ErasureRecord:
                 "eigenvalue 1 of its operator), so the weights before it cannot be rebuilt from its record alone"
             )
         w = after.to(torch.float64)
-        if V is not None:
-            return w + (w @ U) @ torch.linalg.solve(eye - inner, M) @ V.T
-        return w + (w @ U) @ (torch.linalg.inv(eye - M) - eye) @ U.T
+        return w + (w @ U) @ torch.linalg.solve(eye - inner, M) @ V.T
 
     def to_manifest(self) -> dict:
         """JSON-ready record of this erasure (export manifest)."""

@@ -397,7 +397,7 @@ def _in_output_metric(E_erase, E_preserve, hp: ICEHyperParams, anchor, concepts,
         return torch.linalg.solve_triangular(L.T, Y, upper=True)
 
     def apply(X: Tensor) -> Tensor:  # D X = L^-T D~ L^T X
-        return back(tilde.U @ (tilde.M @ (tilde.U.T @ (L.T @ X))))
+        return back(tilde.times(L.T @ X))
 
     hparams = {**_asdict(hp), "concepts": concepts, **({"anchor": True} if anchor is not None else {})}
     if tilde.V is not None:  # two-sided: L^-T U M V^T L^T = (L^-T U) M (L V)^T

@@ -342,10 +342,6 @@ class DissociationOperator:
         """An orthonormal basis (d x r) containing D's row space, where every change ``W D`` of a layer lies."""
         return self.U if self.V is None else _orth(self.V)
 
-    def span(self) -> Tensor:
-        """An orthonormal basis containing both D's row and column spaces (``U`` in the symmetric form)."""
-        return self.U if self.V is None else _orth(torch.cat([self.U, self.V], dim=1))
-
     def factors(self, W: Tensor) -> tuple[Tensor, Tensor]:
         """Low-rank factors ``(L, R)`` of the weight change, ``W_new = W - L @ R``, in float64."""
         return self.left_factor(W), self.right_factor()

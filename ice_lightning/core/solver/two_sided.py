@@ -62,12 +62,12 @@ def two_sided_weighted(E: Tensor, preserve: Overlap, base_inverse: Callable[[Ten
     the spectral route's operator up to the directions that route drops as rank-deficient (energy share below
     ``rank_tol^2``)."""
     n = E.shape[0]
-    t = float(E.square().sum())
+    G = symmetric_product(E.T, E.T)
+    t = float(G.diagonal().sum())  # ||E||_F^2
     if not t > 0:
         raise ValueError("the token states are all zero; nothing spans a subspace")
     a = float(a)
     c = (a - 1.0) / t
-    G = symmetric_product(E.T, E.T)
     eye = torch.eye(n, dtype=E.dtype, device=E.device)
     H = eye + c * G
     A = E.T if lam == 0 else torch.cat([E.T, preserve.basis], dim=1)
