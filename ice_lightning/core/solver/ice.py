@@ -347,8 +347,8 @@ def _base_inverse(base: Overlap | None, hp: ICEHyperParams):
     Qb, g = base.basis, hp.base_weight * base.weights
     shift = 1.0 / (g + hp.mu) - 1.0 / hp.mu
 
-    def B_inv(X: Tensor) -> Tensor:
-        return X / hp.mu + Qb @ (shift[:, None] * (Qb.T @ X))
+    def B_inv(X: Tensor) -> Tensor:  # X / mu + Qb diag(shift) Qb^T X, in one pass over the d x m result
+        return torch.addmm(X, Qb, (Qb.T @ X).mul_(shift[:, None]), beta=1.0 / hp.mu)
 
     return B_inv
 
