@@ -4,12 +4,15 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from helpers import ROOT, run_script
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from tradeoff import frontier  # noqa: E402
+
+from ice_lightning.core.editing import EditForm  # noqa: E402
 
 
 def test_frontier_is_the_upper_envelope_through_the_origin():
@@ -59,7 +62,7 @@ def test_speed_tiny(tmp_path):
         for row in r["rows"]:
             assert row["solve_s"] > 0 and row["apply_s"] > 0 and row["uce_dense_edit_s"] > 0
             assert math.isnan(row["encode_s"]) == (r["case"] == "wan")
-            assert row["apply_form"] in ("dense", "low-rank") and row["peak_extra_mib"] > 0
+            assert row["apply_form"] in get_args(EditForm) and row["peak_extra_mib"] > 0
     cold = sd["cold"]  # two fresh processes sharing one new cache: the second finds the base and the layers
     assert cold["empty_cache"]["timings"]["find_layers_s"] > 0
     assert set(cold["warm_cache"]["timings"]) == set(cold["empty_cache"]["timings"])

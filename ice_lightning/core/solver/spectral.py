@@ -79,6 +79,10 @@ class EnergySubspace:
         return (self.basis * self.weights) @ self.basis.T
 
 
+#: The error for erase states that span nothing (every route that reads them raises it).
+ALL_ZERO_STATES = "the token states are all zero; nothing spans a subspace"
+
+
 def _check_states(E: Tensor, name: str) -> Tensor:
     if not isinstance(E, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (n, d), got {type(E).__name__}")
@@ -162,7 +166,7 @@ def energy_subspace(E: Tensor | Spectrum, a: float, rank_tol: float = 1e-6) -> E
     else:
         s, Vh = _spectrum(_check_states(E, "E"), rank_tol)
     if s.numel() == 0 or s[0] <= 0:
-        raise ValueError("the token states are all zero; nothing spans a subspace")
+        raise ValueError(ALL_ZERO_STATES)
     n = int((s > rank_tol * s[0]).sum())  # singular values come sorted: the kept ones are a prefix (a view)
     s, V = s[:n], Vh[:n].T
     r = s.square() / s.square().sum()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .spectral import DissociationOperator, Overlap
+from .spectral import ALL_ZERO_STATES, DissociationOperator, Overlap
 
 __all__ = ["TWO_SIDED_FROM", "two_sided_applies", "two_sided_weighted", "symmetric_product"]
 
@@ -66,7 +66,7 @@ def two_sided_weighted(E: Tensor, preserve: Overlap, base_inverse: Callable[[Ten
     G = symmetric_product(E.T, E.T)
     t = float(G.diagonal().sum())  # ||E||_F^2
     if not t > 0:
-        raise ValueError("the token states are all zero; nothing spans a subspace")
+        raise ValueError(ALL_ZERO_STATES)
     a = float(a)
     c = (a - 1.0) / t
     eye = torch.eye(n, dtype=E.dtype, device=E.device)
