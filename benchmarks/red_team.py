@@ -8,7 +8,7 @@ form at several norm budgets. Each edit's erasure and collateral on the same con
 rate is the share of (held-out pair, layer) where the attacked output is closer to the original concept's than to
 the neutral prompt's; the ``original`` column is the same attack on the unedited model (its ceiling).
 
-    python benchmarks/red_team.py [--tiny] [--out benchmarks/results] [--methods LABEL ...]
+    python benchmarks/red_team.py [--tiny] [--out benchmarks/results] [--methods LABEL ...] [--ice-setting LABEL=JSON]
 """
 
 from __future__ import annotations
@@ -103,15 +103,32 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", nargs="*", default=None, choices=list(METHODS),
                     help="only these rows (ICE is always run: its 'original' column); the saved rows of the others "
                     "are kept")  # fmt: skip
+    ap.add_argument("--ice-setting", action="append", default=[], metavar="LABEL=JSON",
+                    help="an extra ICE row with these hyperparameters, e.g. 'soft={\"erase_expansion\": 5}' "
+                    "(repeatable; only ICE, these and any --methods run; the others' saved rows are kept)")  # fmt: skip
     args = ap.parse_args(argv)
-    labels = list(dict.fromkeys(["ICE", *args.methods])) if args.methods else list(METHODS)
+    extra = {}
+    for item in args.ice_setting:
+        label, sep, setting = item.partition("=")
+        try:
+            kw = json.loads(setting) if sep and label else None
+        except json.JSONDecodeError:
+            kw = None
+        if not isinstance(kw, dict):
+            ap.error(f"--ice-setting takes LABEL=JSON with a JSON object of ICE hyperparameters, got {item!r}")
+        if label in METHODS:
+            ap.error(f"--ice-setting label {label!r} names a built-in row; choose another label")
+        extra[label] = ("ice", kw)
+    METHODS.update(extra)
+    named = [*(args.methods or []), *extra]
+    labels = list(dict.fromkeys(["ICE", *named])) if named else list(METHODS)
     ring = RingABellConfig(pool=120, candidates=8, length=3, sweeps=1) if args.tiny else RingABellConfig()
     budgets = (1.0,) if args.tiny else BUDGETS
     pipe = minilm_pipeline()
     t0 = time.perf_counter()
     name = "red_team_tiny" if args.tiny else "red_team"
     saved = args.out / f"{name}.json"
-    kept = json.loads(saved.read_text())["per_concept"] if args.methods and saved.exists() else {}
+    kept = json.loads(saved.read_text())["per_concept"] if named and saved.exists() else {}
     per_concept = {}
     concepts = [(f, c) for f in DEV_SET for c in dev_concepts(f)[: 1 if args.tiny else None]]
     for family, concept in progress(concepts, desc="red-teaming", unit="concept"):

@@ -76,13 +76,17 @@ def test_red_team_tiny(tmp_path):
     # stderr is a pipe here, as `2> log` makes it: progress as plain lines, no bar frames (no carriage return)
     assert log.count("\r") == 0 and "red-teaming: 4/4 concept done in" in log
     first = _load(tmp_path, "red_team_tiny")
-    run_script("benchmarks/red_team.py", "--tiny", "--methods", "ICE hardened", "--out", str(tmp_path))
+    run_script("benchmarks/red_team.py", "--tiny", "--methods", "ICE hardened", "--out", str(tmp_path),
+               "--ice-setting", 'soft={"erase_expansion": 3.0}')  # fmt: skip
     data = _load(tmp_path, "red_team_tiny")
-    assert list(data["methods"]) == ["ICE", "ICE hardened", "RECE"]  # in the report's order
+    assert list(data["methods"]) == ["ICE", "ICE hardened", "RECE", "soft"]  # in the report's order
+    assert data["methods"]["soft"] == ["ice", {"erase_expansion": 3.0}]
+    for concept in data["per_concept"].values():  # the setting reached the solve: a softer erasure
+        assert concept["soft"]["erasure"] < concept["ICE"]["erasure"]
     attacks = {r["attack"] for r in data["rows"]}
     assert attacks == {"paraphrase", "ring_a_bell", "ring_a_bell_held_out", "whitebox@1.0"}
     for r in data["rows"]:
-        assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "ICE hardened", "RECE"))
+        assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "ICE hardened", "RECE", "soft"))
     assert len(data["per_concept"]) == 4  # one concept per family
     for name, concept in data["per_concept"].items():
         assert concept["RECE"] == first["per_concept"][name]["RECE"]  # kept, not rerun
