@@ -98,6 +98,38 @@ def test_two_sided_solve_equals_the_dense_minimiser_at_the_default_size(monkeypa
     assert float((spectral.dense() - D_star).norm() / D_star.norm()) < 1e-10
 
 
+def test_base_inverse_takes_weak_directions_in_float32_and_keeps_float64_where_it_cancels(monkeypatch):
+    """From ``FLOAT32_TAIL_FROM`` multiply-adds on (lowered to 0 here), ``B^-1`` takes the base's directions of weight
+    at most ``mu`` in float32 (float64 where ``X / mu`` and the shift cancel): within 1e-6 of the dense solve, and the
+    two-sided operator within 1e-6 of the spectral route's."""
+    from ice_lightning.core.solver import ice as ice_route
+    from ice_lightning.core.solver.spectral import Overlap, energy_subspace
+
+    E_e, E_p, E_b, _ = _states()
+    hp = ICEHyperParams(mu=0.3)  # a base of 48-d: larger ridge, so that it has weak directions
+    Pb = energy_subspace(E_b, hp.base_expansion, hp.rank_tol)
+    g = hp.base_weight * Pb.weights
+    assert 0 < int((g > hp.mu).sum()) < len(g)
+    B = hp.mu * torch.eye(48, dtype=F64) + (Pb.basis * g) @ Pb.basis.T
+    X = torch.randn(48, 30, generator=torch.Generator().manual_seed(4), dtype=F64)
+    want = torch.linalg.solve(B, X)
+
+    def rel(got, ref):
+        return float((got - ref).norm() / ref.norm())
+
+    base = Overlap(basis=Pb.basis, weights=Pb.weights)
+    assert rel(ice_route._base_inverse(base, hp)(X), want) < 1e-13  # small: all float64
+    spectral = dissociation_operator(E_e, E_p, hp, E_base=E_b)
+    monkeypatch.setattr(ice_route, "FLOAT32_TAIL_FROM", 0)
+    mixed = ice_route._base_inverse(base, hp)(X)
+    assert 1e-12 < rel(mixed, want) < 1e-6
+    shuffled = torch.randperm(len(g), generator=torch.Generator().manual_seed(5))  # directions in any order
+    assert torch.equal(ice_route._base_inverse(Overlap(Pb.basis[:, shuffled], Pb.weights[shuffled]), hp)(X), mixed)
+    monkeypatch.setattr(two_sided_route, "TWO_SIDED_FROM", 16)
+    two_sided = dissociation_operator(E_e, E_p, hp, E_base=E_b)
+    assert two_sided.V is not None and 1e-12 < rel(two_sided.dense(), spectral.dense()) < 1e-6
+
+
 def test_hard_expansion_and_more_states_than_dimensions_keep_the_spectral_route(monkeypatch):
     monkeypatch.setattr(two_sided_route, "TWO_SIDED_FROM", 16)
     E_e, E_p, _, _ = _states()

@@ -339,16 +339,37 @@ def dissociation_operator(
     return _hardened(op, E_erase, E_preserve, hp, concepts, E_base, gram)
 
 
+#: From this many multiply-adds per application on, ``B^-1`` takes the base's weak directions (weight at most ``mu``)
+#: in float32 (:func:`_base_inverse`). Below it (every solve at d <= 768: SD 1.5, the development set) all of it is
+#: float64; at Wan size with 100 concepts (25 G multiply-adds) it takes a sixth off the solve.
+FLOAT32_TAIL_FROM = 10**9
+
+
 def _base_inverse(base: Overlap | None, hp: ICEHyperParams):
     """``X -> B^-1 X`` for ``B = mu I + lam_b P_b``, diagonal in the base's own basis: inverted in closed form, so a
-    base spanning all d directions costs no d x d solve."""
+    base spanning all d directions costs no d x d solve.
+
+    ``B^-1 X = X / mu + Qb diag(s) Qb^T X`` with ``s = 1 / (g + mu) - 1 / mu``. Along a direction with ``g > mu`` the
+    two terms cancel (by up to ``(g + mu) / mu``, 1500 at the defaults), so those stay float64. Along the weak ones
+    ``|s| mu = g / (g + mu) <= 1/2``, no cancellation: float32 there keeps the result within about 1e-7 of float64's.
+    At Wan size with 100 concepts (a random base: 3190 of its 3600 directions weak) the operator stays within 1e-6 of
+    float64's, where float32 throughout is 50x further off (2e-5); weights are edited in float32 or less.
+    """
     if base is None:
         return lambda X: X / hp.mu
     Qb, g = base.basis, hp.base_weight * base.weights
+    if not bool((g[:-1] >= g[1:]).all()):  # energy subspaces come sorted; the split below wants views
+        order = g.argsort(descending=True)
+        Qb, g = Qb[:, order], g[order]
     shift = 1.0 / (g + hp.mu) - 1.0 / hp.mu
+    k = int((g > hp.mu).sum())  # the strong directions lead
 
     def B_inv(X: Tensor) -> Tensor:  # X / mu + Qb diag(shift) Qb^T X, in one pass over the d x m result
-        return torch.addmm(X, Qb, (Qb.T @ X).mul_(shift[:, None]), beta=1.0 / hp.mu)
+        if (len(g) - k) * X.numel() < FLOAT32_TAIL_FROM:
+            return torch.addmm(X, Qb, (Qb.T @ X).mul_(shift[:, None]), beta=1.0 / hp.mu)
+        Qw, s_weak = Qb[:, k:].float(), shift[k:, None].float()
+        weak = Qw @ (Qw.T @ X.float()).mul_(s_weak)
+        return torch.addmm(X, Qb[:, :k], (Qb[:, :k].T @ X).mul_(shift[:k, None]), beta=1.0 / hp.mu).add_(weak)
 
     return B_inv
 
