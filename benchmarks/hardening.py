@@ -1,9 +1,10 @@
-"""Robust ICE at many concepts: does the output metric with one hardening round raise near collateral at equal
-erasure? (real MiniLM encoder)
+"""Robust ICE at many concepts: do the output metric with one hardening round, or the adversary's round alone in
+the output metric, raise near collateral at equal erasure? (real MiniLM encoder)
 
-Erases 10 and 50 artists at once with ICE over ``erase_expansion``, at the default and in the output metric with
-one hardening round, and reads each curve's near collateral (held-out artists) at the erasure the default reaches
-(``docs/benchmarks.md``, section 2; ``docs/method.md``, section 9).
+Erases 10 and 50 artists at once with ICE over ``erase_expansion``: at the default, in the output metric with one
+hardening round, and with one hardening round whose adversary is erased in the output metric; reads each curve's
+near collateral (held-out artists) at the erasure the default reaches (``docs/benchmarks.md``, section 2;
+``docs/method.md``, section 9).
 
     python benchmarks/hardening.py [--tiny] [--out benchmarks/results]
 """
@@ -15,15 +16,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import OUTPUT_METRIC, RESULTS, minilm_pipeline, table, write_report  # noqa: E402
+from _common import OUTPUT_ADVERSARY, OUTPUT_METRIC, RESULTS, minilm_pipeline, table, write_report  # noqa: E402
 from tradeoff import collateral_to_reach, many_concepts  # noqa: E402
 
-#: The default (token states) and the output metric with one hardening round (``docs/method.md``, section 9), each
-#: over its own ``erase_expansion`` range (the output metric measures energy shares otherwise: its values are
-#: smaller); the last number is each curve's own setting.
+#: The default (token states), the output metric with one hardening round and the output-metric adversary
+#: (``docs/method.md``, section 9), each over its own ``erase_expansion`` range (the output metric measures energy
+#: shares otherwise: its values are smaller); the last number is each curve's own setting.
 _OUTPUT_CURVE = {k: v for k, v in OUTPUT_METRIC.items() if k != "erase_expansion"}
+_ADVERSARY_CURVE = {k: v for k, v in OUTPUT_ADVERSARY.items() if k != "erase_expansion"}
 CURVES = {"default": ({}, (10.0, 30.0, 100.0, 300.0), 30.0),
-          "output metric": (_OUTPUT_CURVE, (1.0, 2.0, 4.0, 10.0), OUTPUT_METRIC["erase_expansion"])}
+          "output metric": (_OUTPUT_CURVE, (1.0, 2.0, 4.0, 10.0), OUTPUT_METRIC["erase_expansion"]),
+          "output adversary": (_ADVERSARY_CURVE, (3.0, 10.0, 30.0, 100.0), OUTPUT_ADVERSARY["erase_expansion"])}
+#: summary key of each robust curve
+_KEYS = {"output metric": "output_metric", "output adversary": "output_adversary"}
 
 
 def grid(tiny: bool) -> list[tuple[str, dict]]:
@@ -32,6 +37,8 @@ def grid(tiny: bool) -> list[tuple[str, dict]]:
 
 
 def _curve(config: str) -> str:
+    if "harden_metric=output" in config:
+        return "output adversary"
     return "output metric" if "metric=output" in config else "default"
 
 
@@ -42,9 +49,13 @@ def summary(rows: list[dict]) -> list[dict]:
         at = [r for r in rows if r["concepts"] == n]
         reference = next(r for r in at if _curve(r["config"]) == "default" and "=30.0" in r["config"])
         curves = {c: [(r["collateral_near"], r["erasure"]) for r in at if _curve(r["config"]) == c] for c in CURVES}
-        plain, robust = (collateral_to_reach(curves[c], reference["erasure"]) for c in CURVES)
-        out.append({"concepts": n, "erasure": reference["erasure"], "default_near": plain, "output_metric_near": robust,
-                    "difference": None if plain is None or robust is None else robust - plain})  # fmt: skip
+        plain = collateral_to_reach(curves["default"], reference["erasure"])
+        row = {"concepts": n, "erasure": reference["erasure"], "default_near": plain}
+        for curve, key in _KEYS.items():
+            robust = collateral_to_reach(curves[curve], reference["erasure"])
+            row[f"{key}_near"] = robust
+            row[f"{key}_difference"] = None if plain is None or robust is None else robust - plain
+        out.append(row)
     return out
 
 
@@ -61,9 +72,10 @@ def main(argv: list[str] | None = None) -> dict:
                 [[r["concepts"], r["config"], r["rank"], r["erasure"], r["collateral_near"], r["collateral_far"],
                   r["seconds"]] for r in rows])  # fmt: skip
     md += ["", "Near collateral each curve needs for the default's erasure (interpolated; '-' if not reached):", ""]
-    md += table(["concepts", "erasure", "default", "output metric", "output metric - default"],
-                [[s["concepts"], s["erasure"], *("-" if s[k] is None else s[k]
-                                                for k in ("default_near", "output_metric_near", "difference"))]
+    keys = ["default_near", *(f"{key}_{what}" for key in _KEYS.values() for what in ("near", "difference"))]
+    md += table(["concepts", "erasure", "default", "output metric", "output metric - default", "output adversary",
+                 "output adversary - default"],
+                [[s["concepts"], s["erasure"], *("-" if s[k] is None else s[k] for k in keys)]
                  for s in summ])  # fmt: skip
     write_report(args.out, name, {"rows": rows, "summary": summ}, md)
     return {"rows": rows, "summary": summ}
