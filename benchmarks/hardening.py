@@ -27,8 +27,8 @@ _ADVERSARY_CURVE = {k: v for k, v in OUTPUT_ADVERSARY.items() if k != "erase_exp
 CURVES = {"default": ({}, (10.0, 30.0, 100.0, 300.0), 30.0),
           "output metric": (_OUTPUT_CURVE, (1.0, 2.0, 4.0, 10.0), OUTPUT_METRIC["erase_expansion"]),
           "output adversary": (_ADVERSARY_CURVE, (3.0, 10.0, 30.0, 100.0), OUTPUT_ADVERSARY["erase_expansion"])}
-#: summary key of each robust curve
-_KEYS = {"output metric": "output_metric", "output adversary": "output_adversary"}
+#: The curves compared with the default, each under its own summary key ("output metric" -> "output_metric_near").
+_ROBUST = [c for c in CURVES if c != "default"]
 
 
 def grid(tiny: bool) -> list[tuple[str, dict]]:
@@ -51,8 +51,8 @@ def summary(rows: list[dict]) -> list[dict]:
         curves = {c: [(r["collateral_near"], r["erasure"]) for r in at if _curve(r["config"]) == c] for c in CURVES}
         plain = collateral_to_reach(curves["default"], reference["erasure"])
         row = {"concepts": n, "erasure": reference["erasure"], "default_near": plain}
-        for curve, key in _KEYS.items():
-            robust = collateral_to_reach(curves[curve], reference["erasure"])
+        for curve in _ROBUST:
+            key, robust = curve.replace(" ", "_"), collateral_to_reach(curves[curve], reference["erasure"])
             row[f"{key}_near"] = robust
             row[f"{key}_difference"] = None if plain is None or robust is None else robust - plain
         out.append(row)
@@ -72,9 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
                 [[r["concepts"], r["config"], r["rank"], r["erasure"], r["collateral_near"], r["collateral_far"],
                   r["seconds"]] for r in rows])  # fmt: skip
     md += ["", "Near collateral each curve needs for the default's erasure (interpolated; '-' if not reached):", ""]
-    keys = ["default_near", *(f"{key}_{what}" for key in _KEYS.values() for what in ("near", "difference"))]
-    md += table(["concepts", "erasure", "default", "output metric", "output metric - default", "output adversary",
-                 "output adversary - default"],
+    keys = ["default_near", *(f"{c.replace(' ', '_')}_{what}" for c in _ROBUST for what in ("near", "difference"))]
+    md += table(["concepts", "erasure", "default", *(h for c in _ROBUST for h in (c, f"{c} - default"))],
                 [[s["concepts"], s["erasure"], *("-" if s[k] is None else s[k] for k in keys)]
                  for s in summ])  # fmt: skip
     write_report(args.out, name, {"rows": rows, "summary": summ}, md)

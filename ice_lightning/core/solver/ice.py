@@ -364,8 +364,8 @@ def _base_inverse(base: Overlap | None, hp: ICEHyperParams):
     shift = 1.0 / (g + hp.mu) - 1.0 / hp.mu
     k = int((g > hp.mu).sum())  # the strong directions lead
 
-    def B_inv(X: Tensor) -> Tensor:  # X / mu + Qb diag(shift) Qb^T X, in one pass over the d x m result
-        if (len(g) - k) * X.numel() < FLOAT32_TAIL_FROM:
+    def B_inv(X: Tensor) -> Tensor:  # X / mu + Qb diag(shift) Qb^T X
+        if (len(g) - k) * X.numel() < FLOAT32_TAIL_FROM:  # in one pass over the d x m result
             return torch.addmm(X, Qb, (Qb.T @ X).mul_(shift[:, None]), beta=1.0 / hp.mu)
         Qw, s_weak = Qb[:, k:].float(), shift[k:, None].float()
         weak = Qw @ (Qw.T @ X.float()).mul_(s_weak)
