@@ -1,10 +1,10 @@
-"""Robust ICE at many concepts: do the output metric with one hardening round, or the adversary's round alone in
-the output metric, raise near collateral at equal erasure? (real MiniLM encoder)
+"""Robust ICE at many concepts: do the default's context erasure, the output metric with one hardening round, or the
+adversary's round alone in the output metric, raise near collateral at equal erasure? (real MiniLM encoder)
 
-Erases 10 and 50 artists at once with ICE over ``erase_expansion``: at the default, in the output metric with one
-hardening round, and with one hardening round whose adversary is erased in the output metric; reads each curve's
-near collateral (held-out artists) at the erasure the default reaches (``docs/benchmarks.md``, section 2;
-``docs/method.md``, section 9).
+Erases 10 and 50 artists at once with ICE over ``erase_expansion``: at the default, without its context erasure, in
+the output metric with one hardening round, and with one hardening round whose adversary is erased in the output
+metric; reads each curve's near collateral (held-out artists) at the erasure the default reaches
+(``docs/benchmarks.md``, section 2; ``docs/method.md``, section 9).
 
     python benchmarks/hardening.py [--tiny] [--out benchmarks/results]
 """
@@ -19,12 +19,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import OUTPUT_ADVERSARY, OUTPUT_METRIC, RESULTS, minilm_pipeline, table, write_report  # noqa: E402
 from tradeoff import collateral_to_reach, many_concepts  # noqa: E402
 
-#: The default (token states), the output metric with one hardening round and the output-metric adversary
-#: (``docs/method.md``, section 9), each over its own ``erase_expansion`` range (the output metric measures energy
-#: shares otherwise: its values are smaller); the last number is each curve's own setting.
+#: The default (token states), the same without its context erasure, the output metric with one hardening round and
+#: the output-metric adversary (``docs/method.md``, section 9), each over its own ``erase_expansion`` range (the output
+#: metric measures energy shares otherwise: its values are smaller); the last number is each curve's own setting.
 _OUTPUT_CURVE = {k: v for k, v in OUTPUT_METRIC.items() if k != "erase_expansion"}
 _ADVERSARY_CURVE = {k: v for k, v in OUTPUT_ADVERSARY.items() if k != "erase_expansion"}
 CURVES = {"default": ({}, (10.0, 30.0, 100.0, 300.0), 30.0),
+          "without context": ({"context_expansion": 0.0}, (10.0, 30.0, 100.0, 300.0), 30.0),
           "output metric": (_OUTPUT_CURVE, (1.0, 2.0, 4.0, 10.0), OUTPUT_METRIC["erase_expansion"]),
           "output adversary": (_ADVERSARY_CURVE, (3.0, 10.0, 30.0, 100.0), OUTPUT_ADVERSARY["erase_expansion"])}
 #: The curves compared with the default, each under its own summary key ("output metric" -> "output_metric_near").
@@ -37,6 +38,8 @@ def grid(tiny: bool) -> list[tuple[str, dict]]:
 
 
 def _curve(config: str) -> str:
+    if "context_expansion=0.0" in config:
+        return "without context"
     if "harden_metric=output" in config:
         return "output adversary"
     return "output metric" if "metric=output" in config else "default"

@@ -1,5 +1,5 @@
-"""Text-space red-teaming of ICE (default, hardened, and in the output metric with one hardening round), CURE, UCE,
-RECE and projection on the development set (real MiniLM encoder).
+"""Text-space red-teaming of ICE (default, without its context erasure, hardened, in the output metric, with the trigger
+search), CURE, UCE, RECE and projection on the development set (real MiniLM encoder).
 
 For every development concept, erase it with each method and run the package's attacks
 (``ice_lightning.evaluation.RedTeam``): paraphrases, Ring-A-Bell (concept vector + discrete search; a second,
@@ -42,6 +42,7 @@ from ice_lightning.evaluation.metrics import dev_concept_metrics  # noqa: E402
 #: Each method at a setting of similar collateral on held-out nearby concepts (benchmarks/tradeoff.py).
 METHODS = {
     "ICE": ("ice", {}),
+    "ICE without context": ("ice", {"context_expansion": 0}),  # the default before context erasure (2026-12-06)
     "ICE hardened": ("ice", {"harden_rounds": 3}),
     "ICE output metric": ("ice", OUTPUT_METRIC),
     "ICE output-metric adversary": ("ice", OUTPUT_ADVERSARY),

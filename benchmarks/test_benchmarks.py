@@ -130,12 +130,14 @@ def test_hardening_tiny(tmp_path):
     run_script("benchmarks/hardening.py", "--tiny", "--out", str(tmp_path))
     data = _load(tmp_path, "hardening_tiny")
     configs = [r["config"] for r in data["rows"]]
-    assert configs == ["ICE erase_expansion=30.0", "ICE erase_expansion=2.0, metric=output, harden_rounds=1",
+    assert configs == ["ICE erase_expansion=30.0", "ICE erase_expansion=30.0, context_expansion=0.0",
+                       "ICE erase_expansion=2.0, metric=output, harden_rounds=1",
                        "ICE erase_expansion=10.0, harden_rounds=1, harden_metric=output, harden_expansion=0.3"]
     assert all(r["rank"] > 0 and 0 < r["erasure"] for r in data["rows"])
     (summary,) = data["summary"]
     assert summary["concepts"] == 3 and summary["default_near"] is not None
-    assert set(summary) >= {"output_metric_difference", "output_adversary_near", "output_adversary_difference"}
+    assert set(summary) >= {"without_context_difference", "output_metric_difference", "output_adversary_near",
+                            "output_adversary_difference"}
 
 
 @pytest.mark.slow

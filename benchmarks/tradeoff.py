@@ -26,6 +26,7 @@ from _common import RESULTS, minilm_pipeline, table, write_report  # noqa: E402
 
 import ice_lightning  # noqa: E402
 from ice_lightning.core.concepts import EVAL_TEMPLATES, UNRELATED_PROMPTS, ConceptSpec, Prompt  # noqa: E402
+from ice_lightning.core.context import context_shifts  # noqa: E402
 from ice_lightning.core.parts import pipeline_spaces  # noqa: E402
 from ice_lightning.core.progress import progress  # noqa: E402
 from ice_lightning.evaluation.baselines import uce_as_published  # noqa: E402
@@ -235,6 +236,7 @@ def many_concepts(pipe, counts: list[int], grid: list[tuple[str, dict]]) -> list
         for group in (spec.erase_prompts(), spec.preserve_prompts(), erased, near, far):
             space.per_prompt(group)  # encode before timing: "seconds" is the solve and the edit
         space.base_states(spec.base_prompts())
+        context_shifts(space, spec)  # the context tokens' states too (kept by the space, like the groups above)
         for method, kw in grid:
             t = time.perf_counter()
             result = erase_with(pipe, spec, method, kw)

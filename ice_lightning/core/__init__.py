@@ -6,6 +6,7 @@
 - :mod:`.architectures`: the table of denoiser architectures (layer rules, check pass, spaces, training call);
 - :mod:`.layers`: finding and verifying the text-conditioning layers;
 - :mod:`.plan`: the erasure plan (plan, solve, apply) and :func:`erase`;
+- :mod:`.context`: the concept's imprint on a prompt's other tokens, erased by default (``context_expansion``);
 - :mod:`.triggers`: trigger discovery, the defence's own vocabulary search (``trigger_rounds``);
 - :mod:`.editing`: all-or-nothing, exactly reversible low-rank edits;
 - :mod:`.probe`: the text-space metrics of an edit;

@@ -131,10 +131,11 @@ class SequenceSource:
 
     @torch.no_grad()
     def rows(self, prompts: Sequence[Prompt], include_eot: bool) -> list[Tensor]:
-        texts = [p.text for p in prompts]
+        texts = list(dict.fromkeys(p.text for p in prompts))  # a text asked for with several spans is encoded once
+        at = {t: i for i, t in enumerate(texts)}
         enc = _tokenize(self.tokenizer, texts, self.length_for(texts))
         states = self._states(enc)
-        return [states[i, select_tokens(enc, i, p, include_eot)] for i, p in enumerate(prompts)]
+        return [states[at[p.text], select_tokens(enc, at[p.text], p, include_eot)] for p in prompts]
 
     def _states(self, enc: dict) -> Tensor:
         dev = _device_of(self.encoder)
@@ -174,7 +175,8 @@ class FeatureConcatSource:
 
     @torch.no_grad()
     def rows(self, prompts: Sequence[Prompt], include_eot: bool) -> list[Tensor]:
-        texts = [q.text for q in prompts]
+        texts = list(dict.fromkeys(q.text for q in prompts))  # each text once, whatever spans are asked of it
+        at = {t: i for i, t in enumerate(texts)}
         # States are concatenated position by position: every part must be padded to the same length.
         length = max(p.length_for(texts) for p in self.parts)
         if not all(p.padding_invariant for p in self.parts):
@@ -184,10 +186,10 @@ class FeatureConcatSource:
         if self.width is not None and states.shape[-1] != self.width:
             states = torch.nn.functional.pad(states, (0, self.width - states.shape[-1]))
         out = []
-        for i, q in enumerate(prompts):
+        for q in prompts:
             # States are concatenated position by position, so take the union of each tokenizer's picks.
-            picks = sorted(set().union(*(select_tokens(e, i, q, include_eot) for e in encs)))
-            out.append(states[i, picks])
+            picks = sorted(set().union(*(select_tokens(e, at[q.text], q, include_eot) for e in encs)))
+            out.append(states[at[q.text], picks])
         return out
 
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .architectures import lookup_architecture
 from .concepts import ConceptSpec, Family, Prompt
+from .context import context_shifts
 from .editing import (
     apply_edits,
     concept_outputs,
@@ -44,6 +45,7 @@ from .solver import (
     layer_gram,
     method_params,
 )
+from .solver.spectral import _composed
 from .triggers import erase_triggers
 
 __all__ = [
@@ -63,13 +65,15 @@ log = logging.getLogger(__name__)
 _FULL_SHARE = 0.9
 
 class ConceptStates(NamedTuple):
-    """Token states of one embedding space: erase rows, preserve rows, optional (concept, anchor) pairs, and the
-    broad preserve base (compressed to at most d rows; ``None`` without one)."""
+    """Token states of one embedding space: erase rows, preserve rows, optional (concept, anchor) pairs, the broad
+    preserve base (compressed to at most d rows; ``None`` without one), and the concept's imprint on its context
+    tokens (:func:`~.context.context_shifts`; ``None`` unless ``context_expansion > 0``)."""
 
     erase: Tensor
     preserve: Tensor
     anchor: tuple[Tensor, Tensor] | None
     base: Tensor | None = None
+    context: Tensor | None = None
 
 
 def find_text_conditioning(
@@ -215,6 +219,10 @@ class ErasurePlan:
         if self._states is None:
             t0 = time.perf_counter()
             spec = self.spec
+            context = getattr(self.params, "context_expansion", 0) > 0
+            if context and not spec.preserve:
+                log.warning("no preserve concept to measure the concept's imprint on its context tokens against: they "
+                            "are left as they are (name preserve concepts, or set context_expansion=0)")  # fmt: skip
             for s in set(self.layer_spaces.values()):
                 self.spaces[s].check_concept_tokens(spec.erase_prompts())
                 self.spaces[s].check_concept_tokens(spec.preserve_prompts(), "preserve concept")
@@ -225,6 +233,7 @@ class ErasurePlan:
                     _collect(self.spaces[s], spec.preserve_prompts(), spec.include_eot, "preserve"),
                     _anchor_pairs(self.spaces[s], spec),
                     self.spaces[s].base_states(spec.base_prompts()) if self._uses_base() else None,
+                    context_shifts(self.spaces[s], spec, spec.include_eot) if context else None,
                 )
                 for s in sorted(set(self.layer_spaces.values()))
             }
@@ -297,6 +306,8 @@ class ErasurePlan:
                                               **self.hparams)  # fmt: skip
             except ValueError as err:
                 raise ValueError(f"{s!r} space: {err}") from err
+            if st.context is not None:
+                operators[s] = self._with_context(operators[s], st, grams.get(s))
             if isinstance(self.params, ICEHyperParams) and self.params.trigger_rounds:
                 operators[s] = self._with_triggers(s, operators[s], grams[s])
             filled = _erase_rank(st.erase)
@@ -309,6 +320,17 @@ class ErasurePlan:
                     s)  # fmt: skip
         self.timings["solve_s"] = time.perf_counter() - t0 - self.timings.get("trigger_search_s", 0.0)
         return operators
+
+    def _with_context(self, op: DissociationOperator, st: ConceptStates, gram: Tensor | None) -> DissociationOperator:
+        """``op`` and the erasure of the concept's imprint on its context tokens: the shift rows solved as an ICE
+        erasure of their own (``erase_expansion = context_expansion``, in the erasure's metric, the same preserve
+        sets), applied to what ``op`` leaves, ``I - D = (I - D_context)(I - D_op)``. In this order every development
+        family kept its erasure; in the other the context's operator took 0.03 of the styles' (docs/method.md 9)."""
+        own = {"harden_rounds": 0, "trigger_rounds": 0, "context_expansion": 0,
+               "erase_expansion": self.params.context_expansion}  # fmt: skip
+        imprint = dissociation_operator(st.context, st.preserve, self.params, concepts=len(self.spec.erase),
+                                        E_base=st.base, gram=gram, **own)  # fmt: skip
+        return _composed(imprint, op, op.method, op.hparams)
 
     def _with_triggers(self, space: str, op: DissociationOperator, gram: Tensor) -> DissociationOperator:
         """``op`` after ``trigger_rounds`` rounds of trigger discovery (:func:`~.triggers.erase_triggers`): the found

@@ -1,5 +1,5 @@
-"""The defaults on the development set with the real MiniLM encoder: a regression in erasure, paraphrase erasure
-or locality fails here (numbers measured by ``benchmarks/tradeoff.py``, ``docs/benchmarks.md`` section 1)."""
+"""The defaults on the development set with the real MiniLM encoder: a regression in erasure, paraphrase erasure,
+locality or leakage fails here (numbers measured by ``benchmarks/tradeoff.py``, ``docs/benchmarks.md`` section 1)."""
 
 import statistics
 
@@ -12,14 +12,15 @@ from ice_lightning.evaluation.metrics import dev_concept_metrics
 
 pytestmark = pytest.mark.slow
 
-#: family -> (erasure, paraphrase, collateral_near, collateral_far) measured at the defaults (2026-12-02).
+#: family -> (erasure, paraphrase, collateral_near, collateral_far, leakage) measured at the defaults (2026-12-06,
+#: with the context erasure; before it, leakage was 0.569 / 0.463 / 0.181 / 0.756: the pins below fail without it).
 MEASURED = {
-    "style": (0.859, 0.154, 0.195, 0.080),
-    "object": (0.904, 0.227, 0.222, 0.065),
-    "identity": (0.892, 0.147, 0.204, 0.071),
-    "explicit": (0.841, 0.395, 0.189, 0.083),
+    "style": (0.865, 0.168, 0.197, 0.086, 0.450),
+    "object": (0.911, 0.267, 0.228, 0.076, 0.244),
+    "identity": (0.898, 0.159, 0.212, 0.079, 0.138),
+    "explicit": (0.850, 0.426, 0.206, 0.090, 0.550),
 }
-METRICS = ("erasure", "paraphrase", "collateral_near", "collateral_far")
+METRICS = ("erasure", "paraphrase", "collateral_near", "collateral_far", "leakage")
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +40,13 @@ def _family_means(pipe, family, **hparams):
 @pytest.mark.parametrize("family", list(DEV_SET))
 def test_defaults_hold_erasure_paraphrases_and_locality(pipe, family):
     got = _family_means(pipe, family)
-    erasure, paraphrase, near, far = MEASURED[family]
+    erasure, paraphrase, near, far, leakage = MEASURED[family]
     print(family, {k: round(v, 3) for k, v in got.items()})
     assert got["erasure"] >= erasure - 0.02
     assert got["paraphrase"] >= paraphrase - 0.02
     assert got["collateral_near"] <= near + 0.02
     assert got["collateral_far"] <= far + 0.01
+    assert got["leakage"] <= leakage + 0.03  # the held-out prompts as a whole, context tokens included
     # the broad preserve base is what keeps unrelated prompts: without it they move more
     without = _family_means(pipe, family, base_weight=0.0)
     assert got["collateral_far"] <= without["collateral_far"] - 0.01

@@ -57,9 +57,9 @@ def test_erase_help_lists_every_option_with_help_and_choices():
     options = _options(run.stdout)
     expected = {"--pipeline", "--erase", "--preserve", "--family", "--anchor", "--template", "--include-eot",
                 "--method", "--lam", "--mu", "--erase-expansion", "--preserve-expansion", "--base-weight",
-                "--harden-rounds", "--metric", "--harden-metric", "--trigger-rounds", "--overlap", "--objective",
-                "--device", "--out", "--format", "--pipeline-config", "--overwrite", "--samples", "--seed", "--grid",
-                "--quiet", "--config"}  # fmt: skip
+                "--harden-rounds", "--metric", "--harden-metric", "--trigger-rounds", "--context-expansion",
+                "--overlap", "--objective", "--device", "--out", "--format", "--pipeline-config", "--overwrite",
+                "--samples", "--seed", "--grid", "--quiet", "--config"}  # fmt: skip
     assert expected <= set(options)
     missing = sorted(o for o, text in options.items() if o in expected and len(text) < 10)
     assert not missing, f"options without help text: {missing}"

@@ -118,6 +118,11 @@ class ICEHyperParams:
             only states, ignores the field); it reads the layers' Gram matrix.
         trigger_expansion: ``a_e`` of the found prompts' own erase subspace (solved in ``metric``, with the same
             preserve sets).
+        context_expansion: ``a_e`` of the concept's imprint on the template's other tokens (their shift against the
+            preserve concepts in the same template, :mod:`ice_lightning.core.context`), erased as an erasure of its
+            own in ``metric``, applied to what the concept's erasure (and its hardening) leaves; 0 leaves the context.
+            The rows need the text encoder, so :class:`~ice_lightning.core.plan.ErasurePlan` builds them (this solver
+            ignores the field).
     """
 
     objective: Objective = "weighted"
@@ -139,6 +144,7 @@ class ICEHyperParams:
     harden_metric: Metric | None = None
     trigger_rounds: int = 0
     trigger_expansion: float = 3.0
+    context_expansion: float = 3.0
 
     def __post_init__(self) -> None:
         if self.objective not in ("weighted", "frobenius"):
@@ -178,6 +184,9 @@ class ICEHyperParams:
                              f"got {rounds!r}; 1 is measured in docs/benchmarks.md")  # fmt: skip
         if not (isinstance(self.trigger_expansion, (int, float)) and self.trigger_expansion > 0):
             raise ValueError(f"trigger_expansion must be > 0, got {self.trigger_expansion!r}")
+        if not (isinstance(self.context_expansion, (int, float)) and self.context_expansion >= 0):
+            raise ValueError(f"context_expansion must be >= 0 (0 leaves the context tokens), got "
+                             f"{self.context_expansion!r}")  # fmt: skip
 
     @property
     def needs_gram(self) -> bool:

@@ -1,0 +1,76 @@
+"""The concept's imprint on its context: what the concept changes in the *other* tokens of a prompt.
+
+A text encoder with attention spreads a concept over the whole prompt: in "a painting by Van Gogh", the states of
+"a", "painting" and "by" (and, in CLIP, every token after the name, the end-of-text token included) move towards
+Van Gogh. ICE's erase rows are the concept's own tokens, so that shift passes through the edited layers untouched,
+and every attack scored on a whole prompt finds it there: a Ring-A-Bell prompt, whose words pull the surrounding
+tokens the same way, or an adversarial input that replaces only the concept's tokens.
+
+:func:`context_shifts` measures the imprint on the training templates alone: each context token's state in the
+erase prompt minus its mean state, at the same position, in the same template filled with each preserve concept (the
+concept's peers, so what every artist or object does to a template stays). ``ICEHyperParams.context_expansion``
+(3 by default) erases these rows as an erasure of their own, applied to what the concept's erasure leaves:
+``I - D = (I - D_context)(I - D_concept)`` (``docs/method.md``, section 9).
+
+Example:
+    >>> import ice_lightning
+    >>> result = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style")  # context_expansion=3  # doctest: +SKIP
+    >>> ice_lightning.erase(pipe, erase=["Van Gogh"], family="style", context_expansion=0)  # leave it  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .concepts import ConceptSpec, Prompt
+from .encoders import EmbeddingSpace
+
+__all__ = ["context_parts", "context_shifts"]
+
+#: Shift rows below this share of the largest one's norm are dropped (a causal encoder's tokens before the concept
+#: do not move at all).
+_NEGLIGIBLE = 1e-6
+
+
+def context_parts(prompt: Prompt) -> tuple[Prompt, Prompt]:
+    """The tokens before the concept's span and after it, as two prompts on the same text."""
+    lo, hi = prompt.span if prompt.span is not None else (0, len(prompt.text))
+    return Prompt(prompt.text, (0, lo)), Prompt(prompt.text, (hi, len(prompt.text)))
+
+
+def context_shifts(space: EmbeddingSpace, spec: ConceptSpec, include_eot: bool = False) -> Tensor | None:
+    """(n, d) float64 rows: per training template and erase name, every context token's state minus its mean over
+    the same template filled with each preserve concept (tokens matched by position before and after the concept;
+    with ``include_eot`` the end-of-text token too). ``None`` where there is nothing to measure: a pooled space (one
+    state per prompt), no preserve concept to compare with, or no context token that moves."""
+    if space.pooled or not spec.preserve:
+        return None
+    filled = [(Prompt.fill(t, n), [Prompt.fill(t, p) for p in spec.preserve]) for t in spec._templates()
+              for n in spec.erase_names()]  # fmt: skip
+    wanted: dict[bool, dict[Prompt, None]] = {}  # per end-of-text flag, the sides to encode (in order, once each)
+    for own, peers in filled:
+        for q in (own, *peers):
+            for side, part in enumerate(context_parts(q)):
+                eot = include_eot and side == 1
+                if eot or part.span[0] < part.span[1]:  # an empty side has no token
+                    wanted.setdefault(eot, {})[part] = None
+    states = {}
+    for eot, parts in wanted.items():  # batched; both sides of a prompt share one encoding of its text
+        states.update({(part, eot): r for part, r in zip(parts, space.per_prompt(list(parts), eot), strict=True)})
+    rows = []
+    for side in (0, 1):
+        eot = include_eot and side == 1
+        for own, peers in filled:
+            mine = states.get((context_parts(own)[side], eot))
+            if mine is None or not mine.shape[0]:
+                continue
+            theirs = [r for r in (states[(context_parts(q)[side], eot)] for q in peers) if r.shape[0] == mine.shape[0]]
+            if theirs:
+                rows.append(mine - torch.stack(theirs).mean(0))
+    if not rows:
+        return None
+    shifts = torch.cat(rows).to(torch.float64)
+    norms = shifts.norm(dim=1)
+    shifts = shifts[norms > _NEGLIGIBLE * norms.max()]
+    return shifts if shifts.shape[0] else None
