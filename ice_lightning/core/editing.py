@@ -107,12 +107,16 @@ class LayerEdit:
         return tensor_sha256(self.module.weight) == self.fingerprint
 
     def before(self, after: Tensor | None = None) -> Tensor:
-        """The weight before this edit, float64 (this rank's rows of a sharded weight); ``after``: the weight this
-        edit wrote, when the layer has been edited again since (default: the layer's current weight)."""
+        """The weight before this edit, float64 (this rank's rows of a sharded weight): bit for bit while the layer is
+        as the edit left it (:meth:`restored`: ``W + L R`` rounded to the layer's dtype misses the original in the
+        entries where rounding did not invert), else ``after + L R``; ``after``: the weight this edit wrote, when the
+        layer has been edited again since (default: the layer's current weight)."""
         if self.original is not None:
             return self.original.to(torch.float64)
         if self.L is None:
             raise RuntimeError(f"the edit of layer {self.name!r} kept no undo record (keep_undo=False)")
+        if after is None and self.is_current():
+            return self.restored(checked=True).to(self.L.device, _F64)
         w = local_shard(self.module.weight).detach() if after is None else after
         return w.to(self.L.device, _F64) + self.L @ self.R
 

@@ -181,7 +181,7 @@ def test_an_erasure_without_undo_record_exports_merged_and_verifies(load_pipelin
     assert all(verify_export(tmp_path / "lean").values())
     lean, full = (json.loads((tmp_path / f / MANIFEST_NAME).read_text())["erasures"][0] for f in ("lean", "kept"))
     # the pre-edit residual was recorded before the weights were written: the same as from the undo record
-    assert lean["concept_residual_before"] == pytest.approx(full["concept_residual_before"], rel=1e-7)
+    assert lean["concept_residual_before"] == pytest.approx(full["concept_residual_before"], rel=1e-9)
     assert lean["concept_residual"] == pytest.approx(full["concept_residual"], rel=1e-9)
     with pytest.raises(ValueError, match="keep_undo=False"):  # a LoRA still needs the record: refused, nothing written
         save_erased(pipe, tmp_path / "lora", format="lora")
