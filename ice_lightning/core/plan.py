@@ -219,7 +219,7 @@ class ErasurePlan:
         if self._states is None:
             t0 = time.perf_counter()
             spec = self.spec
-            context = getattr(self.params, "context_expansion", 0) > 0
+            context = self._uses_context()
             if context and not spec.preserve:
                 log.warning("no preserve concept to measure the concept's imprint on its context tokens against: they "
                             "are left as they are (name preserve concepts, or set context_expansion=0)")  # fmt: skip
@@ -244,6 +244,11 @@ class ErasurePlan:
         """Whether the solver reads the broad preserve base: ICE with a positive ``base_weight`` (else the 360
         everyday prompts are not encoded at all)."""
         return getattr(self.params, "base_weight", 0) > 0
+
+    def _uses_context(self) -> bool:
+        """Whether the solve erases the concept's imprint on its context tokens: ICE with ``context_expansion > 0``
+        (else the context's prompts are not encoded)."""
+        return getattr(self.params, "context_expansion", 0) > 0
 
     @property
     def needs_gram(self) -> bool:
@@ -321,15 +326,19 @@ class ErasurePlan:
         self.timings["solve_s"] = time.perf_counter() - t0 - self.timings.get("trigger_search_s", 0.0)
         return operators
 
+    def _erasure_apart(self, rows: Tensor, st: ConceptStates, gram: Tensor | None,
+                       expansion: float) -> DissociationOperator:  # fmt: skip
+        """``rows`` solved as an ICE erasure of their own, to compose with the concept's: ``erase_expansion =
+        expansion``, no hardening, in the erasure's metric, with the same preserve sets and base."""
+        return dissociation_operator(rows, st.preserve, self.params, concepts=len(self.spec.erase), E_base=st.base,
+                                     gram=gram, harden_rounds=0, erase_expansion=expansion)  # fmt: skip
+
     def _with_context(self, op: DissociationOperator, st: ConceptStates, gram: Tensor | None) -> DissociationOperator:
-        """``op`` and the erasure of the concept's imprint on its context tokens: the shift rows solved as an ICE
-        erasure of their own (``erase_expansion = context_expansion``, in the erasure's metric, the same preserve
-        sets), applied to what ``op`` leaves, ``I - D = (I - D_context)(I - D_op)``. In this order every development
-        family kept its erasure; in the other the context's operator took 0.03 of the styles' (docs/method.md 9)."""
-        own = {"harden_rounds": 0, "trigger_rounds": 0, "context_expansion": 0,
-               "erase_expansion": self.params.context_expansion}  # fmt: skip
-        imprint = dissociation_operator(st.context, st.preserve, self.params, concepts=len(self.spec.erase),
-                                        E_base=st.base, gram=gram, **own)  # fmt: skip
+        """``op`` and the erasure of the concept's imprint on its context tokens (the shift rows, ``erase_expansion =
+        context_expansion``), applied to what ``op`` leaves, ``I - D = (I - D_context)(I - D_op)``. In this order every
+        development family kept its erasure; in the other the context's operator took 0.03 of the styles'
+        (docs/method.md 9)."""
+        imprint = self._erasure_apart(st.context, st, gram, self.params.context_expansion)
         return _composed(imprint, op, op.method, op.hparams)
 
     def _with_triggers(self, space: str, op: DissociationOperator, gram: Tensor) -> DissociationOperator:
@@ -338,11 +347,9 @@ class ErasurePlan:
         sets, composed after ``op``."""
         t0 = time.perf_counter()
         hp, st = self.params, self.states()[space]
-        own = {"harden_rounds": 0, "trigger_rounds": 0, "erase_expansion": hp.trigger_expansion}
 
         def solve_triggers(rows: Tensor) -> DissociationOperator:
-            return dissociation_operator(rows, st.preserve, hp, concepts=len(self.spec.erase), E_base=st.base,
-                                         gram=gram, **own)  # fmt: skip
+            return self._erasure_apart(rows, st, gram, hp.trigger_expansion)
 
         op, found = erase_triggers(op, self.spaces[space], self.spec, gram, hp.trigger_rounds, solve_triggers,
                                    include_eot=self.spec.include_eot)  # fmt: skip
