@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from .concepts import ConceptSpec, Prompt
-from .encoders import EmbeddingSpace
+from .encoders import EmbeddingSpace, Request
 
-__all__ = ["context_parts", "context_shifts"]
+__all__ = ["context_parts", "context_requests", "context_shifts"]
 
 #: Shift rows below this share of the largest one's norm are dropped (a causal encoder's tokens before the concept
 #: do not move at all).
@@ -39,6 +39,26 @@ def context_parts(prompt: Prompt) -> tuple[Prompt, Prompt]:
     return Prompt(prompt.text, (0, lo)), Prompt(prompt.text, (hi, len(prompt.text)))
 
 
+def _filled(spec: ConceptSpec) -> list[tuple[Prompt, list[Prompt]]]:
+    """Per training template and erase name: the erase prompt and the same template with each preserve concept."""
+    return [(Prompt.fill(t, n), [Prompt.fill(t, p) for p in spec.preserve]) for t in spec._templates()
+            for n in spec.erase_names()]  # fmt: skip
+
+
+def context_requests(spec: ConceptSpec, include_eot: bool = False) -> list[Request]:
+    """What :func:`context_shifts` encodes: both context sides of every erase prompt and of its peers (with
+    ``include_eot``, the side after the concept with its end-of-text token). Their texts are the spec's erase and
+    preserve prompts: asked for in the same :meth:`EmbeddingSpace.requested` call, each text is encoded once."""
+    wanted: dict[Request, None] = {}
+    for own, peers in _filled(spec) if spec.preserve else ():
+        for q in (own, *peers):
+            for side, part in enumerate(context_parts(q)):
+                eot = include_eot and side == 1
+                if eot or part.span[0] < part.span[1]:  # an empty side has no token
+                    wanted[(part, eot)] = None
+    return list(wanted)
+
+
 def context_shifts(space: EmbeddingSpace, spec: ConceptSpec, include_eot: bool = False) -> Tensor | None:
     """(n, d) float64 rows: per training template and erase name, every context token's state minus its mean over
     the same template filled with each preserve concept (tokens matched by position before and after the concept;
@@ -46,22 +66,12 @@ def context_shifts(space: EmbeddingSpace, spec: ConceptSpec, include_eot: bool =
     state per prompt), no preserve concept to compare with, or no context token that moves."""
     if space.pooled or not spec.preserve:
         return None
-    filled = [(Prompt.fill(t, n), [Prompt.fill(t, p) for p in spec.preserve]) for t in spec._templates()
-              for n in spec.erase_names()]  # fmt: skip
-    wanted: dict[bool, dict[Prompt, None]] = {}  # per end-of-text flag, the sides to encode (in order, once each)
-    for own, peers in filled:
-        for q in (own, *peers):
-            for side, part in enumerate(context_parts(q)):
-                eot = include_eot and side == 1
-                if eot or part.span[0] < part.span[1]:  # an empty side has no token
-                    wanted.setdefault(eot, {})[part] = None
-    states = {}
-    for eot, parts in wanted.items():  # batched; both sides of a prompt share one encoding of its text
-        states.update({(part, eot): r for part, r in zip(parts, space.per_prompt(list(parts), eot), strict=True)})
+    wanted = context_requests(spec, include_eot)
+    states = dict(zip(wanted, space.requested(wanted), strict=True))
     rows = []
     for side in (0, 1):
         eot = include_eot and side == 1
-        for own, peers in filled:
+        for own, peers in _filled(spec):
             mine = states.get((context_parts(own)[side], eot))
             if mine is None or not mine.shape[0]:
                 continue

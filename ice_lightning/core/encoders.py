@@ -29,13 +29,17 @@ __all__ = [
     "FeatureConcatSource",
     "PooledSource",
     "EmbeddingSpace",
+    "Request",
     "call_default",
     "model_max_length",
     "require_components",
     "select_tokens",
 ]
 
-_BATCH = 32
+_BATCH = 32  # texts per encoder call
+
+#: What to encode: a prompt, and whether its end-of-text token joins the chosen rows.
+Request = tuple[Prompt, bool]
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -130,12 +134,13 @@ class SequenceSource:
         return _longest(self.tokenizer, texts, self.max_length) if self.padding_invariant else self.max_length
 
     @torch.no_grad()
-    def rows(self, prompts: Sequence[Prompt], include_eot: bool) -> list[Tensor]:
-        texts = list(dict.fromkeys(p.text for p in prompts))  # a text asked for with several spans is encoded once
+    def rows(self, requests: Sequence[Request]) -> list[Tensor]:
+        """The chosen rows of each ``(prompt, include_eot)``; a text asked for with several spans is encoded once."""
+        texts = list(dict.fromkeys(p.text for p, _ in requests))
         at = {t: i for i, t in enumerate(texts)}
         enc = _tokenize(self.tokenizer, texts, self.length_for(texts))
         states = self._states(enc)
-        return [states[at[p.text], select_tokens(enc, at[p.text], p, include_eot)] for p in prompts]
+        return [states[at[p.text], select_tokens(enc, at[p.text], p, eot)] for p, eot in requests]
 
     def _states(self, enc: dict) -> Tensor:
         dev = _device_of(self.encoder)
@@ -174,8 +179,8 @@ class FeatureConcatSource:
         return self.width if self.width is not None else sum(p.dim for p in self.parts)
 
     @torch.no_grad()
-    def rows(self, prompts: Sequence[Prompt], include_eot: bool) -> list[Tensor]:
-        texts = list(dict.fromkeys(q.text for q in prompts))  # each text once, whatever spans are asked of it
+    def rows(self, requests: Sequence[Request]) -> list[Tensor]:
+        texts = list(dict.fromkeys(q.text for q, _ in requests))  # each text once, whatever spans are asked of it
         at = {t: i for i, t in enumerate(texts)}
         # States are concatenated position by position: every part must be padded to the same length.
         length = max(p.length_for(texts) for p in self.parts)
@@ -186,9 +191,9 @@ class FeatureConcatSource:
         if self.width is not None and states.shape[-1] != self.width:
             states = torch.nn.functional.pad(states, (0, self.width - states.shape[-1]))
         out = []
-        for q in prompts:
+        for q, eot in requests:
             # States are concatenated position by position, so take the union of each tokenizer's picks.
-            picks = sorted(set().union(*(select_tokens(e, at[q.text], q, include_eot) for e in encs)))
+            picks = sorted(set().union(*(select_tokens(e, at[q.text], q, eot) for e in encs)))
             out.append(states[at[q.text], picks])
         return out
 
@@ -208,7 +213,8 @@ class PooledSource:
         return total
 
     @torch.no_grad()
-    def rows(self, prompts: Sequence[Prompt], include_eot: bool) -> list[Tensor]:
+    def rows(self, requests: Sequence[Request]) -> list[Tensor]:
+        prompts = [p for p, _ in requests]  # one state per prompt: spans and end-of-text do not apply
         pooled = []
         for tokenizer, encoder, max_length in self.parts:
             enc = _tokenize(tokenizer, [p.text for p in prompts], max_length)
@@ -246,19 +252,27 @@ class EmbeddingSpace:
     def per_prompt(self, prompts: Sequence[Prompt], include_eot: bool = False, cache: bool = True) -> list[Tensor]:
         """The chosen rows of each prompt separately (no grad). Kept for the next call unless ``cache=False`` (a
         search encodes thousands of one-off prompts); prompts already kept are reused either way."""
-        todo = list(dict.fromkeys(p for p in prompts if (p, include_eot) not in self._cache))
-        todo.sort(key=lambda p: len(p.text))  # batches of similar length: less padding to encode
+        return self.requested([(p, include_eot) for p in prompts], cache)
+
+    def requested(self, requests: Sequence[Request], cache: bool = True) -> list[Tensor]:
+        """:meth:`per_prompt` for ``(prompt, include_eot)`` pairs that need not share the flag. Each text is encoded
+        once, however many spans of it are asked for: ask for every span of a text in one call (as
+        :meth:`~ice_lightning.core.plan.ErasurePlan.states` does for the concept, its peers and their context)."""
+        todo: dict[str, list[Request]] = {}  # per text not yet kept, its requests
+        for r in dict.fromkeys(requests):
+            if r not in self._cache:
+                todo.setdefault(r[0].text, []).append(r)
+        texts = sorted(todo, key=len)  # batches of similar length: less padding to encode
         fresh = {}
-        for start in progress(range(0, len(todo), _BATCH), total=-(-len(todo) // _BATCH), desc="encoding prompts",
+        for start in progress(range(0, len(texts), _BATCH), total=-(-len(texts) // _BATCH), desc="encoding prompts",
                               unit="batch"):  # fmt: skip
-            batch = todo[start : start + _BATCH]
-            per_source = [src.rows(batch, include_eot) for src in self.sources]
-            for j, p in enumerate(batch):
-                fresh[(p, include_eot)] = torch.cat([rows[j] for rows in per_source], dim=0)
+            batch = [r for t in texts[start : start + _BATCH] for r in todo[t]]
+            per_source = [src.rows(batch) for src in self.sources]
+            for j, r in enumerate(batch):
+                fresh[r] = torch.cat([rows[j] for rows in per_source], dim=0)
         if cache:
             self._cache.update(fresh)
-        return [self._cache[(p, include_eot)] if (p, include_eot) in self._cache else fresh[(p, include_eot)]
-                for p in prompts]  # fmt: skip
+        return [self._cache[r] if r in self._cache else fresh[r] for r in requests]
 
     def base_states(self, prompts: Sequence[Prompt]) -> Spectrum | None:
         """Every token of the broad preserve base ``prompts`` as a :class:`~ice_lightning.core.solver.Spectrum`

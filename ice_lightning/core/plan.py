@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .architectures import lookup_architecture
 from .concepts import ConceptSpec, Family, Prompt
-from .context import context_shifts
+from .context import context_requests, context_shifts
 from .editing import (
     apply_edits,
     concept_outputs,
@@ -227,6 +227,10 @@ class ErasurePlan:
                 self.spaces[s].check_concept_tokens(spec.erase_prompts())
                 self.spaces[s].check_concept_tokens(spec.preserve_prompts(), "preserve concept")
                 self.spaces[s].check_concept_tokens([b for _, b in spec.anchor_prompts()], "anchor")
+                if context and not self.spaces[s].pooled:  # the context's texts are the prompts': encode each once
+                    eot = spec.include_eot
+                    self.spaces[s].requested([*((p, eot) for p in (*spec.erase_prompts(), *spec.preserve_prompts())),
+                                              *context_requests(spec, eot)])  # fmt: skip
             self._states = {
                 s: ConceptStates(
                     _collect(self.spaces[s], spec.erase_prompts(), spec.include_eot, "erase"),

@@ -71,3 +71,20 @@ def test_with_no_preserve_concept_the_context_is_left_and_the_user_told_why(capl
     assert torch.allclose(op.dense(), plain.dense(), atol=1e-12)
     with pytest.raises(ValueError, match="context_expansion must be >= 0"):
         ICEHyperParams(context_expansion=-1.0)
+
+
+def test_the_context_costs_no_encoding_of_its_own():
+    # the context sides are spans of the erase and preserve prompts: states() asks for every span of a text in one
+    # call, so each text goes through the encoder once, with the context on as with it off
+    spec = ConceptSpec(erase=["Van Gogh"], family="style", preserve=["Claude Monet"], generic_prompts=[],
+                       templates=["{} style artwork", "a painting by {}"], include_eot=True)  # fmt: skip
+    encoded, context = {}, None
+    for expansion in (0, 3):
+        pipe = build_tiny_pipeline("sd")  # a fresh pipeline: nothing kept from the other run
+        seen: list[int] = []
+        pipe.text_encoder.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+        plan = ErasurePlan(pipe, spec, hparams={"context_expansion": expansion, "base_weight": 0}, verify=False)
+        context = plan.states()["text"].context
+        encoded[expansion] = sum(seen)
+    assert encoded == {0: 4, 3: 4}  # 2 templates x (the concept + its peer)
+    assert context is not None and context.shape[0] > 0
