@@ -82,7 +82,7 @@ def test_the_context_costs_no_encoding_of_its_own():
     for expansion in (0, 3):
         pipe = build_tiny_pipeline("sd")  # a fresh pipeline: nothing kept from the other run
         seen: list[int] = []
-        pipe.text_encoder.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+        pipe.text_encoder.register_forward_pre_hook(lambda _, args, seen=seen: seen.append(args[0].shape[0]))
         plan = ErasurePlan(pipe, spec, hparams={"context_expansion": expansion, "base_weight": 0}, verify=False)
         context = plan.states()["text"].context
         encoded[expansion] = sum(seen)
