@@ -19,8 +19,28 @@ RESULTS = Path(__file__).parent / "results"
 #: round erased in the output metric.
 OUTPUT_METRIC = {"metric": "output", "harden_rounds": 1, "erase_expansion": 2.0}
 OUTPUT_ADVERSARY = {"harden_rounds": 1, "harden_metric": "output", "harden_expansion": 0.3, "erase_expansion": 10.0}
+#: The output-metric adversary with its strength chosen per concept within a collateral budget (``harden_budget``).
+ADVERSARY_BUDGET = {"harden_rounds": 1, "harden_metric": "output", "harden_budget": 0.01, "erase_expansion": 8.0}
 #: One round of the product's own trigger search (``ice_lightning.core.triggers``), added to a setting.
 TRIGGERS = {"trigger_rounds": 1}
+
+
+def ice_settings(ap, items: list[str], taken) -> dict[str, tuple[str, dict]]:
+    """``--ice-setting LABEL=JSON`` items as extra rows ``{label: ("ice", hyperparameters)}``; ``ap.error`` on a
+    malformed item or a label among ``taken`` (the built-in rows)."""
+    extra = {}
+    for item in items:
+        label, sep, setting = item.partition("=")
+        try:
+            kw = json.loads(setting) if sep and label else None
+        except json.JSONDecodeError:
+            kw = None
+        if not isinstance(kw, dict):
+            ap.error(f"--ice-setting takes LABEL=JSON with a JSON object of ICE hyperparameters, got {item!r}")
+        if label in taken:
+            ap.error(f"--ice-setting label {label!r} names a built-in row; choose another label")
+        extra[label] = ("ice", kw)
+    return extra
 
 
 def minilm_pipeline():

@@ -16,18 +16,29 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import OUTPUT_ADVERSARY, OUTPUT_METRIC, RESULTS, minilm_pipeline, table, write_report  # noqa: E402
+from _common import (  # noqa: E402
+    ADVERSARY_BUDGET,
+    OUTPUT_ADVERSARY,
+    OUTPUT_METRIC,
+    RESULTS,
+    minilm_pipeline,
+    table,
+    write_report,
+)
 from tradeoff import collateral_to_reach, many_concepts  # noqa: E402
 
-#: The default (token states), the same without its context erasure, the output metric with one hardening round and
-#: the output-metric adversary (``docs/method.md``, section 9), each over its own ``erase_expansion`` range (the output
-#: metric measures energy shares otherwise: its values are smaller); the last number is each curve's own setting.
+#: The default (token states), the same without its context erasure, the output metric with one hardening round, the
+#: output-metric adversary and the same within a collateral budget (``docs/method.md``, section 9), each over its own
+#: ``erase_expansion`` range (the output metric measures energy shares otherwise: its values are smaller); the last
+#: number is each curve's own setting.
 _OUTPUT_CURVE = {k: v for k, v in OUTPUT_METRIC.items() if k != "erase_expansion"}
 _ADVERSARY_CURVE = {k: v for k, v in OUTPUT_ADVERSARY.items() if k != "erase_expansion"}
+_BUDGET_CURVE = {k: v for k, v in ADVERSARY_BUDGET.items() if k != "erase_expansion"}
 CURVES = {"default": ({}, (10.0, 30.0, 100.0, 300.0), 30.0),
           "without context": ({"context_expansion": 0.0}, (10.0, 30.0, 100.0, 300.0), 30.0),
           "output metric": (_OUTPUT_CURVE, (1.0, 2.0, 4.0, 10.0), OUTPUT_METRIC["erase_expansion"]),
-          "output adversary": (_ADVERSARY_CURVE, (3.0, 10.0, 30.0, 100.0), OUTPUT_ADVERSARY["erase_expansion"])}
+          "output adversary": (_ADVERSARY_CURVE, (3.0, 10.0, 30.0, 100.0), OUTPUT_ADVERSARY["erase_expansion"]),
+          "adversary budget": (_BUDGET_CURVE, (3.0, 8.0, 30.0, 100.0), ADVERSARY_BUDGET["erase_expansion"])}
 #: The curves compared with the default, each under its own summary key ("output metric" -> "output_metric_near").
 _ROBUST = [c for c in CURVES if c != "default"]
 
@@ -40,6 +51,8 @@ def grid(tiny: bool) -> list[tuple[str, dict]]:
 def _curve(config: str) -> str:
     if "context_expansion=0.0" in config:
         return "without context"
+    if "harden_budget=" in config:
+        return "adversary budget"
     if "harden_metric=output" in config:
         return "output adversary"
     return "output metric" if "metric=output" in config else "default"

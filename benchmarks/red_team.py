@@ -1,5 +1,6 @@
-"""Text-space red-teaming of ICE (default, without its context erasure, hardened, in the output metric, with the trigger
-search), CURE, UCE, RECE and projection on the development set (real MiniLM encoder).
+"""Text-space red-teaming of ICE (default, without its context erasure, hardened, in the output metric, its adversary
+at a fixed strength or within a collateral budget, with the trigger search), CURE, UCE, RECE and projection on the
+development set (real MiniLM encoder).
 
 For every development concept, erase it with each method and run the package's attacks
 (``ice_lightning.evaluation.RedTeam``): paraphrases, Ring-A-Bell (concept vector + discrete search; a second,
@@ -23,10 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
+    ADVERSARY_BUDGET,
     OUTPUT_ADVERSARY,
     OUTPUT_METRIC,
     RESULTS,
     TRIGGERS,
+    ice_settings,
     minilm_pipeline,
     table,
     write_report,
@@ -46,6 +49,7 @@ METHODS = {
     "ICE hardened": ("ice", {"harden_rounds": 3}),
     "ICE output metric": ("ice", OUTPUT_METRIC),
     "ICE output-metric adversary": ("ice", OUTPUT_ADVERSARY),
+    "ICE adversary within a budget": ("ice", ADVERSARY_BUDGET),
     "ICE trigger search": ("ice", TRIGGERS),
     "ICE output metric + triggers": ("ice", {**OUTPUT_METRIC, **TRIGGERS}),
     "CURE": ("cure", {}),
@@ -108,18 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="an extra ICE row with these hyperparameters, e.g. 'soft={\"erase_expansion\": 5}' "
                     "(repeatable; only ICE, these and any --methods run; the others' saved rows are kept)")  # fmt: skip
     args = ap.parse_args(argv)
-    extra = {}
-    for item in args.ice_setting:
-        label, sep, setting = item.partition("=")
-        try:
-            kw = json.loads(setting) if sep and label else None
-        except json.JSONDecodeError:
-            kw = None
-        if not isinstance(kw, dict):
-            ap.error(f"--ice-setting takes LABEL=JSON with a JSON object of ICE hyperparameters, got {item!r}")
-        if label in METHODS:
-            ap.error(f"--ice-setting label {label!r} names a built-in row; choose another label")
-        extra[label] = ("ice", kw)
+    extra = ice_settings(ap, args.ice_setting, METHODS)
     METHODS.update(extra)
     named = [*(args.methods or []), *extra]
     labels = list(dict.fromkeys(["ICE", *named])) if named else list(METHODS)

@@ -26,7 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import OUTPUT_METRIC, RESULTS, TRIGGERS, table, write_report
+from _common import OUTPUT_METRIC, RESULTS, TRIGGERS, ice_settings, table, write_report
 
 from ice_lightning import erase
 from ice_lightning.demos.shapes import MODELS_DIR, load_shapes_pipeline
@@ -179,7 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
                     help="shipped models to measure; the saved rows of the others are kept in the report")
     ap.add_argument("--methods", nargs="*", default=None, choices=list(METHODS),
                     help="only these methods; the saved rows of the others are kept")
+    ap.add_argument("--ice-setting", action="append", default=[], metavar="LABEL=JSON",
+                    help="an extra ICE row with these hyperparameters (repeatable; run with --methods, or alone)")
     args = ap.parse_args(argv)
+    extra = ice_settings(ap, args.ice_setting, METHODS)
+    METHODS.update(extra)
+    if extra:
+        args.methods = [*(args.methods or []), *extra]
     if args.tiny:
         args.samples, args.sample_steps, args.attack_steps, args.budgets = 1, 4, 2, [0.5]
     args.budgets = [b or None for b in args.budgets]

@@ -203,3 +203,31 @@ def test_hardening_can_erase_the_adversary_in_the_output_metric():
     assert got.hparams["harden_metric"] == "output" and got.hparams["metric"] == "input"
     with pytest.raises(ValueError, match="unknown harden_metric 'outputs'"):
         ICEHyperParams(harden_metric="outputs")
+
+
+def test_a_hardening_budget_takes_the_strongest_adversary_erasure_that_keeps_the_preserve_outputs_within_it():
+    Ws, E_e, E_p = _setting(3)
+    G = layer_gram(Ws)
+    plain = dissociation_operator(E_e, E_p)
+
+    def change(op) -> float:  # written from the layers: sqrt(sum_l ||W_l (D - D_plain) p||^2 / sum_l ||W_l p||^2)
+        delta = (op.dense() - plain.dense()) @ E_p.T
+        return float((sum((W @ delta).square().sum() for W in Ws) / sum((W @ E_p.T).square().sum() for W in Ws)).sqrt())
+
+    def fixed(expansion: float):
+        return dissociation_operator(E_e, E_p, harden_rounds=1, harden_expansion=expansion, gram=G)
+
+    budget = change(fixed(1.0))
+    got = dissociation_operator(E_e, E_p, harden_rounds=1, harden_budget=budget, gram=G)
+    chosen = got.hparams["harden_expansion"]  # the expansion it chose is what the manifest records
+    assert 0.9 < chosen <= 1.0 + 1e-9 and change(got) <= budget * (1 + 1e-9)
+    assert torch.allclose(got.dense(), fixed(chosen).dense(), atol=1e-12)
+    assert change(fixed(chosen * 1.3)) > budget  # the strongest within the budget, to the search's resolution
+    # a budget no hardening can keep leaves the plain edit; one every hardening keeps takes the strongest searched
+    assert torch.allclose(dissociation_operator(E_e, E_p, harden_rounds=1, harden_budget=1e-12, gram=G).dense(),
+                          plain.dense(), atol=1e-12)  # fmt: skip
+    free = dissociation_operator(E_e, E_p, harden_rounds=1, harden_budget=1.0, gram=G)
+    assert free.hparams["harden_expansion"] == pytest.approx(100)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="harden_budget"):
+            ICEHyperParams(harden_budget=bad)

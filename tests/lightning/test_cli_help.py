@@ -57,7 +57,8 @@ def test_erase_help_lists_every_option_with_help_and_choices():
     options = _options(run.stdout)
     expected = {"--pipeline", "--erase", "--preserve", "--family", "--anchor", "--template", "--include-eot",
                 "--method", "--lam", "--mu", "--erase-expansion", "--preserve-expansion", "--base-weight",
-                "--harden-rounds", "--metric", "--harden-metric", "--trigger-rounds", "--context-expansion",
+                "--harden-rounds", "--metric", "--harden-metric", "--harden-budget", "--trigger-rounds",
+                "--context-expansion",
                 "--overlap", "--objective", "--device", "--out", "--format", "--pipeline-config", "--overwrite",
                 "--samples", "--seed", "--grid", "--quiet", "--config"}  # fmt: skip
     assert expected <= set(options)

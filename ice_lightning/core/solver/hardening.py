@@ -4,12 +4,15 @@ finds (``docs/method.md``, section 9)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from .spectral import _DTYPE, DissociationOperator, _composed, _in_range
+from .spectral import _DTYPE, DissociationOperator, Spectrum, _composed, _in_range, compress_states
 
-__all__ = ["layer_gram", "adversarial_inputs", "harden", "metric_factor"]
+__all__ = ["layer_gram", "adversarial_inputs", "harden", "metric_factor", "metric_sides", "output_change",
+           "within_budget"]
 
 #: More rounds than this only repeat the last ones' directions (each round adds one row per concept token).
 _MAX_ROUNDS = 10
@@ -63,7 +66,7 @@ def _largest_eigenvalue(G: Tensor) -> float:
 
 
 def harden(op: DissociationOperator, E_erase: Tensor, gram: Tensor, solve_adversary, rounds: int,
-           gamma: float = 0.01) -> DissociationOperator:  # fmt: skip
+           gamma: float = 0.01, gram_norm: float | None = None) -> DissociationOperator:  # fmt: skip
     """Closed-form hardening: ``rounds`` times, derive the adversarial inputs of every erase token against the
     current edit (:func:`adversarial_inputs`), rescale each to its concept token's norm (so that the
     adversarial rows carry the energy of the tokens they stand for), and erase all rows found so far with
@@ -71,18 +74,73 @@ def harden(op: DissociationOperator, E_erase: Tensor, gram: Tensor, solve_advers
     ``I - D_h = (I - D)(I - D_adv)``.
 
     The composition, not new rows inside ``op``'s own solve, is the point: adversarial rows appended to the
-    erase states dilute the concept's energy shares and erase *less* (``docs/method.md``, hardening)."""
+    erase states dilute the concept's energy shares and erase *less* (``docs/method.md``, hardening). ``gram_norm``:
+    ``lambda_max(G)``, where the caller already has it."""
     if rounds == 0:
         return op
     E = E_erase.to(_DTYPE)
     norms = E.norm(dim=-1, keepdim=True)
-    found, current, top = E[:0], op, _largest_eigenvalue(gram)
+    found, current = E[:0], op
+    top = gram_norm if gram_norm is not None else _largest_eigenvalue(gram)
     for _ in range(rounds):
         x = adversarial_inputs(current, gram, E, gamma, top)
         x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-300) * norms
         found = torch.cat([found, x])
         current = _composed(op, solve_adversary(found), op.method, op.hparams)
     return current
+
+
+#: The expansions ``within_budget`` searches (log scale) and its bisection steps.
+_BUDGET_RANGE, _BUDGET_STEPS = (1e-2, 1e2), 8
+
+
+def output_change(old: DissociationOperator, X: Tensor, gram: Tensor):
+    """``new -> sqrt(sum_l ||W_l (D_new - D_old) x||^2 / sum_l ||W_l x||^2)`` over the rows ``x`` of ``X``
+    (``gram = sum W^T W``): how much replacing ``old`` by ``new`` changes the layers' outputs of ``X``, relative.
+    The denominator is formed once; each call works in ``Q``, an orthonormal basis of both operators' column spaces
+    (``D X`` lies there), so it costs ``d^2 m`` for m basis columns instead of ``d^2 n`` for n rows."""
+    X = X.to(_DTYPE).T
+    G = gram.to(_DTYPE)
+    total = float((X * (G @ X)).sum())
+    before = old.times(X)
+
+    def change(new: DissociationOperator) -> float:
+        if total <= 0:
+            return 0.0
+        Q = torch.linalg.qr(torch.cat([new.U, old.U], dim=1)).Q
+        coef = Q.T @ (new.times(X) - before)
+        return max(float(((Q.T @ G @ Q) @ coef * coef).sum()), 0.0) ** 0.5 / total**0.5
+
+    return change
+
+
+def within_budget(hardened, op: DissociationOperator, E_preserve: Tensor, gram: Tensor,
+                  budget: float) -> DissociationOperator:  # fmt: skip
+    """``hardened(expansion)`` at the largest erase expansion of the adversarial rows (searched on a log scale over
+    ``_BUDGET_RANGE``) whose change of the preserve states' outputs against ``op`` (:func:`output_change`) stays within
+    ``budget``; the expansion chosen is recorded in the operator's ``hparams``. A concept whose adversarial inputs
+    lie along its neighbours' directions is hardened less, one whose inputs are its own more. ``op`` itself where even
+    the weakest hardening spends more than the budget."""
+    change = output_change(op, E_preserve, gram)
+
+    def spent(log_a: float) -> tuple[float, DissociationOperator]:
+        cand = hardened(math.exp(log_a))
+        return change(cand), cand
+
+    lo, hi = (math.log(a) for a in _BUDGET_RANGE)
+    cost, best = spent(lo)
+    if cost > budget:
+        return op
+    cost, top = spent(hi)
+    if cost <= budget:
+        lo, best = hi, top
+    else:
+        for _ in range(_BUDGET_STEPS):
+            mid = (lo + hi) / 2
+            cost, cand = spent(mid)
+            lo, hi, best = (mid, hi, cand) if cost <= budget else (lo, mid, best)
+    best.hparams = {**best.hparams, "harden_expansion": math.exp(lo)}
+    return best
 
 
 def _check_gram(gram: Tensor | None, d: int, missing: str) -> None:
@@ -104,3 +162,15 @@ def metric_factor(gram: Tensor, ridge: float) -> Tensor:
     scale = float(torch.diagonal(G).sum()) / d
     G_r = (G + G.T) / (2 * scale if scale > 0 else 2.0) + ridge * torch.eye(d, dtype=_DTYPE)
     return torch.linalg.cholesky(G_r)
+
+
+def metric_sides(E_preserve: Tensor, E_base, gram: Tensor, ridge: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``L`` of :func:`metric_factor` and the preserve and base states mapped by it (rows ``X L``; a base
+    :class:`Spectrum` compressed to at most d rows): the parts of an output-metric solve that do not depend on the
+    erase rows, so that the hardening's adversary solves (about ten under a budget) share them."""
+    L = metric_factor(gram, ridge)
+    if isinstance(E_base, Spectrum):
+        base = compress_states(E_base.rows().to(_DTYPE) @ L)
+    else:
+        base = None if E_base is None else E_base.to(_DTYPE) @ L
+    return L, E_preserve.to(_DTYPE) @ L, base

@@ -20,7 +20,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .hardening import _MAX_ROUNDS, _check_gram, _check_hardening, harden, metric_factor
+from .hardening import (
+    _MAX_ROUNDS,
+    _check_gram,
+    _check_hardening,
+    _largest_eigenvalue,
+    harden,
+    metric_sides,
+    within_budget,
+)
 from .spectral import (
     _DTYPE,
     _MAX_WEIGHT,
@@ -36,7 +44,6 @@ from .spectral import (
     _operator_from,
     _orth,
     _with_anchor,
-    compress_states,
     energy_subspace,
     overlap_projector,
 )
@@ -111,6 +118,10 @@ class ICEHyperParams:
         harden_metric: the metric in which the hardening rounds' adversarial rows are erased (``None``: the
             erasure's own ``metric``). ``"output"`` under a token-state erasure keeps the default's erasure and
             removes what the adversary uses in the layers' own norm (``docs/method.md``, section 9).
+        harden_budget: ``None`` (default) hardens with ``harden_expansion``; a number ``b`` in (0, 1] chooses, per
+            erasure, the strongest ``harden_expansion`` whose hardening changes the preserve states' outputs by at most
+            ``b`` (relative, over every layer: :func:`within_budget`), so that each concept is hardened as far as its
+            own neighbours allow.
         trigger_rounds: rounds of trigger discovery (:mod:`ice_lightning.core.triggers`; 0, the default, is off).
             Each round searches the text encoder's vocabulary for prompts that still bring the concept back through
             the edited layers and erases them as an erasure of their own, composed after the concept's. The search
@@ -142,6 +153,7 @@ class ICEHyperParams:
     metric: Metric = "input"
     metric_ridge: float = 0.05
     harden_metric: Metric | None = None
+    harden_budget: float | None = None
     trigger_rounds: int = 0
     trigger_expansion: float = 3.0
     context_expansion: float = 3.0
@@ -170,6 +182,9 @@ class ICEHyperParams:
         _check_hardening(self.harden_rounds, self.harden_gamma)
         if not (isinstance(self.harden_expansion, (int, float)) and self.harden_expansion > 0):
             raise ValueError(f"harden_expansion must be > 0, got {self.harden_expansion!r}")
+        if self.harden_budget is not None:
+            _in_range("harden_budget", self.harden_budget, 0.0, 1.0, "the most the hardening may change the preserve "
+                      "states' outputs, relative", low_open=True)  # fmt: skip
         if self.metric not in ("input", "output"):
             raise ValueError(f"unknown metric {self.metric!r}; use 'input' (token states) or 'output' (the layers' "
                              "outputs)")  # fmt: skip
@@ -391,16 +406,30 @@ def _hardened(op: DissociationOperator, E_erase: Tensor, E_preserve: Tensor, hp:
     if hp.harden_rounds == 0:
         return op
     _check_gram(gram, op.dim, "harden_rounds > 0 reads the edited layers: pass gram=layer_gram(weights)")
-    plain = {"harden_rounds": 0, "erase_expansion": hp.harden_expansion, "metric": hp.harden_metric or hp.metric}
 
-    def solve_adversary(rows: Tensor) -> DissociationOperator:
-        return dissociation_operator(rows, E_preserve, hp, concepts=concepts, E_base=E_base, gram=gram, **plain)
+    metric = hp.harden_metric or hp.metric
+    # What every adversary solve shares, computed once (a budget's search solves about ten): the Gram's top eigenvalue
+    # and, in the output metric, the preserve and base states mapped into it.
+    top = _largest_eigenvalue(gram)
+    sides = metric_sides(E_preserve, E_base, gram, hp.metric_ridge) if metric == "output" else None
 
-    return harden(op, E_erase, gram, solve_adversary, hp.harden_rounds, hp.harden_gamma)
+    def hardened(expansion: float) -> DissociationOperator:
+        adversary = _merge(hp, {"harden_rounds": 0, "erase_expansion": expansion, "metric": metric})
+
+        def solve_adversary(rows: Tensor) -> DissociationOperator:
+            if sides is not None:
+                return _in_output_metric(rows, E_preserve, adversary, None, concepts, E_base, gram, sides)
+            return dissociation_operator(rows, E_preserve, adversary, concepts=concepts, E_base=E_base)
+
+        return harden(op, E_erase, gram, solve_adversary, hp.harden_rounds, hp.harden_gamma, gram_norm=top)
+
+    if hp.harden_budget is None:
+        return hardened(hp.harden_expansion)
+    return within_budget(hardened, op, E_preserve, gram, hp.harden_budget)
 
 
-
-def _in_output_metric(E_erase, E_preserve, hp: ICEHyperParams, anchor, concepts, E_base, gram) -> DissociationOperator:
+def _in_output_metric(E_erase, E_preserve, hp: ICEHyperParams, anchor, concepts, E_base, gram,
+                      sides: tuple | None = None) -> DissociationOperator:  # fmt: skip
     """ICE solved on the states as the edited layers see them (``metric="output"``): with ``L`` from
     :func:`metric_factor`, ``D = L^-T D~ L^T`` where ``D~`` is ICE's operator for the states ``X L``. Every energy
     share, overlap and preserve weight is then measured in ``sum_l ||W_l x||^2``, and the layers' outputs of the
@@ -409,19 +438,14 @@ def _in_output_metric(E_erase, E_preserve, hp: ICEHyperParams, anchor, concepts,
     E_erase, E_preserve, E_base = _checked_inputs(E_erase, E_preserve, E_base)
     _check_gram(gram, E_erase.shape[-1], "metric='output' reads the edited layers: pass gram=layer_gram(weights), "
                 "or metric='input' to measure the token states themselves")  # fmt: skip
-    L = metric_factor(gram, hp.metric_ridge)
+    L, preserve, base = sides or metric_sides(E_preserve, E_base, gram, hp.metric_ridge)
 
     def mapped(E):  # rows x^T -> (L^T x)^T = x^T L
-        if E is None:
-            return None
-        if isinstance(E, Spectrum):
-            return compress_states(E.rows().to(_DTYPE) @ L)
         return E.to(_DTYPE) @ L
 
     inner = _merge(hp, {"metric": "input", "harden_rounds": 0})
     anchor_t = None if anchor is None else (mapped(anchor[0]), mapped(anchor[1]))
-    tilde = dissociation_operator(mapped(E_erase), mapped(E_preserve), inner, anchor=anchor_t, concepts=concepts,
-                                  E_base=mapped(E_base))  # fmt: skip
+    tilde = dissociation_operator(mapped(E_erase), preserve, inner, anchor=anchor_t, concepts=concepts, E_base=base)
 
     def back(Y: Tensor) -> Tensor:  # L^-T Y
         return torch.linalg.solve_triangular(L.T, Y, upper=True)
