@@ -223,9 +223,12 @@ def test_a_hardening_budget_takes_the_strongest_adversary_erasure_that_keeps_the
     assert 0.9 < chosen <= 1.0 + 1e-9 and change(got) <= budget * (1 + 1e-9)
     assert torch.allclose(got.dense(), fixed(chosen).dense(), atol=1e-12)
     assert change(fixed(chosen * 1.3)) > budget  # the strongest within the budget, to the search's resolution
-    # a budget no hardening can keep leaves the plain edit; one every hardening keeps takes the strongest searched
-    assert torch.allclose(dissociation_operator(E_e, E_p, harden_rounds=1, harden_budget=1e-12, gram=G).dense(),
-                          plain.dense(), atol=1e-12)  # fmt: skip
+    # a budget no hardening can keep leaves the plain edit, recorded as no round applied (and those hyperparameters
+    # solve it again); one every hardening keeps takes the strongest searched
+    kept = dissociation_operator(E_e, E_p, harden_rounds=1, harden_budget=1e-12, gram=G)
+    assert torch.allclose(kept.dense(), plain.dense(), atol=1e-12)
+    assert kept.hparams["harden_rounds"] == 0 and kept.hparams["harden_budget"] == 1e-12
+    assert torch.equal(dissociation_operator(E_e, E_p, gram=G, **kept.hparams).dense(), kept.dense())
     free = dissociation_operator(E_e, E_p, harden_rounds=1, harden_budget=1.0, gram=G)
     assert free.hparams["harden_expansion"] == pytest.approx(100)
     for bad in (0.0, -0.1, 1.5):

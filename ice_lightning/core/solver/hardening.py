@@ -119,8 +119,9 @@ def within_budget(hardened, op: DissociationOperator, E_preserve: Tensor, gram: 
     """``hardened(expansion)`` at the largest erase expansion of the adversarial rows (searched on a log scale over
     ``_BUDGET_RANGE``) whose change of the preserve states' outputs against ``op`` (:func:`output_change`) stays within
     ``budget``; the expansion chosen is recorded in the operator's ``hparams``. A concept whose adversarial inputs
-    lie along its neighbours' directions is hardened less, one whose inputs are its own more. ``op`` itself where even
-    the weakest hardening spends more than the budget."""
+    lie along its neighbours' directions is hardened less, one whose inputs are its own more. Where even the weakest
+    hardening spends more than the budget, ``op`` itself, recorded as ``harden_rounds=0`` (no round was applied: the
+    manifest says so, and the recorded hyperparameters solve the same operator again)."""
     change = output_change(op, E_preserve, gram)
 
     def spent(log_a: float) -> tuple[float, DissociationOperator]:
@@ -130,6 +131,7 @@ def within_budget(hardened, op: DissociationOperator, E_preserve: Tensor, gram: 
     lo, hi = (math.log(a) for a in _BUDGET_RANGE)
     cost, best = spent(lo)
     if cost > budget:
+        op.hparams = {**op.hparams, "harden_rounds": 0}
         return op
     cost, top = spent(hi)
     if cost <= budget:

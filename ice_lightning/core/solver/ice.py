@@ -44,6 +44,7 @@ from .spectral import (
     _operator_from,
     _orth,
     _with_anchor,
+    compress_states,
     energy_subspace,
     overlap_projector,
 )
@@ -408,9 +409,12 @@ def _hardened(op: DissociationOperator, E_erase: Tensor, E_preserve: Tensor, hp:
     _check_gram(gram, op.dim, "harden_rounds > 0 reads the edited layers: pass gram=layer_gram(weights)")
 
     metric = hp.harden_metric or hp.metric
-    # What every adversary solve shares, computed once (a budget's search solves about ten): the Gram's top eigenvalue
-    # and, in the output metric, the preserve and base states mapped into it.
+    # What every adversary solve shares, computed once (a budget's search solves about ten): the Gram's top eigenvalue,
+    # the preserve states as at most d rows with their Gram matrix (all that the weighted, uncentred solve and the
+    # budget's output change read of them) and, in the output metric, the preserve and base states mapped into it.
     top = _largest_eigenvalue(gram)
+    if hp.objective == "weighted" and not hp.center and E_preserve.shape[0] > E_preserve.shape[-1]:
+        E_preserve = compress_states(E_preserve.to(_DTYPE)).rows()
     sides = metric_sides(E_preserve, E_base, gram, hp.metric_ridge) if metric == "output" else None
 
     def hardened(expansion: float) -> DissociationOperator:
