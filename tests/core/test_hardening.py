@@ -10,12 +10,18 @@ from ice_lightning.core.solver import (
     dissociation_operator,
     harden,
     layer_gram,
+    needs_gram,
     rece_operator,
     uce_dense_edit,
     uce_operator,
 )
 
 F64 = torch.float64
+
+
+#: The hardening as it was before it became the default: its rows erased in the erasure's own metric, at a fixed
+#: ``harden_expansion`` (the dense references below are written for it).
+FIXED = {"harden_metric": None, "harden_budget": None}
 
 
 def _setting(seed: int = 0, d: int = 16):
@@ -54,7 +60,7 @@ def test_layer_gram_is_the_sum_over_layers_and_refuses_none():
 def test_hardened_operator_is_the_plain_edit_composed_with_the_adversaries_erasure():
     Ws, E_e, E_p = _setting(1)
     G = layer_gram(Ws)
-    hp = ICEHyperParams(harden_rounds=2, harden_gamma=0.05, harden_expansion=5.0)
+    hp = ICEHyperParams(harden_rounds=2, harden_gamma=0.05, harden_expansion=5.0, **FIXED)
     hardened = dissociation_operator(E_e, E_p, hp, gram=G)
     # the same two rounds written out densely
     plain = dissociation_operator(E_e, E_p).dense()
@@ -85,8 +91,27 @@ def test_hardening_weakens_the_closed_form_adversary():
     Ws, E_e, E_p = _setting(2)
     G = layer_gram(Ws)
     plain = dissociation_operator(E_e, E_p).dense()
-    hard = dissociation_operator(E_e, E_p, harden_rounds=3, gram=G).dense()
+    hard = dissociation_operator(E_e, E_p, harden_rounds=3, gram=G, **FIXED).dense()
     assert _restored(Ws, E_e, hard) < _restored(Ws, E_e, plain) - 0.05  # 0.750 against 0.838
+
+
+def test_the_default_hardens_wherever_the_layers_are_known():
+    """``harden_rounds=None`` (the default): one round of the output-metric adversary within the collateral budget when
+    the layers' Gram matrix is given (as ``erase()`` gives it), plain ICE for states alone; each records what it did."""
+    Ws, E_e, E_p = _setting(2)
+    G = layer_gram(Ws)
+    alone = dissociation_operator(E_e, E_p)
+    assert alone.hparams["harden_rounds"] == 0
+    assert torch.equal(alone.dense(), dissociation_operator(E_e, E_p, harden_rounds=0).dense())
+    assert torch.equal(build_operator("ice", E_e, E_p).dense(), alone.dense())  # no Gram needed for states alone
+    hardened = dissociation_operator(E_e, E_p, gram=G)
+    explicit = dissociation_operator(E_e, E_p, harden_rounds=1, harden_metric="output", harden_budget=0.003, gram=G)
+    assert hardened.hparams["harden_rounds"] == 1 and hardened.hparams["harden_budget"] == 0.003
+    assert torch.equal(hardened.dense(), explicit.dense())
+    assert torch.equal(dissociation_operator(E_e, E_p, gram=G, harden_rounds=0).dense(), alone.dense())
+    assert needs_gram("ice", {}) and not needs_gram("ice", {"harden_rounds": 0})
+    # the adversary's best input restores less through the default edit than through the plain one
+    assert _restored(Ws, E_e, hardened.dense()) < _restored(Ws, E_e, alone.dense())
 
 
 def test_hardening_needs_the_layers_and_checks_its_settings():
@@ -139,7 +164,7 @@ def test_output_metric_solves_ice_on_the_states_as_the_layers_see_them(ridge):
     Ws, E_e, E_p = _setting(4)
     E_b = torch.randn(40, E_e.shape[1], generator=torch.Generator().manual_seed(5), dtype=F64)
     T, T_inv = _dense_metric_roots(Ws, ridge)
-    got = dissociation_operator(E_e, E_p, E_base=E_b, metric="output", metric_ridge=ridge,
+    got = dissociation_operator(E_e, E_p, E_base=E_b, metric="output", metric_ridge=ridge, harden_rounds=0,
                                 gram=layer_gram(Ws))  # fmt: skip
     tilde = dissociation_operator(E_e @ T, E_p @ T, E_base=E_b @ T).dense()
     assert torch.allclose(got.dense(), T_inv @ tilde @ T, atol=1e-9)
@@ -164,7 +189,7 @@ def test_a_hard_erasure_in_the_output_metric_leaves_nothing_for_any_input_to_res
         return float((out @ torch.linalg.pinv(removed) @ removed).norm() / out.norm())
 
     hard = {"erase_expansion": float("inf"), "lam": 0.0, "base_weight": 0.0, "mu": 1e-6, "metric_ridge": 1e-9}
-    output = dissociation_operator(E_e, E_p, metric="output", gram=layer_gram(Ws), **hard).dense()
+    output = dissociation_operator(E_e, E_p, metric="output", gram=layer_gram(Ws), harden_rounds=0, **hard).dense()
     plain = dissociation_operator(E_e, E_p, **hard).dense()
     assert cosine_to_removed(output) < 1e-5
     assert cosine_to_removed(plain) > 0.1  # 6e-7 against 0.245
@@ -174,8 +199,8 @@ def test_output_metric_weakens_the_closed_form_adversary_and_needs_the_layers():
     Ws, E_e, E_p = _setting(2)
     G = layer_gram(Ws)
     plain = dissociation_operator(E_e, E_p).dense()
-    output = dissociation_operator(E_e, E_p, metric="output", harden_rounds=1, gram=G).dense()
-    adversary = dissociation_operator(E_e, E_p, harden_rounds=1, harden_metric="output", gram=G).dense()
+    output = dissociation_operator(E_e, E_p, metric="output", harden_rounds=1, gram=G, **FIXED).dense()
+    adversary = dissociation_operator(E_e, E_p, harden_rounds=1, harden_budget=None, gram=G).dense()
     assert _restored(Ws, E_e, output) < _restored(Ws, E_e, plain) - 0.05  # 0.707 against 0.838
     assert _restored(Ws, E_e, adversary) < _restored(Ws, E_e, plain) - 0.05  # 0.763
     with pytest.raises(ValueError, match="metric='output' reads the edited layers: pass gram="):
@@ -193,7 +218,8 @@ def test_hardening_can_erase_the_adversary_in_the_output_metric():
     Ws, E_e, E_p = _setting(7)
     G = layer_gram(Ws)
     T, T_inv = _dense_metric_roots(Ws, 0.05)
-    got = dissociation_operator(E_e, E_p, harden_rounds=1, harden_metric="output", harden_expansion=0.5, gram=G)
+    got = dissociation_operator(E_e, E_p, harden_rounds=1, harden_metric="output", harden_expansion=0.5,
+                                harden_budget=None, gram=G)  # fmt: skip
     plain = dissociation_operator(E_e, E_p).dense()
     x = _dense_adversary(Ws, plain, E_e, 0.01)
     rows = x / x.norm(dim=-1, keepdim=True) * E_e.norm(dim=-1, keepdim=True)
@@ -215,7 +241,7 @@ def test_a_hardening_budget_takes_the_strongest_adversary_erasure_that_keeps_the
         return float((sum((W @ delta).square().sum() for W in Ws) / sum((W @ E_p.T).square().sum() for W in Ws)).sqrt())
 
     def fixed(expansion: float):
-        return dissociation_operator(E_e, E_p, harden_rounds=1, harden_expansion=expansion, gram=G)
+        return dissociation_operator(E_e, E_p, harden_rounds=1, harden_expansion=expansion, harden_budget=None, gram=G)
 
     budget = change(fixed(1.0))
     got = dissociation_operator(E_e, E_p, harden_rounds=1, harden_budget=budget, gram=G)

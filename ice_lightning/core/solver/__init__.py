@@ -155,8 +155,8 @@ def check_hparams(method: str, hparams: dict) -> None:
 
 
 def needs_gram(method: str, hparams: dict) -> bool:
-    """Whether ``build_operator(method, ...)`` needs ``gram=``: RECE always, ICE in the output metric or with
-    ``harden_rounds > 0`` (and the plan's trigger search, ``trigger_rounds > 0``)."""
+    """Whether ``build_operator(method, ...)`` reads ``gram=``: RECE always, ICE hardened (by default one round
+    where the Gram is given), in the output metric, or with the plan's trigger search (``trigger_rounds > 0``)."""
     return method_params(method, hparams).needs_gram
 
 
@@ -174,7 +174,7 @@ def build_operator(
     ``concepts`` (the number of erased concepts) and ``E_base`` (the broad preserve base) are used by ICE only;
     ``gram`` (:func:`layer_gram` of the layers that read this space) by RECE and hardened ICE."""
     params = method_params(method, hparams)
-    if params.needs_gram and gram is None:
+    if params.needs_gram and gram is None and not getattr(params, "gram_optional", False):
         raise ValueError(f"{method!r} with these hyperparameters reads the edited layers: "
                          "pass gram=layer_gram(weights)")
     return params.build(E_erase, E_preserve, anchor=anchor, concepts=concepts, E_base=E_base, gram=gram)

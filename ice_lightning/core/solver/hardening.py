@@ -18,10 +18,14 @@ __all__ = ["layer_gram", "adversarial_inputs", "harden", "metric_factor", "metri
 _MAX_ROUNDS = 10
 
 
-def _check_hardening(rounds, gamma) -> None:
-    if not (isinstance(rounds, int) and not isinstance(rounds, bool) and 0 <= rounds <= _MAX_ROUNDS):
-        raise ValueError(f"harden_rounds (rounds of closed-form hardening) must be an integer in [0, {_MAX_ROUNDS}], "
-                         f"got {rounds!r}")
+def _check_hardening(rounds, gamma, auto: bool = False) -> None:
+    """``auto``: ``rounds=None`` (ICE's default, one round where the layers are known) is allowed."""
+    if auto and rounds is None:
+        pass
+    elif not (isinstance(rounds, int) and not isinstance(rounds, bool) and 0 <= rounds <= _MAX_ROUNDS):
+        where = " or None (one round where the layers are known)" if auto else ""
+        raise ValueError(f"harden_rounds (rounds of closed-form hardening) must be an integer in [0, {_MAX_ROUNDS}]"
+                         f"{where}, got {rounds!r}")
     _in_range("harden_gamma", gamma, 0.0, 1e3, "the adversary's ridge, relative to the Gram's largest eigenvalue",
               low_open=True)
 

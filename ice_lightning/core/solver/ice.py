@@ -101,9 +101,11 @@ class ICEHyperParams:
             top of the named preserve concepts. Without base states it has no effect.
         base_expansion: ``a_b`` of the base's expansion ``f(r; a_b)``; large values weigh every direction the
             base uses nearly alike (the base stands for "everything else", not for its strongest direction).
-        harden_rounds: rounds of closed-form hardening (:func:`harden`; 0, the default, is plain ICE). Each
-            round derives, from the edited layers themselves, the inputs that best bring the concept's original
-            outputs back, and erases them too; it needs the layers' Gram matrix (``erase()`` passes it).
+        harden_rounds: rounds of closed-form hardening (:func:`harden`; 0 is plain ICE). Each round derives, from
+            the edited layers themselves, the inputs that best bring the concept's original outputs back, and erases
+            them too; it needs the layers' Gram matrix (``erase()``, the callback and the CLI pass it). ``None`` (the
+            default): one round wherever the Gram matrix is given, none for states alone; the operator's ``hparams``
+            record the rounds applied.
         harden_gamma: the ridge of the adversary's closed form, relative to the Gram matrix's largest
             eigenvalue: smaller finds shorter, more targeted inputs.
         harden_expansion: ``a_e`` of the adversarial rows' own erase subspace (they are solved as their own
@@ -117,12 +119,12 @@ class ICEHyperParams:
         metric_ridge: the ridge of the output metric, relative to the Gram matrix's mean eigenvalue (directions
             no layer reads keep this much weight).
         harden_metric: the metric in which the hardening rounds' adversarial rows are erased (``None``: the
-            erasure's own ``metric``). ``"output"`` under a token-state erasure keeps the default's erasure and
-            removes what the adversary uses in the layers' own norm (``docs/method.md``, section 9).
-        harden_budget: ``None`` (default) hardens with ``harden_expansion``; a number ``b`` in (0, 1] chooses, per
-            erasure, the strongest ``harden_expansion`` whose hardening changes the preserve states' outputs by at most
-            ``b`` (relative, over every layer: :func:`within_budget`), so that each concept is hardened as far as its
-            own neighbours allow.
+            erasure's own ``metric``). ``"output"`` (default) under a token-state erasure keeps the concept's erasure
+            and removes what the adversary uses in the layers' own norm (``docs/method.md``, section 9).
+        harden_budget: a number ``b`` in (0, 1] (default 0.003) chooses, per erasure, the strongest
+            ``harden_expansion`` whose hardening changes the preserve states' outputs by at most ``b`` (relative, over
+            every layer: :func:`within_budget`), so that each concept is hardened as far as its own neighbours allow;
+            ``None`` hardens with ``harden_expansion``.
         trigger_rounds: rounds of trigger discovery (:mod:`ice_lightning.core.triggers`; 0, the default, is off).
             Each round searches the text encoder's vocabulary for prompts that still bring the concept back through
             the edited layers and erases them as an erasure of their own, composed after the concept's. The search
@@ -148,13 +150,13 @@ class ICEHyperParams:
     rank_tol: float = 1e-6
     base_weight: float = 30.0
     base_expansion: float = 1.0
-    harden_rounds: int = 0
+    harden_rounds: int | None = None
     harden_gamma: float = 0.01
     harden_expansion: float = 3.0
     metric: Metric = "input"
     metric_ridge: float = 0.05
-    harden_metric: Metric | None = None
-    harden_budget: float | None = None
+    harden_metric: Metric | None = "output"
+    harden_budget: float | None = 0.003
     trigger_rounds: int = 0
     trigger_expansion: float = 3.0
     context_expansion: float = 3.0
@@ -180,7 +182,7 @@ class ICEHyperParams:
             )
         if self.overlap_threshold is not None and not 0 < self.overlap_threshold <= 1:
             raise ValueError(f"overlap_threshold must lie in (0, 1], got {self.overlap_threshold}")
-        _check_hardening(self.harden_rounds, self.harden_gamma)
+        _check_hardening(self.harden_rounds, self.harden_gamma, auto=True)
         if not (isinstance(self.harden_expansion, (int, float)) and self.harden_expansion > 0):
             raise ValueError(f"harden_expansion must be > 0, got {self.harden_expansion!r}")
         if self.harden_budget is not None:
@@ -208,7 +210,13 @@ class ICEHyperParams:
     def needs_gram(self) -> bool:
         """Whether the solve reads the edited layers' Gram matrix: in the output metric, hardened, or with the
         plan's trigger search."""
-        return self.harden_rounds > 0 or self.metric == "output" or self.trigger_rounds > 0
+        return self.harden_rounds != 0 or self.metric == "output" or self.trigger_rounds > 0
+
+    @property
+    def gram_optional(self) -> bool:
+        """Whether the solve also runs without the Gram matrix: only the default hardening (``harden_rounds=None``)
+        reads it, and for states alone the operator is plain ICE."""
+        return self.harden_rounds is None and self.metric == "input" and self.trigger_rounds == 0
 
     def build(self, E_erase: Tensor, E_preserve: Tensor, anchor: tuple[Tensor, Tensor] | None = None,
               concepts: int = 1, E_base: Tensor | Spectrum | None = None,
@@ -325,6 +333,8 @@ def dissociation_operator(
     if not (isinstance(concepts, int) and concepts >= 1):
         raise ValueError(f"concepts must be a positive integer, got {concepts!r}")
     hp = _merge(hparams, overrides)
+    if hp.harden_rounds is None:  # the default: harden wherever the layers are known
+        hp = _merge(hp, {"harden_rounds": 0 if gram is None else 1})
     if hp.metric == "output":
         return _in_output_metric(E_erase, E_preserve, hp, anchor, concepts, E_base, gram)
     if concepts > 1:
