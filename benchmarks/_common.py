@@ -14,11 +14,17 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 
+#: The default's solve without its hardening (the default until 2026-12-06; ``docs/benchmarks.md``, section 2).
+PLAIN = {"harden_rounds": 0}
+#: The hardening as the options below were measured before it became the default: its rows erased in the erasure's
+#: own metric, at a fixed ``harden_expansion``.
+FIXED = {"harden_metric": None, "harden_budget": None}
 #: The robust settings measured beside the default (``docs/benchmarks.md``, section 2; not the default, see there):
 #: ICE in the output metric with one hardening round, and the default's token-state erasure with one hardening
-#: round erased in the output metric.
-OUTPUT_METRIC = {"metric": "output", "harden_rounds": 1, "erase_expansion": 2.0}
-OUTPUT_ADVERSARY = {"harden_rounds": 1, "harden_metric": "output", "harden_expansion": 0.3, "erase_expansion": 10.0}
+#: round erased in the output metric at a fixed strength.
+OUTPUT_METRIC = {"metric": "output", "harden_rounds": 1, "erase_expansion": 2.0, "harden_budget": None}
+OUTPUT_ADVERSARY = {"harden_rounds": 1, "harden_metric": "output", "harden_expansion": 0.3, "erase_expansion": 10.0,
+                    "harden_budget": None}
 #: The output-metric adversary with its strength chosen per concept within a collateral budget (``harden_budget``).
 ADVERSARY_BUDGET = {"harden_rounds": 1, "harden_metric": "output", "harden_budget": 0.01, "erase_expansion": 8.0}
 #: One round of the product's own trigger search (``ice_lightning.core.triggers``), added to a setting.

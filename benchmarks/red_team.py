@@ -25,8 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
     ADVERSARY_BUDGET,
+    FIXED,
     OUTPUT_ADVERSARY,
     OUTPUT_METRIC,
+    PLAIN,
     RESULTS,
     TRIGGERS,
     ice_settings,
@@ -45,12 +47,13 @@ from ice_lightning.evaluation.metrics import dev_concept_metrics  # noqa: E402
 #: Each method at a setting of similar collateral on held-out nearby concepts (benchmarks/tradeoff.py).
 METHODS = {
     "ICE": ("ice", {}),
-    "ICE without context": ("ice", {"context_expansion": 0}),  # the default before context erasure (2026-12-06)
-    "ICE hardened": ("ice", {"harden_rounds": 3}),
+    "ICE without hardening": ("ice", PLAIN),  # the default until its hardening (2026-12-06)
+    "ICE without context": ("ice", {**PLAIN, "context_expansion": 0}),  # the default before context erasure
+    "ICE hardened": ("ice", {"harden_rounds": 3, **FIXED}),
     "ICE output metric": ("ice", OUTPUT_METRIC),
     "ICE output-metric adversary": ("ice", OUTPUT_ADVERSARY),
     "ICE adversary within a budget": ("ice", ADVERSARY_BUDGET),
-    "ICE trigger search": ("ice", TRIGGERS),
+    "ICE trigger search": ("ice", {**PLAIN, **TRIGGERS}),
     "ICE output metric + triggers": ("ice", {**OUTPUT_METRIC, **TRIGGERS}),
     "CURE": ("cure", {}),
     "UCE": ("uce", {"lam": 30.0}),

@@ -26,7 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import OUTPUT_METRIC, RESULTS, TRIGGERS, ice_settings, table, write_report
+from _common import OUTPUT_METRIC, PLAIN, RESULTS, TRIGGERS, ice_settings, table, write_report
 
 from ice_lightning import erase
 from ice_lightning.demos.shapes import MODELS_DIR, load_shapes_pipeline
@@ -46,7 +46,7 @@ from ice_lightning.evaluation.attacks import attack_words, discrete_attack, embe
 #: label -> (method, hyperparameters); "ice output metric" and "ice trigger search" are robust settings of
 #: docs/benchmarks.md, section 2.
 METHODS = {"ice": ("ice", {}), "cure": ("cure", {}), "uce": ("uce", {}),
-           "ice output metric": ("ice", OUTPUT_METRIC), "ice trigger search": ("ice", TRIGGERS)}
+           "ice output metric": ("ice", OUTPUT_METRIC), "ice trigger search": ("ice", {**PLAIN, **TRIGGERS})}
 CONCEPTS = {"shapes-image": ("red", "circle"), "shapes-video": ("left", "red")}
 TARGET_PRESENCE, TARGET_RETENTION = 0.05, 0.90
 MIN_BASE_ACCURACY = 0.5

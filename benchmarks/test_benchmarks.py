@@ -42,7 +42,8 @@ def test_tradeoff_tiny(tmp_path):
     assert {(c["family"], c["versus"]) for c in data["checks"]} == {
         (f, m) for f in families for m in ("cure", "uce", "projection")
     }
-    assert [r["concepts"] for r in data["many_concepts"]] == [3] * 3
+    # ICE default, ICE without hardening, UCE, UCE as published
+    assert [r["concepts"] for r in data["many_concepts"]] == [3] * 4
     assert [m["concepts"] for m in data["many_summary"]] == [3]
     assert (tmp_path / "tradeoff_tiny.png").stat().st_size > 10_000
 
@@ -56,7 +57,8 @@ def test_speed_tiny(tmp_path):
     assert sd["overhead"]["parameters_before"] == sd["overhead"]["parameters_after"]
     assert sd["overhead"]["hooks_left"] == 0
     assert sd["layers"] == 32  # SD 1.5's 16 cross-attention blocks, to_k and to_v
-    assert all(sd[f"{k}_over_plain"] > 0 for k in ("hardened", "output_metric", "adversary_budget"))  # timed
+    assert all(sd[f"{k}_over_plain"] > 0 for k in ("default", "hardened", "output_metric", "adversary_budget"))  # timed
+    assert sd["plain_over_plain"] == 1.0
     assert results["sdxl"]["layers"] == 22  # toy SDXL blocks, one transformer each: (4 down + 1 mid + 6 up) x k,v
     for r in results.values():
         assert [row["concepts"] for row in r["rows"]] == [1, 3]
@@ -131,15 +133,19 @@ def test_hardening_tiny(tmp_path):
     run_script("benchmarks/hardening.py", "--tiny", "--out", str(tmp_path))
     data = _load(tmp_path, "hardening_tiny")
     configs = [r["config"] for r in data["rows"]]
-    assert configs == ["ICE erase_expansion=30.0", "ICE erase_expansion=30.0, context_expansion=0.0",
-                       "ICE erase_expansion=2.0, metric=output, harden_rounds=1",
-                       "ICE erase_expansion=10.0, harden_rounds=1, harden_metric=output, harden_expansion=0.3",
+    assert configs == ["ICE erase_expansion=30.0, harden_rounds=0", "ICE erase_expansion=30.0",
+                       "ICE erase_expansion=30.0, harden_rounds=0, context_expansion=0.0",
+                       "ICE erase_expansion=2.0, metric=output, harden_rounds=1, harden_budget=None",
+                       "ICE erase_expansion=10.0, harden_rounds=1, harden_metric=output, harden_expansion=0.3, "
+                       "harden_budget=None",
                        "ICE erase_expansion=8.0, harden_rounds=1, harden_metric=output, harden_budget=0.01"]
     assert all(r["rank"] > 0 and 0 < r["erasure"] for r in data["rows"])
+    plain, default = data["rows"][:2]
+    assert default["rank"] > plain["rank"]  # the default's hardening adds the adversary's directions
     (summary,) = data["summary"]
-    assert summary["concepts"] == 3 and summary["default_near"] is not None
-    assert set(summary) >= {"without_context_difference", "output_metric_difference", "output_adversary_near",
-                            "output_adversary_difference", "adversary_budget_difference"}
+    assert summary["concepts"] == 3 and summary["plain_near"] is not None
+    assert set(summary) >= {"default_difference", "without_context_difference", "output_metric_difference",
+                            "output_adversary_near", "output_adversary_difference", "adversary_budget_difference"}
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, minilm_pipeline, table, write_report  # noqa: E402
+from _common import PLAIN, RESULTS, minilm_pipeline, table, write_report  # noqa: E402
 
 import ice_lightning  # noqa: E402
 from ice_lightning.core.concepts import EVAL_TEMPLATES, UNRELATED_PROMPTS, ConceptSpec, Prompt  # noqa: E402
@@ -47,29 +47,31 @@ MIN_DEFAULT_ERASURE = 0.87
 MANY_MIN_ERASURE = 0.85
 #: The method file's Frobenius objective at the defaults this project used before this benchmark.
 FROBENIUS = {"objective": "frobenius", "erase_expansion": 1000.0, "preserve_expansion": 10.0, "lam": 30.0,
-             "overlap": "energy", "center": True}  # fmt: skip
+             "overlap": "energy", "center": True, **PLAIN}  # fmt: skip
 
 
 def sweeps(tiny: bool) -> dict[str, list[dict]]:
-    """Each method's main knob (UCE: both of its knobs, the union of points is its curve)."""
+    """Each method's main knob (UCE: both of its knobs, the union of points is its curve). ICE's knobs are swept on
+    its solve without the default's hardening (``PLAIN``: what section 1 of ``docs/benchmarks.md`` chose them on);
+    the default itself is the hardened point ``{}`` beside its plain one."""
     if tiny:
         return {
-            "ice": [{}, {"erase_expansion": 10.0}],
+            "ice": [{}, PLAIN, {"erase_expansion": 10.0, **PLAIN}],
             "cure": [{"preserve_expansion": 10.0}],
             "uce": [{"lam": 10.0}],
             UCE_PUBLISHED: [{}],
             "projection": [{"energy_kept": 0.9}],
         }
     return {
-        "ice": [{}]
+        "ice": [{}, PLAIN]
         + [
-            {"erase_expansion": a, "lam": lam, "base_weight": b}
+            {"erase_expansion": a, "lam": lam, "base_weight": b, **PLAIN}
             for a in (10.0, 20.0, 30.0, 50.0, 100.0, 300.0)
             for lam in (10.0, 30.0)
             for b in (0.0, 10.0, 30.0)
             if {"erase_expansion": a, "lam": lam, "base_weight": b} != DEFAULT  # the default
         ]
-        + [{"erase_expansion": a} for a in (3.0, 1000.0, math.inf)]
+        + [{"erase_expansion": a, **PLAIN} for a in (3.0, 1000.0, math.inf)]
         + [FROBENIUS],
         "cure": [{"preserve_expansion": v} for v in (1.0, 3.0, 10.0, 30.0, 100.0, 1000.0, math.inf)],
         "uce": [
@@ -90,6 +92,8 @@ DEFAULT = {"erase_expansion": ice_lightning.ICEHyperParams().erase_expansion, "l
 def label(method: str, kw: dict) -> str:
     if method == "ice" and not kw:
         return "ICE default"
+    if method == "ice" and kw == PLAIN:
+        return "ICE default without hardening"
     if kw == FROBENIUS:
         return "ICE frobenius objective (method file's defaults)"
     if method == UCE_PUBLISHED:
@@ -211,10 +215,10 @@ def many_grid(tiny: bool) -> list[tuple[str, dict]]:
     """The many-concept sweep: ICE over ``erase_expansion`` (per concept) and ``lam``, UCE over ``lam``, UCE's own
     recipe, CURE."""
     if tiny:
-        return [("ice", {}), ("uce", {"lam": 10.0}), (UCE_PUBLISHED, {})]
+        return [("ice", {}), ("ice", PLAIN), ("uce", {"lam": 10.0}), (UCE_PUBLISHED, {})]
     return (
-        [("ice", {})]
-        + [("ice", {"erase_expansion": a, "lam": lam})
+        [("ice", {}), ("ice", PLAIN)]
+        + [("ice", {"erase_expansion": a, "lam": lam, **PLAIN})
            for a in (10.0, 30.0, 100.0, 300.0) for lam in (0.3, 1.0, 3.0, 10.0) if (a, lam) != (30.0, 10.0)]
         + [("uce", {"lam": lam}) for lam in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)]
         + [(UCE_PUBLISHED, {}), ("cure", {})]

@@ -76,8 +76,11 @@ def test_a_registered_method_is_a_cli_choice_with_its_own_typed_flag(half, saved
 
 def test_method_params_are_typed_and_refuse_unknown_methods_and_fields():
     assert method_params("uce", {"lam": 2.0}) == solver.UCEParams(lam=2.0, preserve_scale=1.0)
-    assert method_params("ice").needs_gram is False and method_params("rece").needs_gram is True
+    # the default hardens where the layers are known: the plan gives it their Gram matrix, states alone do without
+    assert method_params("ice").needs_gram is True and method_params("ice").gram_optional is True
+    assert method_params("ice", {"harden_rounds": 0}).needs_gram is False and method_params("rece").needs_gram is True
     assert method_params("ice", {"metric": "output"}).needs_gram is True
+    assert method_params("ice", {"metric": "output"}).gram_optional is False
     with pytest.raises(ValueError, match=r"unknown method 'half'; choose one of \('ice', 'cure', 'uce'"):
         method_params("half")
     with pytest.raises(ValueError, match=r"unknown projection hyperparameter.*\['lam'\]; choose from \['energy_kept'"):

@@ -90,7 +90,7 @@ def test_trigger_rounds_reach_the_result_and_the_manifest_and_are_checked():
     assert result.timings["trigger_search_s"] > 0
     result.undo()
     assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())
-    assert needs_gram("ice", SEARCH) and not needs_gram("ice", {})
+    assert needs_gram("ice", SEARCH) and not needs_gram("ice", {"harden_rounds": 0})
     assert "triggers" not in ice_lightning.erase(pipe, erase=["Van Gogh"], family="style", verify=False).to_manifest()
     for bad, match in (({"trigger_rounds": -1}, "trigger_rounds"), ({"trigger_rounds": 1.5}, "integer"),
                        ({"trigger_expansion": 0}, "trigger_expansion")):  # fmt: skip

@@ -116,16 +116,18 @@ def test_red_team_needs_known_attacks(minilm_pipe):
 @pytest.mark.slow
 def test_the_attacks_input_loses_against_the_hardened_edit_where_it_beats_the_plain_one(minilm_pipe):
     """The benchmark's white-box attack (a norm budget bisected per token, on held-out contexts: not the defence's
-    fixed-ridge adversary on training templates) restores Elon Musk through the plain edit and not through the
-    hardened one, at nearly the same collateral (0.750 -> 0.469 at budget 0.25, 2026-12-06; 0.781 -> 0.438 before
-    the default erased the context), nor through the output-metric edit with one round (0.469 at 0.25, 0.875 at
-    0.5; it erases this concept less, 0.783 against 0.867, at less collateral)."""
+    fixed-ridge adversary on training templates) restores Elon Musk through the plain edit (``harden_rounds=0``), less
+    through the default's hardened one, and not through three rounds of token-state hardening, at nearly the same
+    collateral (0.750 -> 0.469 at budget 0.25, 2026-12-06; 0.781 -> 0.438 before the default erased the context),
+    nor through the output-metric edit with one round (0.469 at 0.25, 0.875 at 0.5; it erases this concept less,
+    0.783 against 0.867, at less collateral)."""
     from ice_lightning.evaluation.metrics import dev_concept_metrics
 
     concept = dev_concept("Elon Musk")
     rates, quality = {}, {}
-    settings = {"plain": {}, "hardened": {"harden_rounds": 3},
-                "output": {"metric": "output", "harden_rounds": 1, "erase_expansion": 2.0}}  # fmt: skip
+    settings = {"plain": {"harden_rounds": 0}, "default": {},
+                "hardened": {"harden_rounds": 3, "harden_metric": None, "harden_budget": None},
+                "output": {"metric": "output", "harden_rounds": 1, "harden_budget": None, "erase_expansion": 2.0}}
     for label, hparams in settings.items():
         result = ice_lightning.erase(minilm_pipe, spec=concept.spec(), verify=False, **hparams)
         try:
@@ -139,6 +141,11 @@ def test_the_attacks_input_loses_against_the_hardened_edit_where_it_beats_the_pl
     assert quality["hardened"]["erasure"] >= quality["plain"]["erasure"] - 0.01
     assert quality["hardened"]["collateral_near"] <= quality["plain"]["collateral_near"] + 0.02
     assert quality["hardened"]["collateral_far"] <= quality["plain"]["collateral_far"] + 0.015
+    # the default's hardening (one round within a collateral budget): 0.750 -> 0.625 at 0.25 and 1.0 -> 0.938 at 0.5,
+    # erasure 0.867 -> 0.919, near collateral 0.143 -> 0.149 (2026-12-06)
+    assert rates["default"][0.25] <= 0.65 and rates["default"][0.5] < 1.0
+    assert quality["default"]["erasure"] >= quality["plain"]["erasure"]
+    assert quality["default"]["collateral_near"] <= quality["plain"]["collateral_near"] + 0.01
     assert rates["output"][0.25] <= 0.5 and rates["output"][0.5] <= 0.9
     assert quality["output"]["erasure"] >= 0.7
     for key in ("collateral_near", "collateral_far"):
