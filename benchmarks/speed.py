@@ -493,7 +493,7 @@ def report(args) -> dict:
                 + "; stages of the last run: " + ", ".join(f"{k} {v:.3f}" for k, v in r["end_to_end_timings"].items()),
                 "",
                 *_variant_line(r, "plain", "Without the default's hardening (`harden_rounds=0`)"),
-                *_variant_line(r, "hardened", "Hardened (`harden_rounds=3`)"),
+                *_variant_line(r, "hardened", "Hardened (`harden_rounds=3`, token states, fixed strength)"),
                 *_variant_line(r, "output_metric", "Output metric + one hardening round"),
                 *_variant_line(r, "adversary_budget", "Output-metric adversary within a collateral budget "
                                "(`harden_budget=0.01`)"),
