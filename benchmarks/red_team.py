@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     METHODS.update(extra)
     named = [*(args.methods or []), *extra]
     labels = list(dict.fromkeys(["ICE", *named])) if named else list(METHODS)
-    ring = RingABellConfig(pool=120, candidates=8, length=3, sweeps=1) if args.tiny else RingABellConfig()
+    ring = RingABellConfig(pool=60, candidates=6, length=2, sweeps=1) if args.tiny else RingABellConfig()
     budgets = (1.0,) if args.tiny else BUDGETS
     pipe = minilm_pipeline()
     t0 = time.perf_counter()

@@ -97,8 +97,8 @@ def test_red_team_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_shapes_tiny(tmp_path):
-    run_script("benchmarks/shapes.py", "--tiny", "--methods", "uce", "ice", "--restarts", "2", "--attack-prompts", "2",
-               "--discrete-words", "20", "--out", str(tmp_path))  # fmt: skip
+    run_script("benchmarks/shapes.py", "--tiny", "--methods", "uce", "ice", "--restarts", "2", "--attack-prompts", "1",
+               "--discrete-words", "6", "--out", str(tmp_path))  # fmt: skip
     rows = _load(tmp_path, "shapes_tiny")["rows"]
     assert [(r["model"], r["concept"], r["split"]) for r in rows] == [
         ("shapes-image", "red", s) for _ in ("ice", "uce") for s in ("seen", "paraphrase")

@@ -157,10 +157,28 @@ def solver_flags() -> dict[str, tuple[str, ...]]:
     return flags
 
 
+#: The value of a solver flag that sets its field to None (``--harden-budget none``: the hardening at a fixed strength).
+NONE = "none"
+
+
+class _or_none:  # noqa: N801 (a type, as argparse shows it: "type: float or none")
+    """``cast``, or :data:`NONE` kept as is (:func:`method_hparams` makes it None)."""
+
+    def __init__(self, cast) -> None:
+        self.cast, self.__name__ = cast, f"{cast.__name__} or {NONE}"
+
+    def __call__(self, text):
+        return NONE if str(text).lower() == NONE else self.cast(text)
+
+    def __repr__(self) -> str:
+        return self.__name__
+
+
 def add_method_arguments(parser) -> None:
     """One ``--flag`` per hyperparameter field of the registered methods' dataclasses (``lam`` -> ``--lam``), its
-    type and choices from the field's annotation, its help from the dataclass's docstring, per method. Nothing is
-    typed here: a field added to a dataclass, or a method registered, is a flag."""
+    type and choices from the field's annotation, its help from the dataclass's docstring, per method; a field that
+    may be None also takes ``none``. Nothing is typed here: a field added to a dataclass, or a method registered, is
+    a flag."""
     import dataclasses
 
     from .core.solver import METHODS
@@ -171,12 +189,14 @@ def add_method_arguments(parser) -> None:
         hints, docs = get_type_hints(params), _field_docs(params)
         for f in dataclasses.fields(params):
             hint = hints[f.name]
+            optional = get_origin(hint) in (Union, UnionType) and type(None) in get_args(hint)
             args = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, UnionType) else []
             hint = args[0] if len(args) == 1 else hint
             if get_origin(hint) is Literal:
-                kind = {"choices": [a for a in get_args(hint)]}
+                kind = {"choices": [*get_args(hint), *([NONE] if optional else [])]}
             else:
-                kind = {"type": hint if hint in (int, float, bool, str) else str}
+                cast = hint if hint in (int, float, bool, str) else str
+                kind = {"type": _or_none(cast) if optional else cast}
             kinds.setdefault(f.name, kind)
             default = "inf" if f.default == math.inf else f.default
             text = re.sub(r":\w+:`~?([^`]*)`", r"\1", docs.get(f.name, f.name)).replace("``", "")
@@ -191,6 +211,7 @@ def method_hparams(cfg) -> dict:
     (``--method uce --base-weight 5`` would otherwise run plain UCE and say nothing)."""
     flags = solver_flags()
     given = {k: getattr(cfg, k) for k in flags if getattr(cfg, k, None) is not None}
+    given = {k: None if v == NONE else v for k, v in given.items()}  # --harden-budget none
     foreign = ["--" + k.replace("_", "-") for k in given if cfg.method not in flags[k]]
     if foreign:
         own = ", ".join("--" + k.replace("_", "-") for k, ms in flags.items() if cfg.method in ms)

@@ -45,3 +45,20 @@ def _equal(a, b) -> bool:
             )
         )
     return bool(torch.equal(a, b))
+
+
+# What earlier versions made the libraries say about our own calls (each fixed at its source).
+OURS = ("args parameter is intended", "`torch_dtype` is deprecated", "kept in float32", "is outdated",
+        "Expected types for", "clip_sample")  # fmt: skip
+
+
+def warnings_of_ours(caught, text: str) -> list[str]:
+    """Warnings raised from ice_lightning's files, and known messages about our calls, in ``caught`` (recorded by
+    ``warnings.catch_warnings``) or ``text`` (what was printed)."""
+    import ice_lightning
+
+    package = Path(ice_lightning.__file__).parent
+    found = [f"{Path(w.filename).name}:{w.lineno}: {w.message}" for w in caught
+             if Path(w.filename).resolve().is_relative_to(package) or any(s in str(w.message) for s in OURS)]
+    found += [line for line in text.splitlines() if any(s in line for s in OURS)]
+    return found

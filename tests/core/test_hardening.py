@@ -260,3 +260,18 @@ def test_a_hardening_budget_takes_the_strongest_adversary_erasure_that_keeps_the
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="harden_budget"):
             ICEHyperParams(harden_budget=bad)
+
+
+def test_preserve_states_as_a_spectrum_solve_the_weighted_uncentred_erasure_and_are_refused_elsewhere():
+    """The hardening hands its adversary solves the preserve states decomposed once (a :class:`Spectrum`): the
+    weighted, uncentred solve reads only their Gram matrix, so it is the same operator; the solves that read the rows
+    themselves (centred, frobenius) refuse them with the reason."""
+    from ice_lightning.core.solver import compress_states
+
+    _, E_e, E_p = _setting(5)
+    spectrum = compress_states(E_p)
+    plain = dissociation_operator(E_e, E_p)
+    assert torch.allclose(dissociation_operator(E_e, spectrum).dense(), plain.dense(), atol=1e-12)
+    for setting in ({"center": True}, {"objective": "frobenius"}):
+        with pytest.raises(ValueError, match="stand in for their Gram matrix only"):
+            dissociation_operator(E_e, spectrum, **setting)

@@ -1,9 +1,9 @@
 """Run by tests/lightning/test_distributed.py: a user's own module that shards its UNet with FSDP2
 (``fully_shard`` in ``configure_model``) under ``ModelParallelStrategy`` on 2 CPU processes (gloo), with
-ICECallback. Usage: ``fsdp2_run.py OUT MODE`` with MODE ``lr0`` (export), ``harden`` (lr0 with a hardened
-ICE, which reads the sharded layers' Gram matrix), ``train`` (lr > 0, checkpoint every
-epoch), ``resume`` (from ``OUT/../train/ckpt/epoch=0*.ckpt``) or ``module KIND`` (ICEModule of the tiny pipeline
-KIND, which shards itself, lr 0, export). Each rank writes OUT/rank{N}.json."""
+ICECallback. Usage: ``fsdp2_run.py OUT MODE`` with MODE ``train`` (lr > 0, checkpoint every epoch, export),
+``resume`` (from ``OUT/../train/ckpt/epoch=0*.ckpt``) or ``module KIND`` (ICEModule of the tiny pipeline KIND, which
+shards itself, lr 0, export; the default's hardening reads the sharded layers' Gram matrix). Each rank writes
+OUT/rank{N}.json."""
 
 import hashlib
 import json
@@ -66,7 +66,7 @@ class UserModule(LightningModule):
 
 
 def main(out: Path, mode: str, kind: str = "sd") -> None:
-    lr = 0.0 if mode in ("lr0", "module", "harden") else 1e-3
+    lr = 0.0 if mode == "module" else 1e-3
     if mode == "module":  # ICEModule shards itself (configure_model) under ModelParallelStrategy
         from ice_lightning import CaptionFolderDataModule, ICEModule
 
@@ -74,8 +74,7 @@ def main(out: Path, mode: str, kind: str = "sd") -> None:
     else:
         module = UserModule(lr)
     ice = ICECallback(erase=["Van Gogh"], family="style", every_n_epochs=1,
-                      hparams={"harden_rounds": 2} if mode == "harden" else None,
-                      export=str(out / "export") if mode in ("lr0", "module", "harden") else None)  # fmt: skip
+                      export=str(out / "export") if mode in ("train", "module") else None)  # fmt: skip
     callbacks = [ice]
     if mode == "train":
         callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", save_top_k=-1, every_n_epochs=1))

@@ -80,14 +80,21 @@ def test_cli_in_process_with_options(saved_pipeline, tmp_path, capsys):
     assert manifest["erasures"][0]["concepts"]["preserve"] == ["Rembrandt"]
 
 
-def test_cli_metric_and_hardening_flags_reach_the_solve(saved_pipeline, tmp_path):
+def test_cli_metric_and_hardening_flags_reach_the_solve(saved_pipeline, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["erase", "--pipeline", saved_pipeline("sd"), "--erase", "Van Gogh", "--family", "style", "--metric",
-            "output", "--harden-rounds", "1", "--erase-expansion", "5", "--out", str(out)]  # fmt: skip
+            "output", "--harden-rounds", "1", "--erase-expansion", "5", "--harden-budget", "none", "--harden-metric",
+            "none", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     (erasure,) = json.loads((out / MANIFEST_NAME).read_text())["erasures"]
-    given = {"metric": "output", "harden_rounds": 1, "erase_expansion": 5.0}
+    # "none" is the field's None: no budget, so the fixed harden_expansion (a budget records the one it chose)
+    given = {"metric": "output", "harden_rounds": 1, "erase_expansion": 5.0, "harden_budget": None,
+             "harden_metric": None, "harden_expansion": 3.0}
     assert {k: erasure["hparams"][k] for k in given} == given
+    with pytest.raises(SystemExit):
+        main(["erase", "--pipeline", saved_pipeline("sd"), "--erase", "Van Gogh", "--harden-budget", "nothing",
+              "--out", str(tmp_path / "bad")])  # fmt: skip
+    assert "invalid float or none value: 'nothing'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--metric does not apply to --method uce"):
         main(["erase", "--pipeline", saved_pipeline("sd"), "--erase", "Van Gogh", "--method", "uce", "--metric",
               "output", "--out", str(tmp_path / "uce")])  # fmt: skip

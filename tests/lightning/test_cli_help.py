@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import warnings_of_ours
 
 import ice_lightning
 from ice_lightning.cli import main, packaged_configs, resolve_config
 
 ROOT = Path(__file__).parents[2]
 PACKAGE = Path(ice_lightning.__file__).parent
-# What earlier versions made the libraries say about our own calls (each fixed at its source).
-OURS = ("args parameter is intended", "`torch_dtype` is deprecated", "kept in float32", "is outdated",
-        "Expected types for", "clip_sample")  # fmt: skip
 
 
 def _options(help_text: str) -> dict[str, str]:
@@ -100,24 +98,15 @@ def test_shipped_configs_are_found_by_name_from_any_directory(tmp_path, monkeypa
     assert len(data.train_set) + len(data.val_set) == 8
 
 
-def _ours(caught, text: str) -> list[str]:
-    """Warnings raised from ice_lightning's files, and known messages about our calls, in ``caught`` or ``text``."""
-    found = [f"{Path(w.filename).name}:{w.lineno}: {w.message}" for w in caught
-             if Path(w.filename).resolve().is_relative_to(PACKAGE) or any(s in str(w.message) for s in OURS)]
-    found += [line for line in text.splitlines() if any(s in line for s in OURS)]
-    return found
-
-
 @pytest.mark.slow
-def test_no_warning_from_our_own_calls_in_a_tiny_fit_its_export_and_the_main_job(tmp_path, monkeypatch, capfd):
+def test_no_warning_from_our_own_calls_in_a_tiny_fit_and_its_export(tmp_path, monkeypatch, capfd):
+    """(The main job's own check is ``tests/shapes/test_shapes_eval.py::test_main_job_command_...``.)"""
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert main(["fit", "--config", "tiny_t2i", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1",
                      "--trainer.default_root_dir", str(tmp_path), "--quiet"]) == 0  # fmt: skip
         assert main(["verify", "lightning_logs/tiny_t2i/erased"]) == 0  # reloads the SD-with-MiniLM export
-        assert main(["erase", "--erase", "red", "--samples", "1", "--out", str(tmp_path / "erased-red"),
-                     "--quiet"]) == 0  # fmt: skip
     printed = capfd.readouterr()
-    ours = _ours(caught, printed.err + printed.out)
+    ours = warnings_of_ours(caught, printed.err + printed.out)
     assert not ours, "warnings from ice-lightning's own calls:\n" + "\n".join(ours)

@@ -36,39 +36,47 @@ def _fsdp2(out: Path, mode: str, *args: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_fsdp2_user_module_edits_shards_exports_the_one_process_erasure_and_resumes(tmp_path):
-    """ModelParallelStrategy (FSDP2 fully_shard, 2 gloo processes) with a user's own module: each rank edits its
-    rows; the export equals a one-process erase(); every application passes the per-shard hash check; a resume
-    from the sharded checkpoint applies nothing twice."""
+def test_fsdp2_edits_shards_exports_the_one_process_erasure_and_resumes(tmp_path):
+    """ModelParallelStrategy (FSDP2 fully_shard, 2 gloo processes): ICEModule sharding a Flux transformer itself
+    (lr 0) exports exactly a one-process erase(), hardening included (it reads the layers' Gram matrix: each rank sums
+    its own rows and an all-reduce adds the rest); a user's own module that shards its UNet trains with every
+    application passing the per-shard hash check, each rank editing its own rows, and exports; a resume from the
+    sharded checkpoint applies nothing twice."""
     from diffusers import DiffusionPipeline
 
     from ice_lightning import erase
-    from ice_lightning.core.export import verify_export
+    from ice_lightning.core.export import load_manifest, verify_export
     from ice_lightning.core.parts import resolve_layer
     from ice_lightning.core.pipelines import load_pipeline
 
-    ranks = _fsdp2(tmp_path / "lr0", "lr0")
-    for r in ranks:
-        assert r["sharded"] and all(local < full for local, full in r["rows"].values())  # rows split over ranks
-        # the only tensors made whole were layer outputs (prompts x out): never an edited weight
-        assert r["gathered"] and not any(shape in r["weight_shapes"] for shape in r["gathered"])
-    assert ranks[0]["applications"] == ranks[1]["applications"]
-    # lr 0: the export equals a one-process erase() of the same spec; so does that of ICEModule sharding a
-    # Flux transformer itself (configure_model), whose text layers sit in the root FSDP unit
+    # lr 0: the export equals a one-process erase() of the same spec (the Flux text layers sit in the root FSDP unit)
     own = _fsdp2(tmp_path / "module", "module", "flux")
     assert own[0]["sharded"] and own[0]["applications"] == own[1]["applications"]
-    for run, kind in (("lr0", "sd"), ("module", "flux")):
-        expected = load_pipeline(f"tiny:{kind}")
-        result = erase(expected, ["Van Gogh"], family="style")
-        shipped = DiffusionPipeline.from_pretrained(tmp_path / run / "export")
-        assert set(result.layers) == set((ranks if run == "lr0" else own)[0]["rows"])
-        for name in result.layers:
-            a, b = resolve_layer(shipped, name).weight, resolve_layer(expected, name).weight
-            assert float((a - b).norm() / b.norm()) < 1e-6, (run, name)
-        assert all(verify_export(tmp_path / run / "export").values())
+    expected = load_pipeline("tiny:flux")
+    result = erase(expected, ["Van Gogh"], family="style")
+    shipped = DiffusionPipeline.from_pretrained(tmp_path / "module" / "export")
+    assert set(result.layers) == set(own[0]["rows"])
+    for name in result.layers:
+        a, b = resolve_layer(shipped, name).weight.detach(), resolve_layer(expected, name).weight.detach()
+        assert float((a - b).norm() / b.norm()) < 1e-6, name
+    assert all(verify_export(tmp_path / "module" / "export").values())
+    # the default hardened it: one round, at a strength the budget chose from the all-reduced Gram matrix
+    plain = load_pipeline("tiny:flux")
+    erase(plain, ["Van Gogh"], family="style", harden_rounds=0)
+    hparams = load_manifest(tmp_path / "module" / "export")["erasures"][0]["hparams"]
+    assert hparams["harden_rounds"] == 1 and hparams["harden_expansion"] > 0
+    for name in own[0]["rows"]:
+        hardened = resolve_layer(shipped, name).weight.detach()
+        moved = resolve_layer(plain, name).weight.detach() - hardened
+        assert float(moved.norm() / hardened.norm()) > 1e-4, name  # the hardening changed every edited layer
 
     # lr > 0: every application passed the per-shard hash check (a failure raises on every rank) and agreed
     train = _fsdp2(tmp_path / "train", "train")
+    for r in train:
+        assert r["sharded"] and all(local < full for local, full in r["rows"].values())  # rows split over ranks
+        # the only tensors made whole were layer outputs (prompts x out): never an edited weight
+        assert r["gathered"] and not any(shape in r["weight_shapes"] for shape in r["gathered"])
+    assert all(verify_export(tmp_path / "train" / "export").values())
     assert train[0]["applications"] == train[1]["applications"]
     assert [a["reason"] for a in train[0]["applications"]] == ["setup", "epoch_end", "epoch_end", "fit_end"]
     assert len({a["sha"] for a in train[0]["applications"]}) == 3  # training moved the weights in between
@@ -81,30 +89,3 @@ def test_fsdp2_user_module_edits_shards_exports_the_one_process_erasure_and_resu
     assert [r["applications"] for r in resumed] == [r["applications"] for r in train]
     assert [r["final"] for r in resumed] == [r["final"] for r in train]
     assert all(r["metrics"][-1] for r in resumed)  # the probe came back with the checkpoint
-
-
-@pytest.mark.slow
-def test_fsdp2_hardened_erasure_reads_every_ranks_rows_and_equals_the_one_process_one(tmp_path):
-    """Hardening reads the layers' Gram matrix: under FSDP2 each rank sums its own rows and an all-reduce adds the
-    rest, so the sharded run ships exactly the one-process hardened erasure."""
-    from diffusers import DiffusionPipeline
-
-    from ice_lightning import erase
-    from ice_lightning.core.export import load_manifest, verify_export
-    from ice_lightning.core.parts import resolve_layer
-    from ice_lightning.core.pipelines import load_pipeline
-
-    ranks = _fsdp2(tmp_path / "harden", "harden")
-    assert ranks[0]["sharded"] and ranks[0]["applications"] == ranks[1]["applications"]
-    expected = load_pipeline("tiny:sd")
-    result = erase(expected, ["Van Gogh"], family="style", harden_rounds=2)
-    plain = load_pipeline("tiny:sd")
-    erase(plain, ["Van Gogh"], family="style")
-    shipped = DiffusionPipeline.from_pretrained(tmp_path / "harden" / "export")
-    for name in result.layers:
-        a, b = resolve_layer(shipped, name).weight.detach(), resolve_layer(expected, name).weight.detach()
-        assert float((a - b).norm() / b.norm()) < 1e-6, name
-        moved = resolve_layer(plain, name).weight.detach() - b
-        assert float(moved.norm() / b.norm()) > 1e-4  # hardening did change the edit
-    assert load_manifest(tmp_path / "harden" / "export")["erasures"][0]["hparams"]["harden_rounds"] == 2
-    assert all(verify_export(tmp_path / "harden" / "export").values())

@@ -123,8 +123,8 @@ def test_shapes_presence_falls_for_the_erased_colour_and_stays_for_the_others():
     after, and green throughout."""
     spec = concept_spec("red")
     module = ICEModule("shapes-image", validation_concepts={"erase": ["red"], "preserve": ["green"],
-                       "eval_templates": ["a {} circle", "a {} square", "one {} triangle"]},
-                       sample_metrics=[ShapesConceptPresence()], metric_samples=8, sample_steps=20,
+                       "eval_templates": ["a {} circle", "one {} triangle"]},
+                       sample_metrics=[ShapesConceptPresence()], metric_samples=4, sample_steps=20,
                        guidance_scale=1.5)  # fmt: skip
     before = module.score_samples()
     result = ice_lightning.erase(module.pipeline, spec=spec)

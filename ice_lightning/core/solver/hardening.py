@@ -170,13 +170,17 @@ def metric_factor(gram: Tensor, ridge: float) -> Tensor:
     return torch.linalg.cholesky(G_r)
 
 
-def metric_sides(E_preserve: Tensor, E_base, gram: Tensor, ridge: float) -> tuple[Tensor, Tensor, Tensor | None]:
+def metric_sides(E_preserve, E_base, gram: Tensor, ridge: float, as_spectra: bool = False) -> tuple[Tensor, ...]:
     """``L`` of :func:`metric_factor` and the preserve and base states mapped by it (rows ``X L``; a base
     :class:`Spectrum` compressed to at most d rows): the parts of an output-metric solve that do not depend on the
-    erase rows, so that the hardening's adversary solves (about ten under a budget) share them."""
+    erase rows, so that the hardening's adversary solves (about ten under a budget) share them. ``as_spectra``: both
+    mapped sets as :class:`Spectrum` (decomposed here once), for a solve that reads only their Gram matrices."""
     L = metric_factor(gram, ridge)
-    if isinstance(E_base, Spectrum):
-        base = compress_states(E_base.rows().to(_DTYPE) @ L)
-    else:
-        base = None if E_base is None else E_base.to(_DTYPE) @ L
-    return L, E_preserve.to(_DTYPE) @ L, base
+
+    def mapped(E, compress: bool):
+        if E is None:
+            return None
+        E = (E.rows() if isinstance(E, Spectrum) else E).to(_DTYPE) @ L
+        return compress_states(E) if compress else E
+
+    return L, mapped(E_preserve, as_spectra), mapped(E_base, as_spectra or isinstance(E_base, Spectrum))

@@ -269,6 +269,9 @@ def _components(E_erase: Tensor, E_preserve: Tensor, hp: ICEHyperParams, E_base:
     """:func:`ice_components` after the erase states they are built from (checked, centred with ``center``);
     ``erase_subspace=False`` leaves ``P_e`` out (``None``) for the caller to form from those states."""
     E_erase, E_preserve, E_base = _checked_inputs(E_erase, E_preserve, E_base)
+    if isinstance(E_preserve, Spectrum) and (hp.center or hp.objective != "weighted"):
+        raise ValueError("preserve states given as a Spectrum stand in for their Gram matrix only: the weighted, "
+                         "uncentred solve reads nothing else of them; pass the states themselves")
     if E_base is not None and hp.objective != "weighted":
         rows = E_base.rows() if isinstance(E_base, Spectrum) else E_base
         E_preserve, E_base = torch.cat([E_preserve, rows.to(_DTYPE)]), None
@@ -422,18 +425,28 @@ def _hardened(op: DissociationOperator, E_erase: Tensor, E_preserve: Tensor, hp:
     # What every adversary solve shares, computed once (a budget's search solves about ten): the Gram's top eigenvalue,
     # the preserve states as at most d rows with their Gram matrix (all that the weighted, uncentred solve and the
     # budget's output change read of them) and, in the output metric, the preserve and base states mapped into it.
+    # Where the solve reads only the preserve and base states' Gram matrices (weighted, uncentred), they go to the
+    # adversary solves as spectra, decomposed once here instead of once per solve (the SVDs were 85 % of a budget's
+    # search at SD 1.5 size); the budget's output change reads the preserve rows, at most d of them.
     top = _largest_eigenvalue(gram)
-    if hp.objective == "weighted" and not hp.center and E_preserve.shape[0] > E_preserve.shape[-1]:
+    gram_only = hp.objective == "weighted" and not hp.center
+    if gram_only and E_preserve.shape[0] > E_preserve.shape[-1]:
         E_preserve = compress_states(E_preserve.to(_DTYPE)).rows()
-    sides = metric_sides(E_preserve, E_base, gram, hp.metric_ridge) if metric == "output" else None
+    if metric == "output":
+        sides = metric_sides(E_preserve, E_base, gram, hp.metric_ridge, as_spectra=gram_only)
+        preserve, base = E_preserve, E_base
+    else:
+        sides = None
+        preserve = compress_states(E_preserve) if gram_only else E_preserve
+        base = compress_states(E_base) if gram_only and isinstance(E_base, Tensor) else E_base
 
     def hardened(expansion: float) -> DissociationOperator:
         adversary = _merge(hp, {"harden_rounds": 0, "erase_expansion": expansion, "metric": metric})
 
         def solve_adversary(rows: Tensor) -> DissociationOperator:
             if sides is not None:
-                return _in_output_metric(rows, E_preserve, adversary, None, concepts, E_base, gram, sides)
-            return dissociation_operator(rows, E_preserve, adversary, concepts=concepts, E_base=E_base)
+                return _in_output_metric(rows, preserve, adversary, None, concepts, base, gram, sides)
+            return dissociation_operator(rows, preserve, adversary, concepts=concepts, E_base=base)
 
         return harden(op, E_erase, gram, solve_adversary, hp.harden_rounds, hp.harden_gamma, gram_norm=top)
 

@@ -416,13 +416,17 @@ def _with_anchor(op: DissociationOperator, anchor: tuple[Tensor, Tensor] | None)
 
 
 def _checked_inputs(E_erase: Tensor, E_preserve: Tensor, E_base: Tensor | Spectrum | None):
-    """The states, checked (finite, 2-d, non-empty) and of one width; float64."""
+    """The states, checked (finite, 2-d, non-empty) and of one width; float64. The preserve and base states may come
+    as a :class:`Spectrum` (an SVD's output: finite unless its singular values are not)."""
     E_erase = _check_states(E_erase, "E_erase")
-    E_preserve = _check_states(E_preserve, "E_preserve")
-    if isinstance(E_base, Spectrum):  # an SVD's output: finite unless its singular values are not
-        _check_states(E_base.s[:, None], "E_base")
-    elif E_base is not None:
-        E_base = _check_states(E_base, "E_base")
+    checked = []
+    for name, E in (("E_preserve", E_preserve), ("E_base", E_base)):
+        if isinstance(E, Spectrum):
+            _check_states(E.s[:, None], name)
+        elif E is not None:
+            E = _check_states(E, name)
+        checked.append(E)
+    E_preserve, E_base = checked
     for name, E in (("preserve", E_preserve), ("base", E_base)):
         width = None if E is None else (E.Vh if isinstance(E, Spectrum) else E).shape[1]
         if width is not None and width != E_erase.shape[1]:
