@@ -231,9 +231,11 @@ def main(argv: list[str] | None = None) -> dict:
            "", f"Adam on the prompt embedding, {args.attack_steps} steps, best of {args.restarts} run(s), per-token "
            "budget x the token's norm (None: unbounded); images: "
            f"{args.attack_prompts or 12} of the 12 seen prompts that ask for the concept, clips: "
-           f"{args.video_attack_prompts} of them. The original model's presence on the same prompts is the "
-           "ceiling; - : not run. Discrete: three words prepended to each prompt, searched over "
-           f"{args.discrete_words} whole words by the erased denoiser's diffusion loss (a prompt anyone can type).",
+           f"{args.video_attack_prompts} of them (the last run's settings; rows it kept were measured with their "
+           "own runs'). The original model's presence on the same prompts is the ceiling; - : not run."
+           + (" Discrete: three words prepended to each prompt, searched over "
+              f"{args.discrete_words} whole words by the erased denoiser's diffusion loss (a prompt anyone can type)."
+              if args.discrete_words else ""),
            ""]  # fmt: skip
     md += table(["model", "concept", "method", "presence (original)", "presence (erased)",
                  *("discrete attack success" if b == "discrete" else f"attack success, budget {b}"

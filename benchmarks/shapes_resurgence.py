@@ -104,7 +104,7 @@ def report(runs: dict[str, list[dict]], dropped: dict[str, dict], args, seconds:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true", help="2 epochs of 1 step, 1 sample per prompt (tests)")
+    ap.add_argument("--tiny", action="store_true", help="1 epoch of 1 step, 1 sample per prompt (tests)")
     ap.add_argument("--pipeline", default="shapes-image", help="the shipped model or a pipeline folder")
     ap.add_argument("--concept", default="red", help="a colour (its samples are captioned without naming it)")
     ap.add_argument("--epochs", type=int, default=6)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--report-only", action="store_true", help="rewrite the report and plot from the saved JSON")
     args = ap.parse_args(argv)
     if args.tiny:
-        args.epochs, args.train_size, args.samples, args.sample_steps = 2, 64, 1, 2
+        args.epochs, args.train_size, args.samples, args.sample_steps = 1, 64, 1, 2
     name = "shapes_resurgence_tiny" if args.tiny else "shapes_resurgence"
     if args.report_only:
         saved = json.loads((args.out / f"{name}.json").read_text())

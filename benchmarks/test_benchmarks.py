@@ -79,17 +79,17 @@ def test_red_team_tiny(tmp_path):
     # stderr is a pipe here, as `2> log` makes it: progress as plain lines, no bar frames (no carriage return)
     assert log.count("\r") == 0 and "red-teaming: 4/4 concept done in" in log
     first = _load(tmp_path, "red_team_tiny")
-    run_script("benchmarks/red_team.py", "--tiny", "--methods", "ICE hardened", "--out", str(tmp_path),
-               "--ice-setting", 'soft={"erase_expansion": 3.0}')  # fmt: skip
+    run_script("benchmarks/red_team.py", "--tiny", "--out", str(tmp_path), "--ice-setting",
+               'soft={"erase_expansion": 3.0}')  # fmt: skip
     data = _load(tmp_path, "red_team_tiny")
-    assert list(data["methods"]) == ["ICE", "ICE hardened", "RECE", "soft"]  # in the report's order
+    assert list(data["methods"]) == ["ICE", "RECE", "soft"]  # in the report's order
     assert data["methods"]["soft"] == ["ice", {"erase_expansion": 3.0}]
     for concept in data["per_concept"].values():  # the setting reached the solve: a softer erasure
         assert concept["soft"]["erasure"] < concept["ICE"]["erasure"]
     attacks = {r["attack"] for r in data["rows"]}
     assert attacks == {"paraphrase", "ring_a_bell", "ring_a_bell_held_out", "whitebox@1.0"}
     for r in data["rows"]:
-        assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "ICE hardened", "RECE", "soft"))
+        assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "RECE", "soft"))
     assert len(data["per_concept"]) == 4  # one concept per family
     for name, concept in data["per_concept"].items():
         assert concept["RECE"] == first["per_concept"][name]["RECE"]  # kept, not rerun
@@ -120,7 +120,7 @@ def test_shapes_resurgence_tiny(tmp_path):
                                 "ICECallback every epoch + detector filter")  # fmt: skip
     assert list(runs) == [plain, caption, detector]
     for hist in runs.values():
-        assert [h["epoch"] for h in hist] == [0, 0, 1]  # at fit start (after the erasure), then every epoch end
+        assert [h["epoch"] for h in hist] == [0, 0]  # at fit start (after the erasure), then at the epoch's end
     assert runs[plain][0] == runs[caption][0] == runs[detector][0]
     # red samples are captioned without naming red: the caption filter finds none, the detector finds them
     assert dropped[plain] == {} and dropped[caption] == {"caption": 0}

@@ -3,7 +3,6 @@ validation loop on a tiny pipeline (mechanics), and the shapes detector on the s
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -133,7 +132,6 @@ def test_shapes_presence_falls_for_the_erased_colour_and_stays_for_the_others():
     assert before["val/shapes_presence/red"] >= 0.9 and before["val/shapes_presence/green"] >= 0.9
     assert after["val/shapes_presence/red"] <= 0.05
     assert after["val/shapes_presence/green"] >= 0.9
-    np.testing.assert_allclose(module.score_samples()["val/shapes_presence/red"], before["val/shapes_presence/red"])
 
 
 def test_the_export_records_each_metrics_and_filters_settings(tmp_path, tiny_clip):

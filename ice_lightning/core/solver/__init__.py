@@ -103,11 +103,14 @@ __all__ = [
 
 
 class MethodParams(Protocol):
-    """What a method's hyperparameter dataclass provides (fields validated in ``__post_init__``)."""
+    """What a method's hyperparameter dataclass provides (fields validated in ``__post_init__``). Optionally also
+    ``gram_optional`` (default False): with ``needs_gram``, whether :meth:`build` also solves without ``gram`` (ICE's
+    default hardening, plain ICE for states alone), so that :func:`build_operator` does not refuse the call."""
 
     @property
     def needs_gram(self) -> bool:
-        """Whether :meth:`build` reads ``gram``, the :func:`layer_gram` of the layers that read the space."""
+        """Whether :meth:`build` reads ``gram``, the :func:`layer_gram` of the layers that read the space (the plan
+        computes it for the solve)."""
 
     def build(self, E_erase: Tensor, E_preserve: Tensor, anchor: tuple[Tensor, Tensor] | None = None,
               concepts: int = 1, E_base: Tensor | Spectrum | None = None,
