@@ -422,12 +422,11 @@ def _hardened(op: DissociationOperator, E_erase: Tensor, E_preserve: Tensor, hp:
     _check_gram(gram, op.dim, "harden_rounds > 0 reads the edited layers: pass gram=layer_gram(weights)")
 
     metric = hp.harden_metric or hp.metric
-    # What every adversary solve shares, computed once (a budget's search solves about ten): the Gram's top eigenvalue,
-    # the preserve states as at most d rows with their Gram matrix (all that the weighted, uncentred solve and the
-    # budget's output change read of them) and, in the output metric, the preserve and base states mapped into it.
-    # Where the solve reads only the preserve and base states' Gram matrices (weighted, uncentred), they go to the
-    # adversary solves as spectra, decomposed once here instead of once per solve (the SVDs were 85 % of a budget's
-    # search at SD 1.5 size); the budget's output change reads the preserve rows, at most d of them.
+    # What every adversary solve shares, computed once (a budget's search solves about ten): the Gram's top eigenvalue;
+    # the preserve states as at most d rows with their Gram matrix (all that the budget's output change reads of them);
+    # in the output metric, the preserve and base states mapped into it; and, where the solve reads only the preserve
+    # and base states' Gram matrices (weighted, uncentred), their spectra, decomposed here once instead of in every
+    # solve (those SVDs were 85 % of a budget's search at SD 1.5 size).
     top = _largest_eigenvalue(gram)
     gram_only = hp.objective == "weighted" and not hp.center
     if gram_only and E_preserve.shape[0] > E_preserve.shape[-1]:
