@@ -32,6 +32,7 @@ from ice_lightning import erase
 from ice_lightning.demos.shapes import MODELS_DIR, load_shapes_pipeline
 from ice_lightning.demos.shapes.evaluation import (
     GUIDANCE,
+    MIN_ACCURACY_BEFORE,
     SPLITS,
     concept_spec,
     eval_prompts,
@@ -49,7 +50,6 @@ METHODS = {"ice": ("ice", {}), "cure": ("cure", {}), "uce": ("uce", {}),
            "ice output metric": ("ice", OUTPUT_METRIC), "ice trigger search": ("ice", {**PLAIN, **TRIGGERS})}
 CONCEPTS = {"shapes-image": ("red", "circle"), "shapes-video": ("left", "red")}
 TARGET_PRESENCE, TARGET_RETENTION = 0.05, 0.90
-MIN_BASE_ACCURACY = 0.5
 
 
 def _attacked_prompts(pipe, concept: str, seed: int, max_prompts: int | None):
@@ -95,11 +95,9 @@ def discrete(pipe, concept: str, samples: int, seed: int, sample_steps: int, wor
 
 
 def summarise(row: dict) -> dict:
-    """Accuracy kept by the other concepts, over those the unedited model draws right at least half the
-    time on these prompts (a concept it never drew from a paraphrase has no accuracy to keep), and whether
-    the ICE targets hold."""
-    before = {"accuracy": {c: a for c, a in row["accuracy_before"].items() if a >= MIN_BASE_ACCURACY}}
-    kept = retention(before, {"accuracy": row["accuracy_after"]})
+    """Accuracy kept by the other concepts (over those the unedited model draws right on these prompts:
+    :func:`retention`), and whether the ICE targets hold."""
+    kept = retention({"accuracy": row["accuracy_before"]}, {"accuracy": row["accuracy_after"]})
     row["retention"] = kept
     row["min_retention"] = min(kept.values()) if kept else float("nan")
     row["worst_kept"] = min(kept, key=kept.get) if kept else "-"
@@ -213,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.samples} samples per image prompt and {args.video_samples} per clip prompt, DDIM "
           f"{args.sample_steps} steps, guidance {GUIDANCE}, seed {args.seed}; "
           f"ICE targets: presence <= {TARGET_PRESENCE:.0%}, every other concept keeps >= {TARGET_RETENTION:.0%} of "
-          f"its accuracy (counted over the concepts the unedited model draws right >= {MIN_BASE_ACCURACY:.0%} of the "
+          f"its accuracy (counted over the concepts the unedited model draws right >= {MIN_ACCURACY_BEFORE:.0%} of the "
           "time on those prompts). Erased-prompt samples split into presence + blank + garbled + something else = 1.",
           ""]  # fmt: skip
     md += table(

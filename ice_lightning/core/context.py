@@ -8,13 +8,13 @@ tokens the same way, or an adversarial input that replaces only the concept's to
 
 :func:`context_shifts` measures the imprint on the training templates alone: each context token's state in the
 erase prompt minus its mean state, at the same position, in the same template filled with each preserve concept (the
-concept's peers, so what every artist or object does to a template stays). ``ICEHyperParams.context_expansion``
-(3 by default) erases these rows as an erasure of their own, applied to what the concept's erasure leaves:
-``I - D = (I - D_context)(I - D_concept)`` (``docs/method.md``, section 9).
+concept's peers, so what every artist or object does to a template stays), summed over the prompt's context tokens.
+``ICEHyperParams.context_expansion`` (2 by default) erases these rows as an erasure of their own, applied to what the
+concept's erasure leaves: ``I - D = (I - D_context)(I - D_concept)`` (``docs/method.md``, section 9).
 
 Example:
     >>> import ice_lightning
-    >>> result = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style")  # context_expansion=3  # doctest: +SKIP
+    >>> result = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style")  # context_expansion=2  # doctest: +SKIP
     >>> ice_lightning.erase(pipe, erase=["Van Gogh"], family="style", context_expansion=0)  # leave it  # doctest: +SKIP
 """
 
@@ -28,8 +28,7 @@ from .encoders import EmbeddingSpace, Request
 
 __all__ = ["context_parts", "context_requests", "context_shifts"]
 
-#: Shift rows below this share of the largest one's norm are dropped (a causal encoder's tokens before the concept
-#: do not move at all).
+#: Shift rows below this share of the largest one's norm are dropped (a prompt whose context does not move).
 _NEGLIGIBLE = 1e-6
 
 
@@ -60,27 +59,36 @@ def context_requests(spec: ConceptSpec, include_eot: bool = False) -> list[Reque
 
 
 def context_shifts(space: EmbeddingSpace, spec: ConceptSpec, include_eot: bool = False) -> Tensor | None:
-    """(n, d) float64 rows: per training template and erase name, every context token's state minus its mean over
-    the same template filled with each preserve concept (tokens matched by position before and after the concept;
-    with ``include_eot`` the end-of-text token too). ``None`` where there is nothing to measure: a pooled space (one
-    state per prompt), no preserve concept to compare with, or no context token that moves."""
+    """(n, d) float64 rows, one per training template and erase name: the prompt's total imprint, the sum over its
+    context tokens of each token's state minus its mean over the same template filled with each preserve concept
+    (tokens matched by position before and after the concept; with ``include_eot`` the end-of-text token too).
+    ``None`` where there is nothing to measure: a pooled space (one state per prompt), no preserve concept to compare
+    with, or no context token that moves.
+
+    The sum, not a row per token: what the concept adds to every context token alike adds up in the sum, and it is
+    what an attention read of the whole prompt (or a token-averaged score) finds; each token's own remainder does not.
+    Erased per token instead, the same robustness took far more collateral (``docs/method.md``, section 9)."""
     if space.pooled or not spec.preserve:
         return None
     wanted = context_requests(spec, include_eot)
     states = dict(zip(wanted, space.requested(wanted), strict=True))
     rows = []
-    for side in (0, 1):
-        eot = include_eot and side == 1
-        for own, peers in _filled(spec):
+    for own, peers in _filled(spec):
+        total = None
+        for side in (0, 1):
+            eot = include_eot and side == 1
             mine = states.get((context_parts(own)[side], eot))
             if mine is None or not mine.shape[0]:
                 continue
             theirs = [r for r in (states[(context_parts(q)[side], eot)] for q in peers) if r.shape[0] == mine.shape[0]]
             if theirs:
-                rows.append(mine - torch.stack(theirs).mean(0))
+                shift = (mine.to(torch.float64) - torch.stack(theirs).to(torch.float64).mean(0)).sum(0)
+                total = shift if total is None else total + shift
+        if total is not None:
+            rows.append(total)
     if not rows:
         return None
-    shifts = torch.cat(rows).to(torch.float64)
+    shifts = torch.stack(rows)
     norms = shifts.norm(dim=1)
     shifts = shifts[norms > _NEGLIGIBLE * norms.max()]
     return shifts if shifts.shape[0] else None

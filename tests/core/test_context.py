@@ -14,33 +14,35 @@ from ice_lightning.demos.tiny import build_tiny_pipeline
 F64 = torch.float64
 
 
-def test_each_row_is_a_context_tokens_state_minus_its_peers_mean_at_the_same_position():
-    # the tiny pipeline's CLIP is causal: the template's words before the concept never move (their rows are dropped),
-    # the words after it and the end-of-text token do
+def test_each_row_is_a_prompts_context_tokens_minus_their_peers_mean_summed_over_the_prompt():
+    # the tiny pipeline's CLIP is causal: the template's words before the concept never move, the words after it and
+    # the end-of-text token do; one row per training template, the sum over its context tokens
     spec = ConceptSpec(erase=["Van Gogh"], family="style", preserve=["Claude Monet", "Rembrandt"],
                        templates=["{} style artwork", "a painting by {}"])  # fmt: skip
     space = ErasurePlan(build_tiny_pipeline("sd"), spec, verify=False).spaces["text"]
 
-    def after(name: str, eot: bool) -> torch.Tensor:  # the states after the concept (and the end-of-text token)
-        text = f"{name} style artwork"
-        return space.per_prompt([Prompt(text, (len(name), len(text)))], eot)[0]
+    def context(template: str, name: str, eot: bool) -> torch.Tensor:  # every state but the concept's own
+        text = template.format(name)
+        lo = template.index("{}")
+        hi = lo + len(name)
+        parts = [Prompt(text, (0, lo)), Prompt(text, (hi, len(text)))]
+        return torch.cat([space.per_prompt([p], eot and i == 1)[0] for i, p in enumerate(parts)])
 
-    def peers_mean(eot: bool) -> torch.Tensor:
-        return (after("Claude Monet", eot) + after("Rembrandt", eot)) / 2
+    def shift(template: str, eot: bool) -> torch.Tensor:
+        peers = [context(template, p, eot) for p in spec.preserve]
+        return (context(template, "Van Gogh", eot) - sum(peers) / len(peers)).sum(0)
 
     rows = context_shifts(space, spec)
-    assert rows.dtype == F64 and rows.shape == (2, space.dim)  # "style", "artwork"
-    assert torch.allclose(rows, after("Van Gogh", False) - peers_mean(False), atol=1e-12)
+    # "style" + "artwork"; "a painting by {}" has no context token that moves (nothing after the name): no row
+    assert rows.dtype == F64 and rows.shape == (1, space.dim)
+    assert torch.allclose(rows[0], shift("{} style artwork", False), atol=1e-12)
+    assert float(shift("a painting by {}", False).norm()) < 1e-9
     with_eot = context_shifts(space, spec, include_eot=True)
-    eot_rows = []
-    for template in spec.templates:  # the end-of-text token moves in every template
-        text = [template.format(n) for n in ("Van Gogh", "Claude Monet", "Rembrandt")]
-        eot = [space.per_prompt([Prompt(t, (len(t), len(t)))], True)[0] for t in text]
-        eot_rows.append(eot[0] - (eot[1] + eot[2]) / 2)
-    assert with_eot.shape == (2 + 2, space.dim)
-    assert torch.allclose(with_eot[:3], after("Van Gogh", True) - peers_mean(True), atol=1e-12)
-    assert torch.allclose(with_eot[3], eot_rows[1][0], atol=1e-12)
-    assert float(rows.norm(dim=1).min()) > 1e-3  # a real shift, not rounding
+    assert with_eot.shape == (2, space.dim)
+    for i, template in enumerate(spec.templates):  # the end-of-text token adds its own shift to each prompt's sum
+        assert torch.allclose(with_eot[i], shift(template, True), atol=1e-12)
+        assert float((with_eot[i] - shift(template, False)).norm()) > 1e-3
+    assert float(rows[0].norm()) > 1e-3  # a real shift, not rounding
 
 
 def test_the_imprint_is_erased_as_its_own_erasure_on_what_the_concepts_erasure_leaves():

@@ -119,8 +119,10 @@ def test_the_attacks_input_loses_against_the_hardened_edit_where_it_beats_the_pl
     fixed-ridge adversary on training templates) restores Elon Musk through the plain edit (``harden_rounds=0``), less
     through the default's hardened one, and not through three rounds of token-state hardening, at nearly the same
     collateral (0.750 -> 0.469 at budget 0.25, 2026-12-06; 0.781 -> 0.438 before the default erased the context),
-    nor through the output-metric edit with one round (0.469 at 0.25, 0.875 at 0.5; it erases this concept less,
-    0.783 against 0.867, at less collateral)."""
+    and less through the output-metric edit with one round (0.563 at 0.25, 0.906 at 0.5; it erases this concept less,
+    0.786 against 0.869, at less collateral; 0.469 / 0.875 with the context's per-token rows: for this concept the
+    summed context rows, erased in the output metric, give the attack back a little, where on the 20 development
+    concepts they lower every attack row of that setting, docs/method.md section 9)."""
     from ice_lightning.evaluation.metrics import dev_concept_metrics
 
     concept = dev_concept("Elon Musk")
@@ -146,7 +148,7 @@ def test_the_attacks_input_loses_against_the_hardened_edit_where_it_beats_the_pl
     assert rates["default"][0.25] <= 0.65 and rates["default"][0.5] < 1.0
     assert quality["default"]["erasure"] >= quality["plain"]["erasure"]
     assert quality["default"]["collateral_near"] <= quality["plain"]["collateral_near"] + 0.01
-    assert rates["output"][0.25] <= 0.5 and rates["output"][0.5] <= 0.9
+    assert rates["output"][0.25] <= 0.6 and rates["output"][0.5] <= 0.95
     assert quality["output"]["erasure"] >= 0.7
     for key in ("collateral_near", "collateral_far"):
         assert quality["output"][key] <= quality["plain"][key]

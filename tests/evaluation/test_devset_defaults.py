@@ -12,15 +12,16 @@ from ice_lightning.evaluation.metrics import dev_concept_metrics
 
 pytestmark = pytest.mark.slow
 
-#: family -> (erasure, paraphrase, collateral_near, collateral_far, leakage) measured at the defaults (2026-12-06,
-#: with the context erasure and the hardening within a collateral budget; before the hardening erasure was 0.865 /
-#: 0.911 / 0.898 / 0.850 and leakage 0.450 / 0.244 / 0.138 / 0.550, before the context erasure leakage was 0.569 /
-#: 0.463 / 0.181 / 0.756: the erasure and leakage pins below fail without either).
+#: family -> (erasure, paraphrase, collateral_near, collateral_far, leakage) measured at the defaults (2026-12-06 15:40
+#: UTC, with the context erasure summed over each prompt and the hardening within a collateral budget; with per-token
+#: context rows leakage was 0.431 / 0.175 / 0.113 / 0.481, before the hardening erasure was 0.865 / 0.911 / 0.898 /
+#: 0.850 and leakage 0.450 / 0.244 / 0.138 / 0.550, before the context erasure leakage was 0.569 / 0.463 / 0.181 /
+#: 0.756: the erasure and leakage pins below fail without either).
 MEASURED = {
-    "style": (0.897, 0.174, 0.202, 0.087, 0.431),
-    "object": (0.988, 0.286, 0.245, 0.081, 0.175),
-    "identity": (0.948, 0.168, 0.224, 0.081, 0.113),
-    "explicit": (0.909, 0.457, 0.217, 0.093, 0.481),
+    "style": (0.897, 0.174, 0.202, 0.088, 0.419),
+    "object": (0.989, 0.287, 0.244, 0.081, 0.169),
+    "identity": (0.949, 0.168, 0.222, 0.081, 0.106),
+    "explicit": (0.909, 0.459, 0.219, 0.093, 0.487),
 }
 METRICS = ("erasure", "paraphrase", "collateral_near", "collateral_far", "leakage")
 

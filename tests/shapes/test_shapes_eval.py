@@ -65,6 +65,15 @@ def test_score_counts_presence_accuracy_and_how_erasure_failed(video):
         score(x[:-1], prompts, "red")
 
 
+def test_retention_rates_only_concepts_the_unedited_model_drew():
+    before = {"accuracy": {"blue": 0.0, "green": 0.4, "square": 0.5, "up": 1.0}}
+    after = {"accuracy": {"blue": 0.0, "green": 0.0, "square": 0.25, "up": 0.75}}
+    assert retention(before, after) == {"square": 0.5, "up": 0.75}  # never drawn before: nothing to keep
+    assert retention(before, after, min_before=0.4) == {"green": 0.0, "square": 0.5, "up": 0.75}
+    with pytest.raises(ValueError, match=r"min_before .* must lie in \(0, 1\], got 0"):
+        retention(before, after, min_before=0)
+
+
 def test_concept_spec_erases_training_words_only_and_rejects_unknown_concepts():
     spec = concept_spec("red")
     assert spec.erase_names() == list(SYNONYMS["red"][0])

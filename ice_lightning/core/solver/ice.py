@@ -133,8 +133,9 @@ class ICEHyperParams:
         trigger_expansion: ``a_e`` of the found prompts' own erase subspace (solved in ``metric``, with the same
             preserve sets).
         context_expansion: ``a_e`` of the concept's imprint on the template's other tokens (their shift against the
-            preserve concepts in the same template, :mod:`ice_lightning.core.context`), erased as an erasure of its
-            own in ``metric``, applied to what the concept's erasure (and its hardening) leaves; 0 leaves the context.
+            preserve concepts in the same template, summed over the prompt: :mod:`ice_lightning.core.context`), erased
+            as an erasure of its own in ``metric``, applied to what the concept's erasure (and its hardening) leaves; 0
+            leaves the context.
             The rows need the text encoder, so :class:`~ice_lightning.core.plan.ErasurePlan` builds them (this solver
             ignores the field).
     """
@@ -159,7 +160,7 @@ class ICEHyperParams:
     harden_budget: float | None = 0.003
     trigger_rounds: int = 0
     trigger_expansion: float = 3.0
-    context_expansion: float = 3.0
+    context_expansion: float = 2.0
 
     def __post_init__(self) -> None:
         if self.objective not in ("weighted", "frobenius"):

@@ -63,6 +63,7 @@ __all__ = [
     "guide_concept",
     "concept_spec",
     "retention",
+    "MIN_ACCURACY_BEFORE",
     "ShapesProbe",
     "ShapesEraseReport",
 ]
@@ -224,9 +225,19 @@ def grid_rows(prompts: list[ShapesPrompt], before: Tensor, after: Tensor, concep
             for i in asks + rest]  # fmt: skip
 
 
-def retention(before: dict, after: dict) -> dict[str, float]:
-    """Accuracy kept by each remaining concept: ``after / before`` (1.0 = untouched)."""
-    return {c: after["accuracy"][c] / max(b, 1e-9) for c, b in before["accuracy"].items() if c in after["accuracy"]}
+#: A concept the unedited model draws right less often than this on a prompt set has no accuracy there to keep: its
+#: retention is not rated (at 0 before, ``after / before`` would read a concept never drawn as one the edit broke).
+MIN_ACCURACY_BEFORE = 0.5
+
+
+def retention(before: dict, after: dict, min_before: float = MIN_ACCURACY_BEFORE) -> dict[str, float]:
+    """Accuracy kept by each remaining concept: ``after / before`` (1.0 = untouched), over the concepts that the
+    unedited model drew right at least ``min_before`` of the time (the others are left out, not scored 0)."""
+    if not 0 < min_before <= 1:
+        raise ValueError(f"min_before (the least accuracy before the edit that is rated) must lie in (0, 1], got "
+                         f"{min_before!r}")
+    return {c: after["accuracy"][c] / b for c, b in before["accuracy"].items()
+            if c in after["accuracy"] and b >= min_before}  # fmt: skip
 
 
 def renders(prompt: ShapesPrompt, n: int, size: int, frames: int = 0, seed: int = 0) -> Tensor:
