@@ -430,14 +430,19 @@ def _hardened(op: DissociationOperator, E_erase: Tensor, E_preserve: Tensor, hp:
     # solve (those SVDs were 85 % of a budget's search at SD 1.5 size).
     top = _largest_eigenvalue(gram)
     gram_only = hp.objective == "weighted" and not hp.center
+    spectrum = None  # the preserve states' spectrum, where it was taken to compress them (not taken again below)
     if gram_only and E_preserve.shape[0] > E_preserve.shape[-1]:
-        E_preserve = compress_states(E_preserve.to(_DTYPE)).rows()
+        spectrum = compress_states(E_preserve.to(_DTYPE))
+        E_preserve = spectrum.rows()
     if metric == "output":
         sides = metric_sides(E_preserve, E_base, gram, hp.metric_ridge, as_spectra=gram_only)
         preserve, base = E_preserve, E_base
     else:
         sides = None
-        preserve = compress_states(E_preserve) if gram_only else E_preserve
+        if gram_only:
+            preserve = spectrum if spectrum is not None else compress_states(E_preserve)
+        else:
+            preserve = E_preserve
         base = compress_states(E_base) if gram_only and isinstance(E_base, Tensor) else E_base
 
     def hardened(expansion: float) -> DissociationOperator:
