@@ -125,16 +125,21 @@ _GRAM_ACCURATE = 1e-4
 
 def _spectrum(E: Tensor, rank_tol: float, floor: float = 0.0) -> tuple[Tensor, Tensor]:
     """``(s, Vh)`` of the thin SVD of ``E`` (n x d, float64), only the singular values above ``rank_tol * s_max`` and
-    above ``floor``, largest first. From :data:`_GRAM_FROM` rows and columns on, by ``eigh`` of the smaller Gram
-    matrix: with ``n <= d``, ``E E^T = U diag(s^2) U^T`` and ``Vh = diag(1/s) U^T E``; with ``n > d``,
-    ``E^T E = V diag(s^2) V^T``. The two agree to about 1e-12 of ``E``'s norm (``tests/core/test_solver.py``)."""
+    above ``floor``, largest first. From :data:`_GRAM_FROM` rows and columns on (and wherever the SVD fails to
+    converge), by ``eigh`` of the smaller Gram matrix: with ``n <= d``, ``E E^T = U diag(s^2) U^T`` and
+    ``Vh = diag(1/s) U^T E``; with ``n > d``, ``E^T E = V diag(s^2) V^T``. The two agree to about 1e-12 of ``E``'s
+    norm (``tests/core/test_solver.py``)."""
     n, d = E.shape
     if min(n, d) < _GRAM_FROM:
-        _, s, Vh = torch.linalg.svd(E, full_matrices=False)
-        if s.numel() == 0 or s[0] <= 0:
-            return s[:0], Vh[:0]
-        keep = int(((s > rank_tol * s[0]) & (s > floor)).sum())  # sorted: the kept ones are a prefix
-        return s[:keep], Vh[:keep]
+        try:
+            _, s, Vh = torch.linalg.svd(E, full_matrices=False)
+        except torch.linalg.LinAlgError:  # LAPACK's divide and conquer can fail on a nearly degenerate E (a residual
+            s = None  # of round-off, many equal tiny singular values): the Gram route below is exact enough there
+        if s is not None:
+            if s.numel() == 0 or s[0] <= 0:
+                return s[:0], Vh[:0]
+            keep = int(((s > rank_tol * s[0]) & (s > floor)).sum())  # sorted: the kept ones are a prefix
+            return s[:keep], Vh[:keep]
     lam, Y = torch.linalg.eigh(E @ E.T if n <= d else E.T @ E)
     lam, Y = lam.flip(0), Y.flip(1)  # largest first
     if lam[0] <= 0:
