@@ -10,6 +10,11 @@ rate is the share of (held-out pair, layer) where the attacked output is closer 
 the neutral prompt's; the ``original`` column is the same attack on the unedited model (its ceiling).
 
     python benchmarks/red_team.py [--tiny] [--out benchmarks/results] [--methods LABEL ...] [--ice-setting LABEL=JSON]
+                                  [--ring-cache FILE]
+
+The Ring-A-Bell prompts depend only on the text encoder, the concept and the search's settings, not on the edit, so
+one search per concept serves every row. ``--ring-cache FILE`` keeps them between runs too (a JSON file, created if
+missing, keyed by concept and search settings): comparing ICE settings then takes about a tenth of the time.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from _common import (  # noqa: E402
 )
 
 import ice_lightning  # noqa: E402
+from ice_lightning.core.concepts import Prompt  # noqa: E402
 from ice_lightning.core.progress import progress  # noqa: E402
 from ice_lightning.evaluation.attacks import RedTeam, RingABellConfig  # noqa: E402
 from ice_lightning.evaluation.baselines import uce_as_published  # noqa: E402
@@ -72,9 +78,41 @@ def held_out_search(ring: RingABellConfig) -> RingABellConfig:
     return replace(ring, seed=ring.seed + 7, eta=1.5, length=3)
 
 
-def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS, labels=tuple(METHODS)) -> dict[str, dict]:
+def _cache_key(concept, ring: RingABellConfig) -> str:
+    return f"{concept.name} | {ring!r}"
+
+
+def _load_prompts(cache: dict, concept, ring: RingABellConfig) -> dict[str, list[Prompt]] | None:
+    found = cache.get(_cache_key(concept, ring))
+    return {s: [Prompt(t, (lo, hi)) for t, lo, hi in ps] for s, ps in found.items()} if found else None
+
+
+def _store_prompts(cache: dict, concept, ring: RingABellConfig, prompts: dict[str, list[Prompt]]) -> None:
+    cache[_cache_key(concept, ring)] = {s: [[p.text, *p.span] for p in ps] for s, ps in prompts.items()}
+
+
+def _read_cache(ap, path: Path | None) -> dict:
+    """The cache file's prompts; a file that is not one is refused before anything is written to it."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        cache = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        ap.error(f"--ring-cache {path} is not a Ring-A-Bell prompt cache ({err}); name a new file")
+    ours = isinstance(cache, dict) and all(" | RingABellConfig(" in k and isinstance(v, dict) for k, v in cache.items())
+    if not ours:
+        ap.error(f"--ring-cache {path} is not a Ring-A-Bell prompt cache; name a new file")
+    return cache
+
+
+def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS, labels=tuple(METHODS),
+                   cache: dict | None = None) -> dict[str, dict]:  # fmt: skip
+    """Every method's attack rates on ``concept``; ``cache`` (``{key: prompts}``, updated in place) holds the
+    Ring-A-Bell prompts of earlier runs."""
     out: dict[str, dict[str, float]] = {}
-    ring_prompts = held_out_prompts = None
+    cache = {} if cache is None else cache
+    ring_prompts, held_out_prompts = _load_prompts(cache, concept, ring), _load_prompts(cache, concept,
+                                                                                          held_out_search(ring))
     for label in labels:
         method, kw = METHODS[label]
         if method == "uce_published":  # UCE's own recipe (one state per concept, a guide, lam 0.5)
@@ -100,6 +138,8 @@ def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS, labels
             out[label] = rates
         finally:
             result.undo()
+    _store_prompts(cache, concept, ring, ring_prompts)
+    _store_prompts(cache, concept, held_out_search(ring), held_out_prompts)
     out["_ring_prompts"] = [p.text for p in ring_prompts["text"]]
     return out
 
@@ -114,7 +154,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ice-setting", action="append", default=[], metavar="LABEL=JSON",
                     help="an extra ICE row with these hyperparameters, e.g. 'soft={\"erase_expansion\": 5}' "
                     "(repeatable; only ICE, these and any --methods run; the others' saved rows are kept)")  # fmt: skip
+    ap.add_argument("--ring-cache", type=Path, default=None, metavar="FILE",
+                    help="keep the Ring-A-Bell prompts in this JSON file between runs (read if it exists)")
     args = ap.parse_args(argv)
+    cache = _read_cache(ap, args.ring_cache)
     extra = ice_settings(ap, args.ice_setting, METHODS)
     METHODS.update(extra)
     named = [*(args.methods or []), *extra]
@@ -130,7 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
     concepts = [(f, c) for f in DEV_SET for c in dev_concepts(f)[: 1 if args.tiny else None]]
     for family, concept in progress(concepts, desc="red-teaming", unit="concept"):
         per_concept[concept.name] = {**kept.get(concept.name, {}), "family": family,
-                                     **attack_concept(pipe, concept, ring, budgets, labels)}  # fmt: skip
+                                     **attack_concept(pipe, concept, ring, budgets, labels, cache)}  # fmt: skip
+        if args.ring_cache:  # after each concept: an interrupted run keeps what it searched
+            args.ring_cache.write_text(json.dumps(cache, indent=1))
     present = [m for m in METHODS if all(m in r for r in per_concept.values())]  # columns run (or kept)
     attacks = ["paraphrase", "ring_a_bell", "ring_a_bell_held_out", *(f"whitebox@{b}" for b in budgets)]
     rows = []

@@ -72,16 +72,40 @@ def test_speed_tiny(tmp_path):
 
 
 @pytest.mark.slow
-def test_red_team_tiny(tmp_path):
+def test_red_team_tiny(tmp_path, capsys):
     """Every row of the tiny run is a rate; a second run with ``--methods`` redoes only its rows and keeps the
     others' (ICE always runs: the 'original' column is its unedited model)."""
     log = run_script("benchmarks/red_team.py", "--tiny", "--methods", "RECE", "--out", str(tmp_path)).stderr
     # stderr is a pipe here, as `2> log` makes it: progress as plain lines, no bar frames (no carriage return)
     assert log.count("\r") == 0 and "red-teaming: 4/4 concept done in" in log
     first = _load(tmp_path, "red_team_tiny")
-    run_script("benchmarks/red_team.py", "--tiny", "--out", str(tmp_path), "--ice-setting",
+    # a Ring-A-Bell cache seeded with one concept's own held-out prompts: the run must take them instead of searching
+    import red_team
+    from red_team import RingABellConfig, _cache_key
+
+    from ice_lightning.evaluation.devset import dev_concept
+
+    seeded = [p for p, _ in dev_concept("Van Gogh").spec().leakage_pairs()]
+    key = _cache_key(dev_concept("Van Gogh"), RingABellConfig(pool=60, candidates=6, length=2, sweeps=1))
+    cache = tmp_path / "ring.json"
+    cache.write_text(json.dumps({key: {"text": [[p.text, *p.span] for p in seeded]}}))
+    run_script("benchmarks/red_team.py", "--tiny", "--out", str(tmp_path), "--ring-cache", str(cache), "--ice-setting",
                'soft={"erase_expansion": 3.0}')  # fmt: skip
     data = _load(tmp_path, "red_team_tiny")
+    other = tmp_path / "notes.json"  # someone's own JSON file: refused before the run, and left as it was
+    other.write_text('{"a": 1}')
+    with pytest.raises(SystemExit) as refused:
+        red_team.main(["--tiny", "--out", str(tmp_path), "--ring-cache", str(other)])
+    assert refused.value.code == 2 and "is not a Ring-A-Bell prompt cache" in capsys.readouterr().err
+    assert other.read_text() == '{"a": 1}'
+    assert data["per_concept"]["Van Gogh"]["_ring_prompts"] == [p.text for p in seeded]
+    assert data["per_concept"]["Van Gogh"]["ICE"]["ring_a_bell_original"] == 1.0  # the concept itself, unedited
+    stored = json.loads(cache.read_text())  # every concept's two searches, the seeded one as it was
+    assert len(stored) == 8 and stored[key] == {"text": [[p.text, *p.span] for p in seeded]}
+    for name, concept in data["per_concept"].items():  # the searched prompts are stored as the report shows them
+        if name != "Van Gogh":
+            assert [t for t, _, _ in stored[_cache_key(dev_concept(name), RingABellConfig(
+                pool=60, candidates=6, length=2, sweeps=1))]["text"]] == concept["_ring_prompts"]  # fmt: skip
     assert list(data["methods"]) == ["ICE", "RECE", "soft"]  # in the report's order
     assert data["methods"]["soft"] == ["ice", {"erase_expansion": 3.0}]
     for concept in data["per_concept"].values():  # the setting reached the solve: a softer erasure
