@@ -25,6 +25,7 @@ __all__ = [
     "Prompt",
     "ConceptSpec",
     "DEFAULT_TEMPLATES",
+    "FAMILY_TEMPLATES",
     "EVAL_TEMPLATES",
     "DEFAULT_PRESERVE",
     "DEFAULT_SYNONYMS",
@@ -37,8 +38,8 @@ __all__ = [
 Family = Literal["style", "object", "identity", "explicit", "custom"]
 FAMILIES: tuple[str, ...] = ("style", "object", "identity", "explicit", "custom")
 
-#: Templates used to collect the token states that define the subspaces.
-DEFAULT_TEMPLATES: dict[str, tuple[str, ...]] = {
+#: Each family's own contexts (``DEFAULT_TEMPLATES`` adds the other families' to them).
+FAMILY_TEMPLATES: dict[str, tuple[str, ...]] = {
     "style": (
         "a painting by {}",
         "{} style artwork",
@@ -72,6 +73,22 @@ DEFAULT_TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
     "custom": ("{}",),
 }
+
+
+def _with_shared_contexts(own: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """Each named family's templates followed by every other named family's (``custom`` keeps the bare concept).
+
+    A concept's tokens, and its imprint on the tokens around it, depend on the context; the held-out contexts a user
+    writes are none of a family's five or six. The other families' contexts are more samples of that variety, for
+    the erase states and the preserve states alike, at no knowledge of any prompt an attack or a metric uses: on the
+    development set they lowered every red-team row at the same collateral (``docs/method.md``, section 9)."""
+    named = [f for f in own if f != "custom"]
+    return {f: tuple(dict.fromkeys([*own[f], *(t for g in named for t in own[g])])) if f != "custom" else own[f]
+            for f in own}  # fmt: skip
+
+
+#: Templates used to collect the token states that define the subspaces: the family's own, then the other families'.
+DEFAULT_TEMPLATES: dict[str, tuple[str, ...]] = _with_shared_contexts(FAMILY_TEMPLATES)
 
 #: Held-out templates: new contexts used only to *measure* erasure, never to build the operator.
 EVAL_TEMPLATES: dict[str, tuple[str, ...]] = {

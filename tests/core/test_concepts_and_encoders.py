@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from ice_lightning.core.concepts import DEFAULT_PRESERVE, DEFAULT_SYNONYMS, ConceptSpec, Prompt
+from ice_lightning.core.concepts import (
+    DEFAULT_PRESERVE,
+    DEFAULT_SYNONYMS,
+    DEFAULT_TEMPLATES,
+    EVAL_TEMPLATES,
+    FAMILY_TEMPLATES,
+    ConceptSpec,
+    Prompt,
+)
 from ice_lightning.core.encoders import _tokenize, select_tokens
 from ice_lightning.core.parts import pipeline_spaces
 from ice_lightning.demos.tiny_parts import TEXT_DIM, minilm_path, word_tokenizer
@@ -19,6 +27,21 @@ def test_prompts_carry_the_concept_span():
     assert generic and all(p.text for p in generic)
     # held-out templates are not the ones that build the operator
     assert not {p.text for p in spec.heldout_erase_prompts()} & {p.text for p in prompts}
+
+
+def test_each_family_is_collected_in_every_familys_contexts_and_never_in_held_out_ones():
+    named = [f for f in FAMILY_TEMPLATES if f != "custom"]
+    every = {t for f in named for t in FAMILY_TEMPLATES[f]}
+    for f in named:
+        own = FAMILY_TEMPLATES[f]
+        assert DEFAULT_TEMPLATES[f][: len(own)] == own  # its own contexts first, in their order
+        assert set(DEFAULT_TEMPLATES[f]) == every and len(DEFAULT_TEMPLATES[f]) == len(every)  # no duplicate
+        assert not set(DEFAULT_TEMPLATES[f]) & {t for g in named for t in EVAL_TEMPLATES[g]}
+        assert len(ConceptSpec(erase=["x"], family=f).erase_prompts()) == len(every) + (
+            len(DEFAULT_SYNONYMS.get(f, ())) * len(every))
+    assert DEFAULT_TEMPLATES["custom"] == ("{}",)
+    mine = ConceptSpec(erase=["zebra"], family="object", templates=["a zebra-like {} thing"])
+    assert [p.text for p in mine.erase_prompts()] == ["a zebra-like zebra thing"]  # the user's own win, alone
 
 
 def test_defaults_per_family_and_overrides():

@@ -231,13 +231,15 @@ def test_verify_requires_every_field_its_checks_need(erased, tmp_path):
             verify_export(out)
 
 
-def test_verify_of_a_lora_export_checks_the_lora_file_itself(erased, tmp_path):
+def test_verify_of_a_lora_export_checks_the_lora_file_itself(load_pipeline, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
+    from ice_lightning.core.concepts import FAMILY_TEMPLATES
     from ice_lightning.core.export import ExportVerificationError
 
-    pipe, _, _ = erased
+    pipe = load_pipeline("sd")  # the family's own templates: with every family's the operator's row space fills the
+    ice_lightning.erase(pipe, **STYLE, templates=list(FAMILY_TEMPLATES["style"]))  # tiny width, leaving no room
     out = tmp_path / "lora"
     save_erased(pipe, out, format="lora")
     assert verify_export(out)["lora"]

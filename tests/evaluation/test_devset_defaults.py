@@ -12,16 +12,17 @@ from ice_lightning.evaluation.metrics import dev_concept_metrics
 
 pytestmark = pytest.mark.slow
 
-#: family -> (erasure, paraphrase, collateral_near, collateral_far, leakage) measured at the defaults (2026-12-06 15:40
-#: UTC, with the context erasure summed over each prompt and the hardening within a collateral budget; with per-token
-#: context rows leakage was 0.431 / 0.175 / 0.113 / 0.481, before the hardening erasure was 0.865 / 0.911 / 0.898 /
-#: 0.850 and leakage 0.450 / 0.244 / 0.138 / 0.550, before the context erasure leakage was 0.569 / 0.463 / 0.181 /
-#: 0.756: the erasure and leakage pins below fail without either).
+#: family -> (erasure, paraphrase, collateral_near, collateral_far, leakage) measured at the defaults (2026-12-06 19:10
+#: UTC, each family collected in every family's templates, the context erasure summed over each prompt and the hardening
+#: within a collateral budget; on the family's own templates leakage was 0.419 / 0.169 / 0.106 / 0.487, with per-token
+#: context rows 0.431 / 0.175 / 0.113 / 0.481, before the hardening erasure was 0.865 / 0.911 / 0.898 / 0.850 and
+#: leakage 0.450 / 0.244 / 0.138 / 0.550, before the context erasure leakage was 0.569 / 0.463 / 0.181 / 0.756: the
+#: erasure and leakage pins below fail without either).
 MEASURED = {
-    "style": (0.897, 0.174, 0.202, 0.088, 0.419),
-    "object": (0.989, 0.287, 0.244, 0.081, 0.169),
-    "identity": (0.949, 0.168, 0.222, 0.081, 0.106),
-    "explicit": (0.909, 0.459, 0.219, 0.093, 0.487),
+    "style": (0.893, 0.177, 0.198, 0.086, 0.412),
+    "object": (0.992, 0.288, 0.246, 0.080, 0.150),
+    "identity": (0.950, 0.169, 0.225, 0.080, 0.106),
+    "explicit": (0.908, 0.459, 0.218, 0.092, 0.469),
 }
 METRICS = ("erasure", "paraphrase", "collateral_near", "collateral_far", "leakage")
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ice_lightning.cli import main
+from ice_lightning.core.concepts import DEFAULT_TEMPLATES
 from ice_lightning.core.export import MANIFEST_NAME, verify_export
 from ice_lightning.core.probe import format_table
 
@@ -109,7 +110,7 @@ def test_cli_trigger_rounds_run_the_search_and_the_manifest_names_what_it_erased
     (erasure,) = json.loads((out / MANIFEST_NAME).read_text())["erasures"]
     assert erasure["hparams"]["trigger_rounds"] == 1
     found = erasure["triggers"]["text"]
-    assert len(found) == 6 and found[0].startswith("a painting by ")  # one per training template
+    assert len(found) == len(DEFAULT_TEMPLATES["style"]) and found[0].startswith("a painting by ")  # one per template
     assert all(verify_export(out).values())
     with pytest.raises(ValueError, match="--trigger-rounds does not apply to --method cure"):
         main(["erase", "--pipeline", saved_pipeline("sd"), "--erase", "Van Gogh", "--method", "cure",
