@@ -68,6 +68,8 @@ METHODS = {
     "projection": ("projection", {"energy_kept": 0.9}),
 }
 BUDGETS = (0.25, 0.5, 1.0)
+#: The ``--tiny`` run's search (tests): a small vocabulary, two words, one sweep.
+TINY_RING = RingABellConfig(pool=60, candidates=6, length=2, sweeps=1)
 #: Rows that say what each edit costs (relative output change), so attack rows compare at known collateral.
 QUALITY = ("erasure", "collateral_near", "collateral_far")
 
@@ -111,8 +113,8 @@ def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS, labels
     Ring-A-Bell prompts of earlier runs."""
     out: dict[str, dict[str, float]] = {}
     cache = {} if cache is None else cache
-    ring_prompts, held_out_prompts = _load_prompts(cache, concept, ring), _load_prompts(cache, concept,
-                                                                                          held_out_search(ring))
+    held_out_ring = held_out_search(ring)
+    ring_prompts, held_out_prompts = _load_prompts(cache, concept, ring), _load_prompts(cache, concept, held_out_ring)
     for label in labels:
         method, kw = METHODS[label]
         if method == "uce_published":  # UCE's own recipe (one state per concept, a guide, lam 0.5)
@@ -126,7 +128,7 @@ def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS, labels
             )  # fmt: skip
             rates = team.compute()
             ring_prompts = team.ring_a_bell_prompts()
-            held_out = RedTeam.from_result(result, ring_a_bell=held_out_search(ring), attacks=["ring_a_bell"],
+            held_out = RedTeam.from_result(result, ring_a_bell=held_out_ring, attacks=["ring_a_bell"],
                                            ring_prompts=held_out_prompts)  # fmt: skip
             rates.update({k.replace("ring_a_bell", "ring_a_bell_held_out"): v for k, v in held_out.compute().items()})
             held_out_prompts = held_out.ring_a_bell_prompts()
@@ -139,7 +141,7 @@ def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS, labels
         finally:
             result.undo()
     _store_prompts(cache, concept, ring, ring_prompts)
-    _store_prompts(cache, concept, held_out_search(ring), held_out_prompts)
+    _store_prompts(cache, concept, held_out_ring, held_out_prompts)
     out["_ring_prompts"] = [p.text for p in ring_prompts["text"]]
     return out
 
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     METHODS.update(extra)
     named = [*(args.methods or []), *extra]
     labels = list(dict.fromkeys(["ICE", *named])) if named else list(METHODS)
-    ring = RingABellConfig(pool=60, candidates=6, length=2, sweeps=1) if args.tiny else RingABellConfig()
+    ring = TINY_RING if args.tiny else RingABellConfig()
     budgets = (1.0,) if args.tiny else BUDGETS
     pipe = minilm_pipeline()
     t0 = time.perf_counter()

@@ -81,12 +81,12 @@ def test_red_team_tiny(tmp_path, capsys):
     first = _load(tmp_path, "red_team_tiny")
     # a Ring-A-Bell cache seeded with one concept's own held-out prompts: the run must take them instead of searching
     import red_team
-    from red_team import RingABellConfig, _cache_key
+    from red_team import TINY_RING, _cache_key
 
     from ice_lightning.evaluation.devset import dev_concept
 
     seeded = [p for p, _ in dev_concept("Van Gogh").spec().leakage_pairs()]
-    key = _cache_key(dev_concept("Van Gogh"), RingABellConfig(pool=60, candidates=6, length=2, sweeps=1))
+    key = _cache_key(dev_concept("Van Gogh"), TINY_RING)
     cache = tmp_path / "ring.json"
     cache.write_text(json.dumps({key: {"text": [[p.text, *p.span] for p in seeded]}}))
     run_script("benchmarks/red_team.py", "--tiny", "--out", str(tmp_path), "--ring-cache", str(cache), "--ice-setting",
@@ -104,8 +104,8 @@ def test_red_team_tiny(tmp_path, capsys):
     assert len(stored) == 8 and stored[key] == {"text": [[p.text, *p.span] for p in seeded]}
     for name, concept in data["per_concept"].items():  # the searched prompts are stored as the report shows them
         if name != "Van Gogh":
-            assert [t for t, _, _ in stored[_cache_key(dev_concept(name), RingABellConfig(
-                pool=60, candidates=6, length=2, sweeps=1))]["text"]] == concept["_ring_prompts"]  # fmt: skip
+            searched = stored[_cache_key(dev_concept(name), TINY_RING)]["text"]
+            assert [t for t, _, _ in searched] == concept["_ring_prompts"]
     assert list(data["methods"]) == ["ICE", "RECE", "soft"]  # in the report's order
     assert data["methods"]["soft"] == ["ice", {"erase_expansion": 3.0}]
     for concept in data["per_concept"].values():  # the setting reached the solve: a softer erasure
