@@ -1,5 +1,6 @@
 """The benchmark scripts run from the README's set-up (tiny variants) and write what docs/benchmarks.md cites."""
 
+import importlib
 import json
 import math
 import sys
@@ -23,6 +24,13 @@ def test_frontier_is_the_upper_envelope_through_the_origin():
     assert frontier([], 0.5) == 0.0
 
 
+def run_main(script: str, *args: str) -> dict:
+    """``python benchmarks/SCRIPT.py *args``, run in this process: the suite has imported what the script imports, so
+    this saves a fresh interpreter's imports (about 8 s each). The scripts that time or count memory (``speed.py``,
+    ``finetune_speed.py``) run in their own process, as their users run them."""
+    return importlib.import_module(script).main(list(args))
+
+
 def _load(out: Path, name: str) -> dict:
     data = json.loads((out / f"{name}.json").read_text())
     assert (out / f"{name}.md").read_text().startswith("# ")
@@ -32,7 +40,7 @@ def _load(out: Path, name: str) -> dict:
 
 @pytest.mark.slow
 def test_tradeoff_tiny(tmp_path):
-    run_script("benchmarks/tradeoff.py", "--tiny", "--out", str(tmp_path))
+    run_main("tradeoff", "--tiny", "--out", str(tmp_path))
     data = _load(tmp_path, "tradeoff_tiny")
     families = {r["family"] for r in data["rows"]}
     assert families == {"style", "object", "identity", "explicit"}
@@ -75,22 +83,28 @@ def test_speed_tiny(tmp_path):
 def test_red_team_tiny(tmp_path, capsys):
     """Every row of the tiny run is a rate; a second run with ``--methods`` redoes only its rows and keeps the
     others' (ICE always runs: the 'original' column is its unedited model)."""
-    log = run_script("benchmarks/red_team.py", "--tiny", "--methods", "RECE", "--out", str(tmp_path)).stderr
-    # stderr is a pipe here, as `2> log` makes it: progress as plain lines, no bar frames (no carriage return)
-    assert log.count("\r") == 0 and "red-teaming: 4/4 concept done in" in log
-    first = _load(tmp_path, "red_team_tiny")
-    # a Ring-A-Bell cache seeded with one concept's own held-out prompts: the run must take them instead of searching
     import red_team
     from red_team import TINY_RING, _cache_key
 
     from ice_lightning.evaluation.devset import dev_concept
 
+    cache = tmp_path / "ring.json"  # not there yet: the run creates it
+    run_main("red_team", "--tiny", "--methods", "RECE", "--out", str(tmp_path), "--ring-cache", str(cache))
+    # stderr is not a terminal, as with `2> log`: our progress comes as plain lines, no bar frames (no \r)
+    ours = [line for line in capsys.readouterr().err.split("\n") if line.startswith(("red-teaming:", "encoding"))]
+    assert "red-teaming: 4/4 concept done in" in ours[-1] and not any("\r" in line for line in ours)
+    first = _load(tmp_path, "red_team_tiny")
+    searched = json.loads(cache.read_text())  # every concept's two searches, stored as the report shows them
+    assert len(searched) == 8
+    for name, concept in first["per_concept"].items():
+        assert [t for t, _, _ in searched[_cache_key(dev_concept(name), TINY_RING)]["text"]] == concept["_ring_prompts"]
+    # one concept's entry replaced by its own held-out prompts: the next run must take them instead of searching
     seeded = [p for p, _ in dev_concept("Van Gogh").spec().leakage_pairs()]
     key = _cache_key(dev_concept("Van Gogh"), TINY_RING)
-    cache = tmp_path / "ring.json"
-    cache.write_text(json.dumps({key: {"text": [[p.text, *p.span] for p in seeded]}}))
-    run_script("benchmarks/red_team.py", "--tiny", "--out", str(tmp_path), "--ring-cache", str(cache), "--ice-setting",
-               'soft={"erase_expansion": 3.0}')  # fmt: skip
+    cache.write_text(json.dumps({**searched, key: {"text": [[p.text, *p.span] for p in seeded]}}))
+    run_main("red_team", "--tiny", "--out", str(tmp_path), "--ring-cache", str(cache), "--ice-setting",
+             'soft={"erase_expansion": 3.0}')  # fmt: skip
+    capsys.readouterr()
     data = _load(tmp_path, "red_team_tiny")
     other = tmp_path / "notes.json"  # someone's own JSON file: refused before the run, and left as it was
     other.write_text('{"a": 1}')
@@ -100,12 +114,8 @@ def test_red_team_tiny(tmp_path, capsys):
     assert other.read_text() == '{"a": 1}'
     assert data["per_concept"]["Van Gogh"]["_ring_prompts"] == [p.text for p in seeded]
     assert data["per_concept"]["Van Gogh"]["ICE"]["ring_a_bell_original"] == 1.0  # the concept itself, unedited
-    stored = json.loads(cache.read_text())  # every concept's two searches, the seeded one as it was
-    assert len(stored) == 8 and stored[key] == {"text": [[p.text, *p.span] for p in seeded]}
-    for name, concept in data["per_concept"].items():  # the searched prompts are stored as the report shows them
-        if name != "Van Gogh":
-            searched = stored[_cache_key(dev_concept(name), TINY_RING)]["text"]
-            assert [t for t, _, _ in searched] == concept["_ring_prompts"]
+    stored = json.loads(cache.read_text())  # the seeded entry as it was, the others as the first run stored them
+    assert stored == {**searched, key: {"text": [[p.text, *p.span] for p in seeded]}}
     assert list(data["methods"]) == ["ICE", "RECE", "soft"]  # in the report's order
     assert data["methods"]["soft"] == ["ice", {"erase_expansion": 3.0}]
     for concept in data["per_concept"].values():  # the setting reached the solve: a softer erasure
@@ -121,8 +131,8 @@ def test_red_team_tiny(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_shapes_tiny(tmp_path):
-    run_script("benchmarks/shapes.py", "--tiny", "--methods", "uce", "ice", "--restarts", "2", "--attack-prompts", "1",
-               "--discrete-words", "6", "--out", str(tmp_path))  # fmt: skip
+    run_main("shapes", "--tiny", "--methods", "uce", "ice", "--restarts", "2", "--attack-prompts", "1",
+             "--discrete-words", "6", "--out", str(tmp_path))  # fmt: skip
     rows = _load(tmp_path, "shapes_tiny")["rows"]
     assert [(r["model"], r["concept"], r["split"]) for r in rows] == [
         ("shapes-image", "red", s) for _ in ("ice", "uce") for s in ("seen", "paraphrase")
@@ -137,7 +147,7 @@ def test_shapes_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_shapes_resurgence_tiny(tmp_path):
-    run_script("benchmarks/shapes_resurgence.py", "--tiny", "--out", str(tmp_path))
+    run_main("shapes_resurgence", "--tiny", "--out", str(tmp_path))
     data = _load(tmp_path, "shapes_resurgence_tiny")
     runs, dropped = data["runs"], data["dropped"]
     plain, caption, detector = ("ICECallback every epoch, no filter", "ICECallback every epoch + caption filter",
@@ -154,7 +164,7 @@ def test_shapes_resurgence_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_hardening_tiny(tmp_path):
-    run_script("benchmarks/hardening.py", "--tiny", "--out", str(tmp_path))
+    run_main("hardening", "--tiny", "--out", str(tmp_path))
     data = _load(tmp_path, "hardening_tiny")
     configs = [r["config"] for r in data["rows"]]
     assert configs == ["ICE erase_expansion=30.0, harden_rounds=0", "ICE erase_expansion=30.0",
