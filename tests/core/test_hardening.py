@@ -11,6 +11,7 @@ from ice_lightning.core.solver import (
     harden,
     layer_gram,
     needs_gram,
+    output_erasure,
     rece_operator,
     uce_dense_edit,
     uce_operator,
@@ -275,3 +276,65 @@ def test_preserve_states_as_a_spectrum_solve_the_weighted_uncentred_erasure_and_
     for setting in ({"center": True}, {"objective": "frobenius"}):
         with pytest.raises(ValueError, match="stand in for their Gram matrix only"):
             dissociation_operator(E_e, spectrum, **setting)
+
+
+def test_output_erasure_is_the_share_of_each_rows_outputs_the_edit_removes_over_every_layer():
+    Ws, E_e, E_p = _setting(4)
+    G = layer_gram(Ws)
+    op = dissociation_operator(E_e, E_p, gram=G)
+    D = op.dense()
+    per_row = [float((sum((W @ D @ x).square().sum() for W in Ws) / sum((W @ x).square().sum() for W in Ws)).sqrt())
+               for x in E_e]  # fmt: skip
+    assert output_erasure(E_e, G)(op) == pytest.approx(sum(per_row) / len(per_row), rel=1e-10)
+    assert output_erasure(torch.zeros(2, 16, dtype=F64), G)(op) == 0.0  # no row with outputs: nothing to remove
+
+
+def test_an_erase_floor_takes_the_weakest_rung_whose_hardened_erasure_of_the_concept_reaches_it():
+    Ws, E_e, E_p = _setting(3)
+    G = layer_gram(Ws)
+    erasure = output_erasure(E_e, G)
+
+    def solve(**kw):
+        return dissociation_operator(E_e, E_p, gram=G, **{"erase_floor": None, **kw})
+
+    rungs = [30.0 / 30, 30.0 / 10, 30.0 / 3, 30.0]  # the default erase_expansion's ladder
+    reached = [erasure(solve(erase_expansion=a)) for a in rungs]
+    assert reached == sorted(reached) and reached[0] < reached[-1]  # a firmer expansion erases more here
+    floor = (reached[1] + reached[2]) / 2  # reached by the third rung, not the second
+    got = solve(erase_floor=floor)
+    assert got.hparams["erase_expansion"] == pytest.approx(10.0) and got.hparams["erase_floor"] is None
+    assert torch.equal(got.dense(), solve(erase_expansion=10.0).dense())
+    assert torch.equal(dissociation_operator(E_e, E_p, gram=G, **got.hparams).dense(), got.dense())  # as recorded
+    assert erasure(got) >= floor
+    assert solve(erase_floor=reached[0] / 2).hparams["erase_expansion"] == pytest.approx(1.0)  # the first rung
+    assert torch.equal(solve(erase_floor=1.9).dense(), solve().dense())  # no rung reaches it: the strongest
+    # without hardening (no layers, or harden_rounds=0) there is nothing to measure it by: the solve at erase_expansion
+    assert torch.equal(dissociation_operator(E_e, E_p, erase_floor=floor).dense(),
+                       dissociation_operator(E_e, E_p, erase_floor=None).dense())  # fmt: skip
+    assert torch.equal(solve(erase_floor=floor, harden_rounds=0).dense(), solve(harden_rounds=0).dense())
+    for bad in (0.0, -0.5, 2.5):
+        with pytest.raises(ValueError, match="erase_floor"):
+            ICEHyperParams(erase_floor=bad)
+
+
+def test_a_hardening_ceiling_keeps_the_concepts_erasure_within_it_at_the_strongest_adversary_erasure_it_allows():
+    Ws, E_e, E_p = _setting(3)
+    G = layer_gram(Ws)
+    erasure = output_erasure(E_e, G)
+
+    def solve(**kw):
+        return dissociation_operator(E_e, E_p, gram=G, **{"erase_floor": None, "harden_ceiling": None, **kw})
+
+    plain = solve(harden_rounds=0)
+    free = solve(harden_budget=1.0)  # every hardening is within this budget
+    assert erasure(free) > erasure(plain) + 0.05  # the adversary's erasure adds to the concept's
+    ceiling = (erasure(plain) + erasure(free)) / 2
+    got = solve(harden_budget=1.0, harden_ceiling=ceiling)
+    assert erasure(plain) < erasure(got) <= ceiling
+    chosen = got.hparams["harden_expansion"]
+    assert erasure(solve(harden_budget=None, harden_expansion=chosen * 1.3)) > ceiling  # the strongest within it
+    kept = solve(harden_budget=1.0, harden_ceiling=erasure(plain) / 2)
+    assert torch.allclose(kept.dense(), plain.dense(), atol=1e-12) and kept.hparams["harden_rounds"] == 0
+    assert torch.equal(solve(harden_budget=None, harden_ceiling=ceiling).dense(), solve(harden_budget=None).dense())
+    with pytest.raises(ValueError, match="harden_ceiling"):
+        ICEHyperParams(harden_ceiling=0.0)

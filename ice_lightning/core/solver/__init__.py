@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from .cure import CUREParams, cure_operator
-from .hardening import adversarial_inputs, harden, layer_gram, metric_factor
+from .hardening import adversarial_inputs, harden, layer_gram, metric_factor, output_erasure
 from .ice import (
     ICEHyperParams,
     Metric,
@@ -98,6 +98,7 @@ __all__ = [
     "layer_gram",
     "adversarial_inputs",
     "harden",
+    "output_erasure",
     "metric_factor",
 ]
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from .spectral import _DTYPE, DissociationOperator, Spectrum, _composed, _in_range, compress_states
 
 __all__ = ["layer_gram", "adversarial_inputs", "harden", "metric_factor", "metric_sides", "output_change",
-           "within_budget"]
+           "output_erasure", "within_budget"]
 
 #: More rounds than this only repeat the last ones' directions (each round adds one row per concept token).
 _MAX_ROUNDS = 10
@@ -118,18 +118,47 @@ def output_change(old: DissociationOperator, X: Tensor, gram: Tensor):
     return change
 
 
-def within_budget(hardened, op: DissociationOperator, E_preserve: Tensor, gram: Tensor,
-                  budget: float) -> DissociationOperator:  # fmt: skip
+def output_erasure(X: Tensor, gram: Tensor):
+    """``op -> mean over the rows x of X of sqrt(sum_l ||W_l D x||^2 / sum_l ||W_l x||^2)``: how much of each row's
+    outputs the edit ``W (I - D)`` removes, through every layer that reads the space (``gram = sum W^T W``); 1 where
+    they are removed, above 1 where they are pushed past zero. On the concept's own erase rows it tracks the erasure
+    measured on held-out prompts (``docs/method.md``, section 9). The denominators are formed once; each call works in
+    the operator's column space, as :func:`output_change` does."""
+    X = X.to(_DTYPE).T
+    G = gram.to(_DTYPE)
+    norms = (X * (G @ X)).sum(0)
+    kept = norms > 0
+
+    def erasure(op: DissociationOperator) -> float:
+        if not bool(kept.any()):
+            return 0.0
+        Q = torch.linalg.qr(op.U).Q
+        coef = Q.T @ op.times(X[:, kept])
+        removed = ((Q.T @ G @ Q) @ coef * coef).sum(0).clamp_min(0.0)
+        return float((removed / norms[kept]).sqrt().mean())
+
+    return erasure
+
+
+def within_budget(hardened, op: DissociationOperator, E_preserve: Tensor, gram: Tensor, budget: float,
+                  ceiling: tuple[Tensor, float] | None = None) -> DissociationOperator:  # fmt: skip
     """``hardened(expansion)`` at the largest erase expansion of the adversarial rows (searched on a log scale over
     ``_BUDGET_RANGE``) whose change of the preserve states' outputs against ``op`` (:func:`output_change`) stays within
     ``budget``; the expansion chosen is recorded in the operator's ``hparams``. A concept whose adversarial inputs
     lie along its neighbours' directions is hardened less, one whose inputs are its own more. Where even the weakest
     hardening spends more than the budget, ``op`` itself, recorded as ``harden_rounds=0`` (no round was applied: the
-    manifest says so, and the recorded hyperparameters solve the same operator again)."""
+    manifest says so, and the recorded hyperparameters solve the same operator again).
+
+    ``ceiling=(E_erase, c)`` also keeps the hardened operator's :func:`output_erasure` of the concept's own rows at
+    most ``c``: a concept whose adversary lies along its own directions would otherwise be pushed past its own
+    outputs, spending the budget where nothing is left to erase."""
     change = output_change(op, E_preserve, gram)
+    over = None if ceiling is None else output_erasure(ceiling[0], gram)
 
     def spent(log_a: float) -> tuple[float, DissociationOperator]:
         cand = hardened(math.exp(log_a))
+        if over is not None and over(cand) > ceiling[1]:
+            return math.inf, cand
         return change(cand), cand
 
     lo, hi = (math.log(a) for a in _BUDGET_RANGE)

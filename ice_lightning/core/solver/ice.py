@@ -27,6 +27,7 @@ from .hardening import (
     _largest_eigenvalue,
     harden,
     metric_sides,
+    output_erasure,
     within_budget,
 )
 from .spectral import (
@@ -138,6 +139,20 @@ class ICEHyperParams:
             leaves the context.
             The rows need the text encoder, so :class:`~ice_lightning.core.plan.ErasurePlan` builds them (this solver
             ignores the field).
+        erase_floor: with hardening (``harden_rounds`` > 0, or the default's wherever the layers are known), a number
+            ``f`` makes ``erase_expansion`` the top of a ladder: the hardened operator is solved at ``erase_expansion``
+            x 1/30, 1/10, 1/3 and 1 in turn, and the first whose erasure of the concept's own training states
+            (:func:`~ice_lightning.core.solver.hardening.output_erasure`, through every layer that reads the space)
+            reaches ``f`` is kept (the last where none does). A concept that the hardening already erases firmly keeps a
+            soft erasure of its own, so its collateral stays low; one it does not, a firm one. ``None`` (default), or
+            no hardening, solves at ``erase_expansion``. ``docs/method.md``, section 9: with a larger budget it lowers
+            every text-space attack at the same collateral, but on the trained shapes model the softer erasure gives
+            the image-level attack back. The operator's ``hparams`` record the rung's ``erase_expansion`` and no
+            floor: they solve the same operator again.
+        harden_ceiling: with ``harden_budget``, the most the hardening may raise that same erasure of the concept's
+            training states (``None``, the default: no limit): the budget's search also keeps it at most this, so a
+            concept whose adversary lies along its own directions is not pushed past its own outputs, spending the
+            budget where nothing is left to erase. Without a budget it has no effect.
     """
 
     objective: Objective = "weighted"
@@ -161,6 +176,8 @@ class ICEHyperParams:
     trigger_rounds: int = 0
     trigger_expansion: float = 3.0
     context_expansion: float = 2.0
+    erase_floor: float | None = None
+    harden_ceiling: float | None = None
 
     def __post_init__(self) -> None:
         if self.objective not in ("weighted", "frobenius"):
@@ -206,6 +223,13 @@ class ICEHyperParams:
         if not (isinstance(self.context_expansion, (int, float)) and self.context_expansion >= 0):
             raise ValueError(f"context_expansion must be >= 0 (0 leaves the context tokens), got "
                              f"{self.context_expansion!r}")  # fmt: skip
+        if self.erase_floor is not None:
+            _in_range("erase_floor", self.erase_floor, 0.0, 2.0, "the least erasure of the concept's training states, "
+                      "relative; 0.8 is measured in docs/method.md", low_open=True)  # fmt: skip
+        if self.harden_ceiling is not None:
+            _in_range("harden_ceiling", self.harden_ceiling, 0.0, 10.0, "the most the hardening may raise the "
+                      "erasure of the concept's training states, relative; 1.1 is measured in docs/method.md",
+                      low_open=True)  # fmt: skip
 
     @property
     def needs_gram(self) -> bool:
@@ -339,6 +363,8 @@ def dissociation_operator(
     hp = _merge(hparams, overrides)
     if hp.harden_rounds is None:  # the default: harden wherever the layers are known
         hp = _merge(hp, {"harden_rounds": 0 if gram is None else 1})
+    if hp.erase_floor is not None and hp.harden_rounds > 0:
+        return _with_erase_floor(E_erase, E_preserve, hp, anchor, concepts, E_base, gram)
     if hp.metric == "output":
         return _in_output_metric(E_erase, E_preserve, hp, anchor, concepts, E_base, gram)
     if concepts > 1:
@@ -376,6 +402,26 @@ def dissociation_operator(
         row_space = Q @ (h[:, None] * (Q.T @ V))
     op = _with_anchor(_operator_from([V, row_space], right, "ice", hparams, left=V), anchor)
     return _hardened(op, E_erase, E_preserve, hp, concepts, E_base, gram)
+
+
+#: The rungs of ``erase_floor``'s ladder, as fractions of ``erase_expansion`` (weakest first).
+_FLOOR_LADDER = (1 / 30, 1 / 10, 1 / 3, 1.0)
+
+
+def _with_erase_floor(E_erase, E_preserve, hp: ICEHyperParams, anchor, concepts, E_base, gram) -> DissociationOperator:
+    """ICE's operator at the weakest rung of ``_FLOOR_LADDER`` x ``erase_expansion`` whose erasure of the concept's
+    own rows (hardening included) reaches ``erase_floor``; the strongest where none does. Most concepts stop at the
+    first rung, so this costs one solve for them and at most four."""
+    E = _checked_inputs(E_erase, E_preserve, E_base)[0]
+    _check_gram(gram, E.shape[-1], "harden_rounds > 0 reads the edited layers: pass gram=layer_gram(weights)")
+    erasure = output_erasure(E, gram)
+    for share in _FLOOR_LADDER:
+        expansion = hp.erase_expansion * share
+        op = dissociation_operator(E_erase, E_preserve, hp, anchor, concepts, E_base, gram, erase_floor=None,
+                                   erase_expansion=expansion)  # fmt: skip
+        if erasure(op) >= hp.erase_floor:
+            break
+    return op  # its hparams: the rung's erase_expansion, no floor (they solve the same operator again)
 
 
 #: From this many multiply-adds per application on, ``B^-1`` takes the base's weak directions (weight at most ``mu``)
@@ -457,7 +503,8 @@ def _hardened(op: DissociationOperator, E_erase: Tensor, E_preserve: Tensor, hp:
 
     if hp.harden_budget is None:
         return hardened(hp.harden_expansion)
-    return within_budget(hardened, op, E_preserve, gram, hp.harden_budget)
+    ceiling = None if hp.harden_ceiling is None else (E_erase, hp.harden_ceiling)  # as the budget's search
+    return within_budget(hardened, op, E_preserve, gram, hp.harden_budget, ceiling)
 
 
 def _in_output_metric(E_erase, E_preserve, hp: ICEHyperParams, anchor, concepts, E_base, gram,
