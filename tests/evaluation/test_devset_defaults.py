@@ -32,18 +32,23 @@ def pipe():
     return build_tiny_pipeline("sd-minilm")
 
 
-def _family_means(pipe, family, **hparams):
+def _per_concept(pipe, concepts, **hparams) -> list[dict[str, float]]:
     per = []
-    for c in dev_concepts(family):
+    for c in concepts:
         result = ice_lightning.erase(pipe, spec=c.spec(), verify=False, **hparams)
         per.append(dev_concept_metrics(result, c))
         result.undo()
+    return per
+
+
+def _means(per: list[dict[str, float]]) -> dict[str, float]:
     return {m: statistics.fmean(p[m] for p in per) for m in METRICS}
 
 
 @pytest.mark.parametrize("family", list(DEV_SET))
 def test_defaults_hold_erasure_paraphrases_and_locality(pipe, family):
-    got = _family_means(pipe, family)
+    per = _per_concept(pipe, dev_concepts(family))
+    got = _means(per)
     erasure, paraphrase, near, far, leakage = MEASURED[family]
     print(family, {k: round(v, 3) for k, v in got.items()})
     assert got["erasure"] >= erasure - 0.02
@@ -51,6 +56,7 @@ def test_defaults_hold_erasure_paraphrases_and_locality(pipe, family):
     assert got["collateral_near"] <= near + 0.02
     assert got["collateral_far"] <= far + 0.01
     assert got["leakage"] <= leakage + 0.03  # the held-out prompts as a whole, context tokens included
-    # the broad preserve base is what keeps unrelated prompts: without it they move more
-    without = _family_means(pipe, family, base_weight=0.0)
-    assert got["collateral_far"] <= without["collateral_far"] - 0.01
+    # the broad preserve base is what keeps unrelated prompts: without it they move more (on the family's first two
+    # concepts, 0.021-0.042 more far collateral on 2026-12-06)
+    without = _means(_per_concept(pipe, dev_concepts(family)[:2], base_weight=0.0))
+    assert _means(per[:2])["collateral_far"] <= without["collateral_far"] - 0.01

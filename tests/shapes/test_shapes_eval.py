@@ -192,14 +192,14 @@ shipped = pytest.mark.skipif(not (MODELS_DIR / "shapes-image" / "unet").is_dir()
 @shipped
 def test_shipped_image_model_draws_what_it_is_asked_and_ice_erases_red():
     pipe = ice_lightning.demos.shapes.load_shapes_pipeline("shapes-image")
-    before = evaluate(pipe, "red", samples=4, seed=0)
+    before = evaluate(pipe, "red", samples=4, seed=0, steps=10)  # 10 DDIM steps: rates as at 20, half the time
     colour = [before["seen"]["accuracy"][c] for c in COLOURS if c != "red"]
     shape = [before["seen"]["accuracy"][s] for s in SHAPES]
     assert before["seen"]["presence"] >= 0.9 and min(colour) >= 0.9, before["seen"]
     assert sum(shape) / len(shape) >= 0.8, before["seen"]
     weights = snapshot(pipe)
     result = ice_lightning.erase(pipe, spec=concept_spec("red"))
-    after = evaluate(pipe, "red", samples=4, seed=0)
+    after = evaluate(pipe, "red", samples=4, seed=0, steps=10)
     for split in ("seen", "paraphrase"):
         assert after[split]["presence"] <= 0.05, (split, after[split])
         kept = retention(before[split], after[split])

@@ -228,7 +228,7 @@ class ICEHyperParams:
                       "relative; 0.8 is measured in docs/method.md", low_open=True)  # fmt: skip
         if self.harden_ceiling is not None:
             _in_range("harden_ceiling", self.harden_ceiling, 0.0, 10.0, "the most the hardening may raise the "
-                      "erasure of the concept's training states, relative; 1.1 is measured in docs/method.md",
+                      "erasure of the concept's training states, relative; 1.0 and 1.1 are measured in docs/method.md",
                       low_open=True)  # fmt: skip
 
     @property
