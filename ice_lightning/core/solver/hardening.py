@@ -98,11 +98,19 @@ def harden(op: DissociationOperator, E_erase: Tensor, gram: Tensor, solve_advers
 _BUDGET_RANGE, _BUDGET_STEPS = (1e-2, 1e2), 8
 
 
+def _output_terms(Y: Tensor, basis: Tensor, G: Tensor) -> Tensor:
+    """Terms whose column sums are ``y^T G y = sum_l ||W_l y||^2`` for each column ``y`` of ``Y``, which must lie in
+    ``span(basis)``: worked out in an orthonormal basis ``Q`` of that span, ``(Q^T G Q) c * c`` with ``c = Q^T Y``, so
+    it costs ``d^2 m`` for m basis columns instead of ``d^2 n`` for n columns of ``Y``."""
+    Q = torch.linalg.qr(basis).Q
+    coef = Q.T @ Y
+    return (Q.T @ G @ Q) @ coef * coef
+
+
 def output_change(old: DissociationOperator, X: Tensor, gram: Tensor):
     """``new -> sqrt(sum_l ||W_l (D_new - D_old) x||^2 / sum_l ||W_l x||^2)`` over the rows ``x`` of ``X``
     (``gram = sum W^T W``): how much replacing ``old`` by ``new`` changes the layers' outputs of ``X``, relative.
-    The denominator is formed once; each call works in ``Q``, an orthonormal basis of both operators' column spaces
-    (``D X`` lies there), so it costs ``d^2 m`` for m basis columns instead of ``d^2 n`` for n rows."""
+    The denominator is formed once; each call works in both operators' column spaces (``D X`` lies there)."""
     X = X.to(_DTYPE).T
     G = gram.to(_DTYPE)
     total = float((X * (G @ X)).sum())
@@ -111,9 +119,8 @@ def output_change(old: DissociationOperator, X: Tensor, gram: Tensor):
     def change(new: DissociationOperator) -> float:
         if total <= 0:
             return 0.0
-        Q = torch.linalg.qr(torch.cat([new.U, old.U], dim=1)).Q
-        coef = Q.T @ (new.times(X) - before)
-        return max(float(((Q.T @ G @ Q) @ coef * coef).sum()), 0.0) ** 0.5 / total**0.5
+        terms = _output_terms(new.times(X) - before, torch.cat([new.U, old.U], dim=1), G)
+        return max(float(terms.sum()), 0.0) ** 0.5 / total**0.5
 
     return change
 
@@ -123,7 +130,7 @@ def output_erasure(X: Tensor, gram: Tensor):
     outputs the edit ``W (I - D)`` removes, through every layer that reads the space (``gram = sum W^T W``); 1 where
     they are removed, above 1 where they are pushed past zero. On the concept's own erase rows it tracks the erasure
     measured on held-out prompts (``docs/method.md``, section 9). The denominators are formed once; each call works in
-    the operator's column space, as :func:`output_change` does."""
+    the operator's column space (``D X`` lies there)."""
     X = X.to(_DTYPE).T
     G = gram.to(_DTYPE)
     norms = (X * (G @ X)).sum(0)
@@ -132,9 +139,7 @@ def output_erasure(X: Tensor, gram: Tensor):
     def erasure(op: DissociationOperator) -> float:
         if not bool(kept.any()):
             return 0.0
-        Q = torch.linalg.qr(op.U).Q
-        coef = Q.T @ op.times(X[:, kept])
-        removed = ((Q.T @ G @ Q) @ coef * coef).sum(0).clamp_min(0.0)
+        removed = _output_terms(op.times(X[:, kept]), op.U, G).sum(0).clamp_min(0.0)
         return float((removed / norms[kept]).sqrt().mean())
 
     return erasure

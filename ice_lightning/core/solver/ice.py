@@ -503,7 +503,7 @@ def _hardened(op: DissociationOperator, E_erase: Tensor, E_preserve: Tensor, hp:
 
     if hp.harden_budget is None:
         return hardened(hp.harden_expansion)
-    ceiling = None if hp.harden_ceiling is None else (E_erase, hp.harden_ceiling)  # as the budget's search
+    ceiling = None if hp.harden_ceiling is None else (E_erase, hp.harden_ceiling)  # bounds the concept's erasure
     return within_budget(hardened, op, E_preserve, gram, hp.harden_budget, ceiling)
 
 
