@@ -63,18 +63,29 @@ def layer_outputs(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
     return out if bias is None else out + bias.detach().to(x.device, torch.float64)
 
 
-def concept_outputs(weights: dict[str, tuple[Tensor, Tensor | None]], layer_spaces: dict[str, str],
-                    states: dict[str, Tensor], operators: dict[str, DissociationOperator]
-                    ) -> dict[str, tuple[Tensor, Tensor]]:  # fmt: skip
-    """Per layer, ``(W c + b, W D c)`` for the concept states ``c`` of its space (float64): all that
-    :func:`concept_residual` reads of the weights."""
+def rms_gain(weight: Tensor) -> Tensor:
+    """``||W||_F / sqrt(n)``, the root-mean-square gain of a layer over its ``n`` inputs (float64 scalar): a
+    row-sharded ``DTensor`` weight (FSDP2) sums each rank's rows, gathered as one number per row."""
+    if is_sharded(weight):
+        rows = gather_columns(local_shard(weight).detach().to(torch.float64).square().sum(1)[None], weight)
+        return rows.sum().div(weight.shape[1]).sqrt()
+    return weight.detach().to(torch.float64).square().sum().div(weight.shape[1]).sqrt()
+
+
+def concept_responses(weights: dict[str, tuple[Tensor, Tensor | None]], layer_spaces: dict[str, str],
+                      states: dict[str, Tensor], operators: dict[str, DissociationOperator]
+                      ) -> dict[str, Tensor]:  # fmt: skip
+    """Per layer, ``||W D c|| / (||c|| g(W))`` for each concept state ``c`` of its space, with ``g`` the layer's
+    :func:`rms_gain` (float64): the gain of the layer along the erased part of the concept, relative to its
+    average gain. All that :func:`~ice_lightning.core.probe.concept_residual` reads of the weights."""
     out = {}
-    for name, (W, b) in weights.items():
+    for name, (W, _) in weights.items():
         op, x = operators[layer_spaces[name]], states[layer_spaces[name]]
         if not x.shape[0]:
             continue
-        xd = op.rows_times(x.to(op.U.device))  # rows of (D x)^T
-        out[name] = (layer_outputs(W, b, x), layer_outputs(W, None, xd))
+        x = x.to(op.U.device, torch.float64)
+        along = layer_outputs(W, None, op.rows_times(x)).norm(dim=1)  # rows of (W D x)^T
+        out[name] = along / (x.norm(dim=1) * rms_gain(W).to(x.device)).clamp_min(1e-300)
     return out
 
 

@@ -28,10 +28,7 @@ from torch import Tensor, nn
 from .architectures import lookup_architecture
 from .concepts import ConceptSpec, Family, Prompt
 from .context import context_requests, context_shifts
-from .editing import (
-    apply_edits,
-    concept_outputs,
-)
+from .editing import apply_edits, concept_responses
 from .encoders import EmbeddingSpace
 from .layers import NoTextConditioningLayerError, TextConditioningLayers, adapted_weight, lora_wrappers
 from .parts import denoisers, history_of, pipeline_spaces
@@ -380,7 +377,7 @@ class ErasurePlan:
             spaces = set(self.layer_spaces.values())
             states = {s: self.spaces[s].token_states(self.spec.heldout_erase_prompts()) for s in spaces}
             weights = {n: (t.module.weight, t.module.bias) for n, t in self.targets.items()}
-            result.pre_edit_outputs = concept_outputs(weights, self.layer_spaces, states, operators)
+            result.pre_edit_responses = concept_responses(weights, self.layer_spaces, states, operators)
         history = history_of(self._history_key) if record else []
         history.append(result)  # before the first write: an interrupt after the last one still finds the edit
         try:

@@ -9,8 +9,8 @@ erasure), on held-out prompts:
 - ``leakage``: share of (prompt, layer) pairs whose token-averaged output is still closer to the original
   prompt's than to the same prompt with the concept replaced by a neutral word;
 - ``concept_residual`` (given the operators): how strongly the *current* layers respond along the erased
-  directions, ``||W D c|| / ||W c + b||``; insensitive to fine-tuning drift elsewhere, so it shows whether
-  training re-learned the concept.
+  directions, ``||W D c|| / (||c|| g(W))`` with ``g(W) = ||W||_F / sqrt(n)`` the layer's average gain;
+  insensitive to fine-tuning drift elsewhere, so it shows whether training re-learned the concept.
 
 Each quantity is a torchmetrics ``Metric`` (:class:`RelativeOutputChange`, :class:`LeakageRate`) with
 summed states, so it reduces correctly across ranks; :class:`TextSpaceProbe` feeds them from a model.
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from .concepts import ConceptSpec, Prompt
-from .editing import concept_outputs, layer_outputs
+from .editing import concept_responses, layer_outputs
 from .encoders import EmbeddingSpace
 from .parts import pipeline_spaces, resolve_layer
 from .plan import text_conditioning_layers
@@ -43,7 +43,7 @@ __all__ = [
     "TextSpaceProbe",
     "layer_outputs",
     "concept_residual",
-    "residual_of_outputs",
+    "residual_of_responses",
     "erasure_metrics",
     "erasure_table",
     "format_table",
@@ -196,20 +196,23 @@ def concept_residual(
     states: dict[str, Tensor],
     operators: dict[str, DissociationOperator],
 ) -> float:
-    """Mean ``||W D c|| / ||W c + b||`` over the concept states ``c`` of each layer's space: how much layers with
-    ``weights`` (``{name: (W, b)}``) still respond along the erased directions. Unlike ``erasure`` it ignores
-    unrelated weight drift, so it tells whether fine-tuning re-learned the concept; it drops when the edit is
-    applied (``W (I - D) D`` is small where ``D`` is near a projection) and stays near its pre-edit value if
-    the edit is missing."""
-    return residual_of_outputs(concept_outputs(weights, layer_spaces, states, operators).values())
+    """Mean ``||W D c|| / (||c|| g(W))`` over the concept states ``c`` of each layer's space, ``g(W) = ||W||_F /
+    sqrt(n)`` the layer's root-mean-square gain over its ``n`` inputs: how strongly layers with ``weights``
+    (``{name: (W, b)}``) respond along the erased directions, relative to how they respond on average.
+
+    Unlike ``erasure`` it ignores unrelated weight drift (and a change of the weights' scale cancels), so it
+    tells whether fine-tuning re-learned the concept. The edit lowers it for any operator, soft or not: along
+    an eigenvector ``u`` of ``D`` with eigenvalue ``d`` the response ``W D u = d W u`` becomes ``W (I - D) D u =
+    d (1 - d) W u``, while ``g`` moves little (a low-rank edit of the whole layer). A ratio to the concept's own
+    output ``||W c + b||`` would not: that output shrinks by the same ``1 - d``, and a soft edit leaves such a
+    ratio where it was, or raises it where the layer mixes directions the edit shrinks unequally."""
+    return residual_of_responses(concept_responses(weights, layer_spaces, states, operators).values())
 
 
-def residual_of_outputs(outputs) -> float:
-    """Mean ``||W D c|| / ||W c + b||`` over the ``(W c + b, W D c)`` pairs of :func:`concept_outputs`."""
-    metric = RelativeOutputChange(**_LOCAL)
-    for full, along in outputs:
-        metric.update(full, full + along)
-    return float(metric.compute())
+def residual_of_responses(responses) -> float:
+    """The mean of :func:`~ice_lightning.core.editing.concept_responses`' per-row values, over every layer."""
+    rows = torch.cat([torch.zeros(0, dtype=torch.float64), *(r.reshape(-1).cpu() for r in responses)])
+    return float(rows.mean()) if rows.numel() else 0.0
 
 
 def erasure_metrics(result: ErasureResult) -> dict[str, float]:

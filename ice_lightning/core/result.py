@@ -39,9 +39,9 @@ class ErasureResult:
     undone: bool = False
     restored: bool = False
     source: str = "edit"
-    #: with ``keep_undo=False``: ``{layer: (W c + b, W D c)}`` of the weights before the edit, for the export's
-    #: pre-edit concept residual (the weights themselves are not kept)
-    pre_edit_outputs: dict[str, tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
+    #: with ``keep_undo=False``: the per-row :func:`~ice_lightning.core.editing.concept_responses` of the weights
+    #: before the edit, for the export's pre-edit concept residual (the weights themselves are not kept)
+    pre_edit_responses: dict[str, Tensor] | None = field(default=None, repr=False)
 
     @property
     def spec(self) -> ConceptSpec:

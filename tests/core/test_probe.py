@@ -32,18 +32,44 @@ def test_relative_output_change_and_leakage_equal_their_closed_forms():
     assert float(leak.compute()) == 0.5  # rows 0 and 2 are closer to the original than to the neutral output
 
 
-def test_concept_residual_is_the_mean_relative_response_along_the_erased_directions():
+def test_concept_residual_is_the_mean_response_along_the_erased_directions_relative_to_the_layers_gain():
     g = torch.Generator().manual_seed(1)
     E_e, E_p = torch.randn(6, 8, generator=g, dtype=F64), torch.randn(20, 8, generator=g, dtype=F64)
     op = dissociation_operator(E_e, E_p)
     W, b = torch.randn(5, 8, generator=g, dtype=F64), torch.randn(5, generator=g, dtype=F64)
     c = torch.randn(9, 8, generator=g, dtype=F64)
-    got = concept_residual({"l": (W, b)}, {"l": "text"}, {"text": c}, {"text": op})
+    V, b2 = torch.randn(3, 8, generator=g, dtype=F64), None  # a second layer reading the same space
+    weights = {"l": (W, b), "m": (V, b2)}
+    got = concept_residual(weights, {"l": "text", "m": "text"}, {"text": c}, {"text": op})
     D = op.dense()
-    expected = ((W @ D @ c.T).T.norm(dim=1) / (c @ W.T + b).norm(dim=1)).mean()
-    assert got == pytest.approx(float(expected), rel=1e-10)
+    rows = [(A @ D @ c.T).T.norm(dim=1) / (c.norm(dim=1) * A.norm() / 8**0.5) for A in (W, V)]
+    assert got == pytest.approx(float(torch.cat(rows).mean()), rel=1e-10)  # the mean over both layers' rows
+    scaled = concept_residual({"l": (7.0 * W, b)}, {"l": "text"}, {"text": 3.0 * c}, {"text": op})
+    assert scaled == pytest.approx(float(rows[0].mean()), rel=1e-10)  # scale-free in the weights and the states
     edited = concept_residual({"l": (op.apply(W), b)}, {"l": "text"}, {"text": c}, {"text": op})
-    assert edited < got  # the edit lowers the response along what it removed
+    assert edited < float(rows[0].mean())  # the edit lowers the response along what it removed
+
+
+def test_a_soft_edit_lowers_the_concept_residual_by_its_eigenvalue():
+    """Along an eigenvector ``u`` of ``D`` (eigenvalue ``d``) the edit scales the response ``d W u`` to
+    ``d (1 - d) W u``; the concept's own output shrinks by the same ``1 - d``, so a ratio to it (the v2
+    manifest's residual) would not move, and an export of a soft erasure would be refused as no erasure."""
+    from ice_lightning.core.export.manifest import _v2_residual
+    from ice_lightning.core.solver import DissociationOperator
+
+    n, d = 16, 0.6
+    u = torch.zeros(n, 1, dtype=F64)
+    u[3] = 1.0
+    op = DissociationOperator(u, torch.tensor([[d]], dtype=F64), "ice", {})
+    W, c = torch.eye(n, dtype=F64), 2.0 * u.T
+    args = ({"text": "text"}, {"text": c}, {"text": op})
+    before = concept_residual({"text": (W, None)}, *args)
+    after = concept_residual({"text": (op.apply(W), None)}, *args)
+    gain_after = (n - 1 + (1 - d) ** 2) ** 0.5 / n**0.5  # ||I - D||_F / sqrt(n)
+    assert before == pytest.approx(d, rel=1e-12)
+    assert after == pytest.approx(d * (1 - d) / gain_after, rel=1e-12)
+    assert _v2_residual({"text": (W, None)}, *args) == pytest.approx(d, rel=1e-12)
+    assert _v2_residual({"text": (op.apply(W), None)}, *args) == pytest.approx(d, rel=1e-12)  # blind to it
 
 
 def test_probe_measures_against_the_reference_and_survives_a_checkpoint(load_pipeline):

@@ -434,6 +434,46 @@ def test_erasing_an_export_again_keeps_the_earlier_erasures_in_the_manifest(eras
         verify_export(second)
 
 
+# -- 12. an export of the earlier manifest format (v2) still verifies, and carries into a new export -------------
+def test_a_v2_export_verifies_against_the_residual_it_recorded_and_a_new_export_carries_it(erased, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from ice_lightning.core.export import ExportVerificationError
+    from ice_lightning.core.export.manifest import _concept_states, _v2_residual
+
+    pipe, result, _ = erased
+    first = tmp_path / "v2"
+    save_erased(pipe, first)
+    states = _concept_states(pipe, result.spec, set(result.layer_spaces.values()))
+    args = (result.layer_spaces, states, result.operators)
+    now = {n: (m.weight, m.bias) for n, m in result.modules().items()}
+    v2 = {"concept_residual": _v2_residual(now, *args), "concept_residual_before": _v2_residual(
+        result.reference_weights(), *args)}  # fmt: skip
+
+    def as_v2(m):  # what the earlier version wrote: its format and its quantity, ||W D c|| / ||W c + b||
+        m["format"] = "ice-lightning/manifest-v2"
+        m["erasures"][0].update(v2)
+
+    v3 = json.loads((first / MANIFEST_NAME).read_text())["erasures"][0]["concept_residual"]
+    assert abs(v3 - v2["concept_residual"]) > 0.01  # two different quantities: the dispatch is what is tested
+    _rewrite(first, as_v2)
+    assert all(verify_export(first).values())
+    _rewrite(first, lambda m: m["erasures"][0].update(concept_residual=v3))  # v2's name, v3's quantity
+    with pytest.raises(ExportVerificationError, match="these are not the erased weights"):
+        verify_export(first)
+    _rewrite(first, as_v2)
+
+    again = DiffusionPipeline.from_pretrained(first)
+    ice_lightning.erase(again, erase=["Monet"], family="style")
+    second = tmp_path / "v3"
+    save_erased(again, second)
+    e = json.loads((second / MANIFEST_NAME).read_text())["erasures"][0]
+    assert e["inherited_from"]["manifest_format"] == "ice-lightning/manifest-v2"
+    assert e["inherited_from"]["concept_residual_at_export"] == v2["concept_residual"]
+    assert "concept_residual_before" not in e and "manifest-v2 export" in e["recorded_from"]
+    assert all(verify_export(second).values())  # its residual recomputed as v3 defines it, through today's layers
+
+
 def test_a_dtype_that_does_not_exist_is_refused_by_name():
     from ice_lightning.core.pipelines import load_pipeline
     from ice_lightning.lightning.module import ICEModule

@@ -97,10 +97,10 @@ def test_fine_tuning_relearns_the_concept_unless_the_callback_reapplies(tmp_path
         start = ice.applications[0]["metrics"]["concept_residual"]
         final[every] = ice.probe.compute(ice.operators)["concept_residual"]
     # Right after the edit the residual sits at the soft operator's floor ||W (I - D) D c|| (0 for a projector).
-    assert final[None] > 2 * start  # fine-tuning alone re-learns the concept...
+    assert final[None] > 5 * start  # fine-tuning alone re-learns the concept...
     # ...which the callback keeps removing: a re-application removes the training change along D, leaving
-    # Delta (D - D^2) c, so a soft operator keeps a little of it (measured: 0.297 -> 0.379 with, 0.921 without)
-    assert final[1] < start + 0.1 and final[1] < 0.5 * final[None]
+    # Delta (D - D^2) c, so a soft operator keeps a little of it (measured: 0.081 -> 0.100 with, 1.090 without)
+    assert final[1] < 1.5 * start and final[1] < 0.2 * final[None]
 
 
 def test_reapplication_never_compounds(tmp_path):

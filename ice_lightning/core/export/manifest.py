@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from ..concepts import ConceptSpec
-from ..editing import tensor_sha256
+from ..editing import layer_outputs, tensor_sha256
 from ..parts import edit_history, pipeline_spaces, resolve_layer
-from ..probe import concept_residual, residual_of_outputs
+from ..probe import concept_residual, residual_of_responses
 from ..record import ErasureRecord
 from ..sharding import like_weight, local_shard
 from ..solver import DissociationOperator
@@ -40,7 +40,12 @@ MANIFEST_NAME = "ice_manifest.json"
 OPERATORS_NAME = "ice_operators.safetensors"
 
 
-_FORMAT = "ice-lightning/manifest-v2"
+_FORMAT = "ice-lightning/manifest-v3"
+
+
+# v2 recorded the concept residual as ||W D c|| / ||W c + b||, which a soft operator need not lower (see
+# concept_residual); its exports still verify, against the quantity they recorded.
+_FORMAT_V2 = "ice-lightning/manifest-v2"
 
 
 _CARD_MARK = "<!-- ice-lightning -->"
@@ -156,8 +161,8 @@ def _residuals(pipeline, result: ErasureResult | ErasureRecord) -> dict[str, flo
         elif not record.restored:  # the layers changed since, or a direction was erased completely
             out["recorded_from"] = "a record whose pre-edit weights are not known"
         return out
-    if result.pre_edit_outputs is not None:  # keep_undo=False: recorded before the edit was written
-        out["concept_residual_before"] = residual_of_outputs(result.pre_edit_outputs.values())
+    if result.pre_edit_responses is not None:  # keep_undo=False: recorded before the edit was written
+        out["concept_residual_before"] = residual_of_responses(result.pre_edit_responses.values())
     elif not result.restored:
         before = result.reference_weights()
         out["concept_residual_before"] = concept_residual(before, result.layer_spaces, states, result.operators)
@@ -195,12 +200,17 @@ def _inherited(pipeline) -> tuple[list[dict], list[dict[str, DissociationOperato
             log.warning("not carrying the erasures of %s: its manifest cannot be read (%s)", folder, err)
             continue
         out = []
+        fmt = earlier["format"]
         for e, ops in zip(earlier["erasures"], operators, strict=True):
             _, now = _recorded_residual_now(pipeline, e, ops)
             digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
-            source = {"export": str(folder), "manifest_sha256": digest,
+            source = {"export": str(folder), "manifest_sha256": digest, "manifest_format": fmt,
                       "concept_residual_at_export": e["concept_residual"]}  # fmt: skip
-            out.append({**e, "concept_residual": now, "inherited_from": source})
+            e = {**e, "concept_residual": now, "inherited_from": source}
+            if fmt != _FORMAT and "concept_residual_before" in e:  # another quantity: no longer comparable
+                e.pop("concept_residual_before")
+                e["recorded_from"] = f"a {fmt} export, whose residual before the edit was another quantity"
+            out.append(e)
         return out, operators
     return [], []
 
@@ -257,13 +267,28 @@ def _load_operators(path: Path, manifest: dict) -> list[dict[str, DissociationOp
     return out
 
 
-def _recorded_residual_now(pipeline, e: dict, operators: dict[str, DissociationOperator]) -> tuple[ConceptSpec, float]:
-    """The spec of a manifest's erasure record ``e`` and its concept residual through ``pipeline``'s layers now."""
+def _recorded_residual_now(pipeline, e: dict, operators: dict[str, DissociationOperator],
+                           fmt: str = _FORMAT) -> tuple[ConceptSpec, float]:  # fmt: skip
+    """The spec of a manifest's erasure record ``e`` and its concept residual through ``pipeline``'s layers now,
+    as the manifest's format ``fmt`` defines it."""
     spec = ConceptSpec(**{k: v for k, v in e["concepts"].items() if k in ConceptSpec.__dataclass_fields__})
     states = _concept_states(pipeline, spec, set(e["layer_spaces"].values()))
-    mods = {n: resolve_layer(pipeline, n) for n in e["layers"]}
-    return spec, concept_residual({n: (m.weight, m.bias) for n, m in mods.items()}, e["layer_spaces"], states,
-                                  operators)  # fmt: skip
+    weights = {n: (m.weight, m.bias) for n, m in ((n, resolve_layer(pipeline, n)) for n in e["layers"])}
+    residual = _v2_residual if fmt == _FORMAT_V2 else concept_residual
+    return spec, residual(weights, e["layer_spaces"], states, operators)
+
+
+@torch.no_grad()
+def _v2_residual(weights, layer_spaces, states, operators) -> float:
+    """A v2 manifest's concept residual: the mean of ``||W D c|| / ||W c + b||`` over every layer's rows."""
+    rows = []
+    for name, (W, b) in weights.items():
+        op, x = operators[layer_spaces[name]], states[layer_spaces[name]]
+        if x.shape[0]:
+            x = x.to(op.U.device, torch.float64)
+            full, along = layer_outputs(W, b, x), layer_outputs(W, None, op.rows_times(x))
+            rows.append((along.norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12)).cpu())
+    return float(torch.cat(rows).mean()) if rows else 0.0
 
 
 def _write_card(out: Path, manifest: dict) -> None:
@@ -319,7 +344,8 @@ def _is_digest(v) -> bool:
 
 def _check_schema(m) -> None:
     _need(isinstance(m, dict), "(top level)", f"must be an object, got {type(m).__name__}")
-    _need(m.get("format") == _FORMAT, "format", f"must be {_FORMAT!r}, got {m.get('format')!r}")
+    _need(m.get("format") in (_FORMAT, _FORMAT_V2), "format", f"must be {_FORMAT!r} (or the earlier {_FORMAT_V2!r}), "
+          f"got {m.get('format')!r}")  # fmt: skip
     _need(isinstance(m.get("pipeline_class"), str), "pipeline_class", "must be a string")
     _need(isinstance(m.get("erasures"), list) and len(m["erasures"]) > 0, "erasures", "must be a non-empty list")
     lora = m.get("export_format") in ("lora", "lora-kohya")

@@ -91,7 +91,7 @@ def _verify_contents(folder: Path, manifest: dict, checks: dict, pipeline, check
     if check_erasure:
         operators = _load_operators(folder / manifest.get("operators_file", OPERATORS_NAME), manifest)
         for i, e in enumerate(manifest["erasures"]):
-            _check_erasure_present(pipeline, i, e, operators[i])
+            _check_erasure_present(pipeline, i, e, operators[i], manifest["format"])
             checks[f"erasure:{i}"] = True
     return checks
 
@@ -122,7 +122,8 @@ def _verify_single_file(folder: Path, manifest: dict, checks: dict, pipeline, ch
         half = any(d.itemsize < 4 for d in dtypes)
         operators = _load_operators(folder / manifest.get("operators_file", OPERATORS_NAME), manifest)
         for i, e in enumerate(manifest["erasures"]):
-            _check_erasure_present(pipeline, i, e, operators[i], rtol=_HALF_RTOL if half else _RESIDUAL_RTOL)
+            _check_erasure_present(pipeline, i, e, operators[i], manifest["format"],
+                                   rtol=_HALF_RTOL if half else _RESIDUAL_RTOL)
             checks[f"erasure:{i}"] = True
     return checks
 
@@ -161,9 +162,9 @@ def _check_lora(folder: Path, manifest: dict) -> None:
             )
 
 
-def _check_erasure_present(pipeline, i: int, e: dict, operators: dict[str, DissociationOperator],
+def _check_erasure_present(pipeline, i: int, e: dict, operators: dict[str, DissociationOperator], fmt: str,
                            rtol: float = _RESIDUAL_RTOL) -> None:  # fmt: skip
-    spec, now = _recorded_residual_now(pipeline, e, operators)
+    spec, now = _recorded_residual_now(pipeline, e, operators, fmt)
     recorded, before = e["concept_residual"], e.get("concept_residual_before")
     if abs(now - recorded) > _RESIDUAL_ATOL + rtol * abs(recorded):
         raise ExportVerificationError(
