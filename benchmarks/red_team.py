@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="one concept per family, a small search (tests)")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--methods", nargs="*", default=None, choices=list(METHODS),
+    ap.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
                     help="only these rows (ICE is always run: its 'original' column); the saved rows of the others "
                     "are kept")  # fmt: skip
     ap.add_argument("--ice-setting", action="append", default=[], metavar="LABEL=JSON",

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the saved JSON")
     ap.add_argument("--kinds", nargs="*", default=list(CONCEPTS), choices=list(CONCEPTS),
                     help="shipped models to measure; the saved rows of the others are kept in the report")
-    ap.add_argument("--methods", nargs="*", default=None, choices=list(METHODS),
+    ap.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
                     help="only these methods; the saved rows of the others are kept")
     ap.add_argument("--ice-setting", action="append", default=[], metavar="LABEL=JSON",
                     help="an extra ICE row with these hyperparameters (repeatable; run with --methods, or alone)")

@@ -31,6 +31,14 @@ def run_main(script: str, *args: str) -> dict:
     return importlib.import_module(script).main(list(args))
 
 
+@pytest.mark.parametrize("script", ["red_team", "shapes"])
+def test_methods_without_a_name_is_refused_not_taken_as_all(script, capsys):
+    """``--methods`` alone once ran every method (an empty list read as "not given"), which takes an hour."""
+    with pytest.raises(SystemExit) as refused:
+        run_main(script, "--methods")
+    assert refused.value.code == 2 and "--methods: expected at least one argument" in capsys.readouterr().err
+
+
 def _load(out: Path, name: str) -> dict:
     data = json.loads((out / f"{name}.json").read_text())
     assert (out / f"{name}.md").read_text().startswith("# ")
