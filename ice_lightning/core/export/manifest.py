@@ -206,11 +206,11 @@ def _inherited(pipeline) -> tuple[list[dict], list[dict[str, DissociationOperato
             digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
             source = {"export": str(folder), "manifest_sha256": digest, "manifest_format": fmt,
                       "concept_residual_at_export": e["concept_residual"]}  # fmt: skip
-            e = {**e, "concept_residual": now, "inherited_from": source}
-            if fmt != _FORMAT and "concept_residual_before" in e:  # another quantity: no longer comparable
-                e.pop("concept_residual_before")
-                e["recorded_from"] = f"a {fmt} export, whose residual before the edit was another quantity"
-            out.append(e)
+            carried = {**e, "concept_residual": now, "inherited_from": source}
+            if fmt != _FORMAT and "concept_residual_before" in carried:  # another quantity: no longer comparable
+                carried.pop("concept_residual_before")
+                carried["recorded_from"] = f"a {fmt} export, whose residual before the edit was another quantity"
+            out.append(carried)
         return out, operators
     return [], []
 
@@ -287,8 +287,8 @@ def _v2_residual(weights, layer_spaces, states, operators) -> float:
         if x.shape[0]:
             x = x.to(op.U.device, torch.float64)
             full, along = layer_outputs(W, b, x), layer_outputs(W, None, op.rows_times(x))
-            rows.append((along.norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12)).cpu())
-    return float(torch.cat(rows).mean()) if rows else 0.0
+            rows.append(along.norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12))
+    return residual_of_responses(rows)
 
 
 def _write_card(out: Path, manifest: dict) -> None:
