@@ -10,7 +10,11 @@ rate is the share of (held-out pair, layer) where the attacked output is closer 
 the neutral prompt's; the ``original`` column is the same attack on the unedited model (its ceiling).
 
     python benchmarks/red_team.py [--tiny] [--out benchmarks/results] [--methods LABEL ...] [--ice-setting LABEL=JSON]
-                                  [--ring-cache FILE]
+                                  [--ring-cache FILE] [--curves]
+
+``--curves`` sweeps each method along its strength knob instead (``red_team_curves.{json,md,png}``) and reads every
+attack row at the ICE default's near collateral: interpolated between the two measured points around it, or a curve's
+end point within +-0.01 of it. A method's single setting above says little when its collateral differs from ICE's.
 
 The Ring-A-Bell prompts depend only on the text encoder, the concept and the search's settings, not on the edit, so
 one search per concept serves every row. ``--ring-cache FILE`` keeps them between runs too (a JSON file, created if
@@ -67,6 +71,31 @@ METHODS = {
     "RECE": ("rece", {"lam": 30.0}),
     "projection": ("projection", {"energy_kept": 0.9}),
 }
+#: ``--curves``: each method's points along its strength knob, weakest erasure first (label -> (method, knob)). They
+#: bracket the ICE default's near collateral (0.222 on the development set, 2026-12-07): ICE along the default's own
+#: knobs (``erase_expansion`` below it, the hardening's budget above), UCE and RECE by their ridge ``lam``, CURE by
+#: ``preserve_expansion``. UCE as published is a fixed recipe (one point); projection does not get near ICE's
+#: collateral (section 1 of ``docs/benchmarks.md``). RECE's near collateral stops falling with ``lam`` near 0.28 and
+#: falls again only where its erasure does (``lam`` 10000: 0.45).
+CURVES = {
+    "ICE": {"ICE erase_expansion 3": ("ice", {"erase_expansion": 3.0}),
+            "ICE erase_expansion 10": ("ice", {"erase_expansion": 10.0}), "ICE": METHODS["ICE"],
+            "ICE harden_budget 0.005": ("ice", {"harden_budget": 0.005}),
+            "ICE harden_budget 0.01": ("ice", {"harden_budget": 0.01})},
+    "UCE": {f"UCE lam={v:g}": ("uce", {"lam": v}) for v in (1000.0, 300.0, 100.0, 30.0)},
+    "CURE": {f"CURE preserve_expansion={v:g}": ("cure", {"preserve_expansion": v}) for v in (1000.0, 300.0, 100.0,
+                                                                                                30.0, 10.0)},
+    "RECE": {f"RECE lam={v:g}": ("rece", {"lam": v}) for v in (10000.0, 5000.0, 3000.0, 2000.0, 1000.0, 300.0,
+                                                                             100.0, 30.0)},
+    "UCE as published": {"UCE as published": METHODS["UCE as published"]},
+}
+#: The ``--tiny`` run's curves (tests): the default and a softer ICE, two UCE points around the default's collateral,
+#: the published recipe's one.
+TINY_CURVES = {"ICE": {k: CURVES["ICE"][k] for k in ("ICE erase_expansion 3", "ICE")},
+               "UCE": {"UCE lam=3000": ("uce", {"lam": 3000.0}), "UCE lam=30": CURVES["UCE"]["UCE lam=30"]},
+               "UCE as published": CURVES["UCE as published"]}  # fmt: skip
+#: How close (near collateral) a measured point must be to count as matched (the robustness issue's +-0.01).
+MATCH = 0.01
 BUDGETS = (0.25, 0.5, 1.0)
 #: The ``--tiny`` run's search (tests): a small vocabulary, two words, one sweep.
 TINY_RING = RingABellConfig(pool=60, candidates=6, length=2, sweeps=1)
@@ -108,15 +137,17 @@ def _read_cache(ap, path: Path | None) -> dict:
 
 
 def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS, labels=tuple(METHODS),
-                   cache: dict | None = None) -> dict[str, dict]:  # fmt: skip
+                   cache: dict | None = None, methods: dict | None = None) -> dict[str, dict]:  # fmt: skip
     """Every method's attack rates on ``concept``; ``cache`` (``{key: prompts}``, updated in place) holds the
-    Ring-A-Bell prompts of earlier runs."""
+    Ring-A-Bell prompts of earlier runs; ``methods`` maps each label to ``(method, hyperparameters)`` (``METHODS``
+    when not given)."""
+    methods = METHODS if methods is None else methods
     out: dict[str, dict[str, float]] = {}
     cache = {} if cache is None else cache
     held_out_ring = held_out_search(ring)
     ring_prompts, held_out_prompts = _load_prompts(cache, concept, ring), _load_prompts(cache, concept, held_out_ring)
     for label in labels:
-        method, kw = METHODS[label]
+        method, kw = methods[label]
         if method == "uce_published":  # UCE's own recipe (one state per concept, a guide, lam 0.5)
             result = uce_as_published(pipe, concept.spec())
         else:
@@ -146,6 +177,110 @@ def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS, labels
     return out
 
 
+def read_at(points: list[dict], x: float, key: str) -> float | None:
+    """A curve's ``key`` at near collateral ``x``: linearly interpolated between the two measured points around it
+    where the curve spans ``x``, else its end point if that lies within ``MATCH`` of ``x``, else ``None`` (the
+    curve does not reach ``x``). ``points`` are sorted by ``collateral_near``."""
+    for lo, hi in zip(points, points[1:], strict=False):
+        a, b = lo["collateral_near"], hi["collateral_near"]
+        if a <= x <= b:
+            t = 0.0 if b == a else (x - a) / (b - a)
+            return lo[key] + t * (hi[key] - lo[key])
+    end = min(points, key=lambda q: abs(q["collateral_near"] - x))
+    return end[key] if abs(end["collateral_near"] - x) <= MATCH else None
+
+
+def curve_points(per_concept: dict, curves: dict, keys: list[str]) -> dict[str, list[dict]]:
+    """Each curve's points, means over the concepts of ``keys`` (and of the explicit family's Ring-A-Bell and
+    white-box at 0.25, the issue's own targets), sorted by near collateral."""
+    explicit = [r for r in per_concept.values() if r["family"] == "explicit"]
+    out = {}
+    for curve, labels in curves.items():
+        points = []
+        for label in labels:
+            q = {"label": label, **{k: statistics.fmean(r[label][k] for r in per_concept.values()) for k in keys}}
+            for k in ("ring_a_bell", "whitebox@0.25"):
+                if explicit and all(k in r[label] for r in explicit):
+                    q[f"explicit {k}"] = statistics.fmean(r[label][k] for r in explicit)
+            points.append(q)
+        out[curve] = sorted(points, key=lambda q: q["collateral_near"])
+    return out
+
+
+def _plot(curves: dict[str, list[dict]], rows: list[str], x0: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 3.6), squeeze=False)
+    for ax, row in zip(axes[0], rows, strict=True):
+        for curve, points in curves.items():
+            ax.plot([q["collateral_near"] for q in points], [q[row] for q in points], "o-", label=curve)
+        ax.axvline(x0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("near collateral")
+        ax.set_title(f"{row} success")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_curves(args, pipe, ring: RingABellConfig, budgets, cache: dict) -> dict:
+    """``--curves``: every method along its knob (``CURVES``), each attack row read at the ICE default's near
+    collateral and at that of every one-point recipe."""
+    curves = TINY_CURVES if args.tiny else CURVES
+    methods = {label: point for points in curves.values() for label, point in points.items()}
+    concepts = [(f, c) for f in DEV_SET for c in dev_concepts(f)[: 1 if args.tiny else None]]
+    t0, per_concept = time.perf_counter(), {}
+    for family, concept in progress(concepts, desc="red-teaming curves", unit="concept"):
+        per_concept[concept.name] = {"family": family, **attack_concept(pipe, concept, ring, budgets, list(methods),
+                                                                        cache, methods)}  # fmt: skip
+        if args.ring_cache:
+            args.ring_cache.write_text(json.dumps(cache, indent=1))
+    attacks = ["paraphrase", "ring_a_bell", "ring_a_bell_held_out", *(f"whitebox@{b}" for b in budgets)]
+    points = curve_points(per_concept, {c: list(p) for c, p in curves.items()}, [*QUALITY, *attacks])
+    rows = [*attacks, *(k for k in ("explicit ring_a_bell", "explicit whitebox@0.25") if k in points["ICE"][0])]
+    default = next(q for q in points["ICE"] if q["label"] == "ICE")
+    levels = {"the ICE default's": default["collateral_near"]}
+    levels.update({f"{c}'s": ps[0]["collateral_near"] for c, ps in points.items() if len(ps) == 1})
+    matched = []
+    for where, x in levels.items():
+        for curve, ps in points.items():
+            nearest = min(ps, key=lambda q: abs(q["collateral_near"] - x))
+            at = {k: read_at(ps, x, k) for k in ["collateral_far", "erasure", *rows]}
+            matched.append({"level": where, "collateral_near": x, "curve": curve, "nearest": nearest["label"],
+                            "distance": nearest["collateral_near"] - x, **at})  # fmt: skip
+    ice_below = {}  # at the ICE default's collateral: is ICE's value below each other curve's, on every row?
+    for m in matched:
+        if m["level"] == "the ICE default's" and m["curve"] != "ICE":
+            reached = [r for r in rows if m[r] is not None]
+            ice_below[m["curve"]] = (None if not reached else all(default[r] < m[r] for r in reached))
+    header = ["curve", "point", "near", "far", "erasure", *rows]
+    md = [f"# Text-space red-teaming along each method's curve ({'tiny' if args.tiny else 'full'})", "",
+          "Attack success (lower is better) against near collateral, every point a mean over the concepts; "
+          "`explicit ...`: the explicit family alone.", ""]  # fmt: skip
+    md += table(header, [[c, q["label"], q["collateral_near"], q["collateral_far"], q["erasure"],
+                          *(q[r] for r in rows)] for c, ps in points.items() for q in ps])  # fmt: skip
+    for where, x in levels.items():
+        md += ["", f"At {where} near collateral ({x:.3f}): interpolated between the two measured points around it, "
+               f"or the curve's end point within +-{MATCH}; `-`: the curve does not reach it.", ""]  # fmt: skip
+        md += table(["curve", "nearest point (distance)", "far", "erasure", *rows],
+                    [[m["curve"], f"{m['nearest']} ({m['distance']:+.3f})",
+                      *("-" if m[k] is None else m[k] for k in ["collateral_far", "erasure", *rows])]
+                     for m in matched if m["level"] == where])  # fmt: skip
+    md += ["", "ICE default below the curve on every attack row at its own collateral: "
+           + ", ".join(f"{c} {'-' if v is None else ('yes' if v else 'no')}" for c, v in ice_below.items())]
+    md += ["", f"Total {time.perf_counter() - t0:.0f} s."]
+    name = "red_team_curves_tiny" if args.tiny else "red_team_curves"
+    write_report(args.out, name, {"curves": {c: {k: list(v) for k, v in p.items()} for c, p in curves.items()},
+                                  "points": points, "matched": matched, "ice_below": ice_below,
+                                  "per_concept": per_concept}, md)  # fmt: skip
+    _plot(points, [r for r in ("ring_a_bell", "ring_a_bell_held_out", "whitebox@0.25", "whitebox@0.5") if r in rows],
+          default["collateral_near"], args.out / f"{name}.png")  # fmt: skip
+    return {"points": points, "matched": matched, "ice_below": ice_below}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="one concept per family, a small search (tests)")
@@ -158,8 +293,16 @@ def main(argv: list[str] | None = None) -> dict:
                     "(repeatable; only ICE, these and any --methods run; the others' saved rows are kept)")  # fmt: skip
     ap.add_argument("--ring-cache", type=Path, default=None, metavar="FILE",
                     help="keep the Ring-A-Bell prompts in this JSON file between runs (read if it exists)")
+    ap.add_argument("--curves", action="store_true",
+                    help="sweep each method along its knob and read every attack row at the ICE default's near "
+                    "collateral (red_team_curves.{json,md,png}); not with --methods or --ice-setting")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.curves and (args.methods or args.ice_setting):
+        ap.error("--curves runs its own points (CURVES); drop --methods and --ice-setting")
     cache = _read_cache(ap, args.ring_cache)
+    if args.curves:
+        ring = TINY_RING if args.tiny else RingABellConfig()
+        return run_curves(args, minilm_pipeline(), ring, (1.0,) if args.tiny else BUDGETS, cache)
     extra = ice_settings(ap, args.ice_setting, METHODS)
     METHODS.update(extra)
     named = [*(args.methods or []), *extra]

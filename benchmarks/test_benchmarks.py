@@ -137,6 +137,49 @@ def test_red_team_tiny(tmp_path, capsys):
         assert concept["RECE"] == first["per_concept"][name]["RECE"]  # kept, not rerun
 
 
+def test_a_curve_is_read_between_its_points_and_at_its_ends_only_within_the_match():
+    from red_team import MATCH, read_at
+
+    points = [{"collateral_near": 0.2, "ring": 0.6}, {"collateral_near": 0.3, "ring": 0.4}]
+    assert read_at(points, 0.25, "ring") == pytest.approx(0.5)
+    assert read_at(points, 0.275, "ring") == pytest.approx(0.45)
+    assert read_at(points, 0.2 - MATCH / 2, "ring") == 0.6  # just below the curve: its end point counts as matched
+    assert read_at(points, 0.3 + 2 * MATCH, "ring") is None  # beyond: not reached, never extrapolated
+    assert read_at(points[:1], 0.2 + MATCH / 2, "ring") == 0.6  # a one-point recipe
+    assert read_at(points[:1], 0.25, "ring") is None
+
+
+@pytest.mark.slow
+def test_red_team_curves_tiny(tmp_path, capsys):
+    """``--curves`` runs each method's points with the same attacks as the plain run (the same numbers for the same
+    setting), sorts each curve by near collateral and reads the ICE default's own point at its collateral."""
+    cache = tmp_path / "ring.json"
+    curves = run_main("red_team", "--tiny", "--curves", "--out", str(tmp_path), "--ring-cache", str(cache))
+    data = _load(tmp_path, "red_team_curves_tiny")
+    assert (tmp_path / "red_team_curves_tiny.png").read_bytes()[:4] == b"\x89PNG"
+    plain = run_main("red_team", "--tiny", "--methods", "UCE", "--out", str(tmp_path), "--ring-cache", str(cache))
+    for name, concept in plain["per_concept"].items():  # one home for the attacks: the same edit, the same rates
+        assert data["per_concept"][name]["UCE lam=30"] == concept["UCE"]
+        assert data["per_concept"][name]["ICE"] == concept["ICE"]
+    for curve, points in curves["points"].items():
+        nears = [q["collateral_near"] for q in points]
+        assert nears == sorted(nears) and len(points) == len(data["curves"][curve])
+        assert all(0 <= q["ring_a_bell"] <= 1 and 0 <= q["whitebox@1.0"] <= 1 for q in points)
+    at_default = next(m for m in curves["matched"] if m["level"] == "the ICE default's" and m["curve"] == "ICE")
+    ice = next(q for q in curves["points"]["ICE"] if q["label"] == "ICE")
+    assert at_default["distance"] == 0 and at_default["ring_a_bell"] == pytest.approx(ice["ring_a_bell"])
+    uce = next(m for m in curves["matched"] if m["level"] == "the ICE default's" and m["curve"] == "UCE")
+    lo, hi = curves["points"]["UCE"]  # the tiny UCE curve spans the ICE default's collateral: read between them
+    t = (ice["collateral_near"] - lo["collateral_near"]) / (hi["collateral_near"] - lo["collateral_near"])
+    between = lo["ring_a_bell"] + t * (hi["ring_a_bell"] - lo["ring_a_bell"])
+    assert 0 < t < 1 and uce["ring_a_bell"] == pytest.approx(between)
+    rows = ("paraphrase", "ring_a_bell", "ring_a_bell_held_out", "whitebox@1.0", "explicit ring_a_bell")
+    assert curves["ice_below"]["UCE"] == all(ice[r] < uce[r] for r in rows)
+    with pytest.raises(SystemExit) as refused:
+        run_main("red_team", "--tiny", "--curves", "--methods", "RECE", "--out", str(tmp_path))
+    assert refused.value.code == 2 and "--curves runs its own points" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_shapes_tiny(tmp_path):
     run_main("shapes", "--tiny", "--methods", "uce", "ice", "--restarts", "2", "--attack-prompts", "1",
