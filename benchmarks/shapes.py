@@ -45,8 +45,8 @@ from ice_lightning.demos.shapes.evaluation import (
 from ice_lightning.evaluation.attacks import attack_words, discrete_attack, embedding_attack
 
 #: label -> (method, hyperparameters); "ice output metric" and "ice trigger search" are robust settings of
-#: docs/benchmarks.md, section 2.
-METHODS = {"ice": ("ice", {}), "cure": ("cure", {}), "uce": ("uce", {}),
+#: docs/benchmarks.md, section 2; RECE runs its rounds on top of the UCE row's setting.
+METHODS = {"ice": ("ice", {}), "cure": ("cure", {}), "uce": ("uce", {}), "rece": ("rece", {}),
            "ice output metric": ("ice", OUTPUT_METRIC), "ice trigger search": ("ice", {**PLAIN, **TRIGGERS})}
 CONCEPTS = {"shapes-image": ("red", "circle"), "shapes-video": ("left", "red")}
 TARGET_PRESENCE, TARGET_RETENTION = 0.05, 0.90

@@ -47,21 +47,35 @@ def _load(out: Path, name: str) -> dict:
 
 
 @pytest.mark.slow
-def test_tradeoff_tiny(tmp_path):
+def test_tradeoff_tiny(tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:  # nothing saved yet to keep the other methods' rows from
+        run_main("tradeoff", "--tiny", "--methods", "rece", "--out", str(tmp_path))
+    assert refused.value.code == 2 and "tradeoff_tiny.json, which does not exist" in capsys.readouterr().err
     run_main("tradeoff", "--tiny", "--out", str(tmp_path))
     data = _load(tmp_path, "tradeoff_tiny")
     families = {r["family"] for r in data["rows"]}
     assert families == {"style", "object", "identity", "explicit"}
-    assert {r["method"] for r in data["rows"]} == {"ice", "cure", "uce", "uce_published", "projection"}
+    assert {r["method"] for r in data["rows"]} == {"ice", "cure", "uce", "uce_published", "rece", "projection"}
     for r in data["rows"]:
         assert 0 < r["erasure"] <= 1.2 and 0 <= r["collateral_near"] < 1 and 0 <= r["leakage"] <= 1
     assert {(c["family"], c["versus"]) for c in data["checks"]} == {
-        (f, m) for f in families for m in ("cure", "uce", "projection")
+        (f, m) for f in families for m in ("cure", "uce", "rece", "projection")
     }
     # ICE default, ICE without hardening, UCE, UCE as published
     assert [r["concepts"] for r in data["many_concepts"]] == [3] * 4
     assert [m["concepts"] for m in data["many_summary"]] == [3]
     assert (tmp_path / "tradeoff_tiny.png").stat().st_size > 10_000
+    # one method again: its rows redone (the same numbers), the others' and the many-concept tables kept, same order
+    again = run_main("tradeoff", "--tiny", "--methods", "rece", "--out", str(tmp_path))
+
+    def untimed(rows):
+        return [{k: v for k, v in r.items() if k != "seconds_per_concept"} for r in rows]
+
+    assert untimed(again["rows"]) == untimed(data["rows"])
+    assert [r["seconds_per_concept"] for r in again["rows"] if r["method"] != "rece"] == [
+        r["seconds_per_concept"] for r in data["rows"] if r["method"] != "rece"
+    ]
+    assert again["many_concepts"] == data["many_concepts"] and again["checks"] == data["checks"]
 
 
 @pytest.mark.slow

@@ -7,7 +7,9 @@ concepts and on unrelated prompts, and leakage. Averages per family give one cur
 is whether ICE's default lies on or above every other method's curve at equal collateral. Then erase 10
 and 50 artists at once.
 
-    python benchmarks/tradeoff.py [--tiny] [--out benchmarks/results]
+    python benchmarks/tradeoff.py [--tiny] [--out benchmarks/results] [--methods METHOD ...]
+
+``--methods`` sweeps only these methods and keeps the saved rows of the others and the many-concept tables.
 
 Writes ``tradeoff.json``, ``tradeoff.md`` and ``tradeoff.png``.
 """
@@ -15,6 +17,7 @@ Writes ``tradeoff.json``, ``tradeoff.md`` and ``tradeoff.png``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -59,6 +62,7 @@ def sweeps(tiny: bool) -> dict[str, list[dict]]:
             "ice": [{}, PLAIN, {"erase_expansion": 10.0, **PLAIN}],
             "cure": [{"preserve_expansion": 10.0}],
             "uce": [{"lam": 10.0}],
+            "rece": [{"lam": 30.0}],
             UCE_PUBLISHED: [{}],
             "projection": [{"energy_kept": 0.9}],
         }
@@ -80,6 +84,9 @@ def sweeps(tiny: bool) -> dict[str, list[dict]]:
             for s in (0.1, 1.0, 10.0)
         ],
         UCE_PUBLISHED: [{}],
+        # RECE's rounds on top of UCE (its preserve_scale 1); its collateral stops falling with lam near 0.28 and falls
+        # again only with its erasure (benchmarks/red_team.py --curves)
+        "rece": [{"lam": lam} for lam in (1.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)],
         "projection": [{"energy_kept": v} for v in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)],
     }
 
@@ -299,7 +306,7 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     families = list(dict.fromkeys(r["family"] for r in rows))
     fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.8), squeeze=False)
-    colours = {"ice": "tab:red", "cure": "tab:blue", "uce": "tab:green", "projection": "tab:gray"}
+    colours = {"ice": "tab:red", "cure": "tab:blue", "uce": "tab:green", "rece": "tab:purple", "projection": "tab:gray"}
     for ax, family in zip(axes[0], families, strict=True):
         fam = [r for r in rows if r["family"] == family]
         for method, colour in colours.items():
@@ -334,16 +341,32 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="one concept per family, one point per baseline (tests)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--methods", nargs="+", default=None, choices=list(sweeps(False)),
+                    help="sweep only these methods; the saved rows of the others and the many-concept tables are "
+                    "kept (the saved report must exist)")  # fmt: skip
     args = ap.parse_args(argv)
+    name = "tradeoff_tiny" if args.tiny else "tradeoff"
+    saved = args.out / f"{name}.json"
+    if args.methods and not saved.exists():
+        ap.error(f"--methods keeps the other methods' rows from {saved}, which does not exist: run without --methods")
+    kept = json.loads(saved.read_text()) if args.methods else None
     pipe = minilm_pipeline()
     grid = sweeps(args.tiny)
+    order = list(grid)
+    if args.methods:
+        grid = {m: grid[m] for m in order if m in args.methods}
     t0 = time.perf_counter()
     rows = [r for family in DEV_SET for r in run_family(pipe, family, grid, 1 if args.tiny else None)]
+    if kept is not None:  # the others' rows as saved, in the report's order (family, then method)
+        rows += [r for r in kept["rows"] if r["method"] not in grid]
+        rows.sort(key=lambda r: (list(DEV_SET).index(r["family"]), order.index(r["method"])))
     checks = check(rows)
     margins = ice_margins(rows)
-    many = many_concepts(pipe, [3] if args.tiny else [1, 10, 50, 100], many_grid(args.tiny))
-    summary = many_summary(many)
-    name = "tradeoff_tiny" if args.tiny else "tradeoff"
+    if kept is not None:
+        many, summary = kept["many_concepts"], kept["many_summary"]
+    else:
+        many = many_concepts(pipe, [3] if args.tiny else [1, 10, 50, 100], many_grid(args.tiny))
+        summary = many_summary(many)
     md = [f"# Trade-off on the development set ({'tiny' if args.tiny else 'full'})", ""]
     md += ["## Per family and configuration (mean over the family's concepts)", ""]
     md += table(
