@@ -1,4 +1,4 @@
-"""End-to-end erasure in the shapes world: ICE, CURE and UCE on the shipped shapes models, judged by exact
+"""End-to-end erasure in the shapes world: ICE, CURE, UCE and RECE on the shipped shapes models, judged by exact
 detectors on generated samples (seen prompts and paraphrases), plus the image-level embedding attack.
 
 For each concept (a colour and a shape on the image model, a motion direction and a colour on the video

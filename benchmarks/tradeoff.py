@@ -1,4 +1,4 @@
-"""Erasure/collateral trade-off of ICE, CURE, UCE and projection on the development set (real MiniLM encoder).
+"""Erasure/collateral trade-off of ICE, CURE, UCE, RECE and projection on the development set (real MiniLM encoder).
 
 For every family of ``ice_lightning.evaluation.devset`` (5 concepts each) and every method swept over its main knob,
 erase each concept from a pipeline whose text encoder is the pretrained all-MiniLM-L6-v2 and measure, on
