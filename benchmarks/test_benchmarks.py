@@ -101,17 +101,47 @@ def test_speed_tiny(tmp_path):
     assert set(cold["warm_cache"]["timings"]) == set(cold["empty_cache"]["timings"])
 
 
+def _check_curves(tmp_path, cache: Path, first: dict, capsys) -> None:
+    """``--curves`` (on the plain run's Ring-A-Bell cache) runs each method's points with the same attacks as the plain
+    run (the same numbers for the same setting), sorts each curve by near collateral and reads the ICE default's own
+    point at its collateral; with ``--methods`` it is refused."""
+    curves = run_main("red_team", "--tiny", "--curves", "--out", str(tmp_path), "--ring-cache", str(cache))
+    data = _load(tmp_path, "red_team_curves_tiny")
+    assert (tmp_path / "red_team_curves_tiny.png").read_bytes()[:4] == b"\x89PNG"
+    for name, concept in first["per_concept"].items():  # one home for the attacks: the same edit, the same rates
+        assert data["per_concept"][name]["UCE lam=30"] == concept["UCE"]
+        assert data["per_concept"][name]["ICE"] == concept["ICE"]
+    for curve, points in curves["points"].items():
+        nears = [q["collateral_near"] for q in points]
+        assert nears == sorted(nears) and len(points) == len(data["curves"][curve])
+        assert all(0 <= q["ring_a_bell"] <= 1 and 0 <= q["whitebox@1.0"] <= 1 for q in points)
+    at_default = next(m for m in curves["matched"] if m["level"] == "the ICE default's" and m["curve"] == "ICE")
+    ice = next(q for q in curves["points"]["ICE"] if q["label"] == "ICE")
+    assert at_default["distance"] == 0 and at_default["ring_a_bell"] == pytest.approx(ice["ring_a_bell"])
+    uce = next(m for m in curves["matched"] if m["level"] == "the ICE default's" and m["curve"] == "UCE")
+    lo, hi = curves["points"]["UCE"]  # the tiny UCE curve spans the ICE default's collateral: read between them
+    t = (ice["collateral_near"] - lo["collateral_near"]) / (hi["collateral_near"] - lo["collateral_near"])
+    between = lo["ring_a_bell"] + t * (hi["ring_a_bell"] - lo["ring_a_bell"])
+    assert 0 < t < 1 and uce["ring_a_bell"] == pytest.approx(between)
+    rows = ("paraphrase", "ring_a_bell", "ring_a_bell_held_out", "whitebox@1.0", "explicit ring_a_bell")
+    assert curves["ice_below"]["UCE"] == all(ice[r] < uce[r] for r in rows)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        run_main("red_team", "--tiny", "--curves", "--methods", "RECE", "--out", str(tmp_path))
+    assert refused.value.code == 2 and "--curves runs its own points" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_red_team_tiny(tmp_path, capsys):
     """Every row of the tiny run is a rate; a second run with ``--methods`` redoes only its rows and keeps the
-    others' (ICE always runs: the 'original' column is its unedited model)."""
+    others' (ICE always runs: the 'original' column is its unedited model); ``--curves`` on the same cache agrees."""
     import red_team
     from red_team import TINY_RING, _cache_key
 
     from ice_lightning.evaluation.devset import dev_concept
 
     cache = tmp_path / "ring.json"  # not there yet: the run creates it
-    run_main("red_team", "--tiny", "--methods", "RECE", "--out", str(tmp_path), "--ring-cache", str(cache))
+    run_main("red_team", "--tiny", "--methods", "RECE", "UCE", "--out", str(tmp_path), "--ring-cache", str(cache))
     # stderr is not a terminal, as with `2> log`: our progress comes as plain lines, no bar frames (no \r)
     ours = [line for line in capsys.readouterr().err.split("\n") if line.startswith(("red-teaming:", "encoding"))]
     assert "red-teaming: 4/4 concept done in" in ours[-1] and not any("\r" in line for line in ours)
@@ -120,6 +150,8 @@ def test_red_team_tiny(tmp_path, capsys):
     assert len(searched) == 8
     for name, concept in first["per_concept"].items():
         assert [t for t, _, _ in searched[_cache_key(dev_concept(name), TINY_RING)]["text"]] == concept["_ring_prompts"]
+    _check_curves(tmp_path, cache, first, capsys)
+    assert json.loads(cache.read_text()) == searched  # the curves found every prompt there and searched none
     # one concept's entry replaced by its own held-out prompts: the next run must take them instead of searching
     seeded = [p for p, _ in dev_concept("Van Gogh").spec().leakage_pairs()]
     key = _cache_key(dev_concept("Van Gogh"), TINY_RING)
@@ -138,17 +170,18 @@ def test_red_team_tiny(tmp_path, capsys):
     assert data["per_concept"]["Van Gogh"]["ICE"]["ring_a_bell_original"] == 1.0  # the concept itself, unedited
     stored = json.loads(cache.read_text())  # the seeded entry as it was, the others as the first run stored them
     assert stored == {**searched, key: {"text": [[p.text, *p.span] for p in seeded]}}
-    assert list(data["methods"]) == ["ICE", "RECE", "soft"]  # in the report's order
+    assert list(data["methods"]) == ["ICE", "UCE", "RECE", "soft"]  # in the report's order
     assert data["methods"]["soft"] == ["ice", {"erase_expansion": 3.0}]
     for concept in data["per_concept"].values():  # the setting reached the solve: a softer erasure
         assert concept["soft"]["erasure"] < concept["ICE"]["erasure"]
     attacks = {r["attack"] for r in data["rows"]}
     assert attacks == {"paraphrase", "ring_a_bell", "ring_a_bell_held_out", "whitebox@1.0"}
     for r in data["rows"]:
-        assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "RECE", "soft"))
+        assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "UCE", "RECE", "soft"))
     assert len(data["per_concept"]) == 4  # one concept per family
     for name, concept in data["per_concept"].items():
         assert concept["RECE"] == first["per_concept"][name]["RECE"]  # kept, not rerun
+        assert concept["UCE"] == first["per_concept"][name]["UCE"]
 
 
 def test_a_curve_is_read_between_its_points_and_at_its_ends_only_within_the_match():
@@ -161,37 +194,6 @@ def test_a_curve_is_read_between_its_points_and_at_its_ends_only_within_the_matc
     assert read_at(points, 0.3 + 2 * MATCH, "ring") is None  # beyond: not reached, never extrapolated
     assert read_at(points[:1], 0.2 + MATCH / 2, "ring") == 0.6  # a one-point recipe
     assert read_at(points[:1], 0.25, "ring") is None
-
-
-@pytest.mark.slow
-def test_red_team_curves_tiny(tmp_path, capsys):
-    """``--curves`` runs each method's points with the same attacks as the plain run (the same numbers for the same
-    setting), sorts each curve by near collateral and reads the ICE default's own point at its collateral."""
-    cache = tmp_path / "ring.json"
-    curves = run_main("red_team", "--tiny", "--curves", "--out", str(tmp_path), "--ring-cache", str(cache))
-    data = _load(tmp_path, "red_team_curves_tiny")
-    assert (tmp_path / "red_team_curves_tiny.png").read_bytes()[:4] == b"\x89PNG"
-    plain = run_main("red_team", "--tiny", "--methods", "UCE", "--out", str(tmp_path), "--ring-cache", str(cache))
-    for name, concept in plain["per_concept"].items():  # one home for the attacks: the same edit, the same rates
-        assert data["per_concept"][name]["UCE lam=30"] == concept["UCE"]
-        assert data["per_concept"][name]["ICE"] == concept["ICE"]
-    for curve, points in curves["points"].items():
-        nears = [q["collateral_near"] for q in points]
-        assert nears == sorted(nears) and len(points) == len(data["curves"][curve])
-        assert all(0 <= q["ring_a_bell"] <= 1 and 0 <= q["whitebox@1.0"] <= 1 for q in points)
-    at_default = next(m for m in curves["matched"] if m["level"] == "the ICE default's" and m["curve"] == "ICE")
-    ice = next(q for q in curves["points"]["ICE"] if q["label"] == "ICE")
-    assert at_default["distance"] == 0 and at_default["ring_a_bell"] == pytest.approx(ice["ring_a_bell"])
-    uce = next(m for m in curves["matched"] if m["level"] == "the ICE default's" and m["curve"] == "UCE")
-    lo, hi = curves["points"]["UCE"]  # the tiny UCE curve spans the ICE default's collateral: read between them
-    t = (ice["collateral_near"] - lo["collateral_near"]) / (hi["collateral_near"] - lo["collateral_near"])
-    between = lo["ring_a_bell"] + t * (hi["ring_a_bell"] - lo["ring_a_bell"])
-    assert 0 < t < 1 and uce["ring_a_bell"] == pytest.approx(between)
-    rows = ("paraphrase", "ring_a_bell", "ring_a_bell_held_out", "whitebox@1.0", "explicit ring_a_bell")
-    assert curves["ice_below"]["UCE"] == all(ice[r] < uce[r] for r in rows)
-    with pytest.raises(SystemExit) as refused:
-        run_main("red_team", "--tiny", "--curves", "--methods", "RECE", "--out", str(tmp_path))
-    assert refused.value.code == 2 and "--curves runs its own points" in capsys.readouterr().err
 
 
 @pytest.mark.slow
