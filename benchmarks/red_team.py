@@ -45,6 +45,7 @@ from _common import (  # noqa: E402
     table,
     write_report,
 )
+from tradeoff import frontier  # noqa: E402  (a curve's erasure at a collateral: one home, section 1's reading)
 
 import ice_lightning  # noqa: E402
 from ice_lightning.core.concepts import Prompt  # noqa: E402
@@ -239,7 +240,7 @@ def run_curves(args, pipe, ring: RingABellConfig, budgets, cache: dict) -> dict:
         if args.ring_cache:
             args.ring_cache.write_text(json.dumps(cache, indent=1))
     attacks = ["paraphrase", "ring_a_bell", "ring_a_bell_held_out", *(f"whitebox@{b}" for b in budgets)]
-    points = curve_points(per_concept, {c: list(p) for c, p in curves.items()}, [*QUALITY, *attacks])
+    points = curve_points(per_concept, curves, [*QUALITY, *attacks])
     rows = [*attacks, *(k for k in ("explicit ring_a_bell", "explicit whitebox@0.25") if k in points["ICE"][0])]
     default = next(q for q in points["ICE"] if q["label"] == "ICE")
     levels = {"the ICE default's": default["collateral_near"]}
@@ -256,6 +257,14 @@ def run_curves(args, pipe, ring: RingABellConfig, budgets, cache: dict) -> dict:
         if m["level"] == "the ICE default's" and m["curve"] != "ICE":
             reached = [r for r in rows if m[r] is not None]
             ice_below[m["curve"]] = (None if not reached else all(default[r] < m[r] for r in reached))
+    margins = []  # per family, the ICE default's erasure over each swept curve's at its own near collateral
+    for family in dict.fromkeys(r["family"] for r in per_concept.values()):
+        own = curve_points({n: r for n, r in per_concept.items() if r["family"] == family}, curves, list(QUALITY))
+        ice = next(q for q in own["ICE"] if q["label"] == "ICE")
+        margins.append({"family": family, "collateral_near": ice["collateral_near"], "erasure": ice["erasure"],
+                        **{c: ice["erasure"] - frontier([(q["collateral_near"], q["erasure"]) for q in ps],
+                                                        ice["collateral_near"])
+                           for c, ps in own.items() if c != "ICE" and len(ps) > 1}})  # fmt: skip
     header = ["curve", "point", "near", "far", "erasure", *rows]
     md = [f"# Text-space red-teaming along each method's curve ({'tiny' if args.tiny else 'full'})", "",
           "Attack success (lower is better) against near collateral, every point a mean over the concepts; "
@@ -271,14 +280,21 @@ def run_curves(args, pipe, ring: RingABellConfig, budgets, cache: dict) -> dict:
                      for m in matched if m["level"] == where])  # fmt: skip
     md += ["", "ICE default below the curve on every attack row at its own collateral: "
            + ", ".join(f"{c} {'-' if v is None else ('yes' if v else 'no')}" for c, v in ice_below.items())]
+    others = [c for c in margins[0] if c not in ("family", "collateral_near", "erasure")]
+    md += ["", "Per family, the ICE default's erasure minus each swept curve's at the default's own near collateral "
+           "(the curve's upper envelope through (0, 0), as `tradeoff.py` reads its curves):", ""]  # fmt: skip
+    md += table(["family", "ICE near", "ICE erasure", *(f"vs {c}" for c in others)],
+                [[m["family"], m["collateral_near"], m["erasure"], *(f"{m[c]:+.3f}" for c in others)]
+                 for m in margins])  # fmt: skip
     md += ["", f"Total {time.perf_counter() - t0:.0f} s."]
     name = "red_team_curves_tiny" if args.tiny else "red_team_curves"
     write_report(args.out, name, {"curves": {c: {k: list(v) for k, v in p.items()} for c, p in curves.items()},
                                   "points": points, "matched": matched, "ice_below": ice_below,
+                                  "erasure_margins": margins,
                                   "per_concept": per_concept}, md)  # fmt: skip
     _plot(points, [r for r in ("ring_a_bell", "ring_a_bell_held_out", "whitebox@0.25", "whitebox@0.5") if r in rows],
           default["collateral_near"], args.out / f"{name}.png")  # fmt: skip
-    return {"points": points, "matched": matched, "ice_below": ice_below}
+    return {"points": points, "matched": matched, "ice_below": ice_below, "erasure_margins": margins}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -125,6 +125,13 @@ def _check_curves(tmp_path, cache: Path, first: dict, capsys) -> None:
     assert 0 < t < 1 and uce["ring_a_bell"] == pytest.approx(between)
     rows = ("paraphrase", "ring_a_bell", "ring_a_bell_held_out", "whitebox@1.0", "explicit ring_a_bell")
     assert curves["ice_below"]["UCE"] == all(ice[r] < uce[r] for r in rows)
+    for margin in curves["erasure_margins"]:  # one concept per family: its own point, section 1's reading
+        (name,) = [n for n, r in data["per_concept"].items() if r["family"] == margin["family"]]
+        own = data["per_concept"][name]
+        uce_points = [(own[k]["collateral_near"], own[k]["erasure"]) for k in ("UCE lam=3000", "UCE lam=30")]
+        expected = own["ICE"]["erasure"] - frontier(uce_points, own["ICE"]["collateral_near"])
+        assert margin["UCE"] == pytest.approx(expected) and "UCE as published" not in margin  # a point, not a curve
+    assert len(curves["erasure_margins"]) == 4
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
         run_main("red_team", "--tiny", "--curves", "--methods", "RECE", "--out", str(tmp_path))
