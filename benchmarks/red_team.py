@@ -90,9 +90,9 @@ CURVES = {
                                                                              100.0, 30.0)},
     "UCE as published": {"UCE as published": METHODS["UCE as published"]},
 }
-#: The ``--tiny`` run's curves (tests): the default and a softer ICE, two UCE points around the default's collateral,
-#: the published recipe's one.
-TINY_CURVES = {"ICE": {k: CURVES["ICE"][k] for k in ("ICE erase_expansion 3", "ICE")},
+#: The ``--tiny`` run's curves (tests): the default, two UCE points around the default's collateral, the published
+#: recipe's one.
+TINY_CURVES = {"ICE": {"ICE": CURVES["ICE"]["ICE"]},
                "UCE": {"UCE lam=3000": ("uce", {"lam": 3000.0}), "UCE lam=30": CURVES["UCE"]["UCE lam=30"]},
                "UCE as published": CURVES["UCE as published"]}  # fmt: skip
 #: How close (near collateral) a measured point must be to count as matched (the robustness issue's +-0.01).
@@ -329,7 +329,10 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     name = "red_team_tiny" if args.tiny else "red_team"
     saved = args.out / f"{name}.json"
-    kept = json.loads(saved.read_text())["per_concept"] if named and saved.exists() else {}
+    report = json.loads(saved.read_text()) if named and saved.exists() else {"per_concept": {}, "methods": {}}
+    kept = report["per_concept"]
+    for label, (method, kw) in report["methods"].items():  # an earlier run's own settings: their rows stay reported
+        METHODS.setdefault(label, (method, kw))
     per_concept = {}
     concepts = [(f, c) for f in DEV_SET for c in dev_concepts(f)[: 1 if args.tiny else None]]
     for family, concept in progress(concepts, desc="red-teaming", unit="concept"):

@@ -148,7 +148,8 @@ def test_red_team_tiny(tmp_path, capsys):
     from ice_lightning.evaluation.devset import dev_concept
 
     cache = tmp_path / "ring.json"  # not there yet: the run creates it
-    run_main("red_team", "--tiny", "--methods", "RECE", "UCE", "--out", str(tmp_path), "--ring-cache", str(cache))
+    run_main("red_team", "--tiny", "--methods", "RECE", "UCE", "--out", str(tmp_path), "--ring-cache", str(cache),
+             "--ice-setting", 'soft={"erase_expansion": 3.0}')  # fmt: skip
     # stderr is not a terminal, as with `2> log`: our progress comes as plain lines, no bar frames (no \r)
     ours = [line for line in capsys.readouterr().err.split("\n") if line.startswith(("red-teaming:", "encoding"))]
     assert "red-teaming: 4/4 concept done in" in ours[-1] and not any("\r" in line for line in ours)
@@ -163,8 +164,7 @@ def test_red_team_tiny(tmp_path, capsys):
     seeded = [p for p, _ in dev_concept("Van Gogh").spec().leakage_pairs()]
     key = _cache_key(dev_concept("Van Gogh"), TINY_RING)
     cache.write_text(json.dumps({**searched, key: {"text": [[p.text, *p.span] for p in seeded]}}))
-    run_main("red_team", "--tiny", "--out", str(tmp_path), "--ring-cache", str(cache), "--ice-setting",
-             'soft={"erase_expansion": 3.0}')  # fmt: skip
+    run_main("red_team", "--tiny", "--methods", "ICE", "--out", str(tmp_path), "--ring-cache", str(cache))
     capsys.readouterr()
     data = _load(tmp_path, "red_team_tiny")
     other = tmp_path / "notes.json"  # someone's own JSON file: refused before the run, and left as it was
@@ -187,8 +187,8 @@ def test_red_team_tiny(tmp_path, capsys):
         assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "UCE", "RECE", "soft"))
     assert len(data["per_concept"]) == 4  # one concept per family
     for name, concept in data["per_concept"].items():
-        assert concept["RECE"] == first["per_concept"][name]["RECE"]  # kept, not rerun
-        assert concept["UCE"] == first["per_concept"][name]["UCE"]
+        for kept in ("RECE", "UCE", "soft"):  # kept, not rerun
+            assert concept[kept] == first["per_concept"][name][kept]
 
 
 def test_a_curve_is_read_between_its_points_and_at_its_ends_only_within_the_match():
