@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+#: UCE's closed form on UCE's own recipe (``ice_lightning.evaluation.baselines``): a method of the benchmarks beside
+#: those of ``erase()``, one point (not swept).
+UCE_PUBLISHED = "uce_published"
 
 #: The default's solve without its hardening (the default until 2026-12-06; ``docs/benchmarks.md``, section 2).
 PLAIN = {"harden_rounds": 0}
@@ -29,6 +32,18 @@ OUTPUT_ADVERSARY = {"harden_rounds": 1, "harden_metric": "output", "harden_expan
 ADVERSARY_BUDGET = {"harden_rounds": 1, "harden_metric": "output", "harden_budget": 0.01, "erase_expansion": 8.0}
 #: One round of the product's own trigger search (``ice_lightning.core.triggers``), added to a setting.
 TRIGGERS = {"trigger_rounds": 1}
+
+
+def erase_with(pipe, spec, method: str, kw: dict):
+    """Erase ``spec`` (a ``ConceptSpec``) with one of ``erase()``'s methods, or with UCE as published
+    (``UCE_PUBLISHED``, its own recipe); the layers are not re-checked by a forward hook (``verify=False``: the same
+    edit, sooner). Imports the product here, as the scripts do after their own set-up."""
+    import ice_lightning
+    from ice_lightning.evaluation.baselines import uce_as_published
+
+    if method == UCE_PUBLISHED:
+        return uce_as_published(pipe, spec)
+    return ice_lightning.erase(pipe, spec=spec, method=method, verify=False, **kw)
 
 
 def ice_settings(ap, items: list[str], taken) -> dict[str, tuple[str, dict]]:

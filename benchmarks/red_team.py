@@ -40,6 +40,8 @@ from _common import (  # noqa: E402
     PLAIN,
     RESULTS,
     TRIGGERS,
+    UCE_PUBLISHED,
+    erase_with,
     ice_settings,
     minilm_pipeline,
     table,
@@ -47,11 +49,9 @@ from _common import (  # noqa: E402
 )
 from tradeoff import frontier  # noqa: E402  (a curve's erasure at a collateral: one home, section 1's reading)
 
-import ice_lightning  # noqa: E402
 from ice_lightning.core.concepts import Prompt  # noqa: E402
 from ice_lightning.core.progress import progress  # noqa: E402
 from ice_lightning.evaluation.attacks import RedTeam, RingABellConfig  # noqa: E402
-from ice_lightning.evaluation.baselines import uce_as_published  # noqa: E402
 from ice_lightning.evaluation.devset import DEV_SET, dev_concepts  # noqa: E402
 from ice_lightning.evaluation.metrics import dev_concept_metrics  # noqa: E402
 
@@ -68,7 +68,7 @@ METHODS = {
     "ICE output metric + triggers": ("ice", {**OUTPUT_METRIC, **TRIGGERS}),
     "CURE": ("cure", {}),
     "UCE": ("uce", {"lam": 30.0}),
-    "UCE as published": ("uce_published", {}),
+    "UCE as published": (UCE_PUBLISHED, {}),
     "RECE": ("rece", {"lam": 30.0}),
     "projection": ("projection", {"energy_kept": 0.9}),
 }
@@ -149,10 +149,7 @@ def attack_concept(pipe, concept, ring: RingABellConfig, budgets=BUDGETS, labels
     ring_prompts, held_out_prompts = _load_prompts(cache, concept, ring), _load_prompts(cache, concept, held_out_ring)
     for label in labels:
         method, kw = methods[label]
-        if method == "uce_published":  # UCE's own recipe (one state per concept, a guide, lam 0.5)
-            result = uce_as_published(pipe, concept.spec())
-        else:
-            result = ice_lightning.erase(pipe, spec=concept.spec(), method=method, verify=False, **kw)
+        result = erase_with(pipe, concept.spec(), method, kw)
         try:
             team = RedTeam.from_result(
                 result, paraphrases=concept.paraphrases, ring_a_bell=ring, attacks=["paraphrase", "ring_a_bell"],

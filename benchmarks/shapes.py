@@ -26,9 +26,18 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import OUTPUT_METRIC, PLAIN, RESULTS, TRIGGERS, ice_settings, table, write_report
+from _common import (
+    OUTPUT_METRIC,
+    PLAIN,
+    RESULTS,
+    TRIGGERS,
+    UCE_PUBLISHED,
+    erase_with,
+    ice_settings,
+    table,
+    write_report,
+)
 
-from ice_lightning import erase
 from ice_lightning.demos.shapes import MODELS_DIR, load_shapes_pipeline
 from ice_lightning.demos.shapes.evaluation import (
     GUIDANCE,
@@ -45,8 +54,10 @@ from ice_lightning.demos.shapes.evaluation import (
 from ice_lightning.evaluation.attacks import attack_words, discrete_attack, embedding_attack
 
 #: label -> (method, hyperparameters); "ice output metric" and "ice trigger search" are robust settings of
-#: docs/benchmarks.md, section 2; RECE runs its rounds on top of the UCE row's setting.
+#: docs/benchmarks.md, section 2; RECE runs its rounds on top of the UCE row's setting; UCE as published is UCE's
+#: own recipe, projection at the red-team table's ``energy_kept``.
 METHODS = {"ice": ("ice", {}), "cure": ("cure", {}), "uce": ("uce", {}), "rece": ("rece", {}),
+           "uce as published": (UCE_PUBLISHED, {}), "projection": ("projection", {"energy_kept": 0.9}),
            "ice output metric": ("ice", OUTPUT_METRIC), "ice trigger search": ("ice", {**PLAIN, **TRIGGERS})}
 CONCEPTS = {"shapes-image": ("red", "circle"), "shapes-video": ("left", "red")}
 TARGET_PRESENCE, TARGET_RETENTION = 0.05, 0.90
@@ -121,7 +132,7 @@ def run_model(kind: str, args) -> list[dict]:
         for method in methods:
             t = time.perf_counter()
             name, hparams = METHODS[method]
-            result = erase(pipe, spec=concept_spec(concept, video=pipe.video), method=name, **hparams)
+            result = erase_with(pipe, concept_spec(concept, video=pipe.video), name, hparams)
             after_samples = sample_splits(pipe, **opts)
             after = {k: score(x, prompts, concept) for k, (prompts, x) in after_samples.items()}
             attacked = {

@@ -25,21 +25,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import PLAIN, RESULTS, minilm_pipeline, table, write_report  # noqa: E402
+from _common import PLAIN, RESULTS, UCE_PUBLISHED, erase_with, minilm_pipeline, table, write_report  # noqa: E402
 
 import ice_lightning  # noqa: E402
 from ice_lightning.core.concepts import EVAL_TEMPLATES, UNRELATED_PROMPTS, ConceptSpec, Prompt  # noqa: E402
 from ice_lightning.core.context import context_shifts  # noqa: E402
 from ice_lightning.core.parts import pipeline_spaces  # noqa: E402
 from ice_lightning.core.progress import progress  # noqa: E402
-from ice_lightning.evaluation.baselines import uce_as_published  # noqa: E402
 from ice_lightning.evaluation.devset import DEV_SET, MANY_ARTISTS, dev_concepts  # noqa: E402
 from ice_lightning.evaluation.metrics import dev_concept_metrics, relative_change  # noqa: E402
 
 METRICS = ("erasure", "paraphrase", "collateral_near", "collateral_near_preserved", "collateral_far", "leakage")
-#: UCE's closed form on UCE's own recipe (``ice_lightning.evaluation.baselines``): a point, not swept, and not
-#: part of the UCE curve (which is the same formula on this project's token sets, without a guide).
-UCE_PUBLISHED = "uce_published"
 #: The x axis of the trade-off: collateral on held-out nearby concepts (the hardest to spare).
 COLLATERAL = "collateral_near"
 #: The default must erase at least this much on average (held-out contexts): what the previous default erased
@@ -130,12 +126,6 @@ def frontier(points: list[tuple[float, float]], x: float) -> float:
         if c0 <= x <= c1:
             return e0 + (e1 - e0) * (x - c0) / (c1 - c0) if c1 > c0 else max(e0, e1)
     return 0.0
-
-
-def erase_with(pipe, spec: ConceptSpec, method: str, kw: dict):
-    if method == UCE_PUBLISHED:
-        return uce_as_published(pipe, spec)
-    return ice_lightning.erase(pipe, spec=spec, method=method, verify=False, **kw)
 
 
 def run_family(pipe, family: str, grid: dict[str, list[dict]], n_concepts: int | None) -> list[dict]:
