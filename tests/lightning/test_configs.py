@@ -58,21 +58,16 @@ def test_configs_cover_the_documented_cases():
 @pytest.mark.parametrize("name", ["tiny_t2i.yaml", "tiny_t2v.yaml", "tiny_flux_lora.yaml"])
 def test_tiny_configs_fit_through_the_cli(name, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the configs name data folders relative to the repository root
+    # the shipped config with its export moved into tmp_path: a user's own export at the config's path (the README's
+    # run) is neither overwritten nor taken for this run's
+    config = yaml.safe_load((ROOT / "configs" / name).read_text())
+    export = tmp_path / "export"
+    config["trainer"]["callbacks"][0]["init_args"]["export"] = str(export)
+    (tmp_path / name).write_text(yaml.safe_dump(config))
     out = tmp_path / "erased"
-    args = [
-        "fit",
-        "--config",
-        f"configs/{name}",
-        "--trainer.fast_dev_run",
-        "true",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-    ]
+    args = ["fit", "--config", str(tmp_path / name), "--trainer.fast_dev_run", "true",
+            "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
-    # fast_dev_run still runs the callback end to end: its export must exist where the config says
-    exported = (
-        ROOT
-        / yaml.safe_load((ROOT / "configs" / name).read_text())["trainer"]["callbacks"][0]["init_args"]["export"]
-    )
-    assert (exported / "ice_manifest.json").exists()
+    # fast_dev_run still runs the callback end to end: its export exists where the config says, and nowhere else
+    assert (export / "ice_manifest.json").exists()
     assert not out.exists()
