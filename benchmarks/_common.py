@@ -14,7 +14,8 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 #: UCE's closed form on UCE's own recipe (``ice_lightning.evaluation.baselines``): a method of the benchmarks beside
-#: those of ``erase()``, one point (not swept).
+#: those of ``erase()``, one point, not swept and not part of the UCE curve (which is the same formula on this
+#: project's token sets, without a guide).
 UCE_PUBLISHED = "uce_published"
 
 #: The default's solve without its hardening (the default until 2026-12-06; ``docs/benchmarks.md``, section 2).

@@ -317,9 +317,9 @@ def main(argv: list[str] | None = None) -> dict:
         ring = TINY_RING if args.tiny else RingABellConfig()
         return run_curves(args, minilm_pipeline(), ring, (1.0,) if args.tiny else BUDGETS, cache)
     extra = ice_settings(ap, args.ice_setting, METHODS)
-    METHODS.update(extra)
+    methods = {**METHODS, **extra}  # this run's rows; the module's table stays as it is for the next call
     named = [*(args.methods or []), *extra]
-    labels = list(dict.fromkeys(["ICE", *named])) if named else list(METHODS)
+    labels = list(dict.fromkeys(["ICE", *named])) if named else list(methods)
     ring = TINY_RING if args.tiny else RingABellConfig()
     budgets = (1.0,) if args.tiny else BUDGETS
     pipe = minilm_pipeline()
@@ -329,15 +329,15 @@ def main(argv: list[str] | None = None) -> dict:
     report = json.loads(saved.read_text()) if named and saved.exists() else {"per_concept": {}, "methods": {}}
     kept = report["per_concept"]
     for label, (method, kw) in report["methods"].items():  # an earlier run's own settings: their rows stay reported
-        METHODS.setdefault(label, (method, kw))
+        methods.setdefault(label, (method, kw))
     per_concept = {}
     concepts = [(f, c) for f in DEV_SET for c in dev_concepts(f)[: 1 if args.tiny else None]]
     for family, concept in progress(concepts, desc="red-teaming", unit="concept"):
-        per_concept[concept.name] = {**kept.get(concept.name, {}), "family": family,
-                                     **attack_concept(pipe, concept, ring, budgets, labels, cache)}  # fmt: skip
+        attacked = attack_concept(pipe, concept, ring, budgets, labels, cache, methods)
+        per_concept[concept.name] = {**kept.get(concept.name, {}), "family": family, **attacked}
         if args.ring_cache:  # after each concept: an interrupted run keeps what it searched
             args.ring_cache.write_text(json.dumps(cache, indent=1))
-    present = [m for m in METHODS if all(m in r for r in per_concept.values())]  # columns run (or kept)
+    present = [m for m in methods if all(m in r for r in per_concept.values())]  # columns run (or kept)
     attacks = ["paraphrase", "ring_a_bell", "ring_a_bell_held_out", *(f"whitebox@{b}" for b in budgets)]
     rows = []
     for family in DEV_SET:
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
     md += ["", "Ring-A-Bell prompts found (first held-out context of each concept):", ""]
     md += [f"- {n}: `{r['_ring_prompts'][0]}`" for n, r in per_concept.items()]
     md += ["", f"Total {time.perf_counter() - t0:.0f} s."]
-    write_report(args.out, name, {"methods": {k: list(METHODS[k]) for k in present}, "rows": rows,
+    write_report(args.out, name, {"methods": {k: list(methods[k]) for k in present}, "rows": rows,
                                   "quality": quality, "per_concept": per_concept}, md)  # fmt: skip
     return {"rows": rows, "per_concept": per_concept}
 

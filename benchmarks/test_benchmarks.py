@@ -179,6 +179,7 @@ def test_red_team_tiny(tmp_path, capsys):
     assert stored == {**searched, key: {"text": [[p.text, *p.span] for p in seeded]}}
     assert list(data["methods"]) == ["ICE", "UCE", "RECE", "soft"]  # in the report's order
     assert data["methods"]["soft"] == ["ice", {"erase_expansion": 3.0}]
+    assert "soft" not in red_team.METHODS  # a run's own settings never leak into the next call's table
     for concept in data["per_concept"].values():  # the setting reached the solve: a softer erasure
         assert concept["soft"]["erasure"] < concept["ICE"]["erasure"]
     attacks = {r["attack"] for r in data["rows"]}
