@@ -116,8 +116,10 @@ def summarise(row: dict) -> dict:
     return row
 
 
-def run_model(kind: str, args) -> list[dict]:
-    methods = args.methods or list(METHODS)
+def run_model(kind: str, args, methods: dict[str, tuple[str, dict]]) -> list[dict]:
+    """Every row of one shipped model: ``args.methods`` (the built-in ones when not given), each defined in
+    ``methods`` (label -> ``(method, hyperparameters)``)."""
+    labels = args.methods or list(METHODS)
     pipe = load_shapes_pipeline(kind, args.models)
     samples = args.video_samples if pipe.video else args.samples
     opts = {"samples": samples, "seed": args.seed, "steps": args.sample_steps}
@@ -129,9 +131,9 @@ def run_model(kind: str, args) -> list[dict]:
     rows = []
     for concept in [c for c in CONCEPTS[kind] if not args.concepts or c in args.concepts][: 1 if args.tiny else None]:
         before = {k: score(x, prompts, concept) for k, (prompts, x) in before_samples.items()}
-        for method in methods:
+        for method in labels:
             t = time.perf_counter()
-            name, hparams = METHODS[method]
+            name, hparams = methods[method]
             result = erase_with(pipe, concept_spec(concept, video=pipe.video), name, hparams)
             after_samples = sample_splits(pipe, **opts)
             after = {k: score(x, prompts, concept) for k, (prompts, x) in after_samples.items()}
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="an extra ICE row with these hyperparameters (repeatable; run with --methods, or alone)")
     args = ap.parse_args(argv)
     extra = ice_settings(ap, args.ice_setting, METHODS)
-    METHODS.update(extra)
+    methods = {**METHODS, **extra}  # this run's rows; the module's table stays as it is for the next call
     if extra:
         args.methods = [*(args.methods or []), *extra]
     if args.tiny:
@@ -204,20 +206,25 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report_only:
         saved = json.loads((args.out / f"{name}.json").read_text())
         rows = [summarise(r) for r in saved["rows"]]
+        for label, (method, kw) in saved.get("methods", {}).items():
+            methods.setdefault(label, (method, kw))
         for k in ("samples", "video_samples", "sample_steps", "seed", "attack_steps", "video_attack_prompts",
                   "attack_prompts", "restarts", "discrete_words"):
             setattr(args, k, saved.get(k, getattr(args, k)))
     else:
         kinds = [k for k in args.kinds if (args.models / k / "unet").is_dir()][: 1 if args.tiny else None]
         saved = args.out / f"{name}.json"
-        kept = [] if args.tiny or not saved.exists() else json.loads(saved.read_text())["rows"]
+        report = json.loads(saved.read_text()) if saved.exists() else {"rows": []}
+        for label, (method, kw) in report.get("methods", {}).items():  # an earlier run's own settings stay defined
+            methods.setdefault(label, (method, kw))
         redone = [(k, c, m) for k in kinds for c in CONCEPTS[k] if not args.concepts or c in args.concepts
                   for m in args.methods or METHODS]  # fmt: skip
-        rows = [r for r in kept if (r["model"], r["concept"], r["method"]) not in redone]
-        rows += [r for kind in kinds for r in run_model(kind, args)]
-        order = [(k, c) for k in CONCEPTS for c in CONCEPTS[k]]  # the report's row order, however run
-        rows.sort(key=lambda r: (order.index((r["model"], r["concept"])), list(METHODS).index(r["method"]),
-                                 SPLITS.index(r["split"])))  # fmt: skip
+        rows = [r for r in report["rows"] if (r["model"], r["concept"], r["method"]) not in redone]
+        rows += [r for kind in kinds for r in run_model(kind, args, methods)]
+    order = [(k, c) for k in CONCEPTS for c in CONCEPTS[k]]  # the report's row order, however run
+    rank = {m: i for i, m in enumerate(methods)}  # built-in rows, then settings (a report older than "methods": last)
+    rows.sort(key=lambda r: (order.index((r["model"], r["concept"])), rank.get(r["method"], len(rank)),
+                             SPLITS.index(r["split"])))  # fmt: skip
     md = [f"# Shapes world: end-to-end erasure ({'tiny' if args.tiny else 'full'})", "",
           f"{args.samples} samples per image prompt and {args.video_samples} per clip prompt, DDIM "
           f"{args.sample_steps} steps, guidance {GUIDANCE}, seed {args.seed}; "
@@ -258,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     saved = {k: getattr(args, k) for k in ("samples", "video_samples", "sample_steps", "seed", "attack_steps",
                                             "video_attack_prompts", "attack_prompts", "restarts",
                                             "discrete_words")}  # fmt: skip
+    saved["methods"] = {m: list(methods[m]) for m in dict.fromkeys(r["method"] for r in rows) if m in methods}
     write_report(args.out, name, {**saved, "rows": rows}, md)
     return {"rows": rows}
 

@@ -206,18 +206,26 @@ def test_a_curve_is_read_between_its_points_and_at_its_ends_only_within_the_matc
 
 @pytest.mark.slow
 def test_shapes_tiny(tmp_path):
-    run_main("shapes", "--tiny", "--methods", "uce", "ice", "--restarts", "2", "--attack-prompts", "1",
-             "--discrete-words", "6", "--out", str(tmp_path))  # fmt: skip
-    rows = _load(tmp_path, "shapes_tiny")["rows"]
+    import shapes
+
+    run_main("shapes", "--tiny", "--methods", "uce", "--ice-setting", 'soft={"erase_expansion": 3}', "--restarts", "2",
+             "--attack-prompts", "1", "--discrete-words", "6", "--out", str(tmp_path))  # fmt: skip
+    # a second run of another method keeps the first run's rows, its own setting's included (that row's label is
+    # not a built-in method: sorting the report once raised on it)
+    run_main("shapes", "--tiny", "--methods", "ice", "--attack-prompts", "1", "--out", str(tmp_path))
+    data = _load(tmp_path, "shapes_tiny")
+    rows = data["rows"]
     assert [(r["model"], r["concept"], r["split"]) for r in rows] == [
-        ("shapes-image", "red", s) for _ in ("ice", "uce") for s in ("seen", "paraphrase")
+        ("shapes-image", "red", s) for _ in ("ice", "uce", "soft") for s in ("seen", "paraphrase")
     ]
-    assert [r["method"] for r in rows[::2]] == ["ice", "uce"]  # in the report's order, not the command's
+    assert [r["method"] for r in rows[::2]] == ["ice", "uce", "soft"]  # built-in rows in their order, then settings
+    assert data["methods"]["soft"] == ["ice", {"erase_expansion": 3}] and "soft" not in shapes.METHODS
     for r in rows:
         assert 0 <= r["presence_after"] <= 1 and r["min_retention"] >= 0
         assert r["erased_blank"] + r["erased_garbled"] + r["erased_replaced"] + r["presence_after"] == pytest.approx(1)
-        assert set(r["attack_presence"]) == {"0.5", "discrete"}
+        assert set(r["attack_presence"]) == ({"0.5"} if r["method"] == "ice" else {"0.5", "discrete"})
         assert all(0 <= v <= 1 for v in r["attack_presence"].values())
+    assert "| soft |" in (tmp_path / "shapes_tiny.md").read_text()
 
 
 @pytest.mark.slow
