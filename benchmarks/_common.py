@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import statistics
@@ -33,23 +34,36 @@ OUTPUT_ADVERSARY = {"harden_rounds": 1, "harden_metric": "output", "harden_expan
 ADVERSARY_BUDGET = {"harden_rounds": 1, "harden_metric": "output", "harden_budget": 0.01, "erase_expansion": 8.0}
 #: One round of the product's own trigger search (``ice_lightning.core.triggers``), added to a setting.
 TRIGGERS = {"trigger_rounds": 1}
+#: The family's guide concept (``ConceptSpec(anchor="family")``: the erased concept is mapped onto "art", "an object",
+#: "someone" or "a dressed person", never onto the metrics' neutral word), added to a method's row.
+ANCHOR = {"anchor": "family"}
+#: ICE with the family's guide concept, its concept erasure softer (``erase_expansion`` 3) and its hardening's budget
+#: larger (0.007): the text-space point found inside the robustness issue's collateral bounds (``docs/method.md``,
+#: section 9). Not the default: on the shapes image model the image-level attack restores both concepts more often
+#: than through the default (``docs/benchmarks.md``, section 4).
+ANCHORED = {**ANCHOR, "erase_expansion": 3.0, "harden_budget": 0.007}
 
 
 def erase_with(pipe, spec, method: str, kw: dict):
     """Erase ``spec`` (a ``ConceptSpec``) with one of ``erase()``'s methods, or with UCE as published
-    (``UCE_PUBLISHED``, its own recipe); the layers are not re-checked by a forward hook (``verify=False``: the same
+    (``UCE_PUBLISHED``, its own recipe); an ``"anchor"`` among ``kw`` replaces the spec's (``"family"``: the family's
+    generic concept, ``FAMILY_ANCHOR``); the layers are not re-checked by a forward hook (``verify=False``: the same
     edit, sooner). Imports the product here, as the scripts do after their own set-up."""
     import ice_lightning
     from ice_lightning.evaluation.baselines import uce_as_published
 
+    if "anchor" in kw:  # a field of the spec, not a hyperparameter: a row may map the concept onto a guide concept
+        kw = dict(kw)
+        spec = dataclasses.replace(spec, anchor=kw.pop("anchor"))
     if method == UCE_PUBLISHED:
         return uce_as_published(pipe, spec)
     return ice_lightning.erase(pipe, spec=spec, method=method, verify=False, **kw)
 
 
 def ice_settings(ap, items: list[str], taken) -> dict[str, tuple[str, dict]]:
-    """``--ice-setting LABEL=JSON`` items as extra rows ``{label: ("ice", hyperparameters)}``; ``ap.error`` on a
-    malformed item or a label among ``taken`` (the built-in rows)."""
+    """``--ice-setting LABEL=JSON`` items as extra rows ``{label: ("ice", hyperparameters)}`` (the JSON may also name
+    an ``"anchor"``: :func:`erase_with`); ``ap.error`` on a malformed item or a label among ``taken`` (the built-in
+    rows)."""
     extra = {}
     for item in items:
         label, sep, setting = item.partition("=")
@@ -58,7 +72,8 @@ def ice_settings(ap, items: list[str], taken) -> dict[str, tuple[str, dict]]:
         except json.JSONDecodeError:
             kw = None
         if not isinstance(kw, dict):
-            ap.error(f"--ice-setting takes LABEL=JSON with a JSON object of ICE hyperparameters, got {item!r}")
+            ap.error(f"--ice-setting takes LABEL=JSON with a JSON object of ICE hyperparameters, got {item!r} (a "
+                     "label holds no '=')")
         if label in taken:
             ap.error(f"--ice-setting label {label!r} names a built-in row; choose another label")
         extra[label] = ("ice", kw)

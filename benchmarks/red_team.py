@@ -1,6 +1,6 @@
 """Text-space red-teaming of ICE (default, without its context erasure, hardened, in the output metric, its adversary
-at a fixed strength or within a collateral budget, with the trigger search), CURE, UCE, RECE and projection on the
-development set (real MiniLM encoder).
+at a fixed strength or within a collateral budget, with the trigger search, with the family's guide concept), CURE,
+UCE, RECE (each also with the guide concept) and projection on the development set (real MiniLM encoder).
 
 For every development concept, erase it with each method and run the package's attacks
 (``ice_lightning.evaluation.RedTeam``): paraphrases, Ring-A-Bell (concept vector + discrete search; a second,
@@ -34,6 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
     ADVERSARY_BUDGET,
+    ANCHOR,
+    ANCHORED,
     FIXED,
     OUTPUT_ADVERSARY,
     OUTPUT_METRIC,
@@ -71,6 +73,10 @@ METHODS = {
     "UCE as published": (UCE_PUBLISHED, {}),
     "RECE": ("rece", {"lam": 30.0}),
     "projection": ("projection", {"energy_kept": 0.9}),
+    # the family's guide concept, for ICE (at the text-space point found with it) and for the baselines alike
+    "ICE anchored": ("ice", ANCHORED),
+    "UCE anchored": ("uce", {"lam": 30.0, **ANCHOR}),
+    "RECE anchored": ("rece", {"lam": 30.0, **ANCHOR}),
 }
 #: ``--curves``: each method's points along its strength knob, weakest erasure first (label -> (method, knob)). They
 #: bracket the ICE default's near collateral (0.222 on the development set, 2026-12-07): ICE along the default's own
@@ -89,6 +95,16 @@ CURVES = {
     "RECE": {f"RECE lam={v:g}": ("rece", {"lam": v}) for v in (10000.0, 5000.0, 3000.0, 2000.0, 1000.0, 300.0,
                                                                              100.0, 30.0)},
     "UCE as published": {"UCE as published": METHODS["UCE as published"]},
+    # with the family's guide concept: ICE along its hardening's budget at the anchored row's erase_expansion, UCE and
+    # RECE along lam as above
+    "ICE anchored": {**{f"ICE anchored harden_budget {v:g}": ("ice", {**ANCHORED, "harden_budget": v})
+                        for v in (0.003, 0.005)},
+                     "ICE anchored": METHODS["ICE anchored"],
+                     "ICE anchored harden_budget 0.01": ("ice", {**ANCHORED, "harden_budget": 0.01})},
+    "UCE anchored": {f"UCE anchored lam={v:g}": ("uce", {"lam": v, **ANCHOR}) for v in (3000.0, 1000.0, 300.0,
+                                                                                         100.0, 30.0)},
+    "RECE anchored": {f"RECE anchored lam={v:g}": ("rece", {"lam": v, **ANCHOR}) for v in (10000.0, 5000.0, 3000.0,
+                                                                                           1000.0, 30.0)},
 }
 #: The ``--tiny`` run's curves (tests): the default, two UCE points around the default's collateral, the published
 #: recipe's one.
@@ -240,7 +256,11 @@ def run_curves(args, pipe, ring: RingABellConfig, budgets, cache: dict) -> dict:
     points = curve_points(per_concept, curves, [*QUALITY, *attacks])
     rows = [*attacks, *(k for k in ("explicit ring_a_bell", "explicit whitebox@0.25") if k in points["ICE"][0])]
     default = next(q for q in points["ICE"] if q["label"] == "ICE")
-    levels = {"the ICE default's": default["collateral_near"]}
+    candidates = {"the ICE default's": ("ICE", default)}  # level -> (its curve, its point)
+    anchored = next((q for q in points.get("ICE anchored", []) if q["label"] == "ICE anchored"), None)
+    if anchored is not None:
+        candidates["ICE anchored's"] = ("ICE anchored", anchored)
+    levels = {where: point["collateral_near"] for where, (_, point) in candidates.items()}
     levels.update({f"{c}'s": ps[0]["collateral_near"] for c, ps in points.items() if len(ps) == 1})
     matched = []
     for where, x in levels.items():
@@ -249,19 +269,24 @@ def run_curves(args, pipe, ring: RingABellConfig, budgets, cache: dict) -> dict:
             at = {k: read_at(ps, x, k) for k in ["collateral_far", "erasure", *rows]}
             matched.append({"level": where, "collateral_near": x, "curve": curve, "nearest": nearest["label"],
                             "distance": nearest["collateral_near"] - x, **at})  # fmt: skip
-    ice_below = {}  # at the ICE default's collateral: is ICE's value below each other curve's, on every row?
+    # at a candidate's own collateral: is its value below each other curve's, on every row it reaches?
+    below = {where: {} for where in candidates}
     for m in matched:
-        if m["level"] == "the ICE default's" and m["curve"] != "ICE":
+        if m["level"] in candidates and m["curve"] != candidates[m["level"]][0]:
+            point = candidates[m["level"]][1]
             reached = [r for r in rows if m[r] is not None]
-            ice_below[m["curve"]] = (None if not reached else all(default[r] < m[r] for r in reached))
+            below[m["level"]][m["curve"]] = None if not reached else all(point[r] < m[r] for r in reached)
+    ice_below = below["the ICE default's"]
     margins = []  # per family, the ICE default's erasure over each swept curve's at its own near collateral
+    # (not the anchored curves': an anchored edit's erasure also counts the guide concept's output it adds)
     for family in dict.fromkeys(r["family"] for r in per_concept.values()):
         own = curve_points({n: r for n, r in per_concept.items() if r["family"] == family}, curves, list(QUALITY))
         ice = next(q for q in own["ICE"] if q["label"] == "ICE")
         margins.append({"family": family, "collateral_near": ice["collateral_near"], "erasure": ice["erasure"],
                         **{c: ice["erasure"] - frontier([(q["collateral_near"], q["erasure"]) for q in ps],
                                                         ice["collateral_near"])
-                           for c, ps in own.items() if c != "ICE" and len(ps) > 1}})  # fmt: skip
+                           for c, ps in own.items()
+                           if c != "ICE" and len(ps) > 1 and not c.endswith("anchored")}})  # fmt: skip
     header = ["curve", "point", "near", "far", "erasure", *rows]
     md = [f"# Text-space red-teaming along each method's curve ({'tiny' if args.tiny else 'full'})", "",
           "Attack success (lower is better) against near collateral, every point a mean over the concepts; "
@@ -275,8 +300,10 @@ def run_curves(args, pipe, ring: RingABellConfig, budgets, cache: dict) -> dict:
                     [[m["curve"], f"{m['nearest']} ({m['distance']:+.3f})",
                       *("-" if m[k] is None else m[k] for k in ["collateral_far", "erasure", *rows])]
                      for m in matched if m["level"] == where])  # fmt: skip
-    md += ["", "ICE default below the curve on every attack row at its own collateral: "
-           + ", ".join(f"{c} {'-' if v is None else ('yes' if v else 'no')}" for c, v in ice_below.items())]
+    for where, (curve, _) in candidates.items():
+        md += ["", f"{'ICE default' if curve == 'ICE' else curve} below the curve on every attack row at its own "
+               "collateral: " + ", ".join(f"{c} {'-' if v is None else ('yes' if v else 'no')}"
+                                          for c, v in below[where].items())]  # fmt: skip
     others = [c for c in margins[0] if c not in ("family", "collateral_near", "erasure")]
     md += ["", "Per family, the ICE default's erasure minus each swept curve's at the default's own near collateral "
            "(the curve's upper envelope through (0, 0), as `tradeoff.py` reads its curves):", ""]  # fmt: skip
@@ -287,6 +314,7 @@ def run_curves(args, pipe, ring: RingABellConfig, budgets, cache: dict) -> dict:
     name = "red_team_curves_tiny" if args.tiny else "red_team_curves"
     write_report(args.out, name, {"curves": {c: {k: list(v) for k, v in p.items()} for c, p in curves.items()},
                                   "points": points, "matched": matched, "ice_below": ice_below,
+                                  "anchored_below": below.get("ICE anchored's"),
                                   "erasure_margins": margins,
                                   "per_concept": per_concept}, md)  # fmt: skip
     _plot(points, [r for r in ("ring_a_bell", "ring_a_bell_held_out", "whitebox@0.25", "whitebox@0.5") if r in rows],

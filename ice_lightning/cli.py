@@ -99,7 +99,9 @@ def build_erase_parser():
                     help="a concept to keep (repeat for more); default: the family's preserve set")  # fmt: skip
     er.add_argument("--family", default="custom", choices=list(FAMILIES),
                     help="concept family: picks the prompt templates and the default preserve set")  # fmt: skip
-    er.add_argument("--anchor", default=None, help="optional guide concept replacing the erased one")
+    er.add_argument("--anchor", default=None,
+                    help="optional guide concept replacing the erased one ('family': the family's generic one, "
+                    "e.g. 'art' for a style)")
     er.add_argument("--template", action="append", default=None,
                     help="prompt template with one {} for the concept (repeat); default: the family's")  # fmt: skip
     er.add_argument("--include-eot", action="store_true", help="also use the end-of-text token's state")

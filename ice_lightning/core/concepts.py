@@ -32,6 +32,7 @@ __all__ = [
     "GENERIC_PROMPTS",
     "UNRELATED_PROMPTS",
     "NEUTRAL_WORD",
+    "FAMILY_ANCHOR",
     "EVERYDAY_PROMPTS",
 ]
 
@@ -212,6 +213,18 @@ NEUTRAL_WORD: dict[str, str] = {
     "custom": "something",
 }
 
+#: ``ConceptSpec(anchor="family")``: the family's plainest generic concept, which the erased concept is mapped onto
+#: (UCE's guide concept). The edited layers then read a prompt with the concept as one with this word where the concept
+#: was, not as one with a hole where an attacker's input reads as the concept again. Chosen before any measurement,
+#: and never the metrics' :data:`NEUTRAL_WORD`: a benchmark that scored an edit against the very word it maps onto
+#: would measure the mapping, not the erasure. ``custom`` has none (name the anchor).
+FAMILY_ANCHOR: dict[str, str] = {
+    "style": "art",
+    "object": "an object",
+    "identity": "someone",
+    "explicit": "a dressed person",
+}
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -262,7 +275,8 @@ class ConceptSpec:
         family: ``style``, ``object``, ``identity``, ``explicit`` or ``custom``.
         synonyms: extra names per erase concept (``{"Van Gogh": ["Vincent van Gogh"]}``); family
             defaults (:data:`DEFAULT_SYNONYMS`) are added unless ``use_default_synonyms=False``.
-        anchor: optional guide concept that replaces the erased one (UCE-style), e.g. ``"art"``.
+        anchor: optional guide concept that replaces the erased one (UCE-style), e.g. ``"art"``; ``"family"``
+            takes the family's :data:`FAMILY_ANCHOR` (the spec then holds that word).
         templates: prompt templates with one ``{}``; ``None`` takes the family defaults (``custom``:
             the bare concept only, so pass your own templates there).
         eval_templates: held-out templates for metrics; ``None`` takes the family's.
@@ -298,6 +312,11 @@ class ConceptSpec:
         user_preserve = self.preserve is not None
         self.preserve = _names(self.preserve, "preserve concepts") if user_preserve else None
         erase_keys = {c.casefold() for c in self.erase_names()}
+        if self.anchor == "family":
+            if self.family not in FAMILY_ANCHOR:
+                raise ValueError(f"anchor='family' takes the family's generic anchor, and the {self.family!r} family "
+                                 "has none: name the anchor (e.g. anchor='something') or choose the concept's family")
+            self.anchor = FAMILY_ANCHOR[self.family]
         if isinstance(self.anchor, str) and self.anchor.strip().casefold() in erase_keys:
             raise ValueError(
                 f"the anchor {self.anchor!r} is one of the erased concepts: the edit would map the concept onto "

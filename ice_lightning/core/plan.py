@@ -443,5 +443,12 @@ def erase(
         spec = ConceptSpec(erase=erase if erase is not None else [], preserve=preserve, family=family,
                            synonyms=synonyms or {}, anchor=anchor, templates=templates,
                            include_eot=include_eot)  # fmt: skip
+    else:  # a keyword beside a ready spec was once dropped without a word
+        given = {"erase": erase, "preserve": preserve, "family": family != "custom" or None, "synonyms": synonyms,
+                 "anchor": anchor, "templates": templates, "include_eot": include_eot or None}  # fmt: skip
+        both = [k for k, v in given.items() if v is not None]
+        if both:
+            raise ValueError(f"erase() got a spec and {', '.join(both)}: the spec holds those; set them in it "
+                             f"(dataclasses.replace(spec, {both[0]}=...)) or drop spec=")
     plan = ErasurePlan(pipeline, spec, method=method, hparams=hparams, layers=layers, verify=verify)
     return plan.apply(plan.solve(), keep_undo=keep_undo)

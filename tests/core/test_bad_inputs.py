@@ -5,6 +5,7 @@ import torch
 from helpers import changed, snapshot
 
 import ice_lightning
+from ice_lightning.core.concepts import ConceptSpec
 from ice_lightning.core.editing import apply_edits
 from ice_lightning.core.layers import NoTextConditioningLayerError
 from ice_lightning.core.solver import DissociationOperator
@@ -43,6 +44,11 @@ def sd(load_pipeline):
         ({"erase": [" ".join(["cat"] * 100)]}, ValueError, "cut off by the maximum length .*77 tokens"),
         ({"erase": ["Van Gogh"], "templates": ["no placeholder"]}, ValueError, "placeholder"),
         ({"erase": ["Van Gogh"], "synonyms": {"Monet": ["Claude"]}}, ValueError, "not erase concepts"),
+        ({"erase": ["zebra"], "anchor": "family"}, ValueError, "the 'custom' family has none: name the anchor"),
+        ({"spec": ConceptSpec(erase=["Van Gogh"], family="style"), "anchor": "family"}, ValueError,
+         r"got a spec and anchor: the spec holds those; set them in it \(dataclasses.replace"),
+        ({"spec": ConceptSpec(erase=["Van Gogh"]), "erase": ["Monet"], "family": "style"}, ValueError,
+         "got a spec and erase, family"),
     ],
 )
 def test_bad_concept_specs(sd, kwargs, error, message):

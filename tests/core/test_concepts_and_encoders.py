@@ -8,7 +8,9 @@ from ice_lightning.core.concepts import (
     DEFAULT_SYNONYMS,
     DEFAULT_TEMPLATES,
     EVAL_TEMPLATES,
+    FAMILY_ANCHOR,
     FAMILY_TEMPLATES,
+    NEUTRAL_WORD,
     ConceptSpec,
     Prompt,
 )
@@ -56,6 +58,21 @@ def test_defaults_per_family_and_overrides():
         p for p in DEFAULT_PRESERVE["style"] if p != "Monet"
     ]
     assert ConceptSpec(erase=["Claude Monet"], family="style").preserve.count("Claude Monet") == 0
+
+
+def test_family_anchor_is_the_familys_generic_concept_and_never_the_metrics_neutral_word():
+    for family, word in FAMILY_ANCHOR.items():
+        spec = ConceptSpec(erase=["x"], family=family, anchor="family")
+        assert spec.anchor == word and spec.to_dict()["anchor"] == word  # the manifest names the word itself
+        assert spec.anchor_prompts()[0][1].text == DEFAULT_TEMPLATES[family][0].format(word)
+        # the leakage metric and the red-team attacks score against NEUTRAL_WORD: a default guide onto that very
+        # word would be scored on its own mapping
+        assert word.casefold() != NEUTRAL_WORD[family].casefold()
+    assert set(FAMILY_ANCHOR) == set(NEUTRAL_WORD) - {"custom"}
+    with pytest.raises(ValueError, match="the 'custom' family has none: name the anchor"):
+        ConceptSpec(erase=["zebra"], anchor="family")
+    with pytest.raises(ValueError, match="the anchor 'art' is one of the erased concepts"):
+        ConceptSpec(erase=["art"], family="style", anchor="family")
 
 
 def test_token_selection_uses_offsets_on_a_real_wordpiece_tokenizer():

@@ -170,9 +170,9 @@ def test_anchor_and_eot_options(load_pipeline):
     with_eot = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style", include_eot=True, templates=own)
     assert with_eot.operators["text"].rank > rank  # the end-of-text states add directions
     with_eot.undo()
-    anchored = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style", anchor="painter")
+    anchored = ice_lightning.erase(pipe, erase=["Van Gogh"], family="style", anchor="family")
     assert anchored.operators["text"].hparams["anchor"] is True
-    assert anchored.to_manifest()["concepts"]["anchor"] == "painter"
+    assert anchored.to_manifest()["concepts"]["anchor"] == "art"  # the family's guide concept, by name
 
 
 def test_lora_adapted_layers_are_edited_exactly(load_pipeline):

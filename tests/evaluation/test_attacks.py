@@ -1,5 +1,7 @@
 """Red-teaming attacks: the white-box closed form against a numerical optimum, and the attacks on MiniLM."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -122,16 +124,20 @@ def test_the_attacks_input_loses_against_the_hardened_edit_where_it_beats_the_pl
     and less through the output-metric edit with one round (0.563 at 0.25, 0.906 at 0.5; it erases this concept less,
     0.786 against 0.869, at less collateral; 0.469 / 0.875 with the context's per-token rows: for this concept the
     summed context rows, erased in the output metric, give the attack back a little, where on the 20 development
-    concepts they lower every attack row of that setting, docs/method.md section 9)."""
+    concepts they lower every attack row of that setting, docs/method.md section 9), and less through the edit onto the
+    family's guide concept at less collateral (``anchor="family"``, an option)."""
     from ice_lightning.evaluation.metrics import dev_concept_metrics
 
     concept = dev_concept("Elon Musk")
     rates, quality = {}, {}
     settings = {"plain": {"harden_rounds": 0}, "default": {},
                 "hardened": {"harden_rounds": 3, "harden_metric": None, "harden_budget": None},
-                "output": {"metric": "output", "harden_rounds": 1, "harden_budget": None, "erase_expansion": 2.0}}
+                "output": {"metric": "output", "harden_rounds": 1, "harden_budget": None, "erase_expansion": 2.0},
+                "anchored": {"anchor": "family", "erase_expansion": 3.0, "harden_budget": 0.007}}
     for label, hparams in settings.items():
-        result = ice_lightning.erase(minilm_pipe, spec=concept.spec(), verify=False, **hparams)
+        hparams = dict(hparams)
+        spec = dataclasses.replace(concept.spec(), anchor=hparams.pop("anchor", None))
+        result = ice_lightning.erase(minilm_pipe, spec=spec, verify=False, **hparams)
         try:
             rates[label] = {b: RedTeam.from_result(result, attacks=["whitebox"], whitebox_budget=b).compute(
                 original=False)["whitebox"] for b in (0.25, 0.5)}  # fmt: skip
@@ -152,3 +158,9 @@ def test_the_attacks_input_loses_against_the_hardened_edit_where_it_beats_the_pl
     assert quality["output"]["erasure"] >= 0.7
     for key in ("collateral_near", "collateral_far"):
         assert quality["output"][key] <= quality["plain"][key]
+    # mapped onto the family's guide concept ("someone") with a softer erasure and a larger hardening budget: 0.625 ->
+    # 0.344 at budget 0.25 against the default, at less near (0.151 -> 0.133) and far (0.096 -> 0.084) collateral
+    # (2026-12-07); at 0.5 as the default (0.938)
+    assert rates["anchored"][0.25] <= 0.45 and rates["anchored"][0.5] <= rates["default"][0.5]
+    for key in ("collateral_near", "collateral_far"):
+        assert quality["anchored"][key] <= quality["default"][key]
