@@ -107,10 +107,11 @@ CURVES = {
                                                                                            1000.0, 30.0)},
 }
 #: The ``--tiny`` run's curves (tests): the default, two UCE points around the default's collateral, the published
-#: recipe's one.
+#: recipe's one, the anchored ICE point (its own level and comparison).
 TINY_CURVES = {"ICE": {"ICE": CURVES["ICE"]["ICE"]},
                "UCE": {"UCE lam=3000": ("uce", {"lam": 3000.0}), "UCE lam=30": CURVES["UCE"]["UCE lam=30"]},
-               "UCE as published": CURVES["UCE as published"]}  # fmt: skip
+               "UCE as published": CURVES["UCE as published"],
+               "ICE anchored": {"ICE anchored": CURVES["ICE anchored"]["ICE anchored"]}}  # fmt: skip
 #: How close (near collateral) a measured point must be to count as matched (the robustness issue's +-0.01).
 MATCH = 0.01
 BUDGETS = (0.25, 0.5, 1.0)
@@ -319,7 +320,8 @@ def run_curves(args, pipe, ring: RingABellConfig, budgets, cache: dict) -> dict:
                                   "per_concept": per_concept}, md)  # fmt: skip
     _plot(points, [r for r in ("ring_a_bell", "ring_a_bell_held_out", "whitebox@0.25", "whitebox@0.5") if r in rows],
           default["collateral_near"], args.out / f"{name}.png")  # fmt: skip
-    return {"points": points, "matched": matched, "ice_below": ice_below, "erasure_margins": margins}
+    return {"points": points, "matched": matched, "ice_below": ice_below, "anchored_below": below.get("ICE anchored's"),
+            "erasure_margins": margins}
 
 
 def main(argv: list[str] | None = None) -> dict:

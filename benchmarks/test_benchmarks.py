@@ -125,6 +125,14 @@ def _check_curves(tmp_path, cache: Path, first: dict, capsys) -> None:
     assert 0 < t < 1 and uce["ring_a_bell"] == pytest.approx(between)
     rows = ("paraphrase", "ring_a_bell", "ring_a_bell_held_out", "whitebox@1.0", "explicit ring_a_bell")
     assert curves["ice_below"]["UCE"] == all(ice[r] < uce[r] for r in rows)
+    # the anchored point is read against every other curve at its own collateral, the default's one-point curve too
+    (anchored,) = curves["points"]["ICE anchored"]
+    at_anchored = {m["curve"]: m for m in curves["matched"] if m["level"] == "ICE anchored's"}
+    assert set(curves["anchored_below"]) == set(curves["points"]) - {"ICE anchored"}
+    for curve, below in curves["anchored_below"].items():
+        reached = [r for r in rows if at_anchored[curve][r] is not None]
+        assert below == (None if not reached else all(anchored[r] < at_anchored[curve][r] for r in reached))
+    assert "ICE anchored below the curve on every attack row" in (tmp_path / "red_team_curves_tiny.md").read_text()
     for margin in curves["erasure_margins"]:  # one concept per family: its own point, section 1's reading
         (name,) = [n for n, r in data["per_concept"].items() if r["family"] == margin["family"]]
         own = data["per_concept"][name]
