@@ -80,6 +80,14 @@ def ice_settings(ap, items: list[str], taken) -> dict[str, tuple[str, dict]]:
     return extra
 
 
+def keep_saved_settings(methods: dict[str, tuple[str, dict]], report: dict) -> None:
+    """Add an earlier run's own rows (``report["methods"]``: label -> ``(method, hyperparameters)``, its
+    ``--ice-setting`` ones among them) to ``methods`` where the label is free, so that the rows it kept stay defined in
+    this run's report."""
+    for label, (method, kw) in report.get("methods", {}).items():
+        methods.setdefault(label, (method, kw))
+
+
 def minilm_pipeline():
     """A tiny SD pipeline whose text encoder is the real pretrained all-MiniLM-L6-v2 (384-d)."""
     from ice_lightning.demos.tiny import build_tiny_pipeline

@@ -45,6 +45,7 @@ from _common import (  # noqa: E402
     UCE_PUBLISHED,
     erase_with,
     ice_settings,
+    keep_saved_settings,
     minilm_pipeline,
     table,
     write_report,
@@ -358,8 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
     saved = args.out / f"{name}.json"
     report = json.loads(saved.read_text()) if named and saved.exists() else {"per_concept": {}, "methods": {}}
     kept = report["per_concept"]
-    for label, (method, kw) in report["methods"].items():  # an earlier run's own settings: their rows stay reported
-        methods.setdefault(label, (method, kw))
+    keep_saved_settings(methods, report)  # an earlier run's own settings: their rows stay reported
     per_concept = {}
     concepts = [(f, c) for f in DEV_SET for c in dev_concepts(f)[: 1 if args.tiny else None]]
     for family, concept in progress(concepts, desc="red-teaming", unit="concept"):

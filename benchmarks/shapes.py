@@ -34,6 +34,7 @@ from _common import (
     UCE_PUBLISHED,
     erase_with,
     ice_settings,
+    keep_saved_settings,
     table,
     write_report,
 )
@@ -61,6 +62,9 @@ METHODS = {"ice": ("ice", {}), "cure": ("cure", {}), "uce": ("uce", {}), "rece":
            "ice output metric": ("ice", OUTPUT_METRIC), "ice trigger search": ("ice", {**PLAIN, **TRIGGERS})}
 CONCEPTS = {"shapes-image": ("red", "circle"), "shapes-video": ("left", "red")}
 TARGET_PRESENCE, TARGET_RETENTION = 0.05, 0.90
+#: The run's settings saved with its report (``--report-only`` takes them back).
+RUN_SETTINGS = ("samples", "video_samples", "sample_steps", "seed", "attack_steps", "video_attack_prompts",
+                "attack_prompts", "restarts", "discrete_words")
 
 
 def _attacked_prompts(pipe, concept: str, seed: int, max_prompts: int | None):
@@ -203,20 +207,15 @@ def main(argv: list[str] | None = None) -> dict:
     args.video_budgets = [b or None for b in args.video_budgets]
     t0 = time.perf_counter()
     name = "shapes_tiny" if args.tiny else "shapes"
+    path = args.out / f"{name}.json"
+    report = json.loads(path.read_text()) if args.report_only or path.exists() else {"rows": []}
+    keep_saved_settings(methods, report)  # an earlier run's own settings: their kept rows stay defined
     if args.report_only:
-        saved = json.loads((args.out / f"{name}.json").read_text())
-        rows = [summarise(r) for r in saved["rows"]]
-        for label, (method, kw) in saved.get("methods", {}).items():
-            methods.setdefault(label, (method, kw))
-        for k in ("samples", "video_samples", "sample_steps", "seed", "attack_steps", "video_attack_prompts",
-                  "attack_prompts", "restarts", "discrete_words"):
-            setattr(args, k, saved.get(k, getattr(args, k)))
+        rows = [summarise(r) for r in report["rows"]]
+        for k in RUN_SETTINGS:
+            setattr(args, k, report.get(k, getattr(args, k)))
     else:
         kinds = [k for k in args.kinds if (args.models / k / "unet").is_dir()][: 1 if args.tiny else None]
-        saved = args.out / f"{name}.json"
-        report = json.loads(saved.read_text()) if saved.exists() else {"rows": []}
-        for label, (method, kw) in report.get("methods", {}).items():  # an earlier run's own settings stay defined
-            methods.setdefault(label, (method, kw))
         redone = [(k, c, m) for k in kinds for c in CONCEPTS[k] if not args.concepts or c in args.concepts
                   for m in args.methods or METHODS]  # fmt: skip
         rows = [r for r in report["rows"] if (r["model"], r["concept"], r["method"]) not in redone]
@@ -262,9 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_model = ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items() if s)
     md += ["", f"Time per model (erasures, their sampling and attacks): {per_model}. "
            f"This run: {time.perf_counter() - t0:.0f} s ({' '.join(args.kinds)})."]
-    saved = {k: getattr(args, k) for k in ("samples", "video_samples", "sample_steps", "seed", "attack_steps",
-                                            "video_attack_prompts", "attack_prompts", "restarts",
-                                            "discrete_words")}  # fmt: skip
+    saved = {k: getattr(args, k) for k in RUN_SETTINGS}
     saved["methods"] = {m: list(methods[m]) for m in dict.fromkeys(r["method"] for r in rows) if m in methods}
     write_report(args.out, name, {**saved, "rows": rows}, md)
     return {"rows": rows}
