@@ -13,6 +13,8 @@ embedding_attack) and measure the concept's presence in samples from the attacke
     python benchmarks/shapes.py                        # both shipped models
     python benchmarks/shapes.py --kinds shapes-video   # one model; the other's saved rows are kept
     python benchmarks/shapes.py --tiny                 # the suite's smoke run
+    python benchmarks/shapes.py --reference            # the yardstick: the attack on the unedited model from the
+                                                       # guide's prompts (what an ideal erasure onto the guide leaves)
     # stronger attacks (more steps, restarts, a smaller budget, the discrete attack), in their own report:
     python benchmarks/shapes.py --kinds shapes-image --concepts red --methods ice uce --attack-steps 200
         --restarts 2 --budgets 0.05 0.1 --attack-prompts 4 --discrete-words 300 --out benchmarks/results/strong_attacks
@@ -47,6 +49,8 @@ from ice_lightning.demos.shapes.evaluation import (
     concept_spec,
     eval_prompts,
     generate,
+    guide_concept,
+    guide_prompt,
     renders,
     retention,
     sample_splits,
@@ -76,13 +80,19 @@ def _attacked_prompts(pipe, concept: str, seed: int, max_prompts: int | None):
 
 
 def attack(pipe, concept: str, samples: int, seed: int, steps: int, sample_steps: int, budget: float | None,
-           max_prompts: int | None = None, restarts: int = 1) -> float:  # fmt: skip
+           max_prompts: int | None = None, restarts: int = 1, from_guide: bool = False) -> float:  # fmt: skip
     """Presence of ``concept`` in samples from attacked embeddings of the seen prompts that ask for it (the
-    first ``max_prompts`` of them, spread over the other attributes' values)."""
+    first ``max_prompts`` of them, spread over the other attributes' values). ``from_guide``: each attack starts
+    from the prompt's guide version (:func:`guide_prompt`, "a red circle" -> "a green circle") and still aims at
+    the concept's renders; ``budget=0``: no attack, the guide prompts' own samples."""
     frames = pipe.default_num_frames if pipe.video else 0
     hits = []
     for i, p in enumerate(_attacked_prompts(pipe, concept, seed, max_prompts)):
-        embeds = pipe.encode_prompt([p.text])[0]
+        embeds = pipe.encode_prompt([guide_prompt(p, concept).text if from_guide else p.text])[0]
+        if budget == 0:
+            x = generate(pipe, samples=samples, seed=seed, steps=sample_steps, prompt_embeds=embeds)
+            hits.append(score(x, [p], concept)["presence"])
+            continue
         targets = renders(p, 64, pipe.unet.config.sample_size, frames, seed=seed + i)
         attacked = embedding_attack(pipe.unet, pipe.scheduler, embeds, targets, steps=steps, budget=budget,
                                     seed=seed + i, restarts=restarts)  # fmt: skip
@@ -109,6 +119,23 @@ def discrete(pipe, concept: str, samples: int, seed: int, sample_steps: int, wor
     return statistics.fmean(hits)
 
 
+def reference(pipe, kind: str, concept: str, args) -> dict:
+    """The yardstick of an erasure onto the guide: the image-level attack on the *unedited* model from the guide's
+    prompts (:func:`guide_prompt`), aimed at the concept's renders as for the methods. An edit that turned the
+    concept's prompts exactly into the guide's and changed nothing else would leave an attacker this much; an edit
+    can leave less only by also changing what the rest of the embedding space does."""
+    t = time.perf_counter()
+    budgets, most, samples = ((args.video_budgets, args.video_attack_prompts, args.video_samples) if pipe.video else
+                              (args.budgets, args.attack_prompts, args.samples))  # fmt: skip
+    run = {str(b): attack(pipe, concept, samples, args.seed, args.attack_steps, args.sample_steps, b, most,
+                          args.restarts, from_guide=True) for b in [0, *budgets]}  # fmt: skip
+    row = {"model": kind, "concept": concept, "guide": guide_concept(concept), "presence": run.pop("0"),
+           "attack_presence": run, "seconds": time.perf_counter() - t}  # fmt: skip
+    print(f"[{kind}] {concept} reference (unedited, from the guide's prompts): presence {row['presence']:.2f}, "
+          f"attack {run} ({row['seconds']:.0f} s)", flush=True)  # fmt: skip
+    return row
+
+
 def summarise(row: dict) -> dict:
     """Accuracy kept by the other concepts (over those the unedited model draws right on these prompts:
     :func:`retention`), and whether the ICE targets hold."""
@@ -120,11 +147,17 @@ def summarise(row: dict) -> dict:
     return row
 
 
+def _concepts(kind: str, args) -> list[str]:
+    return [c for c in CONCEPTS[kind] if not args.concepts or c in args.concepts][: 1 if args.tiny else None]
+
+
 def run_model(kind: str, args, methods: dict[str, tuple[str, dict]]) -> list[dict]:
     """Every row of one shipped model: ``args.methods`` (the built-in ones when not given), each defined in
     ``methods`` (label -> ``(method, hyperparameters)``)."""
     labels = args.methods or list(METHODS)
     pipe = load_shapes_pipeline(kind, args.models)
+    if args.reference:
+        return [reference(pipe, kind, c, args) for c in _concepts(kind, args)]
     samples = args.video_samples if pipe.video else args.samples
     opts = {"samples": samples, "seed": args.seed, "steps": args.sample_steps}
     t = time.perf_counter()
@@ -133,7 +166,7 @@ def run_model(kind: str, args, methods: dict[str, tuple[str, dict]]) -> list[dic
     budgets, most = ((args.video_budgets, args.video_attack_prompts) if pipe.video else
                      (args.budgets, args.attack_prompts))  # fmt: skip
     rows = []
-    for concept in [c for c in CONCEPTS[kind] if not args.concepts or c in args.concepts][: 1 if args.tiny else None]:
+    for concept in _concepts(kind, args):
         before = {k: score(x, prompts, concept) for k, (prompts, x) in before_samples.items()}
         for method in labels:
             t = time.perf_counter()
@@ -196,7 +229,12 @@ def main(argv: list[str] | None = None) -> dict:
                     help="only these methods; the saved rows of the others are kept")
     ap.add_argument("--ice-setting", action="append", default=[], metavar="LABEL=JSON",
                     help="an extra ICE row with these hyperparameters (repeatable; run with --methods, or alone)")
+    ap.add_argument("--reference", action="store_true",
+                    help="instead of the methods' rows: the attack on the unedited model from the guide's prompts "
+                         "(what an ideal erasure onto the guide leaves an attacker); the saved rows are kept")
     args = ap.parse_args(argv)
+    if args.reference and (args.methods or args.ice_setting or args.discrete_words):
+        ap.error("--reference runs no method: leave out --methods, --ice-setting and --discrete-words")
     extra = ice_settings(ap, args.ice_setting, METHODS)
     methods = {**METHODS, **extra}  # this run's rows; the module's table stays as it is for the next call
     if extra:
@@ -210,20 +248,25 @@ def main(argv: list[str] | None = None) -> dict:
     path = args.out / f"{name}.json"
     report = json.loads(path.read_text()) if args.report_only or path.exists() else {"rows": []}
     keep_saved_settings(methods, report)  # an earlier run's own settings: their kept rows stay defined
+    rows, references = report["rows"], report.get("reference", [])
     if args.report_only:
-        rows = [summarise(r) for r in report["rows"]]
+        rows = [summarise(r) for r in rows]
         for k in RUN_SETTINGS:
             setattr(args, k, report.get(k, getattr(args, k)))
     else:
         kinds = [k for k in args.kinds if (args.models / k / "unet").is_dir()][: 1 if args.tiny else None]
-        redone = [(k, c, m) for k in kinds for c in CONCEPTS[k] if not args.concepts or c in args.concepts
-                  for m in args.methods or METHODS]  # fmt: skip
-        rows = [r for r in report["rows"] if (r["model"], r["concept"], r["method"]) not in redone]
-        rows += [r for kind in kinds for r in run_model(kind, args, methods)]
+        run = [r for kind in kinds for r in run_model(kind, args, methods)]
+        if args.reference:
+            redone = {(r["model"], r["concept"]) for r in run}
+            references = [r for r in references if (r["model"], r["concept"]) not in redone] + run
+        else:
+            redone = {(k, c, m) for k in kinds for c in _concepts(k, args) for m in args.methods or METHODS}
+            rows = [r for r in rows if (r["model"], r["concept"], r["method"]) not in redone] + run
     order = [(k, c) for k in CONCEPTS for c in CONCEPTS[k]]  # the report's row order, however run
     rank = {m: i for i, m in enumerate(methods)}  # built-in rows, then settings (a report older than "methods": last)
     rows.sort(key=lambda r: (order.index((r["model"], r["concept"])), rank.get(r["method"], len(rank)),
                              SPLITS.index(r["split"])))  # fmt: skip
+    references.sort(key=lambda r: order.index((r["model"], r["concept"])))
     md = [f"# Shapes world: end-to-end erasure ({'tiny' if args.tiny else 'full'})", "",
           f"{args.samples} samples per image prompt and {args.video_samples} per clip prompt, DDIM "
           f"{args.sample_steps} steps, guidance {GUIDANCE}, seed {args.seed}; "
@@ -257,13 +300,28 @@ def main(argv: list[str] | None = None) -> dict:
                    for b in budgets)],
                 [[r["model"], r["concept"], r["method"], r["presence_before"], r["presence_after"],
                   *(r["attack_presence"].get(b, "-") for b in budgets)] for r in seen])  # fmt: skip
+    if references:
+        ref_budgets = list(dict.fromkeys(b for r in references for b in r["attack_presence"]))
+        md += ["", "## The yardstick: the same attack on the unedited model from the guide's prompts", "",
+               "Each attacked prompt with the concept replaced by its guide, word for word (\"a crimson disc\" -> "
+               "\"an emerald disc\"), on the unedited model, aimed at the concept's renders as above (`--reference`). "
+               "An edit that turned the concept's prompts exactly into the guide's and changed nothing else would "
+               "leave an attacker this much; an edit leaves less only by also changing what the rest of the "
+               "embedding space does (section 4 of docs/benchmarks.md).", ""]  # fmt: skip
+        md += table(["model", "concept", "guide", "presence (guide's prompts)",
+                     *(f"attack success, budget {b}" for b in ref_budgets)],
+                    [[r["model"], r["concept"], r["guide"], r["presence"],
+                      *(r["attack_presence"].get(b, "-") for b in ref_budgets)] for r in references])  # fmt: skip
     seconds = {m: sum(r["seconds"] for r in rows if r["model"] == m and r["split"] == SPLITS[-1]) for m in CONCEPTS}
-    per_model = ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items() if s)
-    md += ["", f"Time per model (erasures, their sampling and attacks): {per_model}. "
-           f"This run: {time.perf_counter() - t0:.0f} s ({' '.join(args.kinds)})."]
+    per_model = ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items() if s) or "-"
+    ref_seconds = ", ".join(f"{m} {s:.0f} s" for m in CONCEPTS
+                            if (s := sum(r["seconds"] for r in references if r["model"] == m)))  # fmt: skip
+    md += ["", f"Time per model (erasures, their sampling and attacks): {per_model}"
+           + (f"; the yardstick: {ref_seconds}" if ref_seconds else "")
+           + f". This run: {time.perf_counter() - t0:.0f} s ({' '.join(args.kinds)})."]
     saved = {k: getattr(args, k) for k in RUN_SETTINGS}
     saved["methods"] = {m: list(methods[m]) for m in dict.fromkeys(r["method"] for r in rows) if m in methods}
-    write_report(args.out, name, {**saved, "rows": rows}, md)
+    write_report(args.out, name, {**saved, "rows": rows, **({"reference": references} if references else {})}, md)
     return {"rows": rows}
 
 

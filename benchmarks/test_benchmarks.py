@@ -213,7 +213,7 @@ def test_a_curve_is_read_between_its_points_and_at_its_ends_only_within_the_matc
 
 
 @pytest.mark.slow
-def test_shapes_tiny(tmp_path):
+def test_shapes_tiny(tmp_path, capsys):
     import shapes
 
     run_main("shapes", "--tiny", "--methods", "uce", "--ice-setting", 'soft={"erase_expansion": 3}', "--restarts", "2",
@@ -234,6 +234,19 @@ def test_shapes_tiny(tmp_path):
         assert set(r["attack_presence"]) == ({"0.5"} if r["method"] == "ice" else {"0.5", "discrete"})
         assert all(0 <= v <= 1 for v in r["attack_presence"].values())
     assert "| soft |" in (tmp_path / "shapes_tiny.md").read_text()
+    # the yardstick: the unedited model attacked from the guide's prompts; it keeps every method's row
+    with pytest.raises(SystemExit) as refused:
+        run_main("shapes", "--tiny", "--reference", "--methods", "ice", "--out", str(tmp_path))
+    assert refused.value.code == 2 and "--reference runs no method" in capsys.readouterr().err
+    run_main("shapes", "--tiny", "--reference", "--attack-prompts", "1", "--out", str(tmp_path))
+    again = _load(tmp_path, "shapes_tiny")
+    assert again["rows"] == rows
+    [ref] = again["reference"]
+    assert (ref["model"], ref["concept"], ref["guide"], set(ref["attack_presence"])) == (
+        "shapes-image", "red", "green", {"0.5"})
+    assert 0 <= ref["presence"] <= 1 and 0 <= ref["attack_presence"]["0.5"] <= 1
+    md = (tmp_path / "shapes_tiny.md").read_text()
+    assert "## The yardstick" in md and "| shapes-image | red | green |" in md and "| soft |" in md
 
 
 @pytest.mark.slow

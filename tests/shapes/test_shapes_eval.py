@@ -1,5 +1,7 @@
 """The shapes world's measurement protocol, the shipped models, the image-level attack and the main-job CLI."""
 
+import re
+
 import pytest
 import torch
 from helpers import changed, snapshot, warnings_of_ours
@@ -12,6 +14,8 @@ from ice_lightning.demos.shapes.evaluation import (
     eval_prompts,
     evaluate,
     generate,
+    guide_concept,
+    guide_prompt,
     renders,
     retention,
     score,
@@ -89,6 +93,34 @@ def test_concept_spec_erases_training_words_only_and_rejects_unknown_concepts():
         concept_spec("purple")
     with pytest.raises(ValueError, match="video=True"):
         concept_spec("left")
+
+
+def _blank(text: str, word: str) -> str:
+    """``text`` with ``word`` blanked and every article a plain "a"."""
+    return re.sub(r"\ban\b", "a", re.sub(rf"\b{re.escape(word)}\b", "#", text))
+
+
+def test_guide_prompt_swaps_the_concept_word_for_word_and_keeps_the_rest():
+    assert guide_prompt(ShapesPrompt("a crimson disc", "red", "circle"), "red") == ShapesPrompt(
+        "an emerald disc", "green", "circle")  # the synonym at the same place; the article follows it
+    assert guide_prompt(ShapesPrompt("an emerald round dot", "green", "circle"), "circle").text == "an emerald block"
+    assert guide_prompt(ShapesPrompt("a ruby ring", "red", "circle"), "circle").text == "a ruby quadrate"  # held out
+    left = guide_prompt(ShapesPrompt("one blue box sliding to the left", "blue", "square", "left"), "left")
+    assert left == ShapesPrompt("one blue box sliding to the right", "blue", "square", "right")
+    for video in (False, True):
+        for held_out in (False, True):
+            for p in eval_prompts(video=video, held_out=held_out):
+                for concept in filter(None, (p.colour, p.shape, p.direction)):
+                    g, guide = guide_prompt(p, concept), guide_concept(concept)
+                    assert g.asks_for(guide) and not g.asks_for(concept)
+                    assert {g.colour, g.shape, g.direction} - {guide} == {p.colour, p.shape, p.direction} - {concept}
+                    words = [pair for k in (0, 1)
+                             for pair in zip(SYNONYMS[concept][k], SYNONYMS[guide][k], strict=True)]  # fmt: skip
+                    assert any(_blank(p.text, w) == _blank(g.text, v) for w, v in words), (p, g)  # nothing else moved
+    with pytest.raises(ValueError, match="does not ask for 'red'"):
+        guide_prompt(ShapesPrompt("a green disc", "green", "circle"), "red")
+    with pytest.raises(ValueError, match="names 'red' by none of its words"):
+        guide_prompt(ShapesPrompt("a rosy disc", "red", "circle"), "red")
 
 
 def test_embedding_attack_lowers_the_denoising_loss_within_its_budget():

@@ -23,7 +23,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +63,7 @@ __all__ = [
     "grid_rows",
     "renders",
     "guide_concept",
+    "guide_prompt",
     "concept_spec",
     "retention",
     "MIN_ACCURACY_BEFORE",
@@ -257,6 +260,29 @@ def guide_concept(concept: str) -> str:
     circle -> square, left -> right; the last wraps to the first)."""
     values = [c for c, a in ATTRIBUTES.items() if a == attribute_of(concept)]
     return values[(values.index(concept) + 1) % len(values)]
+
+
+def guide_prompt(prompt: ShapesPrompt, concept: str) -> ShapesPrompt:
+    """``prompt`` with ``concept`` replaced by its guide (:func:`guide_concept`), word for word: the synonym at the
+    same place of the guide's list ("a crimson disc" -> "an emerald disc", "a ruby box" -> "a jade box"). What an
+    ideal erasure onto the guide would turn ``prompt`` into, and nothing else (the image-level attack's yardstick in
+    ``benchmarks/shapes.py --reference``).
+
+    >>> guide_prompt(ShapesPrompt("a crimson disc", "red", "circle"), "red")
+    ShapesPrompt(text='an emerald disc', colour='green', shape='circle', direction=None)
+    """
+    attribute, guide = attribute_of(concept), guide_concept(concept)
+    if not prompt.asks_for(concept):
+        raise ValueError(f"{prompt.text!r} does not ask for {concept!r}: only its prompts have a guide's version")
+    for held_out in (0, 1):
+        words = SYNONYMS[concept][held_out]
+        for i in sorted(range(len(words)), key=lambda i: -len(words[i])):  # "round dot" before "dot"
+            pattern = rf"\b{re.escape(words[i])}\b"
+            if re.search(pattern, prompt.text):
+                text = re.sub(pattern, SYNONYMS[guide][held_out][i], prompt.text, count=1)
+                text = with_articles(re.sub(r"\b([Aa])n\b", r"\1", text))  # the article follows the new word
+                return dataclasses.replace(prompt, text=text, **{attribute: guide})
+    raise ValueError(f"{prompt.text!r} names {concept!r} by none of its words {SYNONYMS[concept]}")
 
 
 def concept_spec(concept: str, video: bool = False, preserve_all: bool = True,
