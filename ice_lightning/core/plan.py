@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .architectures import lookup_architecture
 from .concepts import ConceptSpec, Family, Prompt
-from .context import context_requests, context_shifts
+from .context import context_parts, context_requests, context_shifts
 from .editing import apply_edits, concept_responses
 from .encoders import EmbeddingSpace
 from .layers import NoTextConditioningLayerError, TextConditioningLayers, adapted_weight, lora_wrappers
@@ -147,7 +147,11 @@ def _erase_rank(E: Tensor) -> int:
     return int((s > 1e-6 * s[0]).sum())
 
 
-def _anchor_pairs(space: EmbeddingSpace, spec: ConceptSpec) -> tuple[Tensor, Tensor] | None:
+def _anchor_pairs(space: EmbeddingSpace, spec: ConceptSpec, context: bool = False) -> tuple[Tensor, Tensor] | None:
+    """(concept, anchor) state pairs of the spec's anchor prompts, or ``None`` without an anchor. ``context``
+    (``ICEHyperParams.anchor_context``): also every context token of each erase prompt with the same token of the
+    anchor's prompt (matched by position before and after the concept, as :func:`~.context.context_shifts` matches
+    them), so the map aims at what the whole anchor prompt reads like, not only at its anchor tokens."""
     pairs = spec.anchor_prompts()
     if not pairs:
         return None
@@ -157,7 +161,20 @@ def _anchor_pairs(space: EmbeddingSpace, spec: ConceptSpec) -> tuple[Tensor, Ten
     if not keep:
         raise ValueError(f"the anchor {spec.anchor!r} tokenizes to nothing with this pipeline's tokenizer")
     # Pair prompt by prompt: the mean state of the concept's tokens maps to the anchor's.
-    return torch.stack([src[i].mean(0) for i in keep]), torch.stack([dst[i].mean(0) for i in keep])
+    rows = [(src[i].mean(0)[None], dst[i].mean(0)[None]) for i in keep]
+    if context and not space.pooled:
+        sides = [(pairs[i], side, spec.include_eot and side == 1) for i in keep for side in (0, 1)]
+        sides = [(pair, side, eot) for pair, side, eot in sides if eot or _nonempty(context_parts(pair[0])[side])]
+        wanted = [(context_parts(q)[side], eot) for pair, side, eot in sides for q in pair]
+        states = space.requested(wanted)
+        for k in range(0, len(states), 2):  # (erase prompt's side, the anchor prompt's same side)
+            if states[k].shape == states[k + 1].shape:
+                rows.append((states[k], states[k + 1]))
+    return torch.cat([a for a, _ in rows]), torch.cat([b for _, b in rows])
+
+
+def _nonempty(part: Prompt) -> bool:
+    return part.span[0] < part.span[1]
 
 
 class ErasurePlan:
@@ -232,7 +249,7 @@ class ErasurePlan:
                 s: ConceptStates(
                     _collect(self.spaces[s], spec.erase_prompts(), spec.include_eot, "erase"),
                     _collect(self.spaces[s], spec.preserve_prompts(), spec.include_eot, "preserve"),
-                    _anchor_pairs(self.spaces[s], spec),
+                    _anchor_pairs(self.spaces[s], spec, getattr(self.params, "anchor_context", False)),
                     self.spaces[s].base_states(spec.base_prompts()) if self._uses_base() else None,
                     context_shifts(self.spaces[s], spec, spec.include_eot) if context else None,
                 )

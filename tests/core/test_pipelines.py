@@ -175,6 +175,35 @@ def test_anchor_and_eot_options(load_pipeline):
     assert anchored.to_manifest()["concepts"]["anchor"] == "art"  # the family's guide concept, by name
 
 
+def test_anchor_context_pairs_each_context_token_with_the_anchor_prompts_same_token(load_pipeline):
+    from ice_lightning.core.concepts import ConceptSpec
+    from ice_lightning.core.context import context_parts
+    from ice_lightning.core.plan import ErasurePlan
+
+    pipe = load_pipeline("sd")
+    spec = ConceptSpec(erase=["Van Gogh"], family="style", anchor="family",
+                       templates=["a painting by {}", "{} style, a landscape"])  # fmt: skip
+    plain = ErasurePlan(pipe, spec).states()["text"].anchor
+    plan = ErasurePlan(pipe, spec, hparams={"anchor_context": True})
+    src, dst = plan.states()["text"].anchor
+    n = plain[0].shape[0]
+    assert n == 2 and torch.equal(src[:n], plain[0]) and torch.equal(dst[:n], plain[1])  # the concept's own pairs first
+    space = plan.spaces["text"]
+    (a1, b1), (a2, b2) = spec.anchor_prompts()
+    # "a painting by " before the name, "style, a landscape" after it: the same words in both prompts, token by token
+    expected = [space.per_prompt([context_parts(q)[side]])[0] for side, pair in ((0, (a1, b1)), (1, (a2, b2)))
+                for q in pair]  # fmt: skip
+    assert expected[0].shape[0] == 3 and expected[2].shape[0] >= 3
+    assert torch.equal(src[n:], torch.cat([expected[0], expected[2]]))
+    assert torch.equal(dst[n:], torch.cat([expected[1], expected[3]]))
+    assert not torch.equal(src[n:], dst[n:])  # the name moves its context: that is what the map aims at
+    result = ice_lightning.erase(pipe, spec=spec, anchor_context=True)
+    assert result.to_manifest()["hparams"]["anchor_context"] is True
+    result.undo()
+    with pytest.raises(ValueError, match="anchor_context must be True or False, got 'yes'"):
+        ice_lightning.erase(pipe, spec=spec, anchor_context="yes")
+
+
 def test_lora_adapted_layers_are_edited_exactly(load_pipeline):
     from peft import LoraConfig
 

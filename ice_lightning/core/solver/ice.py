@@ -139,6 +139,13 @@ class ICEHyperParams:
             leaves the context.
             The rows need the text encoder, so :class:`~ice_lightning.core.plan.ErasurePlan` builds them (this solver
             ignores the field).
+        anchor_context: with an anchor (the spec's guide concept), map not only the concept's own tokens onto the
+            anchor's but every context token of each training prompt onto the same token of the anchor's prompt
+            (matched by position before and after the concept): the map aims at what the whole anchor prompt reads
+            like to the layers. The pairs need the text encoder, so :class:`~ice_lightning.core.plan.ErasurePlan`
+            builds them (this solver, given pairs, uses whatever it is given). ``docs/benchmarks.md``, section 4: on
+            the shapes video model it keeps the image-level attack at budget 0.1 from restoring the erased
+            direction.
         erase_floor: with hardening (``harden_rounds`` > 0, or the default's wherever the layers are known), a number
             ``f`` makes ``erase_expansion`` the top of a ladder: the hardened operator is solved at ``erase_expansion``
             x 1/30, 1/10, 1/3 and 1 in turn, and the first whose erasure of the concept's own training states
@@ -176,10 +183,13 @@ class ICEHyperParams:
     trigger_rounds: int = 0
     trigger_expansion: float = 3.0
     context_expansion: float = 2.0
+    anchor_context: bool = False
     erase_floor: float | None = None
     harden_ceiling: float | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.anchor_context, bool):
+            raise ValueError(f"anchor_context must be True or False, got {self.anchor_context!r}")
         if self.objective not in ("weighted", "frobenius"):
             raise ValueError(f"unknown objective {self.objective!r}; use 'weighted' or 'frobenius'")
         if not (self.erase_expansion > 0 and self.preserve_expansion > 0):
