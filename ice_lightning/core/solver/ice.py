@@ -144,8 +144,9 @@ class ICEHyperParams:
             (matched by position before and after the concept): the map aims at what the whole anchor prompt reads
             like to the layers. The pairs need the text encoder, so :class:`~ice_lightning.core.plan.ErasurePlan`
             builds them (this solver, given pairs, uses whatever it is given). ``docs/benchmarks.md``, section 4: on
-            the shapes video model the image-level attack at budget 0.1 restores the erased direction in 2 of 8
-            clips instead of 8; elsewhere it changes little. ``False`` (default): the concept's tokens alone.
+            the shapes video model the image-level attack at budget 0.1 restored the erased direction in 6 of 16
+            clips instead of 12 (two seeds); elsewhere it changes little. ``False`` (default): the concept's tokens
+            alone.
         erase_floor: with hardening (``harden_rounds`` > 0, or the default's wherever the layers are known), a number
             ``f`` makes ``erase_expansion`` the top of a ladder: the hardened operator is solved at ``erase_expansion``
             x 1/30, 1/10, 1/3 and 1 in turn, and the first whose erasure of the concept's own training states
