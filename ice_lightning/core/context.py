@@ -26,7 +26,7 @@ from torch import Tensor
 from .concepts import ConceptSpec, Prompt
 from .encoders import EmbeddingSpace, Request
 
-__all__ = ["context_parts", "context_requests", "context_shifts"]
+__all__ = ["context_parts", "context_sides", "context_requests", "context_shifts"]
 
 #: Shift rows below this share of the largest one's norm are dropped (a prompt whose context does not move).
 _NEGLIGIBLE = 1e-6
@@ -36,6 +36,18 @@ def context_parts(prompt: Prompt) -> tuple[Prompt, Prompt]:
     """The tokens before the concept's span and after it, as two prompts on the same text."""
     lo, hi = prompt.span if prompt.span is not None else (0, len(prompt.text))
     return Prompt(prompt.text, (0, lo)), Prompt(prompt.text, (hi, len(prompt.text)))
+
+
+def context_sides(prompt: Prompt, include_eot: bool = False) -> list[Request]:
+    """The requests for ``prompt``'s context sides that hold a token: before the concept, then after it (with
+    ``include_eot``, the side after it with its end-of-text token, which it always has). Two prompts of one template
+    have the same sides, in the same order."""
+    sides = []
+    for side, part in enumerate(context_parts(prompt)):
+        eot = include_eot and side == 1
+        if eot or part.span[0] < part.span[1]:  # an empty side has no token
+            sides.append((part, eot))
+    return sides
 
 
 def _filled(spec: ConceptSpec) -> list[tuple[Prompt, list[Prompt]]]:
@@ -51,10 +63,7 @@ def context_requests(spec: ConceptSpec, include_eot: bool = False) -> list[Reque
     wanted: dict[Request, None] = {}
     for own, peers in _filled(spec) if spec.preserve else ():
         for q in (own, *peers):
-            for side, part in enumerate(context_parts(q)):
-                eot = include_eot and side == 1
-                if eot or part.span[0] < part.span[1]:  # an empty side has no token
-                    wanted[(part, eot)] = None
+            wanted.update(dict.fromkeys(context_sides(q, include_eot)))
     return list(wanted)
 
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .architectures import lookup_architecture
 from .concepts import ConceptSpec, Family, Prompt
-from .context import context_parts, context_requests, context_shifts
+from .context import context_requests, context_shifts, context_sides
 from .editing import apply_edits, concept_responses
 from .encoders import EmbeddingSpace
 from .layers import NoTextConditioningLayerError, TextConditioningLayers, adapted_weight, lora_wrappers
@@ -163,18 +163,12 @@ def _anchor_pairs(space: EmbeddingSpace, spec: ConceptSpec, context: bool = Fals
     # Pair prompt by prompt: the mean state of the concept's tokens maps to the anchor's.
     rows = [(src[i].mean(0)[None], dst[i].mean(0)[None]) for i in keep]
     if context and not space.pooled:
-        sides = [(pairs[i], side, spec.include_eot and side == 1) for i in keep for side in (0, 1)]
-        sides = [(pair, side, eot) for pair, side, eot in sides if eot or _nonempty(context_parts(pair[0])[side])]
-        wanted = [(context_parts(q)[side], eot) for pair, side, eot in sides for q in pair]
-        states = space.requested(wanted)
-        for k in range(0, len(states), 2):  # (erase prompt's side, the anchor prompt's same side)
-            if states[k].shape == states[k + 1].shape:
-                rows.append((states[k], states[k + 1]))
+        # (erase prompt's side, the anchor prompt's same side): one template, so the same sides
+        sides = [pair for a, b in (pairs[i] for i in keep)
+                 for pair in zip(context_sides(a, spec.include_eot), context_sides(b, spec.include_eot), strict=True)]
+        states = space.requested([r for pair in sides for r in pair])
+        rows += [(x, y) for x, y in zip(states[::2], states[1::2], strict=True) if x.shape == y.shape]
     return torch.cat([a for a, _ in rows]), torch.cat([b for _, b in rows])
-
-
-def _nonempty(part: Prompt) -> bool:
-    return part.span[0] < part.span[1]
 
 
 class ErasurePlan:
