@@ -125,8 +125,7 @@ def reference(pipe, kind: str, concept: str, args) -> dict:
     concept's prompts exactly into the guide's and changed nothing else would leave an attacker this much; an edit
     can leave less only by also changing what the rest of the embedding space does."""
     t = time.perf_counter()
-    budgets, most, samples = ((args.video_budgets, args.video_attack_prompts, args.video_samples) if pipe.video else
-                              (args.budgets, args.attack_prompts, args.samples))  # fmt: skip
+    budgets, most, samples = _attack_settings(pipe, args)
     run = {str(b): attack(pipe, concept, samples, args.seed, args.attack_steps, args.sample_steps, b, most,
                           args.restarts, from_guide=True) for b in [0, *budgets]}  # fmt: skip
     row = {"model": kind, "concept": concept, "guide": guide_concept(concept), "presence": run.pop("0"),
@@ -147,6 +146,13 @@ def summarise(row: dict) -> dict:
     return row
 
 
+def _attack_settings(pipe, args) -> tuple[list, int | None, int]:
+    """``(budgets, prompts attacked, samples per prompt)`` of this model: the video model has its own."""
+    if pipe.video:
+        return args.video_budgets, args.video_attack_prompts, args.video_samples
+    return args.budgets, args.attack_prompts, args.samples
+
+
 def _concepts(kind: str, args) -> list[str]:
     return [c for c in CONCEPTS[kind] if not args.concepts or c in args.concepts][: 1 if args.tiny else None]
 
@@ -158,13 +164,11 @@ def run_model(kind: str, args, methods: dict[str, tuple[str, dict]]) -> list[dic
     pipe = load_shapes_pipeline(kind, args.models)
     if args.reference:
         return [reference(pipe, kind, c, args) for c in _concepts(kind, args)]
-    samples = args.video_samples if pipe.video else args.samples
+    budgets, most, samples = _attack_settings(pipe, args)
     opts = {"samples": samples, "seed": args.seed, "steps": args.sample_steps}
     t = time.perf_counter()
     before_samples = sample_splits(pipe, **opts)
     print(f"[{kind}] sampled the unedited model in {time.perf_counter() - t:.0f} s", flush=True)
-    budgets, most = ((args.video_budgets, args.video_attack_prompts) if pipe.video else
-                     (args.budgets, args.attack_prompts))  # fmt: skip
     rows = []
     for concept in _concepts(kind, args):
         before = {k: score(x, prompts, concept) for k, (prompts, x) in before_samples.items()}
@@ -199,6 +203,16 @@ def run_model(kind: str, args, methods: dict[str, tuple[str, dict]]) -> list[dic
                   f"min retention {r['min_retention']:.2f}, attack {attacked} ({time.perf_counter() - t:.0f} s)",
                   flush=True)  # fmt: skip
     return rows
+
+
+def _budget_columns(rows: list[dict]) -> list[str]:
+    """The attack columns of ``rows``, in the order first measured."""
+    return list(dict.fromkeys(b for r in rows for b in r["attack_presence"]))
+
+
+def _seconds_per_model(rows: list[dict]) -> str:
+    """``"shapes-image 556 s, ..."``: the seconds of ``rows`` summed per model (models without any left out)."""
+    return ", ".join(f"{m} {s:.0f} s" for m in CONCEPTS if (s := sum(r["seconds"] for r in rows if r["model"] == m)))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -284,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
           "yes" if r["meets_targets"] else "no"] for r in rows],
     )  # fmt: skip
     seen = [r for r in rows if r["split"] == "seen"]
-    budgets = list(dict.fromkeys(b for r in seen for b in r["attack_presence"]))
+    budgets = _budget_columns(seen)
     md += ["", "## Image-level attack: presence of the erased concept in samples from optimised prompt embeddings",
            "", f"Adam on the prompt embedding, {args.attack_steps} steps, best of {args.restarts} run(s), per-token "
            "budget x the token's norm (None: unbounded); images: "
@@ -301,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
                 [[r["model"], r["concept"], r["method"], r["presence_before"], r["presence_after"],
                   *(r["attack_presence"].get(b, "-") for b in budgets)] for r in seen])  # fmt: skip
     if references:
-        ref_budgets = list(dict.fromkeys(b for r in references for b in r["attack_presence"]))
+        ref_budgets = _budget_columns(references)
         md += ["", "## The yardstick: the same attack on the unedited model from the guide's prompts", "",
                "Each attacked prompt with the concept replaced by its guide, word for word (\"a crimson disc\" -> "
                "\"an emerald disc\"), on the unedited model, aimed at the concept's renders as above (`--reference`). "
@@ -312,10 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
                      *(f"attack success, budget {b}" for b in ref_budgets)],
                     [[r["model"], r["concept"], r["guide"], r["presence"],
                       *(r["attack_presence"].get(b, "-") for b in ref_budgets)] for r in references])  # fmt: skip
-    seconds = {m: sum(r["seconds"] for r in rows if r["model"] == m and r["split"] == SPLITS[-1]) for m in CONCEPTS}
-    per_model = ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items() if s) or "-"
-    ref_seconds = ", ".join(f"{m} {s:.0f} s" for m in CONCEPTS
-                            if (s := sum(r["seconds"] for r in references if r["model"] == m)))  # fmt: skip
+    per_model = _seconds_per_model([r for r in rows if r["split"] == SPLITS[-1]]) or "-"  # one time per method row
+    ref_seconds = _seconds_per_model(references)
     md += ["", f"Time per model (erasures, their sampling and attacks): {per_model}"
            + (f"; the yardstick: {ref_seconds}" if ref_seconds else "")
            + f". This run: {time.perf_counter() - t0:.0f} s ({' '.join(args.kinds)})."]
