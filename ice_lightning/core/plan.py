@@ -341,9 +341,9 @@ class ErasurePlan:
     def _erasure_apart(self, rows: Tensor, st: ConceptStates, gram: Tensor | None,
                        expansion: float) -> DissociationOperator:  # fmt: skip
         """``rows`` solved as an ICE erasure of their own, to compose with the concept's: ``erase_expansion =
-        expansion``, no hardening, in the erasure's metric, with the same preserve sets and base."""
+        expansion``, no hardening and no hard core, in the erasure's metric, with the same preserve sets and base."""
         return dissociation_operator(rows, st.preserve, self.params, concepts=len(self.spec.erase), E_base=st.base,
-                                     gram=gram, harden_rounds=0, erase_expansion=expansion)  # fmt: skip
+                                     gram=gram, harden_rounds=0, erase_expansion=expansion, hard_core=None)  # fmt: skip
 
     def _with_context(self, op: DissociationOperator, st: ConceptStates, gram: Tensor | None) -> DissociationOperator:
         """``op`` and the erasure of the concept's imprint on its context tokens (the shift rows, ``erase_expansion =

@@ -9,6 +9,7 @@ from ice_lightning.core.solver import (
     build_operator,
     dissociation_operator,
     harden,
+    ice_components,
     layer_gram,
     needs_gram,
     output_erasure,
@@ -338,3 +339,68 @@ def test_a_hardening_ceiling_keeps_the_concepts_erasure_within_it_at_the_stronge
     assert torch.equal(solve(harden_budget=None, harden_ceiling=ceiling).dense(), solve(harden_budget=None).dense())
     with pytest.raises(ValueError, match="harden_ceiling"):
         ICEHyperParams(harden_ceiling=0.0)
+
+
+def test_a_hard_core_sets_the_eigenvalues_above_it_to_one_as_the_least_change_of_the_objective_that_does():
+    """``hard_core=t``: ``g(D)`` with eigenvalues above ``t`` raised to 1 (against a dense eigendecomposition), equal
+    to the minimiser of ``J`` under ``D x_c = x_c`` for those eigenvectors, written densely:
+    ``D* + (C - D* C)(C^T S^-1 C)^-1 C^T S^-1``; the rest of the spectrum is kept."""
+    _, E_e, E_p = _setting(4)
+    hp = ICEHyperParams(harden_rounds=0, base_weight=0.0)
+    plain = dissociation_operator(E_e, E_p, hp).dense()
+    d, X = torch.linalg.eig(plain)
+    t = float(d.real.sort(descending=True).values[2]) - 1e-6  # the top three eigenvalues
+    assert float(d.real.max()) < 1 - 1e-3
+    cored = dissociation_operator(E_e, E_p, hp, hard_core=t)
+    g = torch.where(d.real > t, torch.ones_like(d), d)
+    assert torch.allclose(cored.dense(), (X @ torch.diag(g) @ torch.linalg.inv(X)).real, atol=1e-12)
+    C = X[:, d.real > t].real
+    assert C.shape[1] == 3 and torch.allclose(cored.dense() @ C, C, atol=1e-12)
+    Pe, Pp, _ = ice_components(E_e, E_p, hp)
+    S = Pe.dense() + hp.lam * Pp.dense() + hp.mu * torch.eye(E_e.shape[1], dtype=F64)
+    SiC = torch.linalg.solve(S, C)
+    constrained = plain + (C - plain @ C) @ torch.linalg.solve(C.T @ SiC, SiC.T)
+    assert torch.allclose(cored.dense(), constrained, atol=1e-12)
+    kept = torch.linalg.eigvals(cored.dense()).real.sort(descending=True).values
+    assert torch.allclose(kept[3:], d.real.sort(descending=True).values[3:], atol=1e-10)
+    # above every eigenvalue: the plain operator, bit for bit; recorded in hparams, which solve it again
+    assert torch.equal(dissociation_operator(E_e, E_p, hp, hard_core=0.999).dense(), plain)
+    assert cored.hparams["hard_core"] == t
+    assert torch.equal(dissociation_operator(E_e, E_p, **cored.hparams).dense(), cored.dense())
+    for bad in (0.0, 1.0, -0.2, 1.5):
+        with pytest.raises(ValueError, match="hard_core"):
+            ICEHyperParams(hard_core=bad)
+
+
+def test_a_hard_core_is_the_concepts_own_the_anchor_and_the_hardening_act_after_it():
+    """The core is taken on the concept's operator before its anchor and its hardening: the anchored, hardened
+    operator equals the anchor map and the hardening applied to the cored plain operator (the adversary's own
+    erasure gets none), and the closed-form adversary restores less of the concept's outputs through it."""
+    Ws, E_e, E_p = _setting(5)
+    G = layer_gram(Ws)
+    g = torch.Generator().manual_seed(9)
+    anchor = (E_e[:3], torch.randn(3, E_e.shape[1], generator=g, dtype=F64) + 1.0)
+    t = 0.3
+    plain = dissociation_operator(E_e, E_p, harden_rounds=0)
+    cored = dissociation_operator(E_e, E_p, harden_rounds=0, hard_core=t)
+    assert int((torch.linalg.eigvals(plain.dense()).real > t).sum()) >= 2
+    # anchored: (I - T) g(D), the anchor's T as it maps the plain operator
+    anchored = dissociation_operator(E_e, E_p, harden_rounds=0, anchor=anchor)
+    anchored_cored = dissociation_operator(E_e, E_p, harden_rounds=0, anchor=anchor, hard_core=t)
+    T_part = plain.dense() - anchored.dense()  # T D
+    T = T_part @ torch.linalg.pinv(plain.dense(), rtol=1e-10)
+    assert torch.allclose(anchored_cored.dense(), cored.dense() - T @ cored.dense(), atol=1e-8)
+    # hardened: the adversary's erasure composed with the cored operator, the adversary solved without a core
+    kw = {**FIXED, "harden_rounds": 1}
+    hardened = dissociation_operator(E_e, E_p, gram=G, hard_core=t, **kw)
+    by_hand = harden(cored, E_e, G, lambda rows: dissociation_operator(rows, E_p, harden_rounds=0,
+                                                                       erase_expansion=3.0), rounds=1)  # fmt: skip
+    assert torch.allclose(hardened.dense(), by_hand.dense(), atol=1e-10)
+
+    def restored(op):  # the share of the concept's outputs the closed-form adversary brings back, over every layer
+        X = adversarial_inputs(op, G, E_e)
+        D, eye = op.dense(), torch.eye(op.dim, dtype=F64)
+        left = sum(((W @ (eye - D) @ X.T) - W @ E_e.T).norm() ** 2 for W in Ws)
+        return 1 - float(left.sqrt() / sum((W @ E_e.T).norm() ** 2 for W in Ws).sqrt())
+
+    assert restored(cored) < restored(plain) - 0.01

@@ -49,6 +49,7 @@ CASES = {
     "anchor": dict(anchor=True),
     "output metric": dict(metric="output"),
     "hardened": dict(harden_rounds=1),
+    "hard core": dict(hard_core=0.35),  # the top four or five eigenvalues raised to 1
 }
 
 

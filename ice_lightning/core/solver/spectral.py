@@ -25,6 +25,7 @@ __all__ = [
     "overlap_projector",
     "energy_overlap",
     "anderson_duffin",
+    "with_hard_core",
 ]
 
 _DTYPE = torch.float64
@@ -418,6 +419,32 @@ def _with_anchor(op: DissociationOperator, anchor: tuple[Tensor, Tensor] | None)
         return DX - dst_T @ (src_pinv @ DX)
 
     return _operator_from([op.U, dst_T], apply, op.method, hp)
+
+
+def with_hard_core(op: DissociationOperator, threshold: float | None) -> DissociationOperator:
+    """``op`` with every eigenvalue above ``threshold`` set to 1 (``None``: ``op`` itself), the rest as they are.
+
+    Along an eigenvector ``x`` with ``D x = d x`` an input restores the layers' output at ``1 / (1 - d)`` times its
+    norm; at ``d = 1`` nothing is left there to amplify. The result is the matrix function ``g(D)``, ``g(d) = 1``
+    above the threshold and ``d`` below, computed on the factors: ``D U = U K`` with ``K = M V^T U`` (``K = M`` in
+    the symmetric form), so ``D^n = U K^(n-1) M V^T`` and ``g(D) = U h(K) M V^T`` with ``h(d) = g(d) / d``, where
+    ``h(K) = I + sum_c (1 / d_c - 1) a_c b_c^T`` over the right and left eigenvectors of ``K`` whose eigenvalues
+    ``d_c`` are raised. Only ``M`` changes, so the form, the bases and the rank stay.
+
+    For ICE's weighted minimiser ``D* = P_e^2 S^-1`` the eigenvectors ``x_c`` are ``S^-1``-orthogonal, and this is
+    the minimiser of ``J`` under the constraint ``D x_c = x_c`` (``docs/method.md``, section 9): the least change of
+    the objective that erases those directions exactly."""
+    if threshold is None:
+        return op
+    K = op.M @ (op.right_basis.T @ op.U)
+    d, A = torch.linalg.eig(K)
+    core = d.real > threshold
+    if not bool(core.any()):
+        return op
+    # a complex pair has one real part, so it is raised whole and the correction stays real
+    left = torch.linalg.solve(A, torch.eye(A.shape[0], dtype=A.dtype))[core]  # rows b_c^T of A^-1
+    h = torch.eye(K.shape[0], dtype=K.dtype) + ((A[:, core] * (1 / d[core] - 1)) @ left).real
+    return DissociationOperator(op.U, h @ op.M, op.method, dict(op.hparams), V=op.V)
 
 
 def _checked_inputs(E_erase: Tensor, E_preserve: Tensor, E_base: Tensor | Spectrum | None):
