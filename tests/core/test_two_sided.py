@@ -49,7 +49,7 @@ CASES = {
     "anchor": dict(anchor=True),
     "output metric": dict(metric="output"),
     "hardened": dict(harden_rounds=1),
-    "hard core": dict(hard_core=0.35),  # the top four or five eigenvalues raised to 1
+    "hard core": dict(hard_core=0.35),  # 4 eigenvalues raised to 1 with the base, 10 without
 }
 
 
