@@ -84,12 +84,10 @@ def context_shifts(space: EmbeddingSpace, spec: ConceptSpec, include_eot: bool =
     rows = []
     for own, peers in _filled(spec):
         total = None
-        for side in (0, 1):
-            eot = include_eot and side == 1
-            mine = states.get((context_parts(own)[side], eot))
-            if mine is None or not mine.shape[0]:
-                continue
-            theirs = [r for r in (states[(context_parts(q)[side], eot)] for q in peers) if r.shape[0] == mine.shape[0]]
+        # one template: the peers' sides are the erase prompt's, in the same order (context_sides)
+        for side, *peer_sides in zip(*(context_sides(q, include_eot) for q in (own, *peers)), strict=True):
+            mine = states[side]
+            theirs = [r for r in (states[s] for s in peer_sides) if r.shape[0] == mine.shape[0]]
             if theirs:
                 shift = (mine.to(torch.float64) - torch.stack(theirs).to(torch.float64).mean(0)).sum(0)
                 total = shift if total is None else total + shift
