@@ -42,6 +42,7 @@ from .solver import (
     layer_gram,
     method_params,
 )
+from .solver.ice import part_params
 from .solver.spectral import _composed
 from .triggers import erase_triggers
 
@@ -341,9 +342,10 @@ class ErasurePlan:
     def _erasure_apart(self, rows: Tensor, st: ConceptStates, gram: Tensor | None,
                        expansion: float) -> DissociationOperator:  # fmt: skip
         """``rows`` solved as an ICE erasure of their own, to compose with the concept's: ``erase_expansion =
-        expansion``, no hardening and no hard core, in the erasure's metric, with the same preserve sets and base."""
-        return dissociation_operator(rows, st.preserve, self.params, concepts=len(self.spec.erase), E_base=st.base,
-                                     gram=gram, harden_rounds=0, erase_expansion=expansion, hard_core=None)  # fmt: skip
+        expansion``, plain (:func:`~.solver.ice.part_params`), in the erasure's metric, with the same preserve sets
+        and base."""
+        return dissociation_operator(rows, st.preserve, part_params(self.params, expansion),
+                                     concepts=len(self.spec.erase), E_base=st.base, gram=gram)  # fmt: skip
 
     def _with_context(self, op: DissociationOperator, st: ConceptStates, gram: Tensor | None) -> DissociationOperator:
         """``op`` and the erasure of the concept's imprint on its context tokens (the shift rows, ``erase_expansion =

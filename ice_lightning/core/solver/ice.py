@@ -397,10 +397,17 @@ def dissociation_operator(
     E_used, Pe, second, base = _components(E_erase, E_preserve, hp, E_base, erase_subspace=not two_sided)
     if two_sided:
         op = two_sided_weighted(E_used, second, _base_inverse(base, hp), hp.erase_expansion, hp.lam, hparams)
-        op = _with_anchor(with_hard_core(op, hp.hard_core), anchor)
-        return _hardened(op, E_erase, E_preserve, hp, concepts, E_base, gram)
-    V, f, Q, w = Pe.basis, Pe.weights, second.basis, second.weights
+    else:
+        op = _spectral_operator(Pe, second, base, hp, hparams)
+    op = _with_anchor(with_hard_core(op, hp.hard_core), anchor)
+    return _hardened(op, E_erase, E_preserve, hp, concepts, E_base, gram)
 
+
+def _spectral_operator(Pe: EnergySubspace, second: Overlap, base: Overlap | None, hp: ICEHyperParams,
+                       hparams: dict) -> DissociationOperator:  # fmt: skip
+    """ICE's ``D*`` from the erase subspace ``Pe``, the second (overlap or preserve) projector and the base, in the
+    low-rank form ``V [.] (V, S^-1 V)`` (the formulas in :func:`dissociation_operator`'s docstring)."""
+    V, f, Q, w = Pe.basis, Pe.weights, second.basis, second.weights
     if hp.objective == "weighted":
         # S = B + A A^T with B = mu I + lam_b P_b (diagonal in the base's basis: inverted in closed form, so a
         # base spanning all d directions costs no d x d solve) and A = [V f^1/2, Q (lam w)^1/2]; Woodbury:
@@ -424,9 +431,7 @@ def dissociation_operator(
             return f[:, None] * (V.T @ Y) / (1 + hp.mu)
 
         row_space = Q @ (h[:, None] * (Q.T @ V))
-    op = _operator_from([V, row_space], right, "ice", hparams, left=V)
-    op = _with_anchor(with_hard_core(op, hp.hard_core), anchor)
-    return _hardened(op, E_erase, E_preserve, hp, concepts, E_base, gram)
+    return _operator_from([V, row_space], right, "ice", hparams, left=V)
 
 
 #: The rungs of ``erase_floor``'s ladder, as fractions of ``erase_expansion`` (weakest first).
@@ -517,9 +522,7 @@ def _hardened(op: DissociationOperator, E_erase: Tensor, E_preserve: Tensor, hp:
         base = compress_states(E_base) if gram_only and isinstance(E_base, Tensor) else E_base
 
     def hardened(expansion: float) -> DissociationOperator:
-        # the adversary's rows are an erasure of their own: the hard core is the concept's
-        adversary = _merge(hp, {"harden_rounds": 0, "erase_expansion": expansion, "metric": metric,
-                                "hard_core": None})
+        adversary = part_params(hp, expansion, metric=metric)
 
         def solve_adversary(rows: Tensor) -> DissociationOperator:
             if sides is not None:
@@ -565,6 +568,13 @@ def _in_output_metric(E_erase, E_preserve, hp: ICEHyperParams, anchor, concepts,
     else:
         op = _operator_from([_orth(back(tilde.U)), L @ tilde.U], apply, "ice", hparams)
     return _hardened(op, E_erase, E_preserve, hp, concepts, E_base, gram)
+
+
+def part_params(hp: ICEHyperParams, erase_expansion: float, **overrides) -> ICEHyperParams:
+    """The settings of an erasure solved to compose with ``hp``'s own (the hardening's adversary, the context's
+    imprint, the found triggers): ``hp``'s at ``erase_expansion``, with no hardening and no hard core of its own. Each
+    part stays a soft erasure of its own rows; the hard core and the hardening belong to the concept's operator."""
+    return _merge(hp, {"harden_rounds": 0, "hard_core": None, "erase_expansion": erase_expansion, **overrides})
 
 
 def _asdict(hp: ICEHyperParams) -> dict:
