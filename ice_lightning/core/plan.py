@@ -420,13 +420,13 @@ def erase(
     pipeline,
     erase: list[str] | str | None = None,
     preserve: list[str] | None = None,
-    family: Family = "custom",
+    family: Family | None = None,
     *,
     spec: ConceptSpec | None = None,
     synonyms: dict[str, list[str]] | None = None,
     anchor: str | None = None,
     templates: list[str] | None = None,
-    include_eot: bool = False,
+    include_eot: bool | None = None,
     method: Method = "ice",
     layers: Iterable[str] | None = None,
     verify: bool = True,
@@ -439,7 +439,8 @@ def erase(
         pipeline: a diffusers pipeline (SD 1.x/2.x, SDXL, SD3, Flux, PixArt, TextToVideoSD, AnimateDiff,
             CogVideoX, Wan, LTX) or any pipeline of those denoisers built around another text encoder.
         erase, preserve, family, synonyms, anchor, templates, include_eot: the concept spec (see
-            :class:`~ice_lightning.core.concepts.ConceptSpec`); or pass a ready ``spec``.
+            :class:`~ice_lightning.core.concepts.ConceptSpec`; ``family`` defaults to ``"custom"``, ``include_eot``
+            to ``False``); or pass a ready ``spec``, beside which none of them may be given.
         method: ``"ice"`` (default), a baseline (``"cure"``, ``"uce"``, ``"projection"``, ``"rece"``) or any name
             registered with :func:`~ice_lightning.core.solver.register_method`.
         layers: explicit qualified layer names instead of the architecture table.
@@ -453,12 +454,12 @@ def erase(
         An :class:`ErasureResult`. On any error the pipeline is left exactly as it was.
     """
     if spec is None:
-        spec = ConceptSpec(erase=erase if erase is not None else [], preserve=preserve, family=family,
+        spec = ConceptSpec(erase=erase if erase is not None else [], preserve=preserve, family=family or "custom",
                            synonyms=synonyms or {}, anchor=anchor, templates=templates,
-                           include_eot=include_eot)  # fmt: skip
-    else:  # a keyword beside a ready spec was once dropped without a word
-        given = {"erase": erase, "preserve": preserve, "family": family != "custom" or None, "synonyms": synonyms,
-                 "anchor": anchor, "templates": templates, "include_eot": include_eot or None}  # fmt: skip
+                           include_eot=bool(include_eot))  # fmt: skip
+    else:  # a keyword beside a ready spec was once dropped without a word (None: not given, whatever its value)
+        given = {"erase": erase, "preserve": preserve, "family": family, "synonyms": synonyms, "anchor": anchor,
+                 "templates": templates, "include_eot": include_eot}  # fmt: skip
         both = [k for k, v in given.items() if v is not None]
         if both:
             raise ValueError(f"erase() got a spec and {', '.join(both)}: the spec holds those; set them in it "

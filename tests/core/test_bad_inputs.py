@@ -49,6 +49,11 @@ def sd(load_pipeline):
          r"got a spec and anchor: the spec holds those; set them in it \(dataclasses.replace"),
         ({"spec": ConceptSpec(erase=["Van Gogh"]), "erase": ["Monet"], "family": "style"}, ValueError,
          "got a spec and erase, family"),
+        # the defaults' own values count as given: a spec of another family or with EOT is not silently kept
+        ({"spec": ConceptSpec(erase=["Van Gogh"], family="style"), "family": "custom"}, ValueError,
+         "got a spec and family"),
+        ({"spec": ConceptSpec(erase=["Van Gogh"], include_eot=True), "include_eot": False}, ValueError,
+         "got a spec and include_eot"),
     ],
 )
 def test_bad_concept_specs(sd, kwargs, error, message):
