@@ -276,14 +276,17 @@ def test_hardening_tiny(tmp_path):
                        "ICE erase_expansion=2.0, metric=output, harden_rounds=1, harden_budget=None",
                        "ICE erase_expansion=10.0, harden_rounds=1, harden_metric=output, harden_expansion=0.3, "
                        "harden_budget=None",
-                       "ICE erase_expansion=8.0, harden_rounds=1, harden_metric=output, harden_budget=0.01"]
+                       "ICE erase_expansion=8.0, harden_rounds=1, harden_metric=output, harden_budget=0.01",
+                       "ICE erase_expansion=30.0, hard_core=0.5"]
     assert all(r["rank"] > 0 and 0 < r["erasure"] for r in data["rows"])
     plain, default = data["rows"][:2]
     assert default["rank"] > plain["rank"]  # the default's hardening adds the adversary's directions
+    assert data["rows"][-1]["erasure"] >= default["erasure"]  # the core only raises eigenvalues towards 1
     (summary,) = data["summary"]
     assert summary["concepts"] == 3 and summary["plain_near"] is not None
     assert set(summary) >= {"default_difference", "without_context_difference", "output_metric_difference",
-                            "output_adversary_near", "output_adversary_difference", "adversary_budget_difference"}
+                            "output_adversary_near", "output_adversary_difference", "adversary_budget_difference",
+                            "hard_core_difference"}
 
 
 @pytest.mark.slow
