@@ -255,6 +255,7 @@ def _run_erase(cfg) -> int:
     set_quiet(cfg.quiet)
     given = {"erase": cfg.erase, "preserve": cfg.preserve, "family": cfg.family, "anchor": cfg.anchor,
              "templates": cfg.template, "include_eot": cfg.include_eot}  # fmt: skip
+    ConceptSpec(**given)  # a bad spec is refused before the pipeline loads (minutes for a large one)
     pipe = load_pipeline(cfg.pipeline, config=cfg.pipeline_config).to(cfg.device)
     source_file = cfg.pipeline if is_single_file(cfg.pipeline) and cfg.format == "single-file" else None
     check_export_destination(pipe, cfg.out, cfg.overwrite, cfg.format)  # before any work: a refused --out costs nothing

@@ -304,6 +304,9 @@ def test_cli_refusals_print_the_message_alone_and_exit_1(saved_pipeline, tmp_pat
     sd = saved_pipeline("sd")
     cases = [
         (["--pipeline", "./nope"], "no such folder: './nope'"),
+        # the spec is checked before the pipeline is looked for: a bad one costs no loading
+        (["--pipeline", "./nope", "--family", "custom", "--anchor", "family"],
+         "anchor='family' takes the family's generic anchor, and the 'custom' family has none"),
         (["--pipeline", str(afile)], "is not a pipeline folder: it is a file"),
         (["--pipeline", sd, "--device", "cuda"], "--device cuda: no CUDA device is available"),
         (["--pipeline", sd, "--method", "uce", "--lam", "999999", "--base-weight", "5"],
