@@ -14,7 +14,8 @@ embedding_attack) and measure the concept's presence in samples from the attacke
     python benchmarks/shapes.py --kinds shapes-video   # one model; the other's saved rows are kept
     python benchmarks/shapes.py --tiny                 # the suite's smoke run
     python benchmarks/shapes.py --reference            # the yardstick: the attack on the unedited model from the
-                                                       # guide's prompts (what an ideal erasure onto the guide leaves)
+                                                       # guide's prompts (what an ideal erasure onto the guide leaves;
+                                                       # with --discrete-words, the discrete attack's too)
     # stronger attacks (more steps, restarts, a smaller budget, the discrete attack), in their own report:
     python benchmarks/shapes.py --kinds shapes-image --concepts red --methods ice uce --attack-steps 200
         --restarts 2 --budgets 0.05 0.1 --attack-prompts 4 --discrete-words 300 --out benchmarks/results/strong_attacks
@@ -102,17 +103,19 @@ def attack(pipe, concept: str, samples: int, seed: int, steps: int, sample_steps
 
 
 def discrete(pipe, concept: str, samples: int, seed: int, sample_steps: int, words: int,
-             max_prompts: int | None = None) -> float:  # fmt: skip
+             max_prompts: int | None = None, from_guide: bool = False) -> float:  # fmt: skip
     """Presence of ``concept`` in samples from the discrete attack's prompts (three words prepended to each seen
     prompt that asks for it, from ``words`` whole words of the tokenizer's seeded sample, the concept's own words
-    left out; scored by the erased denoiser's diffusion loss on exact renders)."""
+    left out; scored by the erased denoiser's diffusion loss on exact renders). ``from_guide``: the words are
+    prepended to the prompt's guide version instead (:func:`attack`)."""
     frames = pipe.default_num_frames if pipe.video else 0
     spec = concept_spec(concept, video=pipe.video)
     vocabulary = attack_words(pipe.tokenizer, spec.erase_names(), words, seed)
     hits = []
     for i, p in enumerate(_attacked_prompts(pipe, concept, seed, max_prompts)):
         targets = renders(p, 64, pipe.unet.config.sample_size, frames, seed=seed + i)
-        found, _ = discrete_attack(pipe.unet, pipe.scheduler, lambda texts: pipe.encode_prompt(texts)[0], p.text,
+        text = guide_prompt(p, concept).text if from_guide else p.text
+        found, _ = discrete_attack(pipe.unet, pipe.scheduler, lambda texts: pipe.encode_prompt(texts)[0], text,
                                    targets, vocabulary, seed=seed + i)  # fmt: skip
         x = generate(pipe, [found], samples=samples, seed=seed, steps=sample_steps)
         hits.append(score(x, [p], concept)["presence"])
@@ -128,6 +131,9 @@ def reference(pipe, kind: str, concept: str, args) -> dict:
     budgets, most, samples = _attack_settings(pipe, args)
     run = {str(b): attack(pipe, concept, samples, args.seed, args.attack_steps, args.sample_steps, b, most,
                           args.restarts, from_guide=True) for b in [0, *budgets]}  # fmt: skip
+    if args.discrete_words:
+        run["discrete"] = discrete(pipe, concept, samples, args.seed, args.sample_steps, args.discrete_words, most,
+                                   from_guide=True)  # fmt: skip
     row = {"model": kind, "concept": concept, "guide": guide_concept(concept), "presence": run.pop("0"),
            "attack_presence": run, "seconds": time.perf_counter() - t}  # fmt: skip
     print(f"[{kind}] {concept} reference (unedited, from the guide's prompts): presence {row['presence']:.2f}, "
@@ -210,6 +216,11 @@ def _budget_columns(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(b for r in rows for b in r["attack_presence"]))
 
 
+def _attack_column(budget: str) -> str:
+    """The report's header of one attack column."""
+    return "discrete attack success" if budget == "discrete" else f"attack success, budget {budget}"
+
+
 def _seconds_per_model(rows: list[dict]) -> str:
     """``"shapes-image 556 s, ..."``: the seconds of ``rows`` summed per model (models without any left out)."""
     return ", ".join(f"{m} {s:.0f} s" for m in CONCEPTS if (s := sum(r["seconds"] for r in rows if r["model"] == m)))
@@ -245,10 +256,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="an extra ICE row with these hyperparameters (repeatable; run with --methods, or alone)")
     ap.add_argument("--reference", action="store_true",
                     help="instead of the methods' rows: the attack on the unedited model from the guide's prompts "
-                         "(what an ideal erasure onto the guide leaves an attacker); the saved rows are kept")
+                         "(what an ideal erasure onto the guide leaves an attacker; with --discrete-words, the "
+                         "discrete attack's too); the saved rows are kept")
     args = ap.parse_args(argv)
-    if args.reference and (args.methods or args.ice_setting or args.discrete_words):
-        ap.error("--reference runs no method: leave out --methods, --ice-setting and --discrete-words")
+    if args.reference and (args.methods or args.ice_setting):
+        ap.error("--reference runs no method: leave out --methods and --ice-setting")
     extra = ice_settings(ap, args.ice_setting, METHODS)
     methods = {**METHODS, **extra}  # this run's rows; the module's table stays as it is for the next call
     if extra:
@@ -310,8 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
               if args.discrete_words else ""),
            ""]  # fmt: skip
     md += table(["model", "concept", "method", "presence (original)", "presence (erased)",
-                 *("discrete attack success" if b == "discrete" else f"attack success, budget {b}"
-                   for b in budgets)],
+                 *map(_attack_column, budgets)],
                 [[r["model"], r["concept"], r["method"], r["presence_before"], r["presence_after"],
                   *(r["attack_presence"].get(b, "-") for b in budgets)] for r in seen])  # fmt: skip
     if references:
@@ -323,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
                "leave an attacker this much; an edit leaves less only by also changing what the rest of the "
                "embedding space does (section 4 of docs/benchmarks.md).", ""]  # fmt: skip
         md += table(["model", "concept", "guide", "presence (guide's prompts)",
-                     *(f"attack success, budget {b}" for b in ref_budgets)],
+                     *map(_attack_column, ref_budgets)],
                     [[r["model"], r["concept"], r["guide"], r["presence"],
                       *(r["attack_presence"].get(b, "-") for b in ref_budgets)] for r in references])  # fmt: skip
     per_model = _seconds_per_model([r for r in rows if r["split"] == SPLITS[-1]]) or "-"  # one time per method row

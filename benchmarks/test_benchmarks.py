@@ -238,15 +238,18 @@ def test_shapes_tiny(tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         run_main("shapes", "--tiny", "--reference", "--methods", "ice", "--out", str(tmp_path))
     assert refused.value.code == 2 and "--reference runs no method" in capsys.readouterr().err
-    run_main("shapes", "--tiny", "--reference", "--attack-prompts", "1", "--out", str(tmp_path))
+    run_main("shapes", "--tiny", "--reference", "--attack-prompts", "1", "--discrete-words", "6",
+             "--out", str(tmp_path))  # fmt: skip
     again = _load(tmp_path, "shapes_tiny")
     assert again["rows"] == rows
     [ref] = again["reference"]
     assert (ref["model"], ref["concept"], ref["guide"], set(ref["attack_presence"])) == (
-        "shapes-image", "red", "green", {"0.5"})
-    assert 0 <= ref["presence"] <= 1 and 0 <= ref["attack_presence"]["0.5"] <= 1
+        "shapes-image", "red", "green", {"0.5", "discrete"})
+    assert 0 <= ref["presence"] <= 1 and all(0 <= v <= 1 for v in ref["attack_presence"].values())
     md = (tmp_path / "shapes_tiny.md").read_text()
     assert "## The yardstick" in md and "| shapes-image | red | green |" in md and "| soft |" in md
+    yardstick = md.split("## The yardstick")[1]
+    assert "| attack success, budget 0.5 | discrete attack success |" in yardstick
 
 
 @pytest.mark.slow
