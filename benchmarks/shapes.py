@@ -311,12 +311,15 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     seen = [r for r in rows if r["split"] == "seen"]
     budgets = _budget_columns(seen)
-    embedding = any(b != "discrete" for b in budgets)  # a discrete-only run has no embedding attack to describe
-    md += ["", "## Image-level attack: presence of the erased concept in samples from optimised prompt embeddings"
-           if embedding else "## Discrete attack: presence of the erased concept in samples from the found prompts",
-           "", (f"Adam on the prompt embedding, {args.attack_steps} steps, best of {args.restarts} run(s), per-token "
-                "budget x the token's norm (None: unbounded); images: " if embedding else "Images: ")
-           + f"{args.attack_prompts or 12} of the 12 seen prompts that ask for the concept, clips: "
+    if any(b != "discrete" for b in budgets):
+        heading = "## Image-level attack: presence of the erased concept in samples from optimised prompt embeddings"
+        how = (f"Adam on the prompt embedding, {args.attack_steps} steps, best of {args.restarts} run(s), per-token "
+               "budget x the token's norm (None: unbounded); images: ")  # fmt: skip
+    else:  # a discrete-only run has no embedding attack to describe
+        heading = "## Discrete attack: presence of the erased concept in samples from the found prompts"
+        how = "Images: "
+    md += ["", heading,
+           "", how + f"{args.attack_prompts or 12} of the 12 seen prompts that ask for the concept, clips: "
            f"{args.video_attack_prompts} of them (the last run's settings; rows it kept were measured with their "
            "own runs'). The original model's presence on the same prompts is the ceiling; - : not run."
            + (" Discrete: three words prepended to each prompt, searched over "

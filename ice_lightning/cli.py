@@ -255,15 +255,15 @@ def _run_erase(cfg) -> int:
     set_quiet(cfg.quiet)
     given = {"erase": cfg.erase, "preserve": cfg.preserve, "family": cfg.family, "anchor": cfg.anchor,
              "templates": cfg.template, "include_eot": cfg.include_eot}  # fmt: skip
-    ConceptSpec(**given)  # a bad spec is refused before the pipeline loads (minutes for a large one)
+    spec = ConceptSpec(**given)  # a bad spec is refused before the pipeline loads (minutes for a large one)
     pipe = load_pipeline(cfg.pipeline, config=cfg.pipeline_config).to(cfg.device)
     source_file = cfg.pipeline if is_single_file(cfg.pipeline) and cfg.format == "single-file" else None
     check_export_destination(pipe, cfg.out, cfg.overwrite, cfg.format)  # before any work: a refused --out costs nothing
     factory = erase_report(pipe)  # a pipeline whose plugin shows erasure its own way (the shapes world: samples)
     report = factory(pipe, samples=cfg.samples, seed=cfg.seed) if factory is not None else None
-    spec = report.concept_spec(**given) if report is not None else ConceptSpec(**given)
     preview = None
     if report is not None:
+        spec = report.concept_spec(**given)  # the world's own spec, from the same inputs
         report.before()
     elif cfg.preview:  # any pipeline: the same prompts and seeds before and after
         from .core.preview import Preview

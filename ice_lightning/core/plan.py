@@ -453,16 +453,14 @@ def erase(
     Returns:
         An :class:`ErasureResult`. On any error the pipeline is left exactly as it was.
     """
+    # None: not given, whatever its value; ConceptSpec keeps the defaults of what is not given
+    given = {"erase": erase, "preserve": preserve, "family": family, "synonyms": synonyms, "anchor": anchor,
+             "templates": templates, "include_eot": include_eot}  # fmt: skip
+    given = {k: v for k, v in given.items() if v is not None}
     if spec is None:
-        spec = ConceptSpec(erase=erase if erase is not None else [], preserve=preserve, family=family or "custom",
-                           synonyms=synonyms or {}, anchor=anchor, templates=templates,
-                           include_eot=bool(include_eot))  # fmt: skip
-    else:  # a keyword beside a ready spec was once dropped without a word (None: not given, whatever its value)
-        given = {"erase": erase, "preserve": preserve, "family": family, "synonyms": synonyms, "anchor": anchor,
-                 "templates": templates, "include_eot": include_eot}  # fmt: skip
-        both = [k for k, v in given.items() if v is not None]
-        if both:
-            raise ValueError(f"erase() got a spec and {', '.join(both)}: the spec holds those; set them in it "
-                             f"(dataclasses.replace(spec, {both[0]}=...)) or drop spec=")
+        spec = ConceptSpec(**{"erase": [], **given})  # nothing to erase: ConceptSpec says so
+    elif given:  # a keyword beside a ready spec was once dropped without a word
+        raise ValueError(f"erase() got a spec and {', '.join(given)}: the spec holds those; set them in it "
+                         f"(dataclasses.replace(spec, {next(iter(given))}=...)) or drop spec=")
     plan = ErasurePlan(pipeline, spec, method=method, hparams=hparams, layers=layers, verify=verify)
     return plan.apply(plan.solve(), keep_undo=keep_undo)
