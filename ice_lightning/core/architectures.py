@@ -169,13 +169,15 @@ def default_embedding_spaces(pipeline, denoiser) -> dict[str, EmbeddingSpace]:
     return {"text": EmbeddingSpace("text", [SequenceSource(tok, enc, model_max_length(tok, enc), pass_mask=mask)])}
 
 
-def _t5_text(default_length: int, pass_mask: bool) -> SpacesBuilder:
-    """PixArt, Wan (the mask goes to T5) and CogVideoX, LTX (T5 without a mask)."""
+def _t5_text(default_length: int, pass_mask: bool, reads_padding: bool) -> SpacesBuilder:
+    """PixArt, Wan (the mask goes to T5) and CogVideoX, LTX (T5 without a mask); ``reads_padding``: CogVideoX's
+    transformer reads the padding positions, PixArt's and LTX's mask them, Wan's pipeline zeroes them."""
 
     def build(pipeline, denoiser) -> dict[str, EmbeddingSpace]:
         tok, enc = require_components(pipeline, "tokenizer", "text_encoder")
         length = call_default(pipeline, "max_sequence_length", default_length)
-        return {"text": EmbeddingSpace("text", [SequenceSource(tok, enc, length, pass_mask=pass_mask)])}
+        source = SequenceSource(tok, enc, length, pass_mask=pass_mask, reads_padding=reads_padding)
+        return {"text": EmbeddingSpace("text", [source])}
 
     return build
 
@@ -324,24 +326,25 @@ register_architecture(Architecture(
 # caption_projection's output feeds attn2: edit its first layer only.
 register_architecture(Architecture(
     "PixArtTransformer2DModel", rules=(LayerRule("text", r"^caption_projection\.linear_1$"),),
-    check_pass=_pixart_check, embedding_spaces=_t5_text(120, pass_mask=True), denoise=dn.pixart_denoise,
-    conditioning=dn.masked_conditioning, latents=dn.image_latents,
+    check_pass=_pixart_check, embedding_spaces=_t5_text(120, pass_mask=True, reads_padding=False),
+    denoise=dn.pixart_denoise, conditioning=dn.masked_conditioning, latents=dn.image_latents,
     follows="PixArt-alpha train_scripts/train_pixart_lora_hf.py",
 ))  # fmt: skip
 register_architecture(Architecture(
     "LTXVideoTransformer3DModel", rules=(LayerRule("text", r"^caption_projection\.linear_1$"),),
-    check_pass=_ltx_check, embedding_spaces=_t5_text(226, pass_mask=False), video=True, denoise=dn.ltx_denoise,
-    conditioning=dn.ltx_conditioning, latents=dn.ltx_latents, tokens=dn.ltx_tokens,
+    check_pass=_ltx_check, embedding_spaces=_t5_text(226, pass_mask=False, reads_padding=False), video=True,
+    denoise=dn.ltx_denoise, conditioning=dn.ltx_conditioning, latents=dn.ltx_latents, tokens=dn.ltx_tokens,
     follows="finetrainers models/ltx_video",
 ))  # fmt: skip
 register_architecture(Architecture(
     "WanTransformer3DModel", rules=(LayerRule("text", r"^condition_embedder\.text_embedder\.linear_1$"),),
-    check_pass=_wan_check, embedding_spaces=_t5_text(120, pass_mask=True), video=True, denoise=dn.wan_denoise,
-    conditioning=dn.text_only_conditioning, latents=dn.wan_latents, follows="finetrainers models/wan",
+    check_pass=_wan_check, embedding_spaces=_t5_text(120, pass_mask=True, reads_padding=False), video=True,
+    denoise=dn.wan_denoise, conditioning=dn.text_only_conditioning, latents=dn.wan_latents,
+    follows="finetrainers models/wan",
 ))  # fmt: skip
 register_architecture(Architecture(
     "CogVideoXTransformer3DModel", rules=(LayerRule("text", r"^patch_embed\.text_proj$"),),
-    check_pass=_cogvideox_check, embedding_spaces=_t5_text(226, pass_mask=False), video=True,
+    check_pass=_cogvideox_check, embedding_spaces=_t5_text(226, pass_mask=False, reads_padding=True), video=True,
     denoise=dn.cogvideox_denoise, conditioning=dn.text_only_conditioning, latents=dn.cogvideox_latents,
     follows="diffusers examples/cogvideo/train_cogvideox_lora.py",
 ))  # fmt: skip

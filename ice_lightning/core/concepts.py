@@ -284,8 +284,9 @@ class ConceptSpec:
         include_eot: also use the end-of-text token of each erase prompt (carries the pooled meaning
             in CLIP), and of each preserve prompt.
         use_default_synonyms: add the family's :data:`DEFAULT_SYNONYMS`.
-        preserve_base: the broad preserve base, every token of :data:`EVERYDAY_PROMPTS` (``True``), your own
-            prompts, or none (``False``); weighted by ``ICEHyperParams.base_weight``.
+        preserve_base: the broad preserve base, every position the denoiser reads of :data:`EVERYDAY_PROMPTS`
+            (``True``; their words, start and end-of-text tokens and padding), your own prompts, or none (``False``);
+            weighted by ``ICEHyperParams.base_weight``.
     """
 
     erase: list[str]
@@ -353,7 +354,8 @@ class ConceptSpec:
         return list(dict.fromkeys(n for n in names if n))
 
     def base_prompts(self) -> list[Prompt]:
-        """The broad preserve base (every token of each prompt); empty with ``preserve_base=False``."""
+        """The broad preserve base (every position the denoiser reads of each prompt); none with
+        ``preserve_base=False``."""
         if self.preserve_base is False:
             return []
         texts = EVERYDAY_PROMPTS if self.preserve_base is True else self.preserve_base

@@ -99,6 +99,16 @@ def select_tokens(enc: dict, i: int, prompt: Prompt, include_eot: bool = False) 
     return chosen
 
 
+def read_positions(states: Tensor, attended: Tensor, padding: bool) -> Tensor:
+    """The rows of one prompt's ``states`` (L, d) that a denoiser reads: every attended token, its start and
+    end-of-text tokens included, and with ``padding`` one row for the positions after them, their mean (identical
+    tokens, read alike: one row, not one per position, so that a long padding does not outweigh the words)."""
+    rows = states[attended]
+    if padding and not bool(attended.all()):
+        rows = torch.cat([rows, states[~attended].mean(0, keepdim=True)])
+    return rows
+
+
 @dataclass
 class SequenceSource:
     """One tokenizer + encoder giving per-token states (B, L, d).
@@ -108,6 +118,10 @@ class SequenceSource:
             ``hidden_states`` (``-2``: SDXL/SD3 penultimate layer).
         pass_mask: whether the pipeline passes the attention mask to the encoder.
         width: pad (or cut) the feature dimension to this width, as SD3 does for its CLIP states.
+        reads_padding: whether the denoiser reads the padding positions (no mask between them: SD's UNet, SD3,
+            Flux, CogVideoX). Their states are not blank: a causal encoder's padding follows the whole prompt, and an
+            encoder without the mask mixes it in. ``False`` where the denoiser masks them or the pipeline zeroes them
+            (PixArt, LTX, Wan).
     """
 
     tokenizer: object
@@ -116,6 +130,7 @@ class SequenceSource:
     hidden_state: int | None = None
     pass_mask: bool = False
     width: int | None = None
+    reads_padding: bool = True
 
     @property
     def dim(self) -> int:
@@ -141,6 +156,15 @@ class SequenceSource:
         enc = _tokenize(self.tokenizer, texts, self.length_for(texts))
         states = self._states(enc)
         return [states[at[p.text], select_tokens(enc, at[p.text], p, eot)] for p, eot in requests]
+
+    @torch.no_grad()
+    def read_rows(self, texts: Sequence[str]) -> list[Tensor]:
+        """Per text, the states of every position the denoiser reads (:func:`read_positions`)."""
+        length = self.max_length if self.reads_padding else self.length_for(texts)
+        enc = _tokenize(self.tokenizer, texts, length)
+        states = self._states(enc)
+        return [read_positions(states[i], enc["attention_mask"][i].bool(), self.reads_padding)
+                for i in range(len(texts))]  # fmt: skip
 
     def _states(self, enc: dict) -> Tensor:
         dev = _device_of(self.encoder)
@@ -178,18 +202,35 @@ class FeatureConcatSource:
     def dim(self) -> int:
         return self.width if self.width is not None else sum(p.dim for p in self.parts)
 
-    @torch.no_grad()
-    def rows(self, requests: Sequence[Request]) -> list[Tensor]:
-        texts = list(dict.fromkeys(q.text for q, _ in requests))  # each text once, whatever spans are asked of it
-        at = {t: i for i, t in enumerate(texts)}
+    @property
+    def reads_padding(self) -> bool:
+        return any(p.reads_padding for p in self.parts)
+
+    def _encoded(self, texts: list[str], full: bool = False) -> tuple[list[dict], Tensor]:
+        """Each part's tokenization and the concatenated states (``full``: at the parts' longest length)."""
         # States are concatenated position by position: every part must be padded to the same length.
         length = max(p.length_for(texts) for p in self.parts)
-        if not all(p.padding_invariant for p in self.parts):
+        if full or not all(p.padding_invariant for p in self.parts):
             length = max(p.max_length for p in self.parts)
         encs = [_tokenize(p.tokenizer, texts, min(length, p.max_length)) for p in self.parts]
         states = torch.cat([p._states(e) for p, e in zip(self.parts, encs, strict=True)], dim=-1)
         if self.width is not None and states.shape[-1] != self.width:
             states = torch.nn.functional.pad(states, (0, self.width - states.shape[-1]))
+        return encs, states
+
+    @torch.no_grad()
+    def read_rows(self, texts: Sequence[str]) -> list[Tensor]:
+        """Per text, the states of every position the denoiser reads (:func:`read_positions`): a position any part
+        attends to is a token, one that none does is padding."""
+        encs, states = self._encoded(list(texts), full=self.reads_padding)
+        attended = torch.stack([e["attention_mask"].bool() for e in encs]).any(0)
+        return [read_positions(states[i], attended[i], self.reads_padding) for i in range(len(texts))]
+
+    @torch.no_grad()
+    def rows(self, requests: Sequence[Request]) -> list[Tensor]:
+        texts = list(dict.fromkeys(q.text for q, _ in requests))  # each text once, whatever spans are asked of it
+        at = {t: i for i, t in enumerate(texts)}
+        encs, states = self._encoded(texts)
         out = []
         for q, eot in requests:
             # States are concatenated position by position, so take the union of each tokenizer's picks.
@@ -223,6 +264,10 @@ class PooledSource:
             pooled.append(vec.to(torch.float64))
         states = torch.cat(pooled, dim=-1)
         return [states[i : i + 1] for i in range(len(prompts))]
+
+    def read_rows(self, texts: Sequence[str]) -> list[Tensor]:
+        """The one vector the denoiser reads of each text."""
+        return self.rows([(Prompt(t), False) for t in texts])
 
 
 @dataclass
@@ -274,8 +319,22 @@ class EmbeddingSpace:
             self._cache.update(fresh)
         return [self._cache[r] if r in self._cache else fresh[r] for r in requests]
 
+    @torch.no_grad()
+    def read_rows(self, prompts: Sequence[Prompt]) -> list[Tensor]:
+        """Per prompt, the states of every position the denoiser reads (each source's ``read_rows``: every attended
+        token, the special ones included, and the padding where the denoiser reads it), not kept."""
+        texts = [p.text for p in prompts]
+        out = []
+        for start in progress(range(0, len(texts), _BATCH), total=-(-len(texts) // _BATCH), desc="encoding prompts",
+                              unit="batch"):  # fmt: skip
+            per_source = [src.read_rows(texts[start : start + _BATCH]) for src in self.sources]
+            out += [torch.cat(rows, dim=0) for rows in zip(*per_source, strict=True)]
+        return out
+
     def base_states(self, prompts: Sequence[Prompt]) -> Spectrum | None:
-        """Every token of the broad preserve base ``prompts`` as a :class:`~ice_lightning.core.solver.Spectrum`
+        """Every position the denoiser reads of the broad preserve base ``prompts`` (:meth:`read_rows`: the words,
+        the start and end-of-text tokens, and the padding where it is read) as a
+        :class:`~ice_lightning.core.solver.Spectrum`
         (their SVD, at most ``d`` rows with the same Gram matrix: the energy subspace is unchanged), computed once
         per encoder and prompt set: kept here and in the on-disk cache (:mod:`ice_lightning.core.cache`), keyed by
         a fingerprint of the tokenizers, encoders and settings. ``None`` for no prompts or a pooled space (one
@@ -289,10 +348,7 @@ class EmbeddingSpace:
             if stored is not None and stored["Vh"].shape[-1] == self.dim:
                 self._cache[key] = Spectrum(stored["s"].to(torch.float64), stored["Vh"].to(torch.float64))
             else:
-                E = torch.cat(self.per_prompt(prompts), dim=0)
-                for p in prompts:  # only the compressed form is kept
-                    self._cache.pop((p, False), None)
-                spectrum = compress_states(E)
+                spectrum = compress_states(torch.cat(self.read_rows(prompts), dim=0))
                 self._cache[key] = spectrum
                 if disk:
                     cache.save_tensors("base", disk, {"s": spectrum.s, "Vh": spectrum.Vh})
@@ -312,9 +368,10 @@ class EmbeddingSpace:
                     return None
                 vocab = part.tokenizer.get_vocab() if hasattr(part.tokenizer, "get_vocab") else {}
                 parts.append([type(part.tokenizer).__name__, cache.key(sorted(vocab.items())), fp, part.max_length,
-                              part.hidden_state, part.pass_mask, part.width])  # fmt: skip
+                              part.hidden_state, part.pass_mask, part.width, part.reads_padding])  # fmt: skip
             parts.append(getattr(src, "width", None))
-        return cache.key("base-states", 1, parts, [(p.text, p.span) for p in prompts])
+        # version 2: every position the denoiser reads (version 1: the words alone)
+        return cache.key("base-states", 2, parts, [(p.text, p.span) for p in prompts])
 
     def clear_cache(self) -> None:
         self._cache.clear()

@@ -171,3 +171,28 @@ def test_states_are_what_the_pipeline_feeds_its_denoiser(kind, load_pipeline):
         ref = embeds[name].detach().reshape(-1, embeds[name].shape[-1]).double()
         dist = torch.cdist(rows, ref, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
         assert rows.shape[0] >= 1 and torch.all(dist <= 1e-4 * ref.norm(dim=1).max()), (name, dist)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "flux", "cogvideox", "pixart", "ltx", "wan"])
+def test_read_rows_are_every_position_the_denoiser_reads(kind, load_pipeline):
+    """The broad preserve base's rows (``read_rows``): each of the pipeline's own rows for the prompt's tokens, its
+    start and end-of-text tokens included, once; where the denoiser reads the padding, one row more, the padding
+    positions' mean. Wan's pipeline zeroes the padding (nothing to read); PixArt's and LTX's denoisers mask it."""
+    import inspect
+
+    pipe = load_pipeline(kind)
+    prompt = Prompt.fill("a painting by {}", "Van Gogh")
+    wanted = {"prompt": prompt.text, "prompt_2": None, "device": "cpu", "num_images_per_prompt": 1,
+              "num_videos_per_prompt": 1, "do_classifier_free_guidance": False}  # fmt: skip
+    params = inspect.signature(pipe.encode_prompt).parameters
+    ref = pipe.encode_prompt(**{k: v for k, v in wanted.items() if k in params})[0][0].detach().double()
+    (source,) = pipeline_spaces(pipe)["text"].sources
+    rows = pipeline_spaces(pipe)["text"].read_rows([prompt])[0]
+    assert source.reads_padding == (kind not in ("pixart", "ltx", "wan"))
+    n = rows.shape[0] - source.reads_padding  # the prompt's positions come first, the padding's row last
+    assert n >= 5  # <s> a painting by van gogh </s>
+    assert torch.allclose(rows[:n], ref[:n], atol=1e-5)
+    if source.reads_padding:
+        assert torch.allclose(rows[n], ref[n:].mean(0), atol=1e-5)
+    if kind == "wan":
+        assert float(ref[n:].abs().max()) == 0.0

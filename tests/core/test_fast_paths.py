@@ -94,7 +94,7 @@ def test_base_spectrum_is_cached_on_disk_per_encoder(minilm_pipe, monkeypatch, t
         raise AssertionError("encoded again although the spectrum is cached")
 
     again = EmbeddingSpace(space.name, space.sources)  # a new process would start like this
-    monkeypatch.setattr(again, "per_prompt", no_encoding)
+    monkeypatch.setattr(again, "read_rows", no_encoding)
     second = again.base_states(prompts)
     assert torch.equal(first.s, second.s) and torch.equal(first.Vh, second.Vh)
     # another encoder (one weight changed) has another key: it never reads this entry

@@ -24,7 +24,11 @@ MEASURED = {
     "identity": (0.950, 0.169, 0.225, 0.080, 0.106),
     "explicit": (0.908, 0.459, 0.218, 0.092, 0.469),
 }
-METRICS = ("erasure", "paraphrase", "collateral_near", "collateral_far", "leakage")
+#: family -> collateral_far_read, the unrelated prompts at every position the denoiser reads (2026-12-07 23:40 UTC;
+#: before the broad preserve base held the start and end-of-text tokens and the padding: 0.096 / 0.087 / 0.083 / 0.100,
+#: so the pins below fail without them).
+MEASURED_FAR_READ = {"style": 0.077, "object": 0.070, "identity": 0.069, "explicit": 0.079}
+METRICS = ("erasure", "paraphrase", "collateral_near", "collateral_far", "collateral_far_read", "leakage")
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +59,7 @@ def test_defaults_hold_erasure_paraphrases_and_locality(pipe, family):
     assert got["paraphrase"] >= paraphrase - 0.02
     assert got["collateral_near"] <= near + 0.02
     assert got["collateral_far"] <= far + 0.01
+    assert got["collateral_far_read"] <= MEASURED_FAR_READ[family] + 0.01
     assert got["leakage"] <= leakage + 0.03  # the held-out prompts as a whole, context tokens included
     # the broad preserve base is what keeps unrelated prompts: without it they move more (on the family's first two
     # concepts, 0.021-0.042 more far collateral on 2026-12-06)
