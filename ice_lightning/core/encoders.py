@@ -99,6 +99,13 @@ def select_tokens(enc: dict, i: int, prompt: Prompt, include_eot: bool = False) 
     return chosen
 
 
+def _batches(texts: list[str]):
+    """``texts`` in slices of ``_BATCH``, one encoder call each, with a progress bar."""
+    starts = range(0, len(texts), _BATCH)
+    for start in progress(starts, total=len(starts), desc="encoding prompts", unit="batch"):
+        yield texts[start : start + _BATCH]
+
+
 def read_positions(states: Tensor, attended: Tensor, padding: bool) -> Tensor:
     """The rows of one prompt's ``states`` (L, d) that a denoiser reads: every attended token, its start and
     end-of-text tokens included, and with ``padding`` one row for the positions after them, their mean (identical
@@ -307,11 +314,9 @@ class EmbeddingSpace:
         for r in dict.fromkeys(requests):
             if r not in self._cache:
                 todo.setdefault(r[0].text, []).append(r)
-        texts = sorted(todo, key=len)  # batches of similar length: less padding to encode
         fresh = {}
-        for start in progress(range(0, len(texts), _BATCH), total=-(-len(texts) // _BATCH), desc="encoding prompts",
-                              unit="batch"):  # fmt: skip
-            batch = [r for t in texts[start : start + _BATCH] for r in todo[t]]
+        for texts in _batches(sorted(todo, key=len)):  # batches of similar length: less padding to encode
+            batch = [r for t in texts for r in todo[t]]
             per_source = [src.rows(batch) for src in self.sources]
             for j, r in enumerate(batch):
                 fresh[r] = torch.cat([rows[j] for rows in per_source], dim=0)
@@ -323,11 +328,9 @@ class EmbeddingSpace:
     def read_rows(self, prompts: Sequence[Prompt]) -> list[Tensor]:
         """Per prompt, the states of every position the denoiser reads (each source's ``read_rows``: every attended
         token, the special ones included, and the padding where the denoiser reads it), not kept."""
-        texts = [p.text for p in prompts]
         out = []
-        for start in progress(range(0, len(texts), _BATCH), total=-(-len(texts) // _BATCH), desc="encoding prompts",
-                              unit="batch"):  # fmt: skip
-            per_source = [src.read_rows(texts[start : start + _BATCH]) for src in self.sources]
+        for texts in _batches([p.text for p in prompts]):
+            per_source = [src.read_rows(texts) for src in self.sources]
             out += [torch.cat(rows, dim=0) for rows in zip(*per_source, strict=True)]
         return out
 

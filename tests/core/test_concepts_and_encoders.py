@@ -141,13 +141,10 @@ def test_sdxl_space_is_both_encoders_penultimate_states_concatenated(load_pipeli
 ALL_KINDS = ["sd", "sdxl", "sd3", "flux", "pixart", "text2video", "animatediff", "cogvideox", "wan", "ltx"]
 
 
-@pytest.mark.parametrize("kind", ALL_KINDS)
-def test_states_are_what_the_pipeline_feeds_its_denoiser(kind, load_pipeline):
-    """Every collected row must be a row of the pipeline's own ``encode_prompt`` output."""
+def _encode_prompt(pipe, prompt: Prompt) -> tuple:
+    """The pipeline's own ``encode_prompt`` output for one prompt (its keywords, whichever the pipeline takes)."""
     import inspect
 
-    pipe = load_pipeline(kind)
-    prompt = Prompt.fill("a painting by {}", "Van Gogh")
     wanted = {
         "prompt": prompt.text,
         "prompt_2": None,
@@ -158,7 +155,15 @@ def test_states_are_what_the_pipeline_feeds_its_denoiser(kind, load_pipeline):
         "do_classifier_free_guidance": False,
     }
     params = inspect.signature(pipe.encode_prompt).parameters
-    out = pipe.encode_prompt(**{k: v for k, v in wanted.items() if k in params})
+    return pipe.encode_prompt(**{k: v for k, v in wanted.items() if k in params})
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_states_are_what_the_pipeline_feeds_its_denoiser(kind, load_pipeline):
+    """Every collected row must be a row of the pipeline's own ``encode_prompt`` output."""
+    pipe = load_pipeline(kind)
+    prompt = Prompt.fill("a painting by {}", "Van Gogh")
+    out = _encode_prompt(pipe, prompt)
     embeds = {"text": out[0]}
     if kind == "flux":
         embeds["pooled"] = out[1]
@@ -178,16 +183,12 @@ def test_read_rows_are_every_position_the_denoiser_reads(kind, load_pipeline):
     """The broad preserve base's rows (``read_rows``): each of the pipeline's own rows for the prompt's tokens, its
     start and end-of-text tokens included, once; where the denoiser reads the padding, one row more, the padding
     positions' mean. Wan's pipeline zeroes the padding (nothing to read); PixArt's and LTX's denoisers mask it."""
-    import inspect
-
     pipe = load_pipeline(kind)
     prompt = Prompt.fill("a painting by {}", "Van Gogh")
-    wanted = {"prompt": prompt.text, "prompt_2": None, "device": "cpu", "num_images_per_prompt": 1,
-              "num_videos_per_prompt": 1, "do_classifier_free_guidance": False}  # fmt: skip
-    params = inspect.signature(pipe.encode_prompt).parameters
-    ref = pipe.encode_prompt(**{k: v for k, v in wanted.items() if k in params})[0][0].detach().double()
-    (source,) = pipeline_spaces(pipe)["text"].sources
-    rows = pipeline_spaces(pipe)["text"].read_rows([prompt])[0]
+    ref = _encode_prompt(pipe, prompt)[0][0].detach().double()
+    space = pipeline_spaces(pipe)["text"]
+    (source,) = space.sources
+    rows = space.read_rows([prompt])[0]
     assert source.reads_padding == (kind not in ("pixart", "ltx", "wan"))
     n = rows.shape[0] - source.reads_padding  # the prompt's positions come first, the padding's row last
     assert n >= 5  # <s> a painting by van gogh </s>
