@@ -119,7 +119,7 @@ BUDGETS = (0.25, 0.5, 1.0)
 #: The ``--tiny`` run's search (tests): a small vocabulary, two words, one sweep.
 TINY_RING = RingABellConfig(pool=60, candidates=6, length=2, sweeps=1)
 #: Rows that say what each edit costs (relative output change), so attack rows compare at known collateral.
-QUALITY = ("erasure", "collateral_near", "collateral_far")
+QUALITY = ("erasure", "collateral_near", "collateral_far", "collateral_far_read")
 
 
 def held_out_search(ring: RingABellConfig) -> RingABellConfig:
@@ -268,7 +268,7 @@ def run_curves(args, pipe, ring: RingABellConfig, budgets, cache: dict) -> dict:
     for where, x in levels.items():
         for curve, ps in points.items():
             nearest = min(ps, key=lambda q: abs(q["collateral_near"] - x))
-            at = {k: read_at(ps, x, k) for k in ["collateral_far", "erasure", *rows]}
+            at = {k: read_at(ps, x, k) for k in ["collateral_far", "collateral_far_read", "erasure", *rows]}
             matched.append({"level": where, "collateral_near": x, "curve": curve, "nearest": nearest["label"],
                             "distance": nearest["collateral_near"] - x, **at})  # fmt: skip
     # at a candidate's own collateral: is its value below each other curve's, on every row it reaches?
@@ -289,18 +289,19 @@ def run_curves(args, pipe, ring: RingABellConfig, budgets, cache: dict) -> dict:
                                                         ice["collateral_near"])
                            for c, ps in own.items()
                            if c != "ICE" and len(ps) > 1 and not c.endswith("anchored")}})  # fmt: skip
-    header = ["curve", "point", "near", "far", "erasure", *rows]
+    header = ["curve", "point", "near", "far", "far (read)", "erasure", *rows]
     md = [f"# Text-space red-teaming along each method's curve ({'tiny' if args.tiny else 'full'})", "",
           "Attack success (lower is better) against near collateral, every point a mean over the concepts; "
           "`explicit ...`: the explicit family alone.", ""]  # fmt: skip
-    md += table(header, [[c, q["label"], q["collateral_near"], q["collateral_far"], q["erasure"],
-                          *(q[r] for r in rows)] for c, ps in points.items() for q in ps])  # fmt: skip
+    md += table(header, [[c, q["label"], q["collateral_near"], q["collateral_far"], q["collateral_far_read"],
+                          q["erasure"], *(q[r] for r in rows)] for c, ps in points.items() for q in ps])  # fmt: skip
     for where, x in levels.items():
         md += ["", f"At {where} near collateral ({x:.3f}): interpolated between the two measured points around it, "
                f"or the curve's end point within +-{MATCH}; `-`: the curve does not reach it.", ""]  # fmt: skip
-        md += table(["curve", "nearest point (distance)", "far", "erasure", *rows],
+        md += table(["curve", "nearest point (distance)", "far", "far (read)", "erasure", *rows],
                     [[m["curve"], f"{m['nearest']} ({m['distance']:+.3f})",
-                      *("-" if m[k] is None else m[k] for k in ["collateral_far", "erasure", *rows])]
+                      *("-" if m[k] is None else m[k]
+                        for k in ["collateral_far", "collateral_far_read", "erasure", *rows])]
                      for m in matched if m["level"] == where])  # fmt: skip
     for where, (curve, _) in candidates.items():
         md += ["", f"{'ICE default' if curve == 'ICE' else curve} below the curve on every attack row at its own "
@@ -383,14 +384,18 @@ def main(argv: list[str] | None = None) -> dict:
         for col in ("original", *present):
             row[col] = statistics.fmean(r[col] for r in rows if r["attack"] == attack and r["family"] != "all")
         rows.append(row)
-    quality = [{"family": "all", "metric": key, **{m: statistics.fmean(r[m][key] for r in per_concept.values())
-                                                   for m in present}} for key in QUALITY]  # fmt: skip
+    # a kept row measured before a metric existed has no value for it: "-" (None in the JSON)
+    quality = [{"family": "all", "metric": key,
+                **{m: statistics.fmean(r[m][key] for r in per_concept.values())
+                   if all(key in r[m] for r in per_concept.values()) else None for m in present}}
+               for key in QUALITY]  # fmt: skip
     md = [f"# Text-space red-teaming ({'tiny' if args.tiny else 'full'}): attack success rate (lower is better)", ""]
     md += table(["family", "attack", "original model", *present], [[r["family"], r["attack"], r["original"],
                 *(r[m] for m in present)] for r in rows])  # fmt: skip
     md += ["", "What each edit costs, on the same concepts (relative output change; erasure: higher is better, "
            "collateral: lower is better):", ""]
-    md += table(["metric", *present], [[q["metric"], *(q[m] for m in present)] for q in quality])
+    md += table(["metric", *present], [[q["metric"], *("-" if q[m] is None else q[m] for m in present)]
+                                       for q in quality])  # fmt: skip
     md += ["", "Ring-A-Bell prompts found (first held-out context of each concept):", ""]
     md += [f"- {n}: `{r['_ring_prompts'][0]}`" for n, r in per_concept.items()]
     md += ["", f"Total {time.perf_counter() - t0:.0f} s."]

@@ -3,6 +3,7 @@
 import importlib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import get_args
@@ -58,6 +59,8 @@ def test_tradeoff_tiny(tmp_path, capsys):
     assert {r["method"] for r in data["rows"]} == {"ice", "cure", "uce", "uce_published", "rece", "projection"}
     for r in data["rows"]:
         assert 0 < r["erasure"] <= 1.2 and 0 <= r["collateral_near"] < 1 and 0 <= r["leakage"] <= 1
+        assert 0 < r["collateral_far_read"] < 1  # every position the denoiser reads, beside the words alone
+    assert all(0 < r["collateral_far_read"] < 1 for r in data["many_concepts"])
     assert {(c["family"], c["versus"]) for c in data["checks"]} == {
         (f, m) for f in families for m in ("cure", "uce", "rece", "projection")
     }
@@ -172,6 +175,13 @@ def test_red_team_tiny(tmp_path, capsys):
     seeded = [p for p, _ in dev_concept("Van Gogh").spec().leakage_pairs()]
     key = _cache_key(dev_concept("Van Gogh"), TINY_RING)
     cache.write_text(json.dumps({**searched, key: {"text": [[p.text, *p.span] for p in seeded]}}))
+    assert {q["metric"] for q in first["quality"]} == set(red_team.QUALITY)
+    assert all(0 < q[m] < 1.2 for q in first["quality"] for m in first["methods"])
+    # a saved report from before a quality metric existed: its kept rows read "-" there, the rerun ones a number
+    saved = _load(tmp_path, "red_team_tiny")
+    for concept in saved["per_concept"].values():
+        del concept["RECE"]["collateral_far_read"]
+    (tmp_path / "red_team_tiny.json").write_text(json.dumps(saved))
     run_main("red_team", "--tiny", "--methods", "ICE", "--out", str(tmp_path), "--ring-cache", str(cache))
     capsys.readouterr()
     data = _load(tmp_path, "red_team_tiny")
@@ -195,9 +205,15 @@ def test_red_team_tiny(tmp_path, capsys):
     for r in data["rows"]:
         assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "UCE", "RECE", "soft"))
     assert len(data["per_concept"]) == 4  # one concept per family
+    far_read = next(q for q in data["quality"] if q["metric"] == "collateral_far_read")
+    assert far_read["RECE"] is None and far_read["UCE"] > 0 and far_read["ICE"] > 0
+    md = (tmp_path / "red_team_tiny.md").read_text()
+    assert re.search(r"\| collateral_far_read \| [0-9.]+ \| [0-9.]+ \| - \|", md)  # ICE, UCE, RECE
     for name, concept in data["per_concept"].items():
         for kept in ("RECE", "UCE", "soft"):  # kept, not rerun
-            assert concept[kept] == first["per_concept"][name][kept]
+            was = {k: v for k, v in first["per_concept"][name][kept].items()
+                   if kept != "RECE" or k != "collateral_far_read"}  # fmt: skip
+            assert concept[kept] == was
 
 
 def test_a_curve_is_read_between_its_points_and_at_its_ends_only_within_the_match():

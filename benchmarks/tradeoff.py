@@ -35,7 +35,8 @@ from ice_lightning.core.progress import progress  # noqa: E402
 from ice_lightning.evaluation.devset import DEV_SET, MANY_ARTISTS, dev_concepts  # noqa: E402
 from ice_lightning.evaluation.metrics import dev_concept_metrics, relative_change  # noqa: E402
 
-METRICS = ("erasure", "paraphrase", "collateral_near", "collateral_near_preserved", "collateral_far", "leakage")
+METRICS = ("erasure", "paraphrase", "collateral_near", "collateral_near_preserved", "collateral_far",
+           "collateral_far_read", "leakage")
 #: The x axis of the trade-off: collateral on held-out nearby concepts (the hardest to spare).
 COLLATERAL = "collateral_near"
 #: The default must erase at least this much on average (held-out contexts): what the previous default erased
@@ -251,6 +252,7 @@ def many_concepts(pipe, counts: list[int], grid: list[tuple[str, dict]]) -> list
                     "erasure": relative_change(result, erased),
                     "collateral_near": relative_change(result, near),
                     "collateral_far": relative_change(result, far),
+                    "collateral_far_read": relative_change(result, far, read=True),
                     "seconds": seconds,
                 }
             )
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
     md += ["## Per family and configuration (mean over the family's concepts)", ""]
     md += table(
         ["family", "config", *METRICS],
-        [[r["family"], r["config"], *(r[m] for m in METRICS)] for r in rows],
+        [[r["family"], r["config"], *(r.get(m, "-") for m in METRICS)] for r in rows],  # "-": a kept row before it
     )
     md += ["", f"## ICE default against the other curves at equal collateral ({COLLATERAL})", ""]
     md += table(
@@ -388,9 +390,10 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     md += ["", "## Many concepts at once (artists)", ""]
     md += table(
-        ["concepts", "config", "rank", "erasure", "collateral_near", "collateral_far", "seconds"],
+        ["concepts", "config", "rank", "erasure", "collateral_near", "collateral_far", "collateral_far_read",
+         "seconds"],
         [[r["concepts"], r["config"], r["rank"], r["erasure"], r["collateral_near"], r["collateral_far"],
-          r["seconds"]] for r in many],
+          r.get("collateral_far_read", "-"), r["seconds"]] for r in many],
     )  # fmt: skip
     md += ["", f"ICE's least near collateral with erasure >= {MANY_MIN_ERASURE} against UCE's swept curve at the "
            "same erasure (- : none reaches it):", ""]
