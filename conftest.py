@@ -1,6 +1,7 @@
 """Shared fixtures: tiny pipelines built from configs, saved once per session, loaded with from_pretrained."""
 
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -10,8 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The on-disk cache (base spectra, checked layers) of this session only: tests neither read a developer's cache
-# nor write to ~/.cache.
-os.environ["ICE_LIGHTNING_CACHE"] = tempfile.mkdtemp(prefix="ice-lightning-cache-")
+# nor write to ~/.cache, and the folder goes when the session ends (pytest_sessionfinish).
+_SESSION_CACHE = tempfile.mkdtemp(prefix="ice-lightning-cache-")
+os.environ["ICE_LIGHTNING_CACHE"] = _SESSION_CACHE
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 
@@ -53,3 +55,8 @@ def minilm_pipe(saved_pipeline):
     pipe = DiffusionPipeline.from_pretrained(saved_pipeline("sd-minilm"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove this session's cache folder (created above, so ours to delete): a run leaves nothing in the temp dir."""
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
