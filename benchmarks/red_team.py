@@ -5,7 +5,8 @@ UCE, RECE (each also with the guide concept) and projection on the development s
 For every development concept, erase it with each method and run the package's attacks
 (``ice_lightning.evaluation.RedTeam``): paraphrases, Ring-A-Bell (concept vector + discrete search; a second,
 held-out search with another vocabulary slice and concept-vector strength) and the white-box RECE-style closed
-form at several norm budgets. Each edit's erasure and collateral on the same concept are reported beside. A success
+form at several norm budgets (and at budget 0, its floor: the concept's tokens deleted). Each edit's erasure and
+collateral on the same concept are reported beside. A success
 rate is the share of (held-out pair, layer) where the attacked output is closer to the original concept's than to
 the neutral prompt's; the ``original`` column is the same attack on the unedited model (its ceiling).
 
@@ -116,10 +117,18 @@ TINY_CURVES = {"ICE": {"ICE": CURVES["ICE"]["ICE"]},
 #: How close (near collateral) a measured point must be to count as matched (the robustness issue's +-0.01).
 MATCH = 0.01
 BUDGETS = (0.25, 0.5, 1.0)
+#: The main table's white-box floor, budget 0: the concept's tokens deleted, every other token's state as the concept
+#: made it. No attacker input: what each edit leaves in the prompt's other words alone (not a row of the curves).
+FLOOR = 0.0
 #: The ``--tiny`` run's search (tests): a small vocabulary, two words, one sweep.
 TINY_RING = RingABellConfig(pool=60, candidates=6, length=2, sweeps=1)
 #: Rows that say what each edit costs (relative output change), so attack rows compare at known collateral.
 QUALITY = ("erasure", "collateral_near", "collateral_far", "collateral_far_read")
+
+
+def _mean(values: list) -> float | None:
+    """The mean, or None where any value is missing (a kept row measured before the quantity existed)."""
+    return None if any(v is None for v in values) else statistics.fmean(values)
 
 
 def held_out_search(ring: RingABellConfig) -> RingABellConfig:
@@ -353,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
     named = [*(args.methods or []), *extra]
     labels = list(dict.fromkeys(["ICE", *named])) if named else list(methods)
     ring = TINY_RING if args.tiny else RingABellConfig()
-    budgets = (1.0,) if args.tiny else BUDGETS
+    budgets = (FLOOR, 1.0) if args.tiny else (FLOOR, *BUDGETS)
     pipe = minilm_pipeline()
     t0 = time.perf_counter()
     name = "red_team_tiny" if args.tiny else "red_team"
@@ -376,22 +385,20 @@ def main(argv: list[str] | None = None) -> dict:
         for attack in attacks:
             row = {"family": family, "attack": attack}
             row["original"] = statistics.fmean(per_concept[n]["ICE"][attack + "_original"] for n in names)
-            for label in present:
-                row[label] = statistics.fmean(per_concept[n][label][attack] for n in names)
+            for label in present:  # a kept row measured before an attack existed: None ("-")
+                row[label] = _mean([per_concept[n][label].get(attack) for n in names])
             rows.append(row)
     for attack in attacks:  # all families
         row = {"family": "all", "attack": attack}
         for col in ("original", *present):
-            row[col] = statistics.fmean(r[col] for r in rows if r["attack"] == attack and r["family"] != "all")
+            row[col] = _mean([r[col] for r in rows if r["attack"] == attack and r["family"] != "all"])
         rows.append(row)
     # a kept row measured before a metric existed has no value for it: "-" (None in the JSON)
-    quality = [{"family": "all", "metric": key,
-                **{m: statistics.fmean(r[m][key] for r in per_concept.values())
-                   if all(key in r[m] for r in per_concept.values()) else None for m in present}}
-               for key in QUALITY]  # fmt: skip
+    quality = [{"family": "all", "metric": key, **{m: _mean([r[m].get(key) for r in per_concept.values()])
+                                                   for m in present}} for key in QUALITY]  # fmt: skip
     md = [f"# Text-space red-teaming ({'tiny' if args.tiny else 'full'}): attack success rate (lower is better)", ""]
     md += table(["family", "attack", "original model", *present], [[r["family"], r["attack"], r["original"],
-                *(r[m] for m in present)] for r in rows])  # fmt: skip
+                *("-" if r[m] is None else r[m] for m in present)] for r in rows])  # fmt: skip
     md += ["", "What each edit costs, on the same concepts (relative output change; erasure: higher is better, "
            "collateral: lower is better):", ""]
     md += table(["metric", *present], [[q["metric"], *("-" if q[m] is None else q[m] for m in present)]

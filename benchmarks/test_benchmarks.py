@@ -112,8 +112,9 @@ def _check_curves(tmp_path, cache: Path, first: dict, capsys) -> None:
     data = _load(tmp_path, "red_team_curves_tiny")
     assert (tmp_path / "red_team_curves_tiny.png").read_bytes()[:4] == b"\x89PNG"
     for name, concept in first["per_concept"].items():  # one home for the attacks: the same edit, the same rates
-        assert data["per_concept"][name]["UCE lam=30"] == concept["UCE"]
-        assert data["per_concept"][name]["ICE"] == concept["ICE"]
+        for label, own in (("UCE lam=30", "UCE"), ("ICE", "ICE")):  # the curves have no floor row
+            assert data["per_concept"][name][label] == {k: v for k, v in concept[own].items()
+                                                        if not k.startswith("whitebox@0.0")}  # fmt: skip
     for curve, points in curves["points"].items():
         nears = [q["collateral_near"] for q in points]
         assert nears == sorted(nears) and len(points) == len(data["curves"][curve])
@@ -177,10 +178,12 @@ def test_red_team_tiny(tmp_path, capsys):
     cache.write_text(json.dumps({**searched, key: {"text": [[p.text, *p.span] for p in seeded]}}))
     assert {q["metric"] for q in first["quality"]} == set(red_team.QUALITY)
     assert all(0 < q[m] < 1.2 for q in first["quality"] for m in first["methods"])
-    # a saved report from before a quality metric existed: its kept rows read "-" there, the rerun ones a number
+    # a saved report from before a quality metric and the white-box floor existed: its kept rows read "-" there, the
+    # rerun ones a number
     saved = _load(tmp_path, "red_team_tiny")
     for concept in saved["per_concept"].values():
-        del concept["RECE"]["collateral_far_read"]
+        for missing in ("collateral_far_read", "whitebox@0.0", "whitebox@0.0_original"):
+            del concept["RECE"][missing]
     (tmp_path / "red_team_tiny.json").write_text(json.dumps(saved))
     run_main("red_team", "--tiny", "--methods", "ICE", "--out", str(tmp_path), "--ring-cache", str(cache))
     capsys.readouterr()
@@ -201,9 +204,17 @@ def test_red_team_tiny(tmp_path, capsys):
     for concept in data["per_concept"].values():  # the setting reached the solve: a softer erasure
         assert concept["soft"]["erasure"] < concept["ICE"]["erasure"]
     attacks = {r["attack"] for r in data["rows"]}
-    assert attacks == {"paraphrase", "ring_a_bell", "ring_a_bell_held_out", "whitebox@1.0"}
+    assert attacks == {"paraphrase", "ring_a_bell", "ring_a_bell_held_out", "whitebox@0.0", "whitebox@1.0"}
     for r in data["rows"]:
-        assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "UCE", "RECE", "soft"))
+        kept_before = r["attack"] == "whitebox@0.0"
+        assert all(0 <= r[m] <= 1 for m in ("original", "ICE", "UCE", *([] if kept_before else ["RECE"]), "soft"))
+        assert (r["RECE"] is None) == kept_before
+    # the floor (the concept's tokens deleted, no attacker input) is never above the full-budget attack
+    for name, concept in first["per_concept"].items():
+        for label in ("ICE", "UCE", "RECE", "soft"):
+            assert concept[label]["whitebox@0.0"] <= concept[label]["whitebox@1.0"], (name, label)
+    assert re.search(r"\| all \| whitebox@0.0 \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| - \|",
+                     (tmp_path / "red_team_tiny.md").read_text())  # original, ICE, UCE, RECE
     assert len(data["per_concept"]) == 4  # one concept per family
     far_read = next(q for q in data["quality"] if q["metric"] == "collateral_far_read")
     assert far_read["RECE"] is None and far_read["UCE"] > 0 and far_read["ICE"] > 0
@@ -212,7 +223,7 @@ def test_red_team_tiny(tmp_path, capsys):
     for name, concept in data["per_concept"].items():
         for kept in ("RECE", "UCE", "soft"):  # kept, not rerun
             was = {k: v for k, v in first["per_concept"][name][kept].items()
-                   if kept != "RECE" or k != "collateral_far_read"}  # fmt: skip
+                   if kept != "RECE" or k not in ("collateral_far_read", "whitebox@0.0", "whitebox@0.0_original")}
             assert concept[kept] == was
 
 

@@ -146,12 +146,23 @@ def ring_a_bell_prompts(space: EmbeddingSpace, spec: ConceptSpec, config: RingAB
     return out
 
 
+def _check_budget(budget: float) -> None:
+    if not budget >= 0:
+        raise ValueError(f"the white-box budget is a norm relative to the concept token's and must be >= 0 (0: the "
+                         f"concept's tokens deleted), got {budget}")
+
+
 def whitebox_inputs(edited: list[Tensor], original: list[Tensor], c: Tensor, budget: float = 1.0) -> Tensor:
     """Per row of ``c`` (n, d), the norm-bounded ``x`` that best restores ``W_l c`` through the ``W'_l``.
 
     ``x = (G + gamma I)^-1 r`` with ``G = sum W'^T W'``, ``r = sum W'^T W c``; ``gamma >= 0`` per row is the
     smallest with ``||x|| <= budget ||c||`` (40 bisection steps on log gamma, in the eigenbasis of G).
+    ``budget=0`` gives ``x = 0``: the concept's tokens deleted from the prompt, the other tokens' states left as the
+    concept made them (the attack's floor: what it scores before it adds anything).
     """
+    _check_budget(budget)
+    if budget == 0:
+        return torch.zeros(c.shape, dtype=torch.promote_types(c.dtype, edited[0].dtype), device=c.device)
     G = sum(Wp.T @ Wp for Wp in edited)
     R = sum((c @ W.T) @ Wp for Wp, W in zip(edited, original, strict=True))  # rows r^T
     lam, Q = torch.linalg.eigh((G + G.T) / 2)
@@ -185,7 +196,8 @@ class RedTeam:
         paraphrases: extra names of the concept for the paraphrase attack (the spec's synonyms are added).
         attacks: which of :data:`ATTACKS` to run.
         ring_a_bell: search settings.
-        whitebox_budget: the white-box input's norm bound, relative to the concept token it replaces.
+        whitebox_budget: the white-box input's norm bound, relative to the concept token it replaces (0: the
+            concept's tokens deleted, the attack's floor).
         ring_prompts: Ring-A-Bell prompts found earlier (``ring_a_bell_prompts()`` of another instance on
             the same encoder and spec): they depend only on the text encoder, so they can be shared.
     """
@@ -211,6 +223,7 @@ class RedTeam:
         self.spaces, self.spec, self.attacks = spaces, spec, tuple(attacks)
         self.reference = reference or {n: (m.weight.detach().clone(), m.bias) for n, (m, _) in self.layers.items()}
         self.ring_config = ring_a_bell or RingABellConfig()
+        _check_budget(whitebox_budget)
         self.whitebox_budget = whitebox_budget
         self.pairs = spec.leakage_pairs()
         names = list(dict.fromkeys([*paraphrases, *[n for n in spec.erase_names() if n not in spec.erase]]))

@@ -68,6 +68,17 @@ def test_whitebox_cannot_restore_what_a_projection_removed():
     assert gap(0.9 * B @ B.T) < 1e-6
 
 
+def test_whitebox_at_budget_zero_deletes_the_concept_tokens():
+    Ws, Wps, B, g = _edited(2)
+    c = torch.randn(3, 10, generator=g, dtype=F64)
+    x = whitebox_inputs(Wps, Ws, c, 0.0)
+    assert x.shape == c.shape and x.dtype == F64 and not x.any()
+    # the floor of the attack: every positive budget restores at least as much
+    assert _loss(x, Wps, Ws, c) >= _loss(whitebox_inputs(Wps, Ws, c, 0.05), Wps, Ws, c) > 0
+    with pytest.raises(ValueError, match=r"must be >= 0 \(0: the concept's tokens deleted\), got -0.1"):
+        whitebox_inputs(Wps, Ws, c, -0.1)
+
+
 def test_devset_is_complete_and_held_out():
     assert set(DEV_SET) == {"style", "object", "identity", "explicit"}
     for family, concepts in DEV_SET.items():
@@ -111,6 +122,41 @@ def test_red_team_needs_known_attacks(minilm_pipe):
     try:
         with pytest.raises(ValueError, match="unknown attack"):
             RedTeam.from_result(result, attacks=["paraphrase", "gcg"])
+        with pytest.raises(ValueError, match="white-box budget .* must be >= 0"):
+            RedTeam.from_result(result, attacks=["whitebox"], whitebox_budget=-1.0)
+    finally:
+        result.undo()
+
+
+def test_whitebox_floor_is_the_prompt_with_the_concept_deleted(minilm_pipe):
+    """At budget 0 the white-box score is that of each held-out prompt with the concept's tokens' states set to zero
+    and every other token's state as the concept made it, computed here from the token states directly."""
+    from ice_lightning.core.concepts import Prompt
+    from ice_lightning.core.editing import layer_outputs
+
+    concept = dev_concept("gore")
+    result = ice_lightning.erase(minilm_pipe, spec=concept.spec(), verify=False)
+    try:
+        team = RedTeam.from_result(result, attacks=["whitebox"], whitebox_budget=0.0)
+        rates = team.compute()
+        space, pairs = result.spaces["text"], concept.spec().leakage_pairs()
+        hits = total = 0
+        for p, q in pairs:
+            whole, tokens = space.per_prompt([Prompt(p.text)])[0], space.per_prompt([p])[0]
+            neutral_whole = space.per_prompt([Prompt(q.text)])[0]
+            n, k = whole.shape[0], tokens.shape[0]
+            assert k >= 1
+            for name, (layer, _) in team.layers.items():
+                W0, b0 = team.reference[name]
+                # the concept's rows give the bias alone, like any zero state
+                own = (tokens @ layer.weight.detach().to(torch.float64).T).sum(0)
+                deleted = (layer_outputs(layer.weight, layer.bias, whole).sum(0) - own) / n
+                concept_out = layer_outputs(W0, b0, whole).mean(0)
+                neutral_out = layer_outputs(W0, b0, neutral_whole).mean(0)
+                hits += int((deleted - concept_out).norm() < (deleted - neutral_out).norm())
+                total += 1
+        assert rates["whitebox"] == pytest.approx(hits / total)
+        assert 0.0 < rates["whitebox"] < rates["whitebox_original"] <= 1.0
     finally:
         result.undo()
 
