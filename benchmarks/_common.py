@@ -96,6 +96,26 @@ def minilm_pipeline():
     return build_tiny_pipeline("sd-minilm")
 
 
+def with_layer_rows(pipe, rows: int, seed: int = 0):
+    """``pipe`` with every projection that reads the text states (each cross-attention's ``to_k`` and ``to_v``)
+    replaced by a random one of ``rows`` output rows, drawn at that weight's own scale (its standard deviation) from
+    ``seed``. The MiniLM pipeline's tiny UNet reads 160 of the text's 384 directions in all (16 or 32 rows per
+    projection); SD's read every direction of theirs. The text-space benchmarks read these weights only: the UNet
+    itself no longer runs (its attention heads expect the old width). Returns ``pipe``."""
+    if rows < 1:
+        raise ValueError(f"a projection needs at least one output row, got rows={rows}")
+    g = torch.Generator().manual_seed(seed)
+    for name, module in pipe.unet.named_modules():
+        if name.endswith(("attn2.to_k", "attn2.to_v")):
+            old = module.weight.detach()
+            new = torch.randn(rows, old.shape[1], generator=g, dtype=old.dtype) * float(old.float().std())
+            module.weight = torch.nn.Parameter(new, requires_grad=False)
+            module.out_features = rows
+            if module.bias is not None:
+                module.bias = torch.nn.Parameter(torch.zeros(rows, dtype=old.dtype), requires_grad=False)
+    return pipe
+
+
 def environment() -> dict:
     import diffusers
     import transformers

@@ -11,7 +11,10 @@ rate is the share of (held-out pair, layer) where the attacked output is closer 
 the neutral prompt's; the ``original`` column is the same attack on the unedited model (its ceiling).
 
     python benchmarks/red_team.py [--tiny] [--out benchmarks/results] [--methods LABEL ...] [--ice-setting LABEL=JSON]
-                                  [--ring-cache FILE] [--curves]
+                                  [--ring-cache FILE] [--curves] [--layer-rows R]
+
+``--layer-rows R`` replaces each projection that reads the text states by a random one of R output rows (the tiny
+UNet's read 160 of the text's 384 directions in all, where SD's read every direction), reports ``*_rowsR``.
 
 ``--curves`` sweeps each method along its strength knob instead (``red_team_curves.{json,md,png}``) and reads every
 attack row at the ICE default's near collateral: interpolated between the two measured points around it, or a curve's
@@ -49,6 +52,7 @@ from _common import (  # noqa: E402
     keep_saved_settings,
     minilm_pipeline,
     table,
+    with_layer_rows,
     write_report,
 )
 from tradeoff import frontier  # noqa: E402  (a curve's erasure at a collateral: one home, section 1's reading)
@@ -323,7 +327,7 @@ def run_curves(args, pipe, ring: RingABellConfig, budgets, cache: dict) -> dict:
                 [[m["family"], m["collateral_near"], m["erasure"], *(f"{m[c]:+.3f}" for c in others)]
                  for m in margins])  # fmt: skip
     md += ["", f"Total {time.perf_counter() - t0:.0f} s."]
-    name = "red_team_curves_tiny" if args.tiny else "red_team_curves"
+    name = ("red_team_curves_tiny" if args.tiny else "red_team_curves") + _suffix(args)
     write_report(args.out, name, {"curves": {c: {k: list(v) for k, v in p.items()} for c, p in curves.items()},
                                   "points": points, "matched": matched, "ice_below": ice_below,
                                   "anchored_below": below.get("ICE anchored's"),
@@ -333,6 +337,19 @@ def run_curves(args, pipe, ring: RingABellConfig, budgets, cache: dict) -> dict:
           default["collateral_near"], args.out / f"{name}.png")  # fmt: skip
     return {"points": points, "matched": matched, "ice_below": ice_below, "anchored_below": below.get("ICE anchored's"),
             "erasure_margins": margins}
+
+
+def _pipeline(args):
+    pipe = minilm_pipeline()
+    return pipe if args.layer_rows is None else with_layer_rows(pipe, args.layer_rows)
+
+
+def _suffix(args) -> str:
+    return "" if args.layer_rows is None else f"_rows{args.layer_rows}"
+
+
+def _width_note(args) -> str:
+    return "" if args.layer_rows is None else f"; each text-reading projection random with {args.layer_rows} rows"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -350,22 +367,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--curves", action="store_true",
                     help="sweep each method along its knob and read every attack row at the ICE default's near "
                     "collateral (red_team_curves.{json,md,png}); not with --methods or --ice-setting")  # fmt: skip
+    ap.add_argument("--layer-rows", type=int, default=None, metavar="R",
+                    help="replace each text-reading projection by a random one of R output rows (the tiny UNet's "
+                    "read 160 of the text's 384 directions in all); the reports get the suffix _rowsR")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.layer_rows is not None and args.layer_rows < 1:
+        ap.error(f"--layer-rows must be at least 1, got {args.layer_rows}")
     if args.curves and (args.methods or args.ice_setting):
         ap.error("--curves runs its own points (CURVES); drop --methods and --ice-setting")
     cache = _read_cache(ap, args.ring_cache)
     if args.curves:
         ring = TINY_RING if args.tiny else RingABellConfig()
-        return run_curves(args, minilm_pipeline(), ring, (1.0,) if args.tiny else BUDGETS, cache)
+        return run_curves(args, _pipeline(args), ring, (1.0,) if args.tiny else BUDGETS, cache)
     extra = ice_settings(ap, args.ice_setting, METHODS)
     methods = {**METHODS, **extra}  # this run's rows; the module's table stays as it is for the next call
     named = [*(args.methods or []), *extra]
     labels = list(dict.fromkeys(["ICE", *named])) if named else list(methods)
     ring = TINY_RING if args.tiny else RingABellConfig()
     budgets = (FLOOR, 1.0) if args.tiny else (FLOOR, *BUDGETS)
-    pipe = minilm_pipeline()
+    pipe = _pipeline(args)
     t0 = time.perf_counter()
-    name = "red_team_tiny" if args.tiny else "red_team"
+    name = ("red_team_tiny" if args.tiny else "red_team") + _suffix(args)
     saved = args.out / f"{name}.json"
     report = json.loads(saved.read_text()) if named and saved.exists() else {"per_concept": {}, "methods": {}}
     kept = report["per_concept"]
@@ -396,7 +418,8 @@ def main(argv: list[str] | None = None) -> dict:
     # a kept row measured before a metric existed has no value for it: "-" (None in the JSON)
     quality = [{"family": "all", "metric": key, **{m: _mean([r[m].get(key) for r in per_concept.values()])
                                                    for m in present}} for key in QUALITY]  # fmt: skip
-    md = [f"# Text-space red-teaming ({'tiny' if args.tiny else 'full'}): attack success rate (lower is better)", ""]
+    md = [f"# Text-space red-teaming ({'tiny' if args.tiny else 'full'}{_width_note(args)}): attack success rate "
+          "(lower is better)", ""]
     md += table(["family", "attack", "original model", *present], [[r["family"], r["attack"], r["original"],
                 *("-" if r[m] is None else r[m] for m in present)] for r in rows])  # fmt: skip
     md += ["", "What each edit costs, on the same concepts (relative output change; erasure: higher is better, "
@@ -406,7 +429,8 @@ def main(argv: list[str] | None = None) -> dict:
     md += ["", "Ring-A-Bell prompts found (first held-out context of each concept):", ""]
     md += [f"- {n}: `{r['_ring_prompts'][0]}`" for n, r in per_concept.items()]
     md += ["", f"Total {time.perf_counter() - t0:.0f} s."]
-    write_report(args.out, name, {"methods": {k: list(methods[k]) for k in present}, "rows": rows,
+    write_report(args.out, name, {"layer_rows": args.layer_rows, "methods": {k: list(methods[k]) for k in present},
+                                  "rows": rows,
                                   "quality": quality, "per_concept": per_concept}, md)  # fmt: skip
     return {"rows": rows, "per_concept": per_concept}
 

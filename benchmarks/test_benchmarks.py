@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+import torch
 from helpers import ROOT, run_script
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -225,6 +226,43 @@ def test_red_team_tiny(tmp_path, capsys):
             was = {k: v for k, v in first["per_concept"][name][kept].items()
                    if kept != "RECE" or k not in ("collateral_far_read", "whitebox@0.0", "whitebox@0.0_original")}
             assert concept[kept] == was
+
+
+def test_layer_rows_replace_every_text_reading_projection():
+    from _common import minilm_pipeline, with_layer_rows
+
+    def projections(pipe):
+        return {n: m.weight.detach().clone() for n, m in pipe.unet.named_modules()
+                if n.endswith(("attn2.to_k", "attn2.to_v"))}  # fmt: skip
+
+    before = projections(minilm_pipeline())
+    first, second = (projections(with_layer_rows(minilm_pipeline(), 48)) for _ in range(2))
+    assert set(first) == set(before) and len(first) == 8
+    for name, w in first.items():
+        assert w.shape == (48, before[name].shape[1])
+        assert torch.equal(w, second[name])  # the same seed, the same layers
+        assert abs(float(w.std()) / float(before[name].std()) - 1) < 0.05
+    with pytest.raises(ValueError, match="at least one output row"):
+        with_layer_rows(minilm_pipeline(), 0)
+
+
+@pytest.mark.slow
+def test_red_team_tiny_on_wider_layers(tmp_path, capsys):
+    """``--layer-rows`` writes its own report beside the plain one, which it leaves alone."""
+    import red_team
+
+    plain = tmp_path / "red_team_tiny.json"
+    plain.write_text('{"mine": 1}')
+    run_main("red_team", "--tiny", "--layer-rows", "48", "--methods", "UCE", "--out", str(tmp_path))
+    capsys.readouterr()
+    data = _load(tmp_path, "red_team_tiny_rows48")
+    assert data["layer_rows"] == 48 and list(data["methods"]) == ["ICE", "UCE"]
+    assert all(0 <= r[m] <= 1 for r in data["rows"] for m in ("original", "ICE", "UCE"))
+    assert "each text-reading projection random with 48 rows" in (tmp_path / "red_team_tiny_rows48.md").read_text()
+    assert plain.read_text() == '{"mine": 1}'
+    with pytest.raises(SystemExit) as refused:
+        red_team.main(["--tiny", "--layer-rows", "0", "--out", str(tmp_path)])
+    assert refused.value.code == 2 and "--layer-rows must be at least 1" in capsys.readouterr().err
 
 
 def test_a_curve_is_read_between_its_points_and_at_its_ends_only_within_the_match():
