@@ -246,23 +246,20 @@ def test_layer_rows_replace_every_text_reading_projection():
         with_layer_rows(minilm_pipeline(), 0)
 
 
-@pytest.mark.slow
-def test_red_team_tiny_on_wider_layers(tmp_path, capsys):
-    """``--layer-rows`` writes its own report beside the plain one, which it leaves alone."""
+def test_red_team_layer_rows_name_their_own_report(tmp_path, capsys):
+    """``--layer-rows`` writes ``*_rowsR`` beside the plain report (which it never reads), and refuses a width below 1
+    before anything runs."""
+    import argparse
+
     import red_team
 
-    plain = tmp_path / "red_team_tiny.json"
-    plain.write_text('{"mine": 1}')
-    run_main("red_team", "--tiny", "--layer-rows", "48", "--methods", "UCE", "--out", str(tmp_path))
-    capsys.readouterr()
-    data = _load(tmp_path, "red_team_tiny_rows48")
-    assert data["layer_rows"] == 48 and list(data["methods"]) == ["ICE", "UCE"]
-    assert all(0 <= r[m] <= 1 for r in data["rows"] for m in ("original", "ICE", "UCE"))
-    assert "each text-reading projection random with 48 rows" in (tmp_path / "red_team_tiny_rows48.md").read_text()
-    assert plain.read_text() == '{"mine": 1}'
+    args = argparse.Namespace(layer_rows=48, tiny=True)
+    assert red_team._suffix(args) == "_rows48" and "random with 48 rows" in red_team._width_note(args)
+    assert red_team._suffix(argparse.Namespace(layer_rows=None)) == ""
     with pytest.raises(SystemExit) as refused:
         red_team.main(["--tiny", "--layer-rows", "0", "--out", str(tmp_path)])
     assert refused.value.code == 2 and "--layer-rows must be at least 1" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_curve_is_read_between_its_points_and_at_its_ends_only_within_the_match():
