@@ -149,7 +149,7 @@ def test_whitebox_floor_is_the_prompt_with_the_concept_deleted(minilm_pipe):
             for name, (layer, _) in team.layers.items():
                 W0, b0 = team.reference[name]
                 # the concept's rows give the bias alone, like any zero state
-                own = (tokens @ layer.weight.detach().to(torch.float64).T).sum(0)
+                own = layer_outputs(layer.weight, None, tokens).sum(0)
                 deleted = (layer_outputs(layer.weight, layer.bias, whole).sum(0) - own) / n
                 concept_out = layer_outputs(W0, b0, whole).mean(0)
                 neutral_out = layer_outputs(W0, b0, neutral_whole).mean(0)
